@@ -143,10 +143,9 @@ fn collect_v3_protos(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) -> std::io
             collect_v3_protos(&path, base, out)?;
         } else if path.extension().is_some_and(|e| e == "proto")
             && path.components().any(|c| c.as_os_str() == "v3")
+            && let Ok(rel) = path.strip_prefix(base)
         {
-            if let Ok(rel) = path.strip_prefix(base) {
-                out.push(rel.to_path_buf());
-            }
+            out.push(rel.to_path_buf());
         }
     }
     Ok(())

@@ -420,13 +420,14 @@ fn read_message(
             path.pop();
             continue;
         }
-        if let Some(oneof) = field.containing_oneof() {
-            if !oneof.is_synthetic() && !oneofs_set.insert(oneof.name().to_owned()) {
-                return Err(JsonError::schema(
-                    path,
-                    format!("more than one field of oneof '{}' is set", oneof.name()),
-                ));
-            }
+        if let Some(oneof) = field.containing_oneof()
+            && !oneof.is_synthetic()
+            && !oneofs_set.insert(oneof.name().to_owned())
+        {
+            return Err(JsonError::schema(
+                path,
+                format!("more than one field of oneof '{}' is set", oneof.name()),
+            ));
         }
         let v = read_field(&field, item, path)?;
         msg.set_field(&field, v);

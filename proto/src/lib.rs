@@ -8,20 +8,24 @@ pub use envoy_types::pb::google;
 pub mod istio {
     /// `istio.v1.auth`: the certificate authority service.
     pub mod ca {
+        #![allow(clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
     }
     /// `istio.workload`: workload discovery (WDS).
     pub mod workload {
+        #![allow(clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
     }
     /// `stats`: Istio's stats filter configuration.
     pub mod stats {
+        #![allow(clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/stats.rs"));
     }
 }
 
 /// `udpa.type.v1`.
 pub mod udpa {
+    #![allow(clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/udpa.r#type.v1.rs"));
 }
 
@@ -29,10 +33,12 @@ pub mod udpa {
 pub mod xds {
     /// `xds.type.v3.TypedStruct`.
     pub mod typed_struct {
+        #![allow(clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/xds.r#type.v3.rs"));
     }
-    /// `xds.type.matcher.v3.IPMatcher`.
-    pub mod ip_matcher {
+    /// `xds.type.matcher.v3.IPMatcher` (generated).
+    pub mod matcher {
+        #![allow(clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/xds.r#type.matcher.v3.rs"));
     }
 }

@@ -1,1 +1,7 @@
+//! The test bed: istiod-lite (a stand-in for istiod's CA and xDS APIs), echo backends and helpers
+//! shared by the end-to-end tests.
 
+pub mod istiod_lite;
+
+/// The echo backend (HTTP/1.1 + h2c + WebSocket, and gRPC) that tests route traffic to.
+pub mod echo;
