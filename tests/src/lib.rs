@@ -5,3 +5,5 @@ pub mod istiod_lite;
 
 /// The echo backend (HTTP/1.1 + h2c + WebSocket, and gRPC) that tests route traffic to.
 pub mod echo;
+/// gRPC over Unix sockets.
+pub mod uds;
