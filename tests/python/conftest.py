@@ -400,3 +400,449 @@ def open_stream():
     yield _open
     for s in streams:
         s.close()
+
+
+# ============================================================================================
+# The agent (pilot-agent replacement) under test: appended for test_agent.py.
+#
+# AGENT_BIN overrides the binary (default target/debug/agent; build it with
+# `cargo build -p agent -p waypoint-testbed --bins`). Each agent runs in its own "pod root" (a
+# directory under the test's tmp_path, used as the working directory); its Unix sockets are reached
+# through symlinks in a short /tmp directory because sun_path holds at most 107 bytes.
+
+import signal as _signal
+import socket as _socket
+
+AGENT_DEFAULT_BIN = REPO / "target" / "debug" / "agent"
+AGENT_READY_TIMEOUT_S = 20.0
+WAYPOINT_NODE_ID = "waypoint~127.0.0.1~waypoint-1.default~default.svc.cluster.local"
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI_RE.sub("", text)
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+               detail: Callable[[], str] | None = None):
+    """Polls pred() until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            extra = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (the kernel's pick for port 0)."""
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, sig: int = _signal.SIGTERM, timeout: float = 10.0) -> int | None:
+    """Sends `sig` to `proc` (if alive) and waits; SIGKILL if it does not exit in time. Returns rc."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
+def launch_istiod(binary: Path, workdir: Path, *, listen: str, ca_dir: Path, resources_dir: Path,
+                  token_file: Path, tokens: dict, tag: str = "istiod-lite") -> Istiod:
+    """Starts istiod-lite on `listen` (e.g. 127.0.0.1:0 or a fixed port, for restarts) with the
+    given CA dir (root generated on first use, reused afterwards), resources and token file."""
+    stderr_path = workdir / f"{tag}.stderr.log"
+    stderr_f = open(stderr_path, "w")
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--listen", listen,
+            "--resources", str(resources_dir),
+            "--ca-dir", str(ca_dir),
+            "--token-file", str(token_file),
+            "--debug-listen", "127.0.0.1:0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr_f,
+        text=True,
+        bufsize=1,
+    )
+    stderr_f.close()
+    reader = _LineReader(proc.stdout)
+
+    def fail(msg: str):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        tail = "\n".join(stderr_path.read_text(errors="replace").splitlines()[-40:])
+        pytest.fail(f"{msg}\nstdout: {reader.lines}\nstderr tail:\n{tail}", pytrace=False)
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    ready = None
+    while ready is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            fail(f"{tag} printed no ready line within {READY_TIMEOUT_S}s")
+        try:
+            line = reader.next_line(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            fail(f"{tag} exited (rc={proc.wait(timeout=5)}) before it was ready")
+        if READY_RE.search(line):
+            ready = line
+    addr = READY_RE.search(ready).group(1)
+    debug = DEBUG_RE.search(ready)
+    if not debug:
+        fail(f"ready line has no debug address: {ready!r}")
+    if not listen.endswith(":0"):
+        assert addr == listen, f"{tag} listens on {addr}, asked for {listen}"
+    return Istiod(
+        proc=proc,
+        addr=addr,
+        debug_addr=urllib.parse.urlparse(debug.group(1)).netloc,
+        ca_dir=ca_dir,
+        resources_dir=resources_dir,
+        resource_file=resources_dir / "waypoint.yaml",
+        token_file=token_file,
+        tokens=tokens,
+        stderr_path=stderr_path,
+        binary=binary,
+    )
+
+
+class IstiodSite:
+    """One istiod-lite "installation" (CA dir, resources, token file incl. default/waypoint) that can
+    be started, killed and restarted on the same port with the same root."""
+
+    def __init__(self, binary: Path, workdir: Path):
+        self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ca_dir = workdir / "ca"
+        self.resources_dir = workdir / "resources"
+        self.ca_dir.mkdir()
+        self.resources_dir.mkdir()
+        shutil.copyfile(REFERENCE_FIXTURE, self.resources_dir / "waypoint.yaml")
+        self.tokens = {
+            "default/waypoint": mint_token(binary, "default", "waypoint"),
+            "default/sleep": mint_token(binary, "default", "sleep"),
+        }
+        self.token_file = workdir / "tokens.txt"
+        self.token_file.write_text("".join(t + "\n" for t in self.tokens.values()))
+        self.port: int | None = None
+        self.current: Istiod | None = None
+        self.launches = 0
+
+    @property
+    def root_pem(self) -> bytes:
+        return (self.ca_dir / "root-cert.pem").read_bytes()
+
+    @property
+    def addr(self) -> str:
+        assert self.port is not None, "istiod-lite has no port yet"
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, port: int | None = None) -> Istiod:
+        """Starts on `port`, else on the port of the previous run, else on a kernel-chosen port."""
+        assert self.current is None or self.current.proc.poll() is not None, "already running"
+        if port is not None:
+            self.port = port
+        self.launches += 1
+        listen = f"127.0.0.1:{self.port}" if self.port is not None else "127.0.0.1:0"
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                server = launch_istiod(
+                    self.binary, self.workdir, listen=listen, ca_dir=self.ca_dir,
+                    resources_dir=self.resources_dir, token_file=self.token_file, tokens=self.tokens,
+                    tag=f"istiod-lite.{self.launches}",
+                )
+                break
+            except pytest.fail.Exception as err:
+                # The port of a just-killed server may take a moment to be bindable again.
+                if self.port is None or "in use" not in str(err).lower() or time.monotonic() >= deadline:
+                    raise
+                self.launches += 1
+                time.sleep(0.2)
+        self.current = server
+        self.port = int(server.addr.rsplit(":", 1)[1])
+        return server
+
+    def prepare_root(self) -> bytes:
+        """Runs istiod-lite once so that the CA dir holds a root (reused by later starts)."""
+        server = launch_istiod(
+            self.binary, self.workdir, listen="127.0.0.1:0", ca_dir=self.ca_dir,
+            resources_dir=self.resources_dir, token_file=self.token_file, tokens=self.tokens,
+            tag="istiod-lite.prepare",
+        )
+        server.close()
+        return self.root_pem
+
+    def kill(self, sig: int = _signal.SIGKILL) -> int | None:
+        server = self.current
+        assert server is not None
+        for ch in server._channels:
+            ch.close()
+        server._channels.clear()
+        return stop_process(server.proc, sig)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+
+
+@pytest.fixture
+def istiod_site(istiod_lite_bin, tmp_path):
+    """Factory of IstiodSite objects (not started); every started server is stopped at teardown."""
+    sites: list[IstiodSite] = []
+
+    def _make(name: str = "istiod") -> IstiodSite:
+        site = IstiodSite(istiod_lite_bin, tmp_path / name)
+        sites.append(site)
+        return site
+
+    yield _make
+    for site in sites:
+        site.close()
+
+
+@pytest.fixture(scope="session")
+def agent_bin() -> Path:
+    path = Path(os.environ.get("AGENT_BIN") or AGENT_DEFAULT_BIN)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(
+            f"agent binary not found at {path}: build it with "
+            "`cargo build -p agent -p waypoint-testbed --bins` or set AGENT_BIN",
+            pytrace=False,
+        )
+    return path
+
+
+SDS_SOCKET_REL = Path("var/run/secrets/workload-spiffe-uds/socket")
+XDS_SOCKET_REL = Path("etc/istio/proxy/XDS")
+BOOTSTRAP_REL = Path("etc/istio/proxy/envoy-rev.json")
+
+
+class AgentPod:
+    """A running `agent proxy waypoint` in its own pod root."""
+
+    def __init__(self, proc: subprocess.Popen, root: Path, stderr_path: Path, links: Path):
+        self.proc = proc
+        self.root = root
+        self.stderr_path = stderr_path
+        self.links = links
+        self._channels: list[grpc.Channel] = []
+
+    # -- files --------------------------------------------------------------------------------
+    @property
+    def sds_path(self) -> Path:
+        return self.root / SDS_SOCKET_REL
+
+    @property
+    def xds_path(self) -> Path:
+        return self.root / XDS_SOCKET_REL
+
+    @property
+    def bootstrap_path(self) -> Path:
+        return self.root / BOOTSTRAP_REL
+
+    def log_lines(self) -> list[str]:
+        try:
+            return strip_ansi(self.stderr_path.read_text(errors="replace")).splitlines()
+        except OSError:
+            return []
+
+    def stderr_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_lines()[-n:])
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Waits until at least `count` stderr lines match `pattern` (regex); returns all matches."""
+        rx = re.compile(pattern)
+
+        def matches():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited (rc={self.proc.returncode}) while waiting for {pattern!r}:\n{self.stderr_tail()}"
+                )
+            hits = [l for l in self.log_lines() if rx.search(l)]
+            return hits if len(hits) >= count else None
+
+        return wait_until(matches, timeout, f"{count} agent log line(s) matching {pattern!r}",
+                          detail=lambda: "agent stderr tail:\n" + self.stderr_tail())
+
+    def wait_ready(self, timeout: float = AGENT_READY_TIMEOUT_S) -> None:
+        """Waits for the SDS and XDS sockets and the bootstrap file."""
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited (rc={self.proc.returncode}) before it was ready:\n{self.stderr_tail()}")
+            return self.sds_path.exists() and self.xds_path.exists() and self.bootstrap_path.exists()
+
+        wait_until(ready, timeout, "the agent's sockets and bootstrap",
+                   detail=lambda: "agent stderr tail:\n" + self.stderr_tail())
+
+    # -- gRPC over the sockets ----------------------------------------------------------------
+    def _uds_channel(self, link_name: str, target: Path, authority: str) -> grpc.Channel:
+        link = self.links / link_name
+        if not link.is_symlink():
+            link.symlink_to(target)
+        ch = grpc.insecure_channel(
+            f"unix:{link}",
+            options=[
+                ("grpc.enable_http_proxy", 0),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # As Envoy: :authority = the bootstrap cluster's name (sds-grpc / xds-grpc). grpc
+                # C-core's own default for unix: targets is the percent-encoded socket path, which
+                # the agent refuses (see test_uds_servers_accept_grpc_core_default_authority).
+                ("grpc.default_authority", authority),
+            ],
+        )
+        grpc.channel_ready_future(ch).result(timeout=10)
+        self._channels.append(ch)
+        return ch
+
+    def sds_channel(self) -> grpc.Channel:
+        return self._uds_channel("sds", self.sds_path, "sds-grpc")
+
+    def xds_channel(self) -> grpc.Channel:
+        return self._uds_channel("xds", self.xds_path, "xds-grpc")
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait (bounded); returns the exit code (AssertionError if it did not exit)."""
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        if self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+                raise AssertionError(f"agent did not exit within {timeout}s of SIGTERM:\n{self.stderr_tail()}")
+        return self.proc.returncode
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        stop_process(self.proc, _signal.SIGTERM, timeout=5)
+        shutil.rmtree(self.links, ignore_errors=True)
+
+
+def agent_env(istiod_addr: str, ca_addr: str | None = None, **extra: str) -> dict:
+    """The waypoint pod's environment for an agent talking to istiod-lite at `istiod_addr`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "CA_", "XDS_", "SECRET_", "PILOT_"))}
+    env.pop("RUST_LOG", None)
+    env.pop("PROXY_CONFIG", None)
+    env.update(
+        POD_NAME="waypoint-1",
+        POD_NAMESPACE="default",
+        SERVICE_ACCOUNT="waypoint",
+        INSTANCE_IP="127.0.0.1",
+        CA_ADDR=ca_addr or istiod_addr,
+        PROXY_CONFIG=json.dumps({"discoveryAddress": istiod_addr}),
+        DISABLE_ENVOY="true",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_agent(agent_bin, tmp_path):
+    """`start_agent(env, token=..., root_pem=..., name=...)` -> AgentPod (not yet waited for);
+    every agent is stopped at teardown."""
+    pods: list[AgentPod] = []
+
+    def _start(env: dict, *, token: str | None, root_pem: bytes | None, name: str = "pod",
+               args: tuple = ("proxy", "waypoint", "--log_output_level", "default:info,ca:debug")) -> AgentPod:
+        root = tmp_path / name
+        (root / "var/run/secrets/tokens").mkdir(parents=True)
+        (root / "var/run/secrets/istio").mkdir(parents=True)
+        if token is not None:
+            (root / "var/run/secrets/tokens/istio-token").write_text(token + "\n")
+        if root_pem is not None:
+            (root / "var/run/secrets/istio/root-cert.pem").write_bytes(root_pem)
+        links = Path(tempfile.mkdtemp(prefix="agent-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        stderr_path = tmp_path / f"{name}.agent.stderr.log"
+        with open(stderr_path, "w") as err_f:
+            proc = subprocess.Popen(
+                [str(agent_bin), *args],
+                cwd=root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=err_f,
+                stderr=subprocess.STDOUT,
+            )
+        pod = AgentPod(proc, root, stderr_path, links)
+        pods.append(pod)
+        return pod
+
+    yield _start
+    for pod in pods:
+        pod.close()
+
+
+class StatusBidiStream(BidiStream):
+    """A BidiStream that can also wait for the stream's final status."""
+
+    def recv_status(self, timeout: float = 10.0) -> tuple[grpc.RpcError | None, list]:
+        """Waits for the stream to end: returns (the RpcError or None for a clean end, the
+        responses that arrived before it)."""
+        before = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the stream did not end within {timeout}s ({len(before)} responses meanwhile)")
+            try:
+                item = self._responses.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                self._responses.put(self._END)
+                return None, before
+            if isinstance(item, grpc.RpcError):
+                self._responses.put(self._END)
+                return item, before
+            before.append(item)
+
+
+@pytest.fixture
+def open_status_stream():
+    streams: list[StatusBidiStream] = []
+
+    def _open(method, timeout: float = 120.0) -> StatusBidiStream:
+        s = StatusBidiStream(method, timeout=timeout)
+        streams.append(s)
+        return s
+
+    yield _open
+    for s in streams:
+        s.close()
+
+
+# Timings measured by test_agent.py (name, text), listed at the end of the run.
+AGENT_TIMINGS: list[tuple[str, str]] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if AGENT_TIMINGS:
+        terminalreporter.section("agent timings")
+        for name, text in AGENT_TIMINGS:
+            terminalreporter.write_line(f"{name}: {text}")
