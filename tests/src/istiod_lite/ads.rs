@@ -162,6 +162,74 @@ impl StatusBook {
         self.bump();
     }
 
+    /// Records an ACK (no `detail`) or a NACK answering `nonce`, which carried `sent_version`.
+    async fn record_reply(
+        &self,
+        id: u64,
+        type_url: String,
+        nonce: String,
+        sent_version: String,
+        acked_version: String,
+        detail: Option<waypoint_proto::google::rpc::Status>,
+    ) {
+        self.update(id, |c| {
+            let t = c.types.entry(type_url).or_default();
+            match detail {
+                Some(err) => {
+                    t.nacks += 1;
+                    t.last_nack = Some(Nack {
+                        version: sent_version,
+                        nonce,
+                        code: err.code,
+                        message: err.message,
+                    });
+                }
+                None => {
+                    t.acks += 1;
+                    t.acked_version = Some(acked_version);
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Records the subscription state of one type.
+    async fn record_subscription(
+        &self,
+        id: u64,
+        type_url: String,
+        wildcard: bool,
+        subscribed: Vec<String>,
+    ) {
+        self.update(id, |c| {
+            let t = c.types.entry(type_url).or_default();
+            t.wildcard = wildcard;
+            t.subscribed = subscribed;
+        })
+        .await;
+    }
+
+    /// Records a response sent.
+    async fn record_sent(
+        &self,
+        id: u64,
+        type_url: String,
+        version: String,
+        nonce: String,
+        removed: Option<Vec<String>>,
+    ) {
+        self.update(id, |c| {
+            let t = c.types.entry(type_url).or_default();
+            t.sent_version = Some(version);
+            t.sent_nonce = Some(nonce);
+            t.responses += 1;
+            if let Some(removed) = removed {
+                t.last_removed = removed;
+            }
+        })
+        .await;
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
@@ -313,24 +381,7 @@ impl SotwStream {
             let acked = req.version_info.clone();
             let detail = req.error_detail.clone();
             self.book
-                .update(self.id, |c| {
-                    let t = c.types.entry(type_url).or_default();
-                    match detail {
-                        Some(err) => {
-                            t.nacks += 1;
-                            t.last_nack = Some(Nack {
-                                version,
-                                nonce,
-                                code: err.code,
-                                message: err.message,
-                            });
-                        }
-                        None => {
-                            t.acks += 1;
-                            t.acked_version = Some(acked);
-                        }
-                    }
-                })
+                .record_reply(self.id, type_url, nonce, version, acked, detail)
                 .await;
         }
         let sub = self.subs.entry(kind).or_default();
@@ -350,11 +401,7 @@ impl SotwStream {
             req.type_url.clone(),
         );
         self.book
-            .update(self.id, |c| {
-                let t = c.types.entry(type_url).or_default();
-                t.wildcard = wildcard;
-                t.subscribed = subscribed;
-            })
+            .record_subscription(self.id, type_url, wildcard, subscribed)
             .await;
         self.respond(kind, snap, changed).await
     }
@@ -405,12 +452,7 @@ impl SotwStream {
             ..Default::default()
         };
         self.book
-            .update(self.id, |c| {
-                let t = c.types.entry(kind.type_url().to_owned()).or_default();
-                t.sent_version = Some(version);
-                t.sent_nonce = Some(nonce);
-                t.responses += 1;
-            })
+            .record_sent(self.id, kind.type_url().to_owned(), version, nonce, None)
             .await;
         self.tx.send(Ok(response)).await.map_err(|_| ())
     }
@@ -492,24 +534,7 @@ impl DeltaStream {
             let detail = req.error_detail.clone();
             let type_url = req.type_url.clone();
             self.book
-                .update(self.id, |c| {
-                    let t = c.types.entry(type_url).or_default();
-                    match detail {
-                        Some(err) => {
-                            t.nacks += 1;
-                            t.last_nack = Some(Nack {
-                                version,
-                                nonce,
-                                code: err.code,
-                                message: err.message,
-                            });
-                        }
-                        None => {
-                            t.acks += 1;
-                            t.acked_version = Some(version);
-                        }
-                    }
-                })
+                .record_reply(self.id, type_url, nonce, version.clone(), version, detail)
                 .await;
         }
         let sub = self.subs.entry(kind).or_default();
@@ -544,11 +569,7 @@ impl DeltaStream {
             req.type_url.clone(),
         );
         self.book
-            .update(self.id, |c| {
-                let t = c.types.entry(type_url).or_default();
-                t.wildcard = wildcard;
-                t.subscribed = subscribed;
-            })
+            .record_subscription(self.id, type_url, wildcard, subscribed)
             .await;
         self.respond(kind, snap).await
     }
@@ -618,13 +639,13 @@ impl DeltaStream {
             ..Default::default()
         };
         self.book
-            .update(self.id, |c| {
-                let t = c.types.entry(kind.type_url().to_owned()).or_default();
-                t.sent_version = Some(version);
-                t.sent_nonce = Some(nonce);
-                t.responses += 1;
-                t.last_removed = removed;
-            })
+            .record_sent(
+                self.id,
+                kind.type_url().to_owned(),
+                version,
+                nonce,
+                Some(removed),
+            )
             .await;
         self.tx.send(Ok(response)).await.map_err(|_| ())
     }
