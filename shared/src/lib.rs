@@ -5,3 +5,4 @@ pub mod backoff;
 pub mod identity;
 pub mod logging;
 pub mod pem;
+pub mod tls;
