@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod hbone;
 pub mod server;
 pub mod stats;
 pub mod xds;
