@@ -846,3 +846,140 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("agent timings")
         for name, text in AGENT_TIMINGS:
             terminalreporter.write_line(f"{name}: {text}")
+
+
+# ============================================================================================
+# The proxy (Envoy replacement) under test: appended for test_proxy.py.
+#
+# PROXY_BIN overrides the binary (default target/debug/proxy; build it with `cargo build -p proxy`).
+# The agent spawns it (ProxyConfig.binaryPath) in the pod root; its admin API listens on 127.0.0.1
+# at a free port (ProxyConfig.proxyAdminPort). The agent's status server is off (statusPort 0) so
+# nothing listens beyond loopback and the Unix sockets.
+
+PROXY_DEFAULT_BIN = REPO / "target" / "debug" / "proxy"
+PROXY_LIVE_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="session")
+def proxy_bin() -> Path:
+    path = Path(os.environ.get("PROXY_BIN") or PROXY_DEFAULT_BIN)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(
+            f"proxy binary not found at {path}: build it with `cargo build -p proxy` or set PROXY_BIN",
+            pytrace=False,
+        )
+    return path
+
+
+def admin_request(port: int, path: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, str]:
+    """One request to the proxy's admin API on 127.0.0.1:`port`: (status, body). HTTP errors are
+    returned, not raised."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None
+    )
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@dataclass
+class ProxyPod:
+    """An agent that runs the real proxy, with the proxy's admin port."""
+
+    site: Any
+    istiod: Istiod
+    pod: AgentPod
+    admin_port: int
+    status_port: int
+    prometheus_port: int
+
+    def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
+        return admin_request(self.admin_port, path, method)
+
+    def admin_json(self, path: str) -> Any:
+        status, body = self.admin(path)
+        assert status == 200, f"GET {path}: HTTP {status}: {body[:2000]}"
+        return json.loads(body)
+
+    def wait_live(self, timeout: float = PROXY_LIVE_TIMEOUT_S) -> None:
+        def live():
+            if self.pod.proc.poll() is not None:
+                raise AssertionError(f"agent exited (rc={self.pod.proc.returncode}):\n{self.pod.stderr_tail()}")
+            try:
+                return self.admin("/ready") == (200, "LIVE\n")
+            except OSError:
+                return False
+
+        wait_until(live, timeout, "the proxy's /ready to say LIVE",
+                   detail=lambda: "agent/proxy log tail:\n" + self.pod.stderr_tail())
+
+
+@pytest.fixture
+def proxy_pod(istiod_site, start_agent, proxy_bin):
+    """`proxy_pod(**agent_env)` -> ProxyPod: istiod-lite, and an agent that spawns the proxy, LIVE."""
+    made: list[ProxyPod] = []
+
+    def _make(**extra_env) -> ProxyPod:
+        site = istiod_site()
+        istiod = site.start()
+        admin_port, status_port, prometheus_port = free_port(), free_port(), free_port()
+        env = agent_env(
+            istiod.addr,
+            DISABLE_ENVOY="false",
+            ENVOY_STATUS_PORT=str(status_port),
+            ENVOY_PROMETHEUS_PORT=str(prometheus_port),
+            **extra_env,
+        )
+        env["PROXY_CONFIG"] = json.dumps({
+            "discoveryAddress": istiod.addr,
+            "proxyAdminPort": admin_port,
+            "statusPort": 0,
+            "binaryPath": str(proxy_bin),
+            "drainDuration": "1s",
+            "terminationDrainDuration": "1s",
+        })
+        pod = start_agent(env, token=site.tokens["default/waypoint"], root_pem=site.root_pem, name="proxy-pod")
+        pod.wait_ready()
+        pp = ProxyPod(site, istiod, pod, admin_port, status_port, prometheus_port)
+        made.append(pp)
+        pp.wait_live()
+        return pp
+
+    yield _make
+    for pp in made:
+        pp.pod.close()
+        # The agent stops the proxy on SIGTERM; if the admin port still answers, stop it directly.
+        try:
+            admin_request(pp.admin_port, "/quitquitquit", "POST", timeout=2.0)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def istio_stats_pb(tmp_path_factory):
+    """Istio's stats filter config (stats.PluginConfig, proto/protos/istio/stats/config.proto),
+    compiled with grpc_tools.protoc so json_format can resolve that @type (it is not in xds-protos)."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("stats_proto_py")
+    well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
+    rc = protoc.main([
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        "istio/stats/config.proto",
+    ])
+    assert rc == 0, f"protoc failed ({rc}) for istio/stats/config.proto"
+    sys.path.insert(0, str(out))
+    try:
+        importlib.invalidate_caches()
+        # The generated module is istio/stats/config_pb2.py (package `stats` inside).
+        module = importlib.import_module("istio.stats.config_pb2")
+    finally:
+        sys.path.remove(str(out))
+    return module

@@ -5,5 +5,8 @@ pub mod istiod_lite;
 
 /// The echo backend (HTTP/1.1 + h2c + WebSocket, and gRPC) that tests route traffic to.
 pub mod echo;
+/// HBONE workloads: the source-side forwarder and destination-side terminator ztunnel would be,
+/// with workload certificates from istiod-lite.
+pub mod hbone;
 /// gRPC over Unix sockets.
 pub mod uds;

@@ -11,7 +11,11 @@ pub async fn channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_static("http://uds.local")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
         }))
         .await
 }

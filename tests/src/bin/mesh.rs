@@ -18,14 +18,11 @@ use waypoint_proto::{
         config::core::v3::Node,
         extensions::transport_sockets::tls::v3::{Secret, secret},
         service::{
-            discovery::v3::{
-                DeltaDiscoveryRequest, DiscoveryRequest,
-                aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-            },
+            discovery::v3::DiscoveryRequest,
             secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
         },
     },
-    resource::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE},
+    resource::{LISTENER_TYPE, SECRET_TYPE},
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
@@ -50,6 +47,18 @@ struct Cli {
     /// Certificate lifetime asked by the agent (short to show a rotation).
     #[arg(long, default_value = "24h")]
     secret_ttl: String,
+    /// Proxy admin port (Istio: 15000).
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    /// Agent status port (Istio: 15020).
+    #[arg(long, default_value_t = 15020)]
+    status_port: u16,
+    /// Proxy readiness port (Istio: 15021).
+    #[arg(long, default_value_t = 15021)]
+    readiness_port: u16,
+    /// Proxy Prometheus port (Istio: 15090).
+    #[arg(long, default_value_t = 15090)]
+    prometheus_port: u16,
 }
 
 const NODE_NAMESPACE: &str = "default";
@@ -78,6 +87,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         resources.join("waypoint.yaml"),
         include_str!("../../fixtures/istio/waypoint_xds_reconstructed_example.yaml"),
+    )?;
+    std::fs::write(
+        resources.join("workloads.yaml"),
+        include_str!("../../fixtures/mesh/workloads.yaml"),
     )?;
     let token = mint_token(NODE_NAMESPACE, WAYPOINT_SA, Duration::from_secs(12 * 3600));
     std::fs::write(work.join("tokens"), format!("{token}\n"))?;
@@ -136,11 +149,14 @@ async fn main() -> anyhow::Result<()> {
         .env("CA_ADDR", istiod.addr.to_string())
         .env(
             "PROXY_CONFIG",
-            format!(r#"{{"discoveryAddress":"{}"}}"#, istiod.addr),
+            format!(
+                r#"{{"discoveryAddress":"{}","proxyAdminPort":{},"statusPort":{},"terminationDrainDuration":"1s"}}"#,
+                istiod.addr, cli.admin_port, cli.status_port
+            ),
         )
+        .env("ENVOY_STATUS_PORT", cli.readiness_port.to_string())
+        .env("ENVOY_PROMETHEUS_PORT", cli.prometheus_port.to_string())
         .env("SECRET_TTL", &cli.secret_ttl)
-        // The proxy's data path is not there yet: the agent runs alone (SDS + XDS proxy).
-        .env("DISABLE_ENVOY", "true")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -161,20 +177,25 @@ async fn main() -> anyhow::Result<()> {
     wait_for_path(&sds_path, Duration::from_secs(15)).await?;
     let (leaf, root_ok) = read_sds(&sds_path, istiod.root_cert_pem()).await?;
 
-    // Config: a delta ADS stream through the agent's XDS proxy to istiod-lite.
-    let xds_path = pod.join("etc/istio/proxy/XDS");
-    wait_for_path(&xds_path, Duration::from_secs(5)).await?;
+    // Config: the proxy (spawned by the agent) pulls xDS through the agent's XDS proxy.
+    let admin = format!("http://127.0.0.1:{}", cli.admin_port);
     let node_id = "waypoint~127.0.0.1~waypoint-6d7f8-abcde.default~default.svc.cluster.local";
-    let (xds, _probe_tx, _probe_stream) = fetch_via_xds_proxy(&xds_path, node_id).await?;
+    let live = wait_http_ok(&format!("{admin}/ready"), Duration::from_secs(20)).await;
     let acked = istiod
         .book
         .wait_until(Duration::from_secs(5), |c| {
             c.iter().any(|c| {
-                c.node_id == node_id && c.types.get(LISTENER_TYPE).is_some_and(|t| t.acks > 0)
+                c.connected
+                    && c.node_id == node_id
+                    && c.types.get(LISTENER_TYPE).is_some_and(|t| t.acks > 0)
             })
         })
         .await
         .is_ok();
+    let dump = http_get(&format!("{admin}/config_dump"))
+        .await
+        .unwrap_or_default();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
 
     // Traffic: the waypoint data path is not implemented yet, so the requests go to the backend
     // directly; the report says so.
@@ -183,10 +204,10 @@ async fn main() -> anyhow::Result<()> {
     let mut ok = 0;
     for _ in 0..cli.requests {
         let uri: http::Uri = format!("http://{echo_http}/headers").parse()?;
-        if let Ok(resp) = client.get(uri).await {
-            if resp.status().is_success() {
-                ok += 1;
-            }
+        if let Ok(resp) = client.get(uri).await
+            && resp.status().is_success()
+        {
+            ok += 1;
         }
     }
 
@@ -218,26 +239,22 @@ async fn main() -> anyhow::Result<()> {
         std::fs::metadata(&bootstrap).map(|m| m.len()).unwrap_or(0)
     );
     println!(
-        "xDS (delta, through the agent's XDS proxy; client = mesh probe until the proxy lands)"
+        "proxy         {} (admin {admin}/ready)",
+        if live { "LIVE" } else { "NOT READY" }
     );
-    for (kind, names) in &xds {
-        println!(
-            "  {kind:<4} {} resource(s): {}",
-            names.len(),
-            names.join(", ")
-        );
+    println!("xDS (delta: proxy -> agent XDS proxy -> istiod-lite)");
+    for (kind, names) in dump_names(&dump) {
+        println!("  {kind:<9} {}: {}", names.len(), names.join(", "));
     }
     if !acked {
-        println!("  (istiod-lite has not recorded the LDS ACK yet)");
+        println!("  (istiod-lite has not recorded an LDS ACK from the waypoint)");
     }
-    for c in conns.iter().filter(|c| c.node_id == node_id) {
+    for c in conns.iter().filter(|c| c.connected && c.node_id == node_id) {
         for (t, s) in &c.types {
+            let short = t.rsplit('.').next().unwrap_or(t);
             println!(
-                "  istiod-lite saw {} for {}: {} ack(s), {} nack(s)",
-                c.node_id,
-                t.rsplit('.').next().unwrap_or(t),
-                s.acks,
-                s.nacks
+                "  istiod-lite: {short} {} ack(s), {} nack(s)",
+                s.acks, s.nacks
             );
         }
     }
@@ -245,7 +262,9 @@ async fn main() -> anyhow::Result<()> {
         "traffic       {ok}/{} requests OK — sent DIRECTLY to the echo backend: the waypoint data path (HBONE in/out) is not built yet",
         cli.requests
     );
-    println!("routes/retries/metrics: not yet — they arrive with the proxy (issues 5–8)");
+    println!(
+        "routes/retries/metrics: not yet — they arrive with the proxy's data path (issues 6-8)"
+    );
     println!("\nURLs:");
     println!(
         "  istiod-lite xDS status   http://{}/debug/xds",
@@ -256,15 +275,20 @@ async fn main() -> anyhow::Result<()> {
         istiod.debug_addr.map(|a| a.to_string()).unwrap_or_default()
     );
     println!("  echo backend             http://{echo_http}/");
-    println!("  proxy admin / config_dump / stats: not yet (the proxy lands with issue 5)");
+    println!(
+        "  proxy admin              {admin}/ready {admin}/config_dump {admin}/stats {admin}/clusters"
+    );
+    println!(
+        "  agent status             http://127.0.0.1:{0}/healthz/ready http://127.0.0.1:{0}/stats/prometheus",
+        cli.status_port
+    );
 
     if cli.once {
-        let _ = agent.start_kill();
-        let _ = agent.wait().await;
+        stop_agent(&mut agent).await;
         istiod.shutdown().await;
-        if ok != cli.requests || !root_ok {
+        if ok != cli.requests || !root_ok || !live || !acked {
             bail!(
-                "the mesh did not work: {ok}/{} requests, root ok {root_ok}",
+                "the mesh did not work: {ok}/{} requests, root ok {root_ok}, proxy live {live}, LDS acked {acked}",
                 cli.requests
             );
         }
@@ -275,9 +299,24 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         status = agent.wait() => println!("agent exited: {status:?}"),
     }
-    let _ = agent.start_kill();
+    stop_agent(&mut agent).await;
     istiod.shutdown().await;
     Ok(())
+}
+
+/// SIGTERM to the agent (it drains and stops the proxy), SIGKILL if it is still there after 10 s.
+async fn stop_agent(agent: &mut tokio::process::Child) {
+    if let Some(pid) = agent.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .is_err()
+    {
+        let _ = agent.start_kill();
+        let _ = agent.wait().await;
+    }
 }
 
 /// A binary from the same target folder as this one.
@@ -372,83 +411,51 @@ async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo,
 }
 
 /// Subscribes CDS, EDS (every EDS cluster) and LDS through the XDS proxy; returns names per type.
-/// The stream stays open (returned) so the last ACK reaches istiod.
-type XdsProbe = (
-    Vec<(&'static str, Vec<String>)>,
-    tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
-    tonic::Streaming<waypoint_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
-);
+/// GET `url` (plain HTTP), body as text.
+async fn http_get(url: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let resp = client.get(url.parse()?).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
 
-async fn fetch_via_xds_proxy(path: &Path, node_id: &str) -> anyhow::Result<XdsProbe> {
-    let mut client = AggregatedDiscoveryServiceClient::new(uds::channel(path).await?);
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: node_id.into(),
-            ..Default::default()
-        }),
-        type_url: CLUSTER_TYPE.into(),
-        ..Default::default()
-    })
-    .await?;
-    let mut stream = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+/// Polls `url` until it answers 200 or `limit` passes.
+async fn wait_http_ok(url: &str, limit: Duration) -> bool {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(uri) = url.parse::<http::Uri>()
+            && let Ok(resp) = client.get(uri).await
+            && resp.status().is_success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Names of the dynamic clusters (with versions) and listeners in a `/config_dump`.
+fn dump_names(dump: &serde_json::Value) -> Vec<(&'static str, Vec<String>)> {
     let mut out = Vec::new();
-    let mut next = async || -> anyhow::Result<_> {
-        tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .context("xDS timed out")??
-            .context("xDS closed")
-    };
-    let cds = next().await?;
-    let cluster_names: Vec<String> = cds.resources.iter().map(|r| r.name.clone()).collect();
-    let eds_names: Vec<String> = cluster_names
-        .iter()
-        .filter(|n| n.starts_with("inbound-vip"))
-        .cloned()
-        .collect();
-    tx.send(DeltaDiscoveryRequest {
-        type_url: CLUSTER_TYPE.into(),
-        response_nonce: cds.nonce.clone(),
-        ..Default::default()
-    })
-    .await?;
-    out.push(("CDS", cluster_names));
-    tx.send(DeltaDiscoveryRequest {
-        type_url: ENDPOINT_TYPE.into(),
-        resource_names_subscribe: eds_names,
-        ..Default::default()
-    })
-    .await?;
-    let eds = next().await?;
-    tx.send(DeltaDiscoveryRequest {
-        type_url: ENDPOINT_TYPE.into(),
-        response_nonce: eds.nonce.clone(),
-        ..Default::default()
-    })
-    .await?;
-    out.push((
-        "EDS",
-        eds.resources.iter().map(|r| r.name.clone()).collect(),
-    ));
-    tx.send(DeltaDiscoveryRequest {
-        type_url: LISTENER_TYPE.into(),
-        ..Default::default()
-    })
-    .await?;
-    let lds = next().await?;
-    tx.send(DeltaDiscoveryRequest {
-        type_url: LISTENER_TYPE.into(),
-        response_nonce: lds.nonce.clone(),
-        ..Default::default()
-    })
-    .await?;
-    out.push((
-        "LDS",
-        lds.resources.iter().map(|r| r.name.clone()).collect(),
-    ));
-    drop(next);
-    Ok((out, tx, stream))
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        if let Some(list) = config["dynamic_active_clusters"].as_array() {
+            let names = list
+                .iter()
+                .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_owned))
+                .collect();
+            out.push(("clusters", names));
+        }
+        if let Some(list) = config["dynamic_listeners"].as_array() {
+            let names = list
+                .iter()
+                .filter_map(|l| l["name"].as_str().map(str::to_owned))
+                .collect();
+            out.push(("listeners", names));
+        }
+    }
+    out
 }
