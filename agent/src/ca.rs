@@ -125,78 +125,24 @@ impl CaClient {
     }
 
     async fn channel(&self) -> Result<Channel, CaError> {
-        let connect_err = |reason: String| CaError::Connect {
-            addr: self.cfg.addr.clone(),
-            reason,
+        let dial = crate::istiod::Dial {
+            addr: &self.cfg.addr,
+            plaintext: self.cfg.plaintext,
+            root_path: &self.cfg.root_path,
+            server_name: &self.cfg.server_name,
+            connect_timeout: self.cfg.timeout,
+            request_timeout: Some(self.cfg.timeout),
         };
-        let scheme = if self.cfg.plaintext { "http" } else { "https" };
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", self.cfg.addr))
-                .map_err(|e| connect_err(e.to_string()))?
-                .connect_timeout(self.cfg.timeout)
-                .timeout(self.cfg.timeout);
-        if !self.cfg.plaintext {
-            let root = tokio::fs::read_to_string(&self.cfg.root_path)
-                .await
-                .map_err(|e| {
-                    connect_err(format!(
-                        "root certificate {}: {e}",
-                        self.cfg.root_path.display()
-                    ))
-                })?;
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(root))
-                .domain_name(self.cfg.server_name.clone());
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| connect_err(e.to_string()))?;
-        }
-        endpoint
-            .connect()
+        crate::istiod::channel(dial)
             .await
-            .map_err(|e| connect_err(error_chain(&e)))
+            .map_err(|reason| CaError::Connect {
+                addr: self.cfg.addr.clone(),
+                reason,
+            })
     }
 }
 
-/// An error with its sources, for one-line logs.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Adds the bearer token (re-read now), `ClusterID` and extra headers to a request.
-pub async fn add_auth_headers<T>(
-    req: &mut Request<T>,
-    token_path: &std::path::Path,
-    cluster_id: &str,
-    headers: &[(String, String)],
-) {
-    if let Ok(token) = tokio::fs::read_to_string(token_path).await {
-        let token = token.trim();
-        if !token.is_empty()
-            && let Ok(v) = format!("Bearer {token}").parse()
-        {
-            req.metadata_mut().insert("authorization", v);
-        }
-    }
-    if let Ok(v) = cluster_id.parse() {
-        req.metadata_mut().insert("clusterid", v);
-    }
-    for (k, v) in headers {
-        if let (Ok(k), Ok(v)) = (
-            k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-            v.parse(),
-        ) {
-            req.metadata_mut().insert(k, v);
-        }
-    }
-}
+pub use crate::istiod::{add_auth_headers, error_chain};
 
 impl Signer for CaClient {
     async fn sign(&self, csr_pem: String) -> Result<Vec<String>, CaError> {

@@ -5,9 +5,15 @@
 pub mod app;
 pub mod bootstrap;
 pub mod ca;
+pub mod commands;
 pub mod config;
+pub mod http_client;
+pub mod istiod;
 pub mod metrics;
+pub mod proxy_admin;
 pub mod sds;
 pub mod secrets;
+pub mod status;
+pub mod supervisor;
 pub mod uds;
 pub mod xds_proxy;

@@ -126,35 +126,15 @@ impl XdsProxy {
                 self.upstream.addr
             ))
         };
-        let scheme = if self.upstream.plaintext {
-            "http"
-        } else {
-            "https"
+        let dial = crate::istiod::Dial {
+            addr: &self.upstream.addr,
+            plaintext: self.upstream.plaintext,
+            root_path: &self.upstream.root_path,
+            server_name: &self.upstream.server_name,
+            connect_timeout: self.upstream.connect_timeout,
+            request_timeout: None,
         };
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", self.upstream.addr))
-                .map_err(|e| fail(e.to_string()))?
-                .connect_timeout(self.upstream.connect_timeout)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(10));
-        if !self.upstream.plaintext {
-            let root = tokio::fs::read_to_string(&self.upstream.root_path)
-                .await
-                .map_err(|e| {
-                    fail(format!(
-                        "root certificate {}: {e}",
-                        self.upstream.root_path.display()
-                    ))
-                })?;
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(root))
-                .domain_name(self.upstream.server_name.clone());
-            endpoint = endpoint.tls_config(tls).map_err(|e| fail(e.to_string()))?;
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| fail(crate::ca::error_chain(&e)))?;
+        let channel = crate::istiod::channel(dial).await.map_err(fail)?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 
@@ -239,6 +219,65 @@ async fn pump<Req, Resp>(
     }
 }
 
+impl XdsProxy {
+    /// Bridges one downstream stream to a new upstream stream opened by `open`.
+    async fn bridge<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Streaming<Req>>,
+        open: F,
+        type_url: fn(&Resp) -> &str,
+    ) -> Result<Response<ResponseStream<Resp>>, Status>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        F: FnOnce(AggregatedDiscoveryServiceClient<Channel>, Request<ReceiverStream<Req>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Streaming<Resp>>, Status>>,
+    {
+        let (id, newest) = self.register();
+        let client = self.client().await?;
+        let (up_tx, up_rx) = mpsc::channel::<Req>(64);
+        // Forward the proxy's first request before waiting for istiod's response headers: gRPC
+        // servers may send headers only with the first response.
+        let mut downstream = request.into_inner();
+        match downstream.message().await {
+            Ok(Some(first)) => {
+                self.metrics.xds_proxy_requests.inc();
+                let _ = up_tx.send(first).await;
+            }
+            Ok(None) => {
+                return Err(Status::cancelled(
+                    "proxy closed the stream before its first request",
+                ));
+            }
+            Err(status) => return Err(status),
+        }
+        let mut up_req = Request::new(ReceiverStream::new(up_rx));
+        add_auth_headers(
+            &mut up_req,
+            &self.upstream.token_path,
+            &self.upstream.cluster_id,
+            &self.upstream.headers,
+        )
+        .await;
+        let upstream = open(client, up_req).await.map_err(|s| {
+            self.metrics.istiod_connection_failures.inc();
+            Status::unavailable(format!("istiod refused the xDS stream: {}", s.message()))
+        })?;
+        let (down_tx, down_rx) = mpsc::channel(4);
+        tokio::spawn(pump(
+            id,
+            downstream,
+            up_tx,
+            upstream.into_inner(),
+            down_tx,
+            newest,
+            self.metrics.clone(),
+            type_url,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(down_rx))))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsProxy {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
@@ -248,102 +287,24 @@ impl AggregatedDiscoveryService for XdsProxy {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (id, newest) = self.register();
-        let mut client = self.client().await?;
-        let (up_tx, up_rx) = mpsc::channel::<DiscoveryRequest>(64);
-        // Forward the proxy's first request before waiting for istiod's response headers: gRPC
-        // servers may send headers only with the first response.
-        let mut downstream = request.into_inner();
-        match downstream.message().await {
-            Ok(Some(first)) => {
-                self.metrics.xds_proxy_requests.inc();
-                let _ = up_tx.send(first).await;
-            }
-            Ok(None) => {
-                return Err(Status::cancelled(
-                    "proxy closed the stream before its first request",
-                ));
-            }
-            Err(status) => return Err(status),
-        }
-        let mut up_req = Request::new(ReceiverStream::new(up_rx));
-        add_auth_headers(
-            &mut up_req,
-            &self.upstream.token_path,
-            &self.upstream.cluster_id,
-            &self.upstream.headers,
-        )
-        .await;
-        let upstream = client
-            .stream_aggregated_resources(up_req)
-            .await
-            .map_err(|s| {
-                self.metrics.istiod_connection_failures.inc();
-                Status::unavailable(format!("istiod refused the xDS stream: {}", s.message()))
-            })?;
-        let (down_tx, down_rx) = mpsc::channel(4);
-        tokio::spawn(pump(
-            id,
-            downstream,
-            up_tx,
-            upstream.into_inner(),
-            down_tx,
-            newest,
-            self.metrics.clone(),
+        self.bridge(
+            request,
+            |mut c, r| async move { c.stream_aggregated_resources(r).await },
             |r: &DiscoveryResponse| r.type_url.as_str(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(down_rx))))
+        )
+        .await
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (id, newest) = self.register();
-        let mut client = self.client().await?;
-        let (up_tx, up_rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-        // Forward the proxy's first request before waiting for istiod's response headers: gRPC
-        // servers may send headers only with the first response.
-        let mut downstream = request.into_inner();
-        match downstream.message().await {
-            Ok(Some(first)) => {
-                self.metrics.xds_proxy_requests.inc();
-                let _ = up_tx.send(first).await;
-            }
-            Ok(None) => {
-                return Err(Status::cancelled(
-                    "proxy closed the stream before its first request",
-                ));
-            }
-            Err(status) => return Err(status),
-        }
-        let mut up_req = Request::new(ReceiverStream::new(up_rx));
-        add_auth_headers(
-            &mut up_req,
-            &self.upstream.token_path,
-            &self.upstream.cluster_id,
-            &self.upstream.headers,
-        )
-        .await;
-        let upstream = client
-            .delta_aggregated_resources(up_req)
-            .await
-            .map_err(|s| {
-                self.metrics.istiod_connection_failures.inc();
-                Status::unavailable(format!("istiod refused the xDS stream: {}", s.message()))
-            })?;
-        let (down_tx, down_rx) = mpsc::channel(4);
-        tokio::spawn(pump(
-            id,
-            downstream,
-            up_tx,
-            upstream.into_inner(),
-            down_tx,
-            newest,
-            self.metrics.clone(),
+        self.bridge(
+            request,
+            |mut c, r| async move { c.delta_aggregated_resources(r).await },
             |r: &DeltaDiscoveryResponse| r.type_url.as_str(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(down_rx))))
+        )
+        .await
     }
 }
 
