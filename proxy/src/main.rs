@@ -2,7 +2,8 @@
 
 use std::{process::ExitCode, sync::Arc};
 
-use proxy::{admin, bootstrap, cli, server::Server, xds};
+use proxy::{admin, bootstrap, cli, server::Server, xds, xds::sds::SecretStore};
+use waypoint_shared::logging::LogControl;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -13,10 +14,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    waypoint_shared::logging::init(
+    let logging = waypoint_shared::logging::init_reloadable(
         &cli::tracing_filter(&options.log_level, &options.component_log_level),
         false,
-    );
+    )
+    .map(Arc::new);
     for flag in &options.ignored {
         tracing::warn!("accepted without effect: {flag}");
     }
@@ -38,15 +40,26 @@ fn main() -> ExitCode {
         }
     };
     if options.mode == cli::Mode::Validate {
-        println!(
-            "configuration '{}' OK",
-            options
-                .config_path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+        // The bootstrap under the same allowlist and compile rules as xDS resources: every
+        // problem on its own line with its JSON path (`static_resources.listeners[1]…`).
+        let shown = options
+            .config_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let problems = proxy::config::bootstrap::validate(&loaded.bootstrap);
+        if problems.is_empty() {
+            println!("configuration '{shown}' OK");
+            return ExitCode::SUCCESS;
+        }
+        for p in &problems {
+            println!("{p}");
+        }
+        eprintln!(
+            "proxy: configuration '{shown}' has {} problem(s)",
+            problems.len()
         );
-        return ExitCode::SUCCESS;
+        return ExitCode::from(1);
     }
     let threads = if options.concurrency > 0 {
         options.concurrency
@@ -66,18 +79,28 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(Server::new(options, loaded)))
+    runtime.block_on(run(Server::new(options, loaded), logging))
 }
 
-async fn run(server: Arc<Server>) -> ExitCode {
+/// How often the server gauges are refreshed (Envoy's default stats flush interval).
+const STATS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode {
+    let secrets = Arc::new(SecretStore::default());
+    let admin = admin::Admin::new(server.clone(), secrets.clone(), logging);
+    admin::stats::refresh(&admin);
     if let Some(addr) = server.bootstrap.admin {
-        match admin::serve(server.clone(), addr).await {
+        match admin::serve(admin.clone(), addr).await {
             Ok(bound) => tracing::info!(target: "admin", %bound, "admin listening"),
             Err(e) => {
                 tracing::error!(target: "admin", %addr, "cannot bind admin: {e}");
                 return ExitCode::from(1);
             }
         }
+    }
+    // SDS: `default` and `ROOTCA` from `sds-grpc` at once, plus what transport sockets name.
+    if !server.bootstrap.grpc_clusters.is_empty() {
+        tokio::spawn(xds::sds::run(server.clone(), secrets.clone()));
     }
     match server.bootstrap.ads.clone() {
         Some(ads) => {
@@ -87,6 +110,17 @@ async fn run(server: Arc<Server>) -> ExitCode {
         }
         None => server.set_state(proxy::server::ServerState::Live),
     }
+    tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            let mut ticker = tokio::time::interval(STATS_FLUSH);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                admin::stats::refresh(&admin);
+            }
+        }
+    });
     let mut shutdown = server.shutdown.subscribe();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,

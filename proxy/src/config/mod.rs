@@ -2,19 +2,52 @@
 //! types, then published as one [`Snapshot`] swapped atomically; a connection keeps the snapshot it
 //! started with. A resource we cannot honour is rejected with an error naming the resource, the field
 //! path and the reason, and the last good version of that resource stays.
+//!
+//! Every resource goes through two passes:
+//! 1. [`allowlist`]: a walk over the decoded message (prost-reflect) that rejects every set field,
+//!    extension type or enum value that [`supported`] does not list as implemented or harmless;
+//! 2. the compile step of its kind ([`listener`], [`cluster`], [`endpoint`], [`route`],
+//!    [`workload`]): semantic checks (missing clusters, bad regexes, IP ranges that do not parse …)
+//!    and the translation, one proto field to one setting, into the types the data path reads.
 
-use std::{collections::BTreeMap, sync::Arc};
+pub mod access_log;
+pub mod allowlist;
+pub mod bootstrap;
+pub mod cluster;
+pub mod endpoint;
+pub mod filters;
+pub mod format;
+pub mod headers;
+pub mod listener;
+pub mod matcher;
+pub mod matchers;
+pub mod protocol;
+pub mod route;
+pub mod source;
+pub mod supported;
+pub mod tls;
+pub mod typed;
+pub mod workload;
+
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use waypoint_proto::{
     envoy::config::{
-        cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
-        route::v3::RouteConfiguration,
+        cluster::v3::Cluster as RawCluster, endpoint::v3::ClusterLoadAssignment,
+        listener::v3::Listener as RawListener, route::v3::RouteConfiguration,
     },
-    google::protobuf::Any,
-    istio::workload::Workload,
+    google::protobuf::{Any, Duration as PbDuration},
+    istio::workload::Workload as RawWorkload,
+    json,
     resource::ResourceKind,
 };
+
+pub use cluster::Cluster;
+pub use endpoint::LoadAssignment;
+pub use listener::Listener;
+pub use route::RouteConfig;
+pub use workload::Workload;
 
 /// A resource update from xDS.
 #[derive(Debug, Clone)]
@@ -32,8 +65,105 @@ pub struct Update {
 pub struct ResourceError {
     /// Resource name.
     pub name: String,
-    /// `field.path: reason`.
+    /// `field.path: reason`, several problems joined by `; `.
     pub message: String,
+}
+
+/// One problem in a resource: the JSON path of the offending field (from the resource root, e.g.
+/// `filter_chains[0].filters[1].typed_config.http_filters[2].typed_config`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// JSON path from the resource root; empty for the resource as a whole.
+    pub path: String,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+impl ConfigError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error with `prefix` put in front of its path (a resource inside a bootstrap).
+    pub fn under(mut self, prefix: &str) -> Self {
+        self.path = match (prefix.is_empty(), self.path.is_empty()) {
+            (true, _) => self.path,
+            (false, true) => prefix.to_owned(),
+            (false, false) if self.path.starts_with('[') => format!("{prefix}{}", self.path),
+            (false, false) => format!("{prefix}.{}", self.path),
+        };
+        self
+    }
+}
+
+/// Result of a compile step.
+pub type CompileResult<T> = Result<T, ConfigError>;
+
+/// `base.name` (or `name` at the root).
+pub(crate) fn field(base: &str, name: &str) -> String {
+    if base.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{base}.{name}")
+    }
+}
+
+/// `base.name[i]`.
+pub(crate) fn index(base: &str, name: &str, i: usize) -> String {
+    format!("{}[{i}]", field(base, name))
+}
+
+/// `base.name["key"]`.
+pub(crate) fn key(base: &str, name: &str, k: &str) -> String {
+    format!("{}[{k:?}]", field(base, name))
+}
+
+/// A protobuf duration as a std one; negative durations are errors.
+pub(crate) fn duration(d: &PbDuration, path: &str) -> CompileResult<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(ConfigError::new(
+            path,
+            format!("invalid duration {}s {}ns", d.seconds, d.nanos),
+        ));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// An optional protobuf duration.
+pub(crate) fn opt_duration(d: Option<&PbDuration>, path: &str) -> CompileResult<Option<Duration>> {
+    d.map(|d| duration(d, path)).transpose()
+}
+
+/// The text of an inline `DataSource` (`inline_string`, or UTF-8 `inline_bytes`).
+pub(crate) fn inline_text(
+    d: &waypoint_proto::envoy::config::core::v3::DataSource,
+    path: &str,
+) -> CompileResult<String> {
+    use waypoint_proto::envoy::config::core::v3::data_source::Specifier;
+    match &d.specifier {
+        Some(Specifier::InlineString(s)) => Ok(s.clone()),
+        Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone())
+            .map_err(|_| ConfigError::new(field(path, "inline_bytes"), "not UTF-8")),
+        Some(_) => Err(ConfigError::new(
+            path,
+            "only inline_string and inline_bytes are supported",
+        )),
+        None => Err(ConfigError::new(path, "a data source is required")),
+    }
 }
 
 /// The compiled configuration the data path runs on.
@@ -44,9 +174,9 @@ pub struct Snapshot {
     /// Clusters by name.
     pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// Endpoints by cluster (service) name.
-    pub endpoints: BTreeMap<String, Arc<ClusterLoadAssignment>>,
-    /// Route configurations by name.
-    pub routes: BTreeMap<String, Arc<RouteConfiguration>>,
+    pub endpoints: BTreeMap<String, Arc<LoadAssignment>>,
+    /// Route configurations by name (RDS; waypoints inline theirs).
+    pub routes: BTreeMap<String, Arc<RouteConfig>>,
     /// Istio workloads by uid.
     pub workloads: BTreeMap<String, Arc<Workload>>,
 }
@@ -63,7 +193,8 @@ impl ConfigStore {
         self.current.load_full()
     }
 
-    /// Validates and applies updates of one kind; returns the rejected resources. Accepted updates
+    /// Validates and applies updates of one kind; returns the rejected resources. Each resource is
+    /// judged alone: a rejected one keeps its last good version, the others apply. Accepted updates
     /// and removals are published in one new snapshot.
     pub fn apply(
         &self,
@@ -74,10 +205,10 @@ impl ConfigStore {
         let mut next = (*self.current.load_full()).clone();
         let mut errors = Vec::new();
         for u in updates {
-            if let Err(message) = compile(kind, u, &mut next) {
+            if let Err(problems) = compile(kind, u, &mut next) {
                 errors.push(ResourceError {
                     name: u.name.clone(),
-                    message,
+                    message: join_problems(&problems),
                 });
             }
         }
@@ -99,41 +230,114 @@ impl ConfigStore {
     }
 }
 
-fn decode<M: prost::Message + Default>(u: &Update) -> Result<M, String> {
-    M::decode(u.resource.value.as_slice()).map_err(|e| format!("does not decode: {e}"))
+/// At most this many problems are spelled out in one NACK; the rest are counted.
+const MAX_PROBLEMS_PER_NACK: usize = 8;
+
+fn join_problems(problems: &[ConfigError]) -> String {
+    let mut text = problems
+        .iter()
+        .take(MAX_PROBLEMS_PER_NACK)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > MAX_PROBLEMS_PER_NACK {
+        text.push_str(&format!(
+            "; and {} more",
+            problems.len() - MAX_PROBLEMS_PER_NACK
+        ));
+    }
+    text
+}
+
+/// Both passes over one encoded resource of type `message` (full name): the allowlist walk (all
+/// problems), then, if that is clean, `compile` on the decoded prost message (first problem).
+pub(crate) fn check_and_compile<M, T>(
+    message: &str,
+    bytes: &[u8],
+    compile: impl FnOnce(M) -> CompileResult<T>,
+) -> Result<T, Vec<ConfigError>>
+where
+    M: prost::Message + Default,
+{
+    let dynamic = json::decode_dynamic(message, bytes)
+        .map_err(|e| vec![ConfigError::new("", format!("does not decode: {e}"))])?;
+    let problems = allowlist::check(&dynamic);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let typed = M::decode(bytes)
+        .map_err(|e| vec![ConfigError::new("", format!("does not decode: {e}"))])?;
+    compile(typed).map_err(|e| vec![e])
+}
+
+/// The resource's own name must be the name it was delivered under (when it has one).
+fn check_name(delivered: &str, own: &str, field_name: &str) -> CompileResult<()> {
+    if own.is_empty() || own == delivered {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field_name,
+            format!("'{own}' differs from the xDS resource name '{delivered}'"),
+        ))
+    }
 }
 
 /// Checks one resource and places it in `next`.
-fn compile(kind: ResourceKind, u: &Update, next: &mut Snapshot) -> Result<(), String> {
+fn compile(kind: ResourceKind, u: &Update, next: &mut Snapshot) -> Result<(), Vec<ConfigError>> {
     if u.resource.type_url != kind.type_url() {
-        return Err(format!(
-            "type_url {} inside a {} response",
-            u.resource.type_url,
-            kind.type_url()
-        ));
+        return Err(vec![ConfigError::new(
+            "",
+            format!(
+                "type_url {} inside a {} response",
+                u.resource.type_url,
+                kind.type_url()
+            ),
+        )]);
     }
+    let bytes = u.resource.value.as_slice();
+    let name = u.name.as_str();
     match kind {
         ResourceKind::Listener => {
-            let l: Listener = decode(u)?;
+            let l = check_and_compile(kind.message_name(), bytes, |raw: RawListener| {
+                check_name(name, &raw.name, "name")?;
+                Listener::compile(raw, "")
+            })?;
             next.listeners.insert(u.name.clone(), Arc::new(l));
         }
         ResourceKind::Cluster => {
-            let c: Cluster = decode(u)?;
+            let c = check_and_compile(kind.message_name(), bytes, |raw: RawCluster| {
+                check_name(name, &raw.name, "name")?;
+                Cluster::compile(raw, "")
+            })?;
             next.clusters.insert(u.name.clone(), Arc::new(c));
         }
         ResourceKind::Endpoint => {
-            let e: ClusterLoadAssignment = decode(u)?;
+            let e = check_and_compile(kind.message_name(), bytes, |raw: ClusterLoadAssignment| {
+                check_name(name, &raw.cluster_name, "cluster_name")?;
+                LoadAssignment::compile(&raw, "")
+            })?;
             next.endpoints.insert(u.name.clone(), Arc::new(e));
         }
         ResourceKind::Route => {
-            let r: RouteConfiguration = decode(u)?;
+            let r = check_and_compile(kind.message_name(), bytes, |raw: RouteConfiguration| {
+                check_name(name, &raw.name, "name")?;
+                RouteConfig::compile(&raw, "")
+            })?;
             next.routes.insert(u.name.clone(), Arc::new(r));
         }
         ResourceKind::Workload => {
-            let w: Workload = decode(u)?;
+            let w = check_and_compile(kind.message_name(), bytes, |raw: RawWorkload| {
+                check_name(name, &raw.uid, "uid")?;
+                Workload::compile(&raw, "")
+            })?;
             next.workloads.insert(u.name.clone(), Arc::new(w));
         }
-        ResourceKind::Secret => return Err("secrets come from SDS, not ADS".to_owned()),
+        ResourceKind::Secret => {
+            return Err(vec![ConfigError::new("", "secrets come from SDS, not ADS")]);
+        }
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

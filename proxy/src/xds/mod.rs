@@ -2,6 +2,7 @@
 //! `/config_dump`: per resource its version, when it was last updated, and the last error.
 
 pub mod ads;
+pub mod sds;
 
 use std::{collections::BTreeMap, sync::RwLock, time::SystemTime};
 

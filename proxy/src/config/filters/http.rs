@@ -1,0 +1,771 @@
+//! HTTP filters of the HCM chain (and their per-route configs): router, set_filter_state, Istio
+//! peer metadata and stats, grpc_stats, fault, CORS, RBAC, jwt_authn, local rate limit and
+//! compressor. The router must be last.
+
+use std::time::Duration;
+
+use waypoint_proto::envoy::{
+    config::route::v3::FilterConfig as RouteFilterConfig,
+    extensions::{
+        compression::{
+            brotli::compressor::v3::Brotli, gzip::compressor::v3::Gzip, zstd::compressor::v3::Zstd,
+        },
+        filters::{
+            common::fault::v3::fault_delay::FaultDelaySecifier,
+            http::{
+                compressor::v3::{Compressor as RawCompressor, compressor::CommonDirectionConfig},
+                cors::v3::{Cors, CorsPolicy as RawCorsPolicy},
+                fault::v3::{HttpFault, fault_abort::ErrorType},
+                grpc_stats::v3::{
+                    FilterConfig as GrpcStatsConfig, filter_config::PerMethodStatSpecifier,
+                },
+                local_ratelimit::v3::LocalRateLimit as RawLocalRateLimit,
+                rbac::v3::{Rbac as RawHttpRbac, RbacPerRoute},
+                router::v3::Router as RawRouter,
+                set_filter_state::v3::Config as HttpSfsConfig,
+            },
+            network::http_connection_manager::v3::HttpFilter as RawHttpFilter,
+        },
+    },
+};
+
+use super::{istio, jwt, rbac, set_filter_state::SetFilterState};
+use crate::config::{
+    CompileResult, ConfigError, field,
+    headers::HeaderOp,
+    index,
+    matchers::{Fraction, HeaderMatch, StringMatch, header_matches, string_matches},
+    opt_duration,
+    supported::ExtensionKind,
+    typed::Typed,
+};
+
+/// `envoy.filters.http.router`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Router {
+    /// `suppress_envoy_headers`: no `x-envoy-*` headers added.
+    pub suppress_envoy_headers: bool,
+    /// `strict_check_headers`: `x-envoy-*` request headers validated.
+    pub strict_check_headers: Vec<String>,
+    /// `respect_expected_rq_timeout`.
+    pub respect_expected_rq_timeout: bool,
+}
+
+/// `envoy.filters.http.grpc_stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrpcStats {
+    /// `emit_filter_state`: message counts in filter state (read by istio.stats).
+    pub emit_filter_state: bool,
+    /// `stats_for_all_methods`.
+    pub stats_for_all_methods: bool,
+    /// `enable_upstream_stats`.
+    pub enable_upstream_stats: bool,
+    /// `replace_dots_in_grpc_service_name`.
+    pub replace_dots_in_grpc_service_name: bool,
+}
+
+/// A fault delay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delay {
+    /// A fixed delay.
+    Fixed(Duration),
+    /// From the `x-envoy-fault-delay-request` header.
+    Header,
+}
+
+/// A fault abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(u16),
+    /// A gRPC status.
+    Grpc(u32),
+    /// From the `x-envoy-fault-abort-*` headers.
+    Header,
+}
+
+/// `envoy.filters.http.fault` (filter or per-route).
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Delay and its probability.
+    pub delay: Option<(Delay, Fraction)>,
+    /// Abort and its probability.
+    pub abort: Option<(Abort, Fraction)>,
+    /// Only for this upstream cluster.
+    pub upstream_cluster: Option<String>,
+    /// Only for requests matching all of these.
+    pub headers: Vec<HeaderMatch>,
+    /// Only for these downstream nodes (`x-envoy-downstream-service-node`).
+    pub downstream_nodes: Vec<String>,
+    /// `max_active_faults`.
+    pub max_active_faults: Option<u32>,
+}
+
+impl Fault {
+    /// Compiles `f` (at `path`).
+    pub fn compile(f: &HttpFault, path: &str) -> CompileResult<Self> {
+        let delay = match &f.delay {
+            None => None,
+            Some(d) => {
+                let dpath = field(path, "delay");
+                let kind = match &d.fault_delay_secifier {
+                    Some(FaultDelaySecifier::FixedDelay(x)) => {
+                        Delay::Fixed(crate::config::duration(x, &field(&dpath, "fixed_delay"))?)
+                    }
+                    Some(FaultDelaySecifier::HeaderDelay(_)) => Delay::Header,
+                    None => {
+                        return Err(ConfigError::new(
+                            dpath,
+                            "fixed_delay or header_delay is required",
+                        ));
+                    }
+                };
+                Some((
+                    kind,
+                    d.percentage
+                        .as_ref()
+                        .map_or(Fraction::ALWAYS, Fraction::compile),
+                ))
+            }
+        };
+        let abort = match &f.abort {
+            None => None,
+            Some(a) => {
+                let apath = field(path, "abort");
+                let kind = match &a.error_type {
+                    Some(ErrorType::HttpStatus(s)) if (200..600).contains(s) => {
+                        Abort::Http(*s as u16)
+                    }
+                    Some(ErrorType::HttpStatus(s)) => {
+                        return Err(ConfigError::new(
+                            field(&apath, "http_status"),
+                            format!("{s} is not an HTTP status in [200, 600)"),
+                        ));
+                    }
+                    Some(ErrorType::GrpcStatus(s)) => Abort::Grpc(*s),
+                    Some(ErrorType::HeaderAbort(_)) => Abort::Header,
+                    None => {
+                        return Err(ConfigError::new(
+                            apath,
+                            "http_status, grpc_status or header_abort is required",
+                        ));
+                    }
+                };
+                Some((
+                    kind,
+                    a.percentage
+                        .as_ref()
+                        .map_or(Fraction::ALWAYS, Fraction::compile),
+                ))
+            }
+        };
+        Ok(Fault {
+            delay,
+            abort,
+            upstream_cluster: (!f.upstream_cluster.is_empty()).then(|| f.upstream_cluster.clone()),
+            headers: header_matches(&f.headers, path, "headers")?,
+            downstream_nodes: f.downstream_nodes.clone(),
+            max_active_faults: f.max_active_faults.as_ref().map(|v| v.value),
+        })
+    }
+}
+
+/// A CORS policy (per route or virtual host).
+#[derive(Debug, Clone)]
+pub struct CorsPolicy {
+    /// Allowed origins.
+    pub allow_origins: Vec<StringMatch>,
+    /// `allow_methods` (comma-separated, sent as is).
+    pub allow_methods: String,
+    /// `allow_headers`.
+    pub allow_headers: String,
+    /// `expose_headers`.
+    pub expose_headers: String,
+    /// `max_age` (seconds, as text).
+    pub max_age: String,
+    /// `allow_credentials`.
+    pub allow_credentials: bool,
+    /// `filter_enabled` (default 100%).
+    pub enabled: Fraction,
+    /// `allow_private_network_access`.
+    pub allow_private_network_access: bool,
+    /// `forward_not_matching_preflights` (default true).
+    pub forward_not_matching_preflights: bool,
+}
+
+impl CorsPolicy {
+    /// Compiles `c` (at `path`).
+    pub fn compile(c: &RawCorsPolicy, path: &str) -> CompileResult<Self> {
+        if !c.max_age.is_empty() && c.max_age.parse::<u64>().is_err() {
+            return Err(ConfigError::new(
+                field(path, "max_age"),
+                format!("'{}' is not a number of seconds", c.max_age),
+            ));
+        }
+        Ok(CorsPolicy {
+            allow_origins: string_matches(
+                &c.allow_origin_string_match,
+                path,
+                "allow_origin_string_match",
+            )?,
+            allow_methods: c.allow_methods.clone(),
+            allow_headers: c.allow_headers.clone(),
+            expose_headers: c.expose_headers.clone(),
+            max_age: c.max_age.clone(),
+            allow_credentials: c.allow_credentials.as_ref().is_some_and(|b| b.value),
+            enabled: c
+                .filter_enabled
+                .as_ref()
+                .map_or(Fraction::ALWAYS, Fraction::runtime),
+            allow_private_network_access: c
+                .allow_private_network_access
+                .as_ref()
+                .is_some_and(|b| b.value),
+            forward_not_matching_preflights: c
+                .forward_not_matching_preflights
+                .as_ref()
+                .is_none_or(|b| b.value),
+        })
+    }
+}
+
+/// HTTP status and headers of a rate-limited response.
+#[derive(Debug, Clone)]
+pub struct LocalRateLimit {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// `status` (default 429).
+    pub status: u16,
+    /// `token_bucket` (`None`: the filter is configured per route only).
+    pub bucket: Option<TokenBucket>,
+    /// `filter_enabled` (default 0%: off unless set, as in Envoy).
+    pub enabled: Fraction,
+    /// `filter_enforced`.
+    pub enforced: Fraction,
+    /// `request_headers_to_add_when_not_enforced`.
+    pub request_headers_when_not_enforced: Vec<HeaderOp>,
+    /// `response_headers_to_add` (to limited responses).
+    pub response_headers: Vec<HeaderOp>,
+    /// `local_rate_limit_per_downstream_connection`.
+    pub per_connection: bool,
+    /// `enable_x_ratelimit_headers` (draft 03).
+    pub x_ratelimit_headers: bool,
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// `max_tokens`.
+    pub max_tokens: u32,
+    /// `tokens_per_fill` (default 1).
+    pub tokens_per_fill: u32,
+    /// `fill_interval`.
+    pub fill_interval: Duration,
+}
+
+impl LocalRateLimit {
+    /// Compiles `l` (at `path`).
+    pub fn compile(l: &RawLocalRateLimit, path: &str) -> CompileResult<Self> {
+        if l.stat_prefix.is_empty() {
+            return Err(ConfigError::new(
+                field(path, "stat_prefix"),
+                "stat_prefix is required",
+            ));
+        }
+        let status = match &l.status {
+            None => 429,
+            Some(s) if (400..600).contains(&s.code) => s.code as u16,
+            Some(s) => {
+                return Err(ConfigError::new(
+                    field(&field(path, "status"), "code"),
+                    format!("{} is not an error status", s.code),
+                ));
+            }
+        };
+        let bucket = match &l.token_bucket {
+            None => None,
+            Some(b) => {
+                let bpath = field(path, "token_bucket");
+                let fill_interval =
+                    opt_duration(b.fill_interval.as_ref(), &field(&bpath, "fill_interval"))?
+                        .filter(|d| *d >= Duration::from_millis(50))
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                field(&bpath, "fill_interval"),
+                                "fill_interval of at least 50ms is required",
+                            )
+                        })?;
+                if b.max_tokens == 0 {
+                    return Err(ConfigError::new(
+                        field(&bpath, "max_tokens"),
+                        "max_tokens must be positive",
+                    ));
+                }
+                Some(TokenBucket {
+                    max_tokens: b.max_tokens,
+                    tokens_per_fill: b.tokens_per_fill.as_ref().map_or(1, |v| v.value),
+                    fill_interval,
+                })
+            }
+        };
+        let ops = |list: &[waypoint_proto::envoy::config::core::v3::HeaderValueOption],
+                   name: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, o)| HeaderOp::compile(o, &index(path, name, i)))
+                .collect::<CompileResult<Vec<_>>>()
+        };
+        let zero = Fraction {
+            numerator: 0,
+            denominator: 100,
+        };
+        Ok(LocalRateLimit {
+            stat_prefix: l.stat_prefix.clone(),
+            status,
+            bucket,
+            enabled: l.filter_enabled.as_ref().map_or(zero, Fraction::runtime),
+            enforced: l.filter_enforced.as_ref().map_or(zero, Fraction::runtime),
+            request_headers_when_not_enforced: ops(
+                &l.request_headers_to_add_when_not_enforced,
+                "request_headers_to_add_when_not_enforced",
+            )?,
+            response_headers: ops(&l.response_headers_to_add, "response_headers_to_add")?,
+            per_connection: l.local_rate_limit_per_downstream_connection,
+            x_ratelimit_headers: l.enable_x_ratelimit_headers != 0,
+        })
+    }
+}
+
+/// A compression library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompressionLibrary {
+    /// gzip.
+    Gzip {
+        /// `compression_level` (0: default, else 1–9).
+        level: i32,
+        /// `memory_level`.
+        memory_level: Option<u32>,
+        /// `window_bits`.
+        window_bits: Option<u32>,
+        /// `chunk_size`.
+        chunk_size: Option<u32>,
+    },
+    /// brotli.
+    Brotli {
+        /// `quality`.
+        quality: Option<u32>,
+        /// `window_bits`.
+        window_bits: Option<u32>,
+        /// `chunk_size`.
+        chunk_size: Option<u32>,
+    },
+    /// zstd.
+    Zstd {
+        /// `compression_level`.
+        level: Option<u32>,
+        /// `chunk_size`.
+        chunk_size: Option<u32>,
+    },
+}
+
+/// One direction of a compressor.
+#[derive(Debug, Clone, Default)]
+pub struct CompressionDirection {
+    /// `enabled` (default on).
+    pub enabled: bool,
+    /// `min_content_length` (default 30).
+    pub min_content_length: u32,
+    /// `content_type` (deprecated list) and `content_type_matcher`.
+    pub content_types: Vec<StringMatch>,
+}
+
+/// `envoy.filters.http.compressor`.
+#[derive(Debug, Clone)]
+pub struct Compressor {
+    /// The library (encoding).
+    pub library: CompressionLibrary,
+    /// Request bodies (`None`: not compressed).
+    pub request: Option<CompressionDirection>,
+    /// Response bodies.
+    pub response: CompressionDirection,
+    /// `response_direction_config.disable_on_etag_header`.
+    pub disable_on_etag_header: bool,
+    /// `response_direction_config.remove_accept_encoding_header`.
+    pub remove_accept_encoding_header: bool,
+    /// `response_direction_config.uncompressible_response_codes`.
+    pub uncompressible_response_codes: Vec<u32>,
+    /// `choose_first`.
+    pub choose_first: bool,
+}
+
+fn direction(c: Option<&CommonDirectionConfig>, path: &str) -> CompileResult<CompressionDirection> {
+    let Some(c) = c else {
+        return Ok(CompressionDirection {
+            enabled: true,
+            min_content_length: 30,
+            content_types: Vec::new(),
+        });
+    };
+    #[allow(deprecated)]
+    let mut content_types: Vec<StringMatch> = c
+        .content_type
+        .iter()
+        .map(|t| StringMatch::exact(t))
+        .collect();
+    content_types.extend(string_matches(
+        &c.content_type_matcher,
+        path,
+        "content_type_matcher",
+    )?);
+    Ok(CompressionDirection {
+        enabled: c
+            .enabled
+            .as_ref()
+            .and_then(|f| f.default_value.as_ref())
+            .is_none_or(|b| b.value),
+        min_content_length: c.min_content_length.as_ref().map_or(30, |v| v.value),
+        content_types,
+    })
+}
+
+impl Compressor {
+    /// Compiles `c` (at `path`).
+    pub fn compile(c: &RawCompressor, path: &str) -> CompileResult<Self> {
+        let lpath = field(path, "compressor_library");
+        let lib = c
+            .compressor_library
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&lpath, "compressor_library is required"))?;
+        let cpath = field(&lpath, "typed_config");
+        let any = lib
+            .typed_config
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&cpath, "typed_config is required"))?;
+        let t = Typed::new(any, &cpath)?;
+        let name = t
+            .check_kind(
+                &[ExtensionKind::Compression],
+                "a compression library",
+                &cpath,
+            )?
+            .to_owned();
+        let library = match name.as_str() {
+            "envoy.extensions.compression.gzip.compressor.v3.Gzip" => {
+                let g: Gzip = t.decode(&name, &cpath)?;
+                CompressionLibrary::Gzip {
+                    level: g.compression_level,
+                    memory_level: g.memory_level.map(|v| v.value),
+                    window_bits: g.window_bits.map(|v| v.value),
+                    chunk_size: g.chunk_size.map(|v| v.value),
+                }
+            }
+            "envoy.extensions.compression.brotli.compressor.v3.Brotli" => {
+                let b: Brotli = t.decode(&name, &cpath)?;
+                CompressionLibrary::Brotli {
+                    quality: b.quality.map(|v| v.value),
+                    window_bits: b.window_bits.map(|v| v.value),
+                    chunk_size: b.chunk_size.map(|v| v.value),
+                }
+            }
+            "envoy.extensions.compression.zstd.compressor.v3.Zstd" => {
+                let z: Zstd = t.decode(&name, &cpath)?;
+                CompressionLibrary::Zstd {
+                    level: z.compression_level.map(|v| v.value),
+                    chunk_size: z.chunk_size.map(|v| v.value),
+                }
+            }
+            other => {
+                return Err(ConfigError::new(cpath, format!("{other} is not supported")));
+            }
+        };
+        let rpath = field(path, "response_direction_config");
+        let resp = c.response_direction_config.as_ref();
+        Ok(Compressor {
+            library,
+            request: c
+                .request_direction_config
+                .as_ref()
+                .map(|r| {
+                    direction(
+                        r.common_config.as_ref(),
+                        &field(&field(path, "request_direction_config"), "common_config"),
+                    )
+                })
+                .transpose()?,
+            response: direction(
+                resp.and_then(|r| r.common_config.as_ref()),
+                &field(&rpath, "common_config"),
+            )?,
+            disable_on_etag_header: resp.is_some_and(|r| r.disable_on_etag_header),
+            remove_accept_encoding_header: resp.is_some_and(|r| r.remove_accept_encoding_header),
+            uncompressible_response_codes: resp
+                .map(|r| r.uncompressible_response_codes.clone())
+                .unwrap_or_default(),
+            choose_first: c.choose_first,
+        })
+    }
+}
+
+/// A compiled HTTP filter config.
+#[derive(Debug, Clone)]
+pub enum HttpFilterKind {
+    /// `envoy.filters.http.router` (terminal).
+    Router(Router),
+    /// `envoy.filters.http.set_filter_state`.
+    SetFilterState(SetFilterState),
+    /// Istio `peer_metadata`.
+    PeerMetadata(istio::PeerMetadata),
+    /// `istio.stats` (HTTP metrics).
+    IstioStats(istio::StatsConfig),
+    /// `envoy.filters.http.grpc_stats`.
+    GrpcStats(GrpcStats),
+    /// `envoy.filters.http.fault`.
+    Fault(Box<Fault>),
+    /// `envoy.filters.http.cors` (policies come per route / virtual host).
+    Cors,
+    /// `envoy.filters.http.rbac`.
+    Rbac(Box<rbac::HttpRbac>),
+    /// `envoy.filters.http.jwt_authn`.
+    JwtAuthn(Box<jwt::JwtAuthn>),
+    /// `envoy.filters.http.local_ratelimit`.
+    LocalRateLimit(Box<LocalRateLimit>),
+    /// `envoy.filters.http.compressor`.
+    Compressor(Box<Compressor>),
+}
+
+/// A named HTTP filter.
+#[derive(Debug, Clone)]
+pub struct HttpFilter {
+    /// Its name (the key for per-route configs).
+    pub name: String,
+    /// Its config.
+    pub kind: HttpFilterKind,
+    /// `disabled`: off unless a route enables it.
+    pub disabled: bool,
+}
+
+impl HttpFilter {
+    /// Compiles one `http_filters[i]`; `Ok(None)` for an optional filter we do not support.
+    pub fn compile(raw: &RawHttpFilter, path: &str) -> CompileResult<Option<Self>> {
+        use waypoint_proto::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+        let cpath = field(path, "typed_config");
+        let any = match &raw.config_type {
+            Some(ConfigType::TypedConfig(a)) => a,
+            _ => return Err(ConfigError::new(cpath, "typed_config is required")),
+        };
+        if raw.is_optional
+            && !crate::config::allowlist::extension_supported(&any.type_url, &any.value)
+        {
+            return Ok(None);
+        }
+        let t = Typed::new(any, &cpath)?;
+        let name = t
+            .check_kind(&[ExtensionKind::HttpFilter], "an HTTP filter", &cpath)?
+            .to_owned();
+        let ipath = t.inner_path(&cpath);
+        let kind = match name.as_str() {
+            "envoy.extensions.filters.http.router.v3.Router" => {
+                let r: RawRouter = t.decode(&name, &cpath)?;
+                HttpFilterKind::Router(Router {
+                    suppress_envoy_headers: r.suppress_envoy_headers,
+                    strict_check_headers: r.strict_check_headers.clone(),
+                    respect_expected_rq_timeout: r.respect_expected_rq_timeout,
+                })
+            }
+            "envoy.extensions.filters.http.set_filter_state.v3.Config" => {
+                let c: HttpSfsConfig = t.decode(&name, &cpath)?;
+                HttpFilterKind::SetFilterState(SetFilterState::compile(
+                    &c.on_request_headers,
+                    &ipath,
+                    "on_request_headers",
+                )?)
+            }
+            "io.istio.http.peer_metadata.Config" => {
+                HttpFilterKind::PeerMetadata(istio::PeerMetadata::compile(&t, &cpath)?)
+            }
+            "stats.PluginConfig" => {
+                HttpFilterKind::IstioStats(istio::StatsConfig::compile(&t, &cpath)?)
+            }
+            "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => {
+                let g: GrpcStatsConfig = t.decode(&name, &cpath)?;
+                if let Some(PerMethodStatSpecifier::IndividualMethodStatsAllowlist(_)) =
+                    &g.per_method_stat_specifier
+                {
+                    return Err(ConfigError::new(
+                        field(&ipath, "individual_method_stats_allowlist"),
+                        "not supported",
+                    ));
+                }
+                HttpFilterKind::GrpcStats(GrpcStats {
+                    emit_filter_state: g.emit_filter_state,
+                    stats_for_all_methods: matches!(
+                        g.per_method_stat_specifier,
+                        Some(PerMethodStatSpecifier::StatsForAllMethods(ref b)) if b.value
+                    ),
+                    enable_upstream_stats: g.enable_upstream_stats,
+                    replace_dots_in_grpc_service_name: g.replace_dots_in_grpc_service_name,
+                })
+            }
+            "envoy.extensions.filters.http.fault.v3.HTTPFault" => {
+                let f: HttpFault = t.decode(&name, &cpath)?;
+                HttpFilterKind::Fault(Box::new(Fault::compile(&f, &ipath)?))
+            }
+            "envoy.extensions.filters.http.cors.v3.Cors" => {
+                let _: Cors = t.decode(&name, &cpath)?;
+                HttpFilterKind::Cors
+            }
+            "envoy.extensions.filters.http.rbac.v3.RBAC" => {
+                let r: RawHttpRbac = t.decode(&name, &cpath)?;
+                HttpFilterKind::Rbac(Box::new(rbac::HttpRbac::compile(&r, &ipath)?))
+            }
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication" => {
+                HttpFilterKind::JwtAuthn(Box::new(jwt::JwtAuthn::compile(
+                    &t.decode(&name, &cpath)?,
+                    &ipath,
+                )?))
+            }
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit" => {
+                HttpFilterKind::LocalRateLimit(Box::new(LocalRateLimit::compile(
+                    &t.decode(&name, &cpath)?,
+                    &ipath,
+                )?))
+            }
+            "envoy.extensions.filters.http.compressor.v3.Compressor" => HttpFilterKind::Compressor(
+                Box::new(Compressor::compile(&t.decode(&name, &cpath)?, &ipath)?),
+            ),
+            other => {
+                return Err(ConfigError::new(
+                    cpath,
+                    format!("HTTP filter {other} is not supported"),
+                ));
+            }
+        };
+        Ok(Some(HttpFilter {
+            name: raw.name.clone(),
+            kind,
+            disabled: raw.disabled,
+        }))
+    }
+}
+
+/// Compiles an HCM's `http_filters`: the router must be present, once, and last.
+pub fn compile_http_filters(list: &[RawHttpFilter], path: &str) -> CompileResult<Vec<HttpFilter>> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut router_at = None;
+    for (i, f) in list.iter().enumerate() {
+        let fpath = index(path, "http_filters", i);
+        if let Some(compiled) = HttpFilter::compile(f, &fpath)? {
+            if matches!(compiled.kind, HttpFilterKind::Router(_)) {
+                if router_at.is_some() {
+                    return Err(ConfigError::new(fpath, "only one router filter is allowed"));
+                }
+                router_at = Some(i);
+            } else if router_at.is_some() {
+                return Err(ConfigError::new(
+                    fpath,
+                    "the router must be the last HTTP filter",
+                ));
+            }
+            out.push(compiled);
+        }
+    }
+    if router_at.is_none() {
+        return Err(ConfigError::new(
+            field(path, "http_filters"),
+            "the HTTP filter chain must end with envoy.filters.http.router",
+        ));
+    }
+    Ok(out)
+}
+
+/// A per-route (or per-virtual-host) filter config.
+#[derive(Debug, Clone)]
+pub enum PerFilterConfig {
+    /// A CORS policy for `envoy.filters.http.cors`.
+    Cors(Box<CorsPolicy>),
+    /// A fault config for `envoy.filters.http.fault`.
+    Fault(Box<Fault>),
+    /// An RBAC override (`None`: RBAC disabled for the route).
+    Rbac(Option<Box<rbac::HttpRbac>>),
+    /// A local rate limit for `envoy.filters.http.local_ratelimit`.
+    LocalRateLimit(Box<LocalRateLimit>),
+    /// `FilterConfig{disabled: true}`: the filter is skipped on this route.
+    Disabled,
+    /// `FilterConfig{disabled: false}` without config: enable a filter that is disabled by default.
+    Enabled,
+}
+
+impl PerFilterConfig {
+    /// Compiles one `typed_per_filter_config[name]` value; `Ok(None)` for an optional config we do
+    /// not support.
+    pub fn compile(
+        any: &waypoint_proto::google::protobuf::Any,
+        path: &str,
+    ) -> CompileResult<Option<Self>> {
+        let t = Typed::new(any, path)?;
+        // Filter configs (HTTPFault, LocalRateLimit) double as per-route configs.
+        let name = match t.check_kind(
+            &[ExtensionKind::PerRouteFilter],
+            "a per-route filter config",
+            path,
+        ) {
+            Ok(n) => n.to_owned(),
+            Err(e) => match t.type_name.as_str() {
+                "envoy.extensions.filters.http.fault.v3.HTTPFault"
+                | "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit" => {
+                    t.type_name.clone()
+                }
+                _ => return Err(e),
+            },
+        };
+        let ipath = t.inner_path(path);
+        Ok(Some(match name.as_str() {
+            "envoy.extensions.filters.http.cors.v3.CorsPolicy" => PerFilterConfig::Cors(Box::new(
+                CorsPolicy::compile(&t.decode(&name, path)?, &ipath)?,
+            )),
+            "envoy.extensions.filters.http.fault.v3.HTTPFault" => {
+                PerFilterConfig::Fault(Box::new(Fault::compile(&t.decode(&name, path)?, &ipath)?))
+            }
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit" => {
+                PerFilterConfig::LocalRateLimit(Box::new(LocalRateLimit::compile(
+                    &t.decode(&name, path)?,
+                    &ipath,
+                )?))
+            }
+            "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" => {
+                let r: RbacPerRoute = t.decode(&name, path)?;
+                PerFilterConfig::Rbac(rbac::HttpRbac::compile_per_route(&r, &ipath)?.map(Box::new))
+            }
+            "envoy.config.route.v3.FilterConfig" => {
+                let fc: RouteFilterConfig = t.decode(&name, path)?;
+                match &fc.config {
+                    Some(inner) => {
+                        if fc.is_optional
+                            && !crate::config::allowlist::extension_supported(
+                                &inner.type_url,
+                                &inner.value,
+                            )
+                        {
+                            return Ok(None);
+                        }
+                        if fc.disabled {
+                            return Err(ConfigError::new(
+                                field(&ipath, "disabled"),
+                                "disabled with a config is contradictory",
+                            ));
+                        }
+                        return PerFilterConfig::compile(inner, &field(&ipath, "config"));
+                    }
+                    None if fc.disabled => PerFilterConfig::Disabled,
+                    None => PerFilterConfig::Enabled,
+                }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{other} is not a per-route config"),
+                ));
+            }
+        }))
+    }
+}
