@@ -2,6 +2,12 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
+/// Colour only for a terminal (log files and pipes get plain text), and never with `NO_COLOR`.
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
 /// Installs a global subscriber writing to stderr. `level` is an env-filter directive such as
 /// `info` or `info,waypoint_testbed=debug`; `RUST_LOG` overrides it when set. `json` selects JSON lines.
 pub fn init(level: &str, json: bool) {
@@ -9,6 +15,7 @@ pub fn init(level: &str, json: bool) {
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour())
         .with_target(true);
     // A second initialisation (tests starting several components) keeps the first subscriber.
     let _ = if json {
@@ -196,7 +203,12 @@ pub fn init_reloadable(level: &str, json: bool) -> Option<LogControl> {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(true))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(colour())
+                    .with_target(true),
+            )
             .try_init()
     };
     installed.ok().map(|()| LogControl {
