@@ -57,7 +57,7 @@ pub enum GrpcTarget {
 /// How the proxy reaches ADS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdsSettings {
-    /// Delta (`DELTA_GRPC`) or state of the world (`GRPC`).
+    /// Delta (`DELTA_GRPC`); state of the world (`GRPC`) is refused at load until implemented.
     pub delta: bool,
     /// The server.
     pub target: GrpcTarget,
@@ -164,7 +164,12 @@ pub fn from_json(doc: Json) -> Result<LoadedBootstrap, BootstrapError> {
         Some(cfg) => {
             let delta = match ApiType::try_from(cfg.api_type) {
                 Ok(ApiType::DeltaGrpc) | Ok(ApiType::AggregatedDeltaGrpc) => true,
-                Ok(ApiType::Grpc) | Ok(ApiType::AggregatedGrpc) => false,
+                Ok(ApiType::Grpc) | Ok(ApiType::AggregatedGrpc) => {
+                    return Err(invalid(
+                        "dynamic_resources.ads_config.api_type",
+                        "state-of-the-world ADS (GRPC) is not implemented yet; use DELTA_GRPC (what pilot-agent writes for waypoints)",
+                    ));
+                }
                 _ => {
                     return Err(invalid(
                         "dynamic_resources.ads_config.api_type",
@@ -312,6 +317,18 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("admin.address.socket_address.adress"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sotw_ads_is_refused_not_ignored() {
+        let mut doc = golden();
+        doc["dynamic_resources"]["ads_config"]["api_type"] = "GRPC".into();
+        let err = from_json(doc).expect_err("SotW refused");
+        assert!(
+            err.to_string()
+                .starts_with("dynamic_resources.ads_config.api_type: state-of-the-world"),
             "{err}"
         );
     }

@@ -385,6 +385,15 @@ fn semantic_errors_name_their_paths() {
         ),
         (
             ResourceKind::Listener,
+            json!({"name": "l", "internal_listener": {}, "filter_chains": [{"filters": [{"name": "h", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "s", "rds": {"route_config_name": "r", "config_source": {"ads": {}}},
+                "http_filters": [{"name": "r", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}),
+            "filter_chains[0].filters[0].typed_config.rds: RDS is not implemented yet (no RouteConfiguration subscription); send route_config inline",
+        ),
+        (
+            ResourceKind::Listener,
             json!({"name": "l", "internal_listener": {}, "filter_chains": [
                 {"name": "a", "filter_chain_match": {"destination_port": 1}, "filters": [{"name": "t", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
