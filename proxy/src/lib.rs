@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod hbone;
+pub mod listener;
 pub mod server;
 pub mod stats;
 pub mod xds;

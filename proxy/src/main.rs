@@ -98,6 +98,37 @@ async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode 
             }
         }
     }
+    // The bootstrap's static HTTP listeners (15021 readiness, 15090 Prometheus); like Envoy, a
+    // static listener that cannot be bound or served is fatal at start.
+    match proxy::config::bootstrap::compile(&server.bootstrap.bootstrap) {
+        Ok(compiled) => {
+            let (listeners, problems) = proxy::listener::static_http::plan(&compiled);
+            if !problems.is_empty() {
+                for p in &problems {
+                    tracing::error!(target: "listener", "{p}");
+                }
+                return ExitCode::from(1);
+            }
+            for l in listeners {
+                let (name, addr) = (l.name.clone(), l.addr);
+                match l.serve().await {
+                    Ok(bound) => {
+                        tracing::info!(target: "listener", %name, %bound, "static listener serving")
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "listener", %name, %addr, "cannot bind static listener: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(target: "listener", "bootstrap: {e}");
+            }
+            return ExitCode::from(1);
+        }
+    }
     // SDS: `default` and `ROOTCA` from `sds-grpc` at once, plus what transport sockets name.
     if !server.bootstrap.grpc_clusters.is_empty() {
         tokio::spawn(xds::sds::run(server.clone(), secrets.clone()));

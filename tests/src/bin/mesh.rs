@@ -192,6 +192,23 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .is_ok();
+    // Kubernetes' probe path: proxy :15021 → agent :15020/healthz/ready → proxy admin stats.
+    let probe_ok = wait_http_ok(
+        &format!("http://127.0.0.1:{}/healthz/ready", cli.readiness_port),
+        Duration::from_secs(10),
+    )
+    .await;
+    let merged = http_get(&format!(
+        "http://127.0.0.1:{}/stats/prometheus",
+        cli.status_port
+    ))
+    .await
+    .unwrap_or_default();
+    let agent_series = merged
+        .lines()
+        .filter(|l| l.starts_with("istio_agent_"))
+        .count();
+    let proxy_series = merged.lines().filter(|l| l.starts_with("envoy_")).count();
     let dump = http_get(&format!("{admin}/config_dump"))
         .await
         .unwrap_or_default();
@@ -242,6 +259,15 @@ async fn main() -> anyhow::Result<()> {
         "proxy         {} (admin {admin}/ready)",
         if live { "LIVE" } else { "NOT READY" }
     );
+    println!(
+        "readiness     :{} /healthz/ready via proxy -> agent -> proxy admin: {}",
+        cli.readiness_port,
+        if probe_ok { "200" } else { "NOT READY" }
+    );
+    println!(
+        "metrics       agent :{}/stats/prometheus merges {agent_series} istio_agent_* and {proxy_series} envoy_* series",
+        cli.status_port
+    );
     println!("xDS (delta: proxy -> agent XDS proxy -> istiod-lite)");
     for (kind, names) in dump_names(&dump) {
         println!("  {kind:<9} {}: {}", names.len(), names.join(", "));
@@ -286,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
     if cli.once {
         stop_agent(&mut agent).await;
         istiod.shutdown().await;
-        if ok != cli.requests || !root_ok || !live || !acked {
+        if ok != cli.requests || !root_ok || !live || !acked || !probe_ok {
             bail!(
                 "the mesh did not work: {ok}/{} requests, root ok {root_ok}, proxy live {live}, LDS acked {acked}",
                 cli.requests
