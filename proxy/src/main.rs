@@ -87,6 +87,16 @@ const STATS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode {
     let secrets = Arc::new(SecretStore::default());
+    // The data plane: LDS socket listeners are bound (or NACKed) as they arrive.
+    let _dataplane = {
+        let dp = proxy::dataplane::DataPlane::new(server.clone(), secrets.clone());
+        server
+            .config
+            .set_listener_hooks(Arc::new(proxy::listener::manager::Hooks(Arc::downgrade(
+                &dp,
+            ))));
+        dp
+    };
     let admin = admin::Admin::new(server.clone(), secrets.clone(), logging);
     admin::stats::refresh(&admin);
     if let Some(addr) = server.bootstrap.admin {
@@ -98,28 +108,19 @@ async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode 
             }
         }
     }
-    // The bootstrap's static HTTP listeners (15021 readiness, 15090 Prometheus); like Envoy, a
-    // static listener that cannot be bound or served is fatal at start.
+    // The bootstrap's static listeners and clusters (15021 readiness → agent, 15090 Prometheus →
+    // admin) join the snapshot and are served by the data path; like Envoy, a static listener
+    // that cannot be bound is fatal at start.
     match proxy::config::bootstrap::compile(&server.bootstrap.bootstrap) {
         Ok(compiled) => {
-            let (listeners, problems) = proxy::listener::static_http::plan(&compiled);
+            let problems = server
+                .config
+                .seed_static(compiled.listeners, compiled.clusters);
             if !problems.is_empty() {
                 for p in &problems {
                     tracing::error!(target: "listener", "{p}");
                 }
                 return ExitCode::from(1);
-            }
-            for l in listeners {
-                let (name, addr) = (l.name.clone(), l.addr);
-                match l.serve().await {
-                    Ok(bound) => {
-                        tracing::info!(target: "listener", %name, %bound, "static listener serving")
-                    }
-                    Err(e) => {
-                        tracing::error!(target: "listener", %name, %addr, "cannot bind static listener: {e}");
-                        return ExitCode::from(1);
-                    }
-                }
             }
         }
         Err(errors) => {

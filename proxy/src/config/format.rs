@@ -235,6 +235,71 @@ fn parse_operator(body: &str, text: &str, path: &str) -> CompileResult<Operator>
     })
 }
 
+/// The values command operators render to, supplied by whoever renders a [`Format`] (a header
+/// operation, an access log, a tunnel hostname): each knows its own stream and connection.
+pub trait FormatValues {
+    /// The value of `op`, or `None` when it is unknown or unavailable here.
+    fn value(&self, op: &Operator) -> Option<String>;
+}
+
+/// A [`FormatValues`] that knows no value (every operator renders as missing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoValues;
+
+impl FormatValues for NoValues {
+    fn value(&self, _op: &Operator) -> Option<String> {
+        None
+    }
+}
+
+/// A [`FormatValues`] backed by a closure (tests and one-off renderings).
+pub struct FnValues<F>(pub F);
+
+impl<F: Fn(&Operator) -> Option<String>> FormatValues for FnValues<F> {
+    fn value(&self, op: &Operator) -> Option<String> {
+        (self.0)(op)
+    }
+}
+
+impl Format {
+    /// Renders with `v`; a missing value renders as the empty string, as in header values.
+    pub fn render(&self, v: &dyn FormatValues) -> String {
+        self.render_or(v, "")
+    }
+
+    /// Renders with `v`, writing `missing` for an operator without a value (access logs use `-`).
+    /// A value longer than the operator's `:N` is cut to at most N bytes, on a character boundary
+    /// (Envoy cuts bytes; we never split a UTF-8 character).
+    pub fn render_or(&self, v: &dyn FormatValues, missing: &str) -> String {
+        let mut out = String::new();
+        for segment in &self.segments {
+            match segment {
+                Segment::Text(t) => out.push_str(t),
+                Segment::Operator(op) => match v.value(op) {
+                    Some(value) => out.push_str(truncate(&value, op.max_len)),
+                    None => out.push_str(missing),
+                },
+            }
+        }
+        out
+    }
+}
+
+/// `s` cut to at most `max_len` bytes without splitting a character.
+fn truncate(s: &str, max_len: Option<usize>) -> &str {
+    let Some(max) = max_len else {
+        return s;
+    };
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +341,54 @@ mod tests {
         let err = Format::parse("%CEL(x)%", FormatContext::Header, "v").expect_err("unknown");
         assert!(err.to_string().contains("%CEL% is not supported"), "{err}");
         assert!(Format::parse("50%", FormatContext::Header, "v").is_err());
+    }
+
+    fn values() -> FnValues<impl Fn(&Operator) -> Option<String>> {
+        FnValues(
+            |op: &Operator| match (op.name.as_str(), op.args.as_deref()) {
+                ("REQ", Some(":METHOD")) => Some("GET".to_owned()),
+                ("REQ", Some("X-NAME")) => Some("h\u{e9}llo".to_owned()),
+                ("DOWNSTREAM_REMOTE_ADDRESS", None) => Some("10.0.0.1:5000".to_owned()),
+                _ => None,
+            },
+        )
+    }
+
+    fn parse(text: &str) -> Format {
+        Format::parse(text, FormatContext::AccessLog, "p").expect("parses")
+    }
+
+    #[test]
+    fn renders_text_and_operators() {
+        let f = parse("%REQ(:METHOD)% from %DOWNSTREAM_REMOTE_ADDRESS%!");
+        assert_eq!(f.render(&values()), "GET from 10.0.0.1:5000!");
+        assert_eq!(parse("plain").render(&NoValues), "plain");
+        assert_eq!(Format::default().render(&values()), "");
+    }
+
+    #[test]
+    fn missing_values_are_empty_or_the_given_placeholder() {
+        let f = parse("[%REQ(X-ABSENT)%] %ROUTE_NAME%");
+        assert_eq!(f.render(&values()), "[] ");
+        assert_eq!(f.render_or(&values(), "-"), "[-] -");
+        // A present but empty value stays empty, as in Envoy.
+        let empty = FnValues(|_: &Operator| Some(String::new()));
+        assert_eq!(f.render_or(&empty, "-"), "[] ");
+    }
+
+    #[test]
+    fn max_len_truncates_on_char_boundaries() {
+        assert_eq!(parse("%REQ(:METHOD):2%").render(&values()), "GE");
+        assert_eq!(parse("%REQ(:METHOD):10%").render(&values()), "GET");
+        assert_eq!(parse("%REQ(:METHOD):0%").render(&values()), "");
+        // "h\u{e9}llo": the 2-byte \u{e9} spans bytes 1..3; a cut at 2 backs off to 1.
+        assert_eq!(parse("%REQ(X-NAME):2%").render(&values()), "h");
+        assert_eq!(parse("%REQ(X-NAME):3%").render(&values()), "h\u{e9}");
+        assert_eq!(
+            parse("%DOWNSTREAM_REMOTE_ADDRESS:8%").render(&values()),
+            "10.0.0.1"
+        );
+        // The placeholder of a missing value is not truncated.
+        assert_eq!(parse("%REQ(X-ABSENT):1%").render_or(&values(), "--"), "--");
     }
 }

@@ -181,16 +181,69 @@ pub struct Snapshot {
     pub workloads: BTreeMap<String, Arc<Workload>>,
 }
 
+/// What the listener manager does around LDS updates: a socket listener whose address cannot be
+/// bound is rejected (NACK) like any invalid field; after a snapshot is published the accept loops
+/// follow it.
+pub trait ListenerHooks: Send + Sync {
+    /// Whether `listener` can be served (its socket bound); the error names the reason.
+    fn check(&self, listener: &Listener) -> Result<(), String>;
+    /// A new snapshot was published.
+    fn published(&self, snapshot: &Arc<Snapshot>);
+}
+
 /// Holds the current snapshot.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
+    hooks: std::sync::OnceLock<Arc<dyn ListenerHooks>>,
+}
+
+impl fmt::Debug for ConfigStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigStore")
+            .field("current", &self.current)
+            .field("hooks", &self.hooks.get().is_some())
+            .finish()
+    }
 }
 
 impl ConfigStore {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Publishes the bootstrap's static listeners and clusters (before any xDS). A static listener
+    /// that cannot be bound is an error, as in Envoy (the process does not start).
+    pub fn seed_static(&self, listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Vec<String> {
+        let mut next = (*self.current.load_full()).clone();
+        let hooks = self.hooks.get().map(|h| h.as_ref());
+        let mut problems = Vec::new();
+        for l in listeners {
+            if let Some(h) = hooks
+                && let Err(reason) = h.check(&l)
+            {
+                problems.push(format!("static listener '{}': {reason}", l.name));
+                continue;
+            }
+            next.listeners.insert(l.name.clone(), Arc::new(l));
+        }
+        for c in clusters {
+            next.clusters.insert(c.name.clone(), Arc::new(c));
+        }
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        if let Some(h) = hooks {
+            h.published(&next);
+        }
+        problems
+    }
+
+    /// Installs the listener manager's hooks (once).
+    pub fn set_listener_hooks(&self, hooks: Arc<dyn ListenerHooks>) {
+        if self.hooks.set(hooks).is_err() {
+            tracing::warn!("listener hooks installed twice; keeping the first");
+        }
     }
 
     /// Validates and applies updates of one kind; returns the rejected resources. Each resource is
@@ -204,8 +257,9 @@ impl ConfigStore {
     ) -> Vec<ResourceError> {
         let mut next = (*self.current.load_full()).clone();
         let mut errors = Vec::new();
+        let hooks = self.hooks.get().map(|h| h.as_ref());
         for u in updates {
-            if let Err(problems) = compile(kind, u, &mut next) {
+            if let Err(problems) = compile(kind, u, &mut next, hooks) {
                 errors.push(ResourceError {
                     name: u.name.clone(),
                     message: join_problems(&problems),
@@ -225,7 +279,13 @@ impl ConfigStore {
                 tracing::debug!(kind = kind.short_name(), %name, "removal of a resource we did not have");
             }
         }
-        self.current.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        if kind == ResourceKind::Listener
+            && let Some(h) = hooks
+        {
+            h.published(&next);
+        }
         errors
     }
 }
@@ -283,7 +343,12 @@ fn check_name(delivered: &str, own: &str, field_name: &str) -> CompileResult<()>
 }
 
 /// Checks one resource and places it in `next`.
-fn compile(kind: ResourceKind, u: &Update, next: &mut Snapshot) -> Result<(), Vec<ConfigError>> {
+fn compile(
+    kind: ResourceKind,
+    u: &Update,
+    next: &mut Snapshot,
+    hooks: Option<&dyn ListenerHooks>,
+) -> Result<(), Vec<ConfigError>> {
     if u.resource.type_url != kind.type_url() {
         return Err(vec![ConfigError::new(
             "",
@@ -302,6 +367,10 @@ fn compile(kind: ResourceKind, u: &Update, next: &mut Snapshot) -> Result<(), Ve
                 check_name(name, &raw.name, "name")?;
                 Listener::compile(raw, "")
             })?;
+            if let Some(h) = hooks {
+                h.check(&l)
+                    .map_err(|reason| vec![ConfigError::new("address", reason)])?;
+            }
             next.listeners.insert(u.name.clone(), Arc::new(l));
         }
         ResourceKind::Cluster => {

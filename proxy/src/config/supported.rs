@@ -1405,7 +1405,7 @@ pub static MESSAGES: &[MessageRule] = &[
     ),
     msg(
         "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
-        &[imp("use_hostname_for_hashing"), imp("hash_balance_factor")],
+        &[imp("use_hostname_for_hashing")],
     ),
     msg(
         "envoy.config.cluster.v3.Cluster.RingHashLbConfig",

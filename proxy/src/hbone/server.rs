@@ -179,11 +179,13 @@ async fn handle_stream(
                 }
             };
             let mut tunnel = H2Stream::new(send, body);
-            match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
-                Ok((up, down)) => {
+            match crate::io::join(&mut tunnel, &mut upstream).await {
+                (up, down, None) => {
                     tracing::trace!(target: "hbone", %authority, up, down, "tunnel closed")
                 }
-                Err(e) => tracing::debug!(target: "hbone", %authority, "tunnel ended: {e}"),
+                (up, down, Some(e)) => {
+                    tracing::debug!(target: "hbone", %authority, up, down, "tunnel ended: {e}")
+                }
             }
         }
     }

@@ -1,5 +1,8 @@
-//! Listeners. For now only the bootstrap's static HTTP listeners (`0.0.0.0_15021` readiness →
-//! `agent`, `0.0.0.0_15090` Prometheus → `prometheus_stats`); the dynamic waypoint listeners arrive
-//! with the data path.
+//! Listeners: the LDS socket listeners and in-process internal listeners ([`manager`]), what a
+//! connection carries ([`conn`]), the listener filters that sniff ([`inspect`]), filter chain
+//! selection ([`chain`]).
 
-pub mod static_http;
+pub mod chain;
+pub mod conn;
+pub mod inspect;
+pub mod manager;

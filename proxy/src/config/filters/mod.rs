@@ -189,9 +189,9 @@ impl ListenerFilter {
 #[derive(Debug, Clone)]
 pub enum NetworkFilterKind {
     /// `envoy.filters.network.http_connection_manager` (terminal).
-    HttpConnectionManager(Box<hcm::HttpConnectionManager>),
+    HttpConnectionManager(std::sync::Arc<hcm::HttpConnectionManager>),
     /// `envoy.filters.network.tcp_proxy` (terminal).
-    TcpProxy(Box<tcp_proxy::TcpProxy>),
+    TcpProxy(std::sync::Arc<tcp_proxy::TcpProxy>),
     /// `envoy.filters.network.set_filter_state`.
     SetFilterState(set_filter_state::SetFilterState),
     /// `envoy.filters.network.rbac`.
@@ -236,7 +236,7 @@ impl NetworkFilter {
             .to_owned();
         let kind = match name.as_str() {
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
-                NetworkFilterKind::HttpConnectionManager(Box::new(
+                NetworkFilterKind::HttpConnectionManager(std::sync::Arc::new(
                     hcm::HttpConnectionManager::compile(
                         &t.decode(&name, &cpath)?,
                         &t.inner_path(&cpath),
@@ -244,7 +244,7 @@ impl NetworkFilter {
                 ))
             }
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy" => {
-                NetworkFilterKind::TcpProxy(Box::new(tcp_proxy::TcpProxy::compile(
+                NetworkFilterKind::TcpProxy(std::sync::Arc::new(tcp_proxy::TcpProxy::compile(
                     &t.decode(&name, &cpath)?,
                     &t.inner_path(&cpath),
                 )?))

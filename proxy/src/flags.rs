@@ -1,0 +1,209 @@
+//! Envoy response flags and the one error type of the data path: every failure maps to a status
+//! code, a response flag (`UF`, `UH`, `NR`, …) and a details string, kept for access logs and
+//! metrics (`response_flags` label).
+
+use std::fmt;
+
+use http::StatusCode;
+
+/// Envoy's response flags (short names, as in `%RESPONSE_FLAGS%`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResponseFlag {
+    /// `UH`: no healthy upstream host.
+    NoHealthyUpstream,
+    /// `UF`: upstream connection failure.
+    UpstreamConnectionFailure,
+    /// `UO`: upstream overflow (circuit breaking).
+    UpstreamOverflow,
+    /// `NR`: no route (or no filter chain) found.
+    NoRouteFound,
+    /// `URX`: retry limit or max connect attempts reached.
+    UpstreamRetryLimitExceeded,
+    /// `NC`: no cluster found.
+    NoClusterFound,
+    /// `DC`: downstream connection termination.
+    DownstreamConnectionTermination,
+    /// `UC`: upstream connection termination.
+    UpstreamConnectionTermination,
+    /// `UT`: upstream request timeout.
+    UpstreamRequestTimeout,
+    /// `UR`: upstream remote reset.
+    UpstreamRemoteReset,
+    /// `LR`: local reset.
+    LocalReset,
+    /// `DPE`: downstream protocol error.
+    DownstreamProtocolError,
+    /// `UPE`: upstream protocol error.
+    UpstreamProtocolError,
+    /// `SI`: stream idle timeout.
+    StreamIdleTimeout,
+    /// `UAEX`: unauthorized (external).
+    UnauthorizedExternalService,
+    /// `RBAC`: denied by RBAC.
+    RbacAccessDenied,
+    /// `FI`: fault injected (abort).
+    FaultInjected,
+    /// `DI`: delay injected.
+    DelayInjected,
+    /// `RL`: rate limited.
+    RateLimited,
+}
+
+impl ResponseFlag {
+    /// The short name.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::NoRouteFound => "NR",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::DownstreamConnectionTermination => "DC",
+            ResponseFlag::UpstreamConnectionTermination => "UC",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::UpstreamRemoteReset => "UR",
+            ResponseFlag::LocalReset => "LR",
+            ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::UpstreamProtocolError => "UPE",
+            ResponseFlag::StreamIdleTimeout => "SI",
+            ResponseFlag::UnauthorizedExternalService => "UAEX",
+            ResponseFlag::RbacAccessDenied => "RBAC",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::RateLimited => "RL",
+        }
+    }
+}
+
+impl fmt::Display for ResponseFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// A failure on the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matched.
+    #[error("route_not_found")]
+    NoRoute,
+    /// No filter chain matched the connection.
+    #[error("filter_chain_not_found")]
+    NoFilterChain,
+    /// The route names a cluster we do not have.
+    #[error("cluster_not_found: {0}")]
+    NoCluster(String),
+    /// The cluster has no host to pick.
+    #[error("no_healthy_upstream: {0}")]
+    NoHealthyUpstream(String),
+    /// Connecting failed.
+    #[error("upstream_reset_before_response_started{{connection_failure,{0}}}")]
+    ConnectFailure(String),
+    /// Connect attempts (or retries) exhausted.
+    #[error("upstream_retry_limit_exceeded: {0}")]
+    RetriesExhausted(String),
+    /// The upstream closed or reset before answering.
+    #[error("upstream_reset_before_response_started{{{0}}}")]
+    UpstreamReset(String),
+    /// The upstream spoke badly.
+    #[error("upstream protocol error: {0}")]
+    UpstreamProtocol(String),
+    /// The route timeout fired.
+    #[error("upstream_response_timeout")]
+    Timeout,
+    /// The downstream request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A circuit breaker is open.
+    #[error("upstream overflow: {0}")]
+    Overflow(String),
+    /// Path normalization redirects (`UNESCAPE_AND_REDIRECT`) to this location.
+    #[error("path normalization redirect to {0}")]
+    Redirect(String),
+    /// RBAC denied the request or connection.
+    #[error("rbac_access_denied: {0}")]
+    RbacDenied(String),
+    /// The configuration asks for something this data path cannot do for this request.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl ProxyError {
+    /// Status code of the local reply.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RbacDenied(_) => StatusCode::FORBIDDEN,
+            ProxyError::Redirect(_) => StatusCode::TEMPORARY_REDIRECT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The response flag.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            ProxyError::NoRoute | ProxyError::NoFilterChain => ResponseFlag::NoRouteFound,
+            ProxyError::NoCluster(_) => ResponseFlag::NoClusterFound,
+            ProxyError::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
+            ProxyError::ConnectFailure(_) => ResponseFlag::UpstreamConnectionFailure,
+            ProxyError::RetriesExhausted(_) => ResponseFlag::UpstreamRetryLimitExceeded,
+            ProxyError::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
+            ProxyError::UpstreamProtocol(_) => ResponseFlag::UpstreamProtocolError,
+            ProxyError::Timeout => ResponseFlag::UpstreamRequestTimeout,
+            ProxyError::BadRequest(_) => ResponseFlag::DownstreamProtocolError,
+            ProxyError::Overflow(_) => ResponseFlag::UpstreamOverflow,
+            ProxyError::RbacDenied(_) => ResponseFlag::RbacAccessDenied,
+            ProxyError::Redirect(_) => ResponseFlag::LocalReset,
+            ProxyError::Unsupported(_) => ResponseFlag::LocalReset,
+        }
+    }
+
+    /// The local reply body Envoy sends (`no healthy upstream`, …).
+    pub fn body(&self) -> String {
+        match self {
+            ProxyError::NoHealthyUpstream(_) => "no healthy upstream".to_owned(),
+            ProxyError::ConnectFailure(reason) => format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {reason}"
+            ),
+            ProxyError::UpstreamReset(reason) => format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+            ),
+            ProxyError::Timeout => "upstream request timeout".to_owned(),
+            ProxyError::Overflow(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+                    .to_owned()
+            }
+            ProxyError::NoRoute => String::new(),
+            ProxyError::RbacDenied(_) => "RBAC: access denied".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_envoy_statuses_and_flags() {
+        let cases = [
+            (ProxyError::NoRoute, 404, "NR"),
+            (ProxyError::NoFilterChain, 503, "NR"),
+            (ProxyError::NoCluster("c".into()), 503, "NC"),
+            (ProxyError::NoHealthyUpstream("c".into()), 503, "UH"),
+            (ProxyError::ConnectFailure("refused".into()), 503, "UF"),
+            (ProxyError::RetriesExhausted("c".into()), 503, "URX"),
+            (ProxyError::UpstreamReset("reset".into()), 503, "UC"),
+            (ProxyError::Timeout, 504, "UT"),
+            (ProxyError::BadRequest("x".into()), 400, "DPE"),
+        ];
+        for (e, status, flag) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.flag().short(), flag, "{e}");
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The HTTP connection manager on one downstream connection.
+//!
+//! Two codecs: an HCM that allows CONNECT on HTTP/2 (istiod's `connect_terminate`) runs on the
+//! HBONE server (h2 crate, explicit stream/reset limits), and each CONNECT goes through the HTTP
+//! filters and routes like any request — the route's `connect_matcher` → cluster `main_internal`
+//! with `connect_config` terminates the CONNECT and joins the tunnel to an in-process connection.
+//! Every other HCM runs on hyper (HTTP/1.1 and h2c by prior knowledge for codec AUTO), with the
+//! header limits turned into 431s and HTTP/2 reset budgets set.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::{Body, full, route_select, router};
+use crate::{
+    config::{
+        RouteConfig,
+        filters::{
+            hcm::{Codec, HttpConnectionManager, Routes},
+            http::HttpFilterKind,
+        },
+        route::{Action, ClusterTarget},
+    },
+    dataplane::DataPlane,
+    flags::ProxyError,
+    hbone::{
+        H2Settings,
+        server::{ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
+    },
+    listener::conn::{BoxIo, ConnContext, ConnValues, FilterState, apply_set_filter_state},
+    upstream::connect::Origin,
+};
+
+/// Envoy's default `max_request_headers_kb`.
+const DEFAULT_MAX_HEADERS_KB: u32 = 60;
+/// Envoy's default `max_headers_count`.
+const DEFAULT_MAX_HEADERS_COUNT: u32 = 100;
+/// Streams an HTTP/2 client may reset before we accepted them, before GOAWAY (rapid reset).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams we may reset for a client's errors before GOAWAY.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Envoy's default for HTTP/2 `max_concurrent_streams`.
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 2_147_483_647;
+
+/// Serves HTTP on `io` until it closes or the server drains.
+pub async fn serve(
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    hcm: Arc<HttpConnectionManager>,
+    io: BoxIo,
+) {
+    let drain = dp.server.drain.subscribe();
+    let headers_kb = hcm
+        .max_request_headers_kb
+        .unwrap_or(DEFAULT_MAX_HEADERS_KB)
+        .max(1);
+    if hcm.http2.allow_connect && hcm.codec != Codec::Http1 && terminates_connect(&hcm) {
+        let mut settings = H2Settings {
+            max_header_list_size: headers_kb * 1024,
+            ..H2Settings::default()
+        };
+        if let Some(m) = hcm.http2.max_concurrent_streams {
+            settings.max_concurrent_streams = m;
+        }
+        if let Some(w) = hcm.http2.initial_stream_window_size {
+            settings.initial_stream_window = w;
+        }
+        if let Some(w) = hcm.http2.initial_connection_window_size {
+            settings.initial_connection_window = w;
+        }
+        settings.keepalive_interval = hcm.http2.keepalive_interval;
+        if let Some(t) = hcm.http2.keepalive_timeout {
+            settings.keepalive_timeout = t;
+        }
+        let info = ConnInfo {
+            remote: ctx
+                .remote
+                .socket()
+                .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            local: ctx
+                .local
+                .socket()
+                .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            peer_identity: ctx.tls.as_ref().and_then(|t| t.peer_uri_san.clone()),
+            local_identity: ctx.tls.as_ref().and_then(|t| t.local_uri_san.clone()),
+        };
+        let handler = Arc::new(ConnectTerminate { dp, ctx, hcm });
+        if let Err(e) = serve_connection(io, info, &settings, handler, drain).await {
+            tracing::debug!(target: "http", "CONNECT connection ended: {e}");
+        }
+        return;
+    }
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    match hcm.codec {
+        Codec::Http1 => builder = builder.http1_only(),
+        Codec::Http2 => builder = builder.http2_only(),
+        Codec::Auto => {}
+    }
+    let max_count = hcm
+        .common
+        .max_headers_count
+        .unwrap_or(DEFAULT_MAX_HEADERS_COUNT) as usize;
+    {
+        let mut h1 = builder.http1();
+        h1.timer(TokioTimer::new())
+            .max_buf_size(((headers_kb * 1024) as usize).max(8192))
+            .max_headers(max_count);
+        if let Some(t) = hcm.request_headers_timeout.filter(|t| !t.is_zero()) {
+            h1.header_read_timeout(t);
+        }
+    }
+    {
+        let mut h2 = builder.http2();
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(headers_kb * 1024)
+            .max_concurrent_streams(
+                hcm.http2
+                    .max_concurrent_streams
+                    .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+            )
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+        if let Some(w) = hcm.http2.initial_stream_window_size {
+            h2.initial_stream_window_size(w);
+        }
+        if let Some(w) = hcm.http2.initial_connection_window_size {
+            h2.initial_connection_window_size(w);
+        }
+        if let Some(i) = hcm.http2.keepalive_interval {
+            h2.keep_alive_interval(i);
+            if let Some(t) = hcm.http2.keepalive_timeout {
+                h2.keep_alive_timeout(t);
+            }
+        }
+    }
+    let service = hyper::service::service_fn(move |req| {
+        let (dp, ctx, hcm) = (dp.clone(), ctx.clone(), hcm.clone());
+        async move { Ok::<_, Infallible>(handle(dp, ctx, hcm, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut drain = drain;
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(target: "http", "connection ended: {e}");
+            }
+        }
+        _ = async { drop(drain.wait_for(|d| *d).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Whether some route of the HCM terminates CONNECT (`connect_matcher` routes).
+fn terminates_connect(hcm: &HttpConnectionManager) -> bool {
+    match &hcm.routes {
+        Routes::Inline(rc) => rc.virtual_hosts.iter().any(|vh| {
+            vh.routes
+                .iter()
+                .any(|r| matches!(r.matcher.path, crate::config::route::PathMatch::Connect))
+        }),
+        Routes::Rds { .. } => true,
+    }
+}
+
+/// The route table for a request.
+fn route_config<'a>(
+    hcm: &'a HttpConnectionManager,
+    ctx: &'a ConnContext,
+) -> Option<&'a RouteConfig> {
+    match &hcm.routes {
+        Routes::Inline(rc) => Some(rc),
+        Routes::Rds { name, .. } => ctx.snapshot.routes.get(name).map(|r| r.as_ref()),
+    }
+}
+
+/// A local reply (Envoy's shape: status, `content-type: text/plain`, body, `server`).
+pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body> {
+    let body = e.body();
+    let mut r = Response::new(full(body.clone()));
+    *r.status_mut() = e.status();
+    if !body.is_empty() {
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
+    }
+    if let Ok(v) = header::HeaderValue::from_str(&hcm.server_name) {
+        r.headers_mut().insert(header::SERVER, v);
+    }
+    if let ProxyError::Redirect(location) = e
+        && let Ok(v) = header::HeaderValue::from_str(location)
+    {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.extensions_mut().insert(e.flag());
+    r
+}
+
+/// Runs the request-phase HTTP filters that act in this stage (`set_filter_state`) and returns
+/// the stream's filter state. RBAC with enforced rules fails closed until its evaluator lands
+/// (policy work): a request is never let through a policy we have not evaluated.
+fn request_filters(
+    hcm: &HttpConnectionManager,
+    ctx: &ConnContext,
+    parts: &http::request::Parts,
+) -> Result<FilterState, ProxyError> {
+    let mut state = FilterState::default();
+    for f in &hcm.http_filters {
+        if f.disabled {
+            continue;
+        }
+        match &f.kind {
+            HttpFilterKind::SetFilterState(c) => {
+                let seen = state.clone();
+                apply_set_filter_state(
+                    c,
+                    &ConnValues {
+                        conn: ctx,
+                        stream_state: Some(&seen),
+                        request: Some(parts),
+                    },
+                    &mut state,
+                );
+            }
+            HttpFilterKind::Rbac(r) if r.rules.is_some() => {
+                return Err(ProxyError::RbacDenied(format!(
+                    "filter '{}': RBAC rules are not evaluated by this build; failing closed",
+                    f.name
+                )));
+            }
+            HttpFilterKind::Router(_) => break,
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+/// One request on a hyper connection.
+async fn handle(
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    hcm: Arc<HttpConnectionManager>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let internal_only = route_config(&hcm, &ctx)
+        .map(|rc| rc.internal_only_headers.as_slice())
+        .unwrap_or(&[]);
+    if let Err(e) = router::prepare_downstream(&hcm, &ctx, internal_only, &mut parts) {
+        return local_reply(&hcm, &e);
+    }
+    let state = match request_filters(&hcm, &ctx, &parts) {
+        Ok(s) => s,
+        Err(e) => return local_reply(&hcm, &e),
+    };
+    let Some(rc) = route_config(&hcm, &ctx) else {
+        return local_reply(&hcm, &ProxyError::NoRoute);
+    };
+    let view = route_select::RequestView::from_parts(&parts);
+    let Some((vh, route)) = route_select::select(rc, &view, rand::random()) else {
+        return local_reply(&hcm, &ProxyError::NoRoute);
+    };
+    match &route.action {
+        Action::DirectResponse(d) => {
+            let mut r = Response::new(full(d.body.clone().unwrap_or_default()));
+            *r.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+            r
+        }
+        Action::Redirect(rd) => router::redirect_response(rd, &parts, &route.matcher),
+        Action::Forward(fwd) => {
+            let call = router::Call {
+                dp: &dp,
+                ctx: &ctx,
+                hcm: &hcm,
+                rc,
+                vh,
+                route,
+                fwd,
+                state,
+                started,
+            };
+            match router::forward(
+                call,
+                parts,
+                body.map_err(|e| Box::new(e) as super::BoxError).boxed(),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(target: "http", flag = %e.flag(), "local reply: {e}");
+                    local_reply(&hcm, &e)
+                }
+            }
+        }
+    }
+}
+
+/// `connect_terminate`: every CONNECT stream of an HBONE connection.
+struct ConnectTerminate {
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    hcm: Arc<HttpConnectionManager>,
+}
+
+impl ConnectHandler for ConnectTerminate {
+    fn connect(&self, req: ConnectRequest) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
+        let (dp, ctx, hcm) = (self.dp.clone(), self.ctx.clone(), self.hcm.clone());
+        Box::pin(async move {
+            match connect_stream(&dp, &ctx, &hcm, req).await {
+                Ok(io) => Decision::Tunnel(io),
+                Err(e) => {
+                    tracing::debug!(target: "http", flag = %e.flag(), "CONNECT refused: {e}");
+                    Decision::Refuse(e.status(), e.flag().short())
+                }
+            }
+        })
+    }
+}
+
+async fn connect_stream(
+    dp: &Arc<DataPlane>,
+    ctx: &Arc<ConnContext>,
+    hcm: &HttpConnectionManager,
+    req: ConnectRequest,
+) -> Result<BoxIo, ProxyError> {
+    let mut builder = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(req.authority.as_str())
+        .version(http::Version::HTTP_2);
+    if let Some(h) = builder.headers_mut() {
+        *h = req.headers;
+    }
+    let (parts, ()) = builder
+        .body(())
+        .map_err(|e| ProxyError::BadRequest(format!("CONNECT {}: {e}", req.authority)))?
+        .into_parts();
+    let state = request_filters(hcm, ctx, &parts)?;
+    let rc = route_config(hcm, ctx).ok_or(ProxyError::NoRoute)?;
+    let view = route_select::RequestView::from_parts(&parts);
+    let (_, route) = route_select::select(rc, &view, rand::random()).ok_or(ProxyError::NoRoute)?;
+    let Action::Forward(fwd) = &route.action else {
+        return Err(ProxyError::Unsupported(
+            "CONNECT routed to a redirect or direct response".into(),
+        ));
+    };
+    let connect_upgrade = fwd
+        .upgrades
+        .iter()
+        .find(|u| u.upgrade_type.eq_ignore_ascii_case("CONNECT"));
+    let hcm_allows = hcm
+        .upgrades
+        .iter()
+        .any(|u| u.upgrade_type.eq_ignore_ascii_case("CONNECT") && u.enabled);
+    if !(connect_upgrade.is_some_and(|u| u.enabled) || (connect_upgrade.is_none() && hcm_allows))
+        || connect_upgrade.is_some_and(|u| u.connect.is_none())
+    {
+        return Err(ProxyError::Unsupported(
+            "CONNECT without connect_config on the route (proxying CONNECT upstream)".into(),
+        ));
+    }
+    let name = match &fwd.target {
+        ClusterTarget::Name(n) => n.clone(),
+        _ => {
+            return Err(ProxyError::Unsupported(
+                "CONNECT to a header-named or weighted cluster".into(),
+            ));
+        }
+    };
+    let rt = dp
+        .clusters
+        .get(dp, &ctx.snapshot, &name)
+        .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
+    let mut shared = ctx.filter_state.shared_with_upstream();
+    for (k, o) in state.shared_with_upstream().iter() {
+        shared.set(k, o.clone());
+    }
+    let origin = Origin {
+        shared,
+        source: Some(ctx.remote.clone()),
+    };
+    router::open_tcp(
+        dp,
+        &rt,
+        &origin,
+        ctx,
+        fwd.timeout
+            .filter(|t| !t.is_zero())
+            .or(Some(Duration::from_secs(15))),
+    )
+    .await
+}

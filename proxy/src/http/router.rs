@@ -1,0 +1,504 @@
+//! The router: a routed request goes to a cluster — pick the cluster (name, header, weights), apply
+//! the header operations and rewrites, pick a host, send on a pooled connection with the route
+//! timeout, and shape the response (header operations, `server`, `x-envoy-upstream-service-time`);
+//! WebSocket upgrades are joined end to end after the upstream's 101.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use http::{HeaderValue, Request, Response, Uri, header, request::Parts};
+
+use super::{Body, request};
+use crate::{
+    config::{
+        RouteConfig,
+        cluster::Discovery,
+        endpoint::EndpointAddress,
+        filters::hcm::HttpConnectionManager,
+        headers::HeaderMutations,
+        route::{ClusterRef, ClusterTarget, Forward, Redirect, Route, RouteMatch, VirtualHost},
+    },
+    dataplane::DataPlane,
+    flags::ProxyError,
+    listener::conn::{BoxIo, ConnContext, ConnValues, FilterState},
+    upstream::{
+        cluster_manager::{ClusterRt, original_destination},
+        connect::{Origin, connect},
+        lb::PickContext,
+        pool::{Dial, Proto},
+    },
+};
+
+/// Envoy's route timeout when the route sets none.
+pub const DEFAULT_ROUTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Everything a routed request carries into the router.
+pub struct Call<'a> {
+    /// The data plane.
+    pub dp: &'a Arc<DataPlane>,
+    /// The downstream connection.
+    pub ctx: &'a Arc<ConnContext>,
+    /// The HCM.
+    pub hcm: &'a HttpConnectionManager,
+    /// The route table.
+    pub rc: &'a RouteConfig,
+    /// The virtual host.
+    pub vh: &'a VirtualHost,
+    /// The route.
+    pub route: &'a Route,
+    /// Its forward action.
+    pub fwd: &'a Forward,
+    /// Stream filter state.
+    pub state: FilterState,
+    /// When the request arrived.
+    pub started: Instant,
+}
+
+/// Normalizes and annotates a downstream request before routing (path normalization,
+/// `x-forwarded-*`, `x-request-id`). A path that cannot be normalized is a 400.
+pub fn prepare_downstream(
+    hcm: &HttpConnectionManager,
+    ctx: &ConnContext,
+    internal_only: &[String],
+    parts: &mut Parts,
+) -> Result<(), ProxyError> {
+    if parts.method != http::Method::CONNECT
+        && let Some(pq) = parts.uri.path_and_query()
+    {
+        let normalized = request::normalize_path(
+            pq.as_str(),
+            hcm.normalize_path,
+            hcm.merge_slashes,
+            hcm.escaped_slashes,
+        )
+        .map_err(|e| match e {
+            request::PathError::Redirect(location) => ProxyError::Redirect(location),
+            other => ProxyError::BadRequest(format!("path: {other}")),
+        })?;
+        if normalized != pq.as_str() {
+            let mut p = std::mem::take(&mut parts.uri).into_parts();
+            p.path_and_query = Some(
+                normalized
+                    .parse()
+                    .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?,
+            );
+            parts.uri = Uri::from_parts(p).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        }
+    }
+    let remote_ip = ctx.remote.socket().map(|s| s.ip());
+    let client = request::apply_xff(
+        &mut parts.headers,
+        remote_ip,
+        hcm.use_remote_address,
+        hcm.skip_xff_append,
+        hcm.xff_num_trusted_hops,
+    );
+    request::set_forwarded_proto(
+        &mut parts.headers,
+        ctx.tls.is_some(),
+        hcm.use_remote_address,
+    );
+    request::apply_internal_status(&mut parts.headers, &client, internal_only);
+    request::ensure_request_id(
+        &mut parts.headers,
+        hcm.generate_request_id,
+        hcm.preserve_external_request_id,
+        !client.edge,
+    );
+    Ok(())
+}
+
+/// A redirect reply.
+pub fn redirect_response(rd: &Redirect, parts: &Parts, matcher: &RouteMatch) -> Response<Body> {
+    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    let host = authority(parts).unwrap_or_default();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let (status, location) = request::redirect_location(rd, scheme, &host, pq, matcher);
+    let mut r = Response::new(super::empty());
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// `:authority` or `Host`.
+pub fn authority(parts: &Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+fn cluster_name(
+    target: &ClusterTarget,
+    parts: &Parts,
+) -> Result<(String, Option<usize>), ProxyError> {
+    let by_header = |h: &str| {
+        parts
+            .headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| ProxyError::NoCluster(format!("header {h} absent")))
+    };
+    match target {
+        ClusterTarget::Name(n) => Ok((n.clone(), None)),
+        ClusterTarget::Header(h) => Ok((by_header(h)?, None)),
+        ClusterTarget::Weighted {
+            clusters,
+            header_name,
+            ..
+        } => {
+            let random = header_name
+                .as_ref()
+                .and_then(|h| parts.headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(rand::random);
+            let i = super::route_select::weighted_index(clusters, random)
+                .ok_or_else(|| ProxyError::NoCluster("no weighted cluster".into()))?;
+            let name = match &clusters[i].cluster {
+                ClusterRef::Name(n) => n.clone(),
+                ClusterRef::Header(h) => by_header(h)?,
+            };
+            Ok((name, Some(i)))
+        }
+    }
+}
+
+/// The WebSocket (or other) upgrade a request asks for and the config allows.
+fn upgrade_of(parts: &Parts, hcm: &HttpConnectionManager, fwd: &Forward) -> Option<String> {
+    let conn_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if !conn_upgrade {
+        return None;
+    }
+    let kind = parts
+        .headers
+        .get(header::UPGRADE)?
+        .to_str()
+        .ok()?
+        .to_owned();
+    let on_route = fwd
+        .upgrades
+        .iter()
+        .find(|u| u.upgrade_type.eq_ignore_ascii_case(&kind));
+    let on_hcm = hcm
+        .upgrades
+        .iter()
+        .find(|u| u.upgrade_type.eq_ignore_ascii_case(&kind));
+    let enabled = match (on_route, on_hcm) {
+        (Some(r), Some(_)) => r.enabled,
+        (None, Some(h)) => h.enabled,
+        _ => false,
+    };
+    enabled.then_some(kind)
+}
+
+/// Where a request goes: (address, host metadata, pool key, LB guard).
+struct Target {
+    address: EndpointAddress,
+    metadata: BTreeMap<String, serde_json::Value>,
+    key: String,
+    _guard: Option<crate::upstream::lb::RequestGuard>,
+}
+
+fn pick_target(
+    rt: &ClusterRt,
+    ctx: &ConnContext,
+    header_dst: Option<&str>,
+) -> Result<Target, ProxyError> {
+    match &rt.cluster.discovery {
+        Discovery::OriginalDst(cfg) => {
+            let a = original_destination(cfg, ctx, header_dst).ok_or_else(|| {
+                ProxyError::NoHealthyUpstream(format!(
+                    "{}: no original destination",
+                    rt.cluster.name
+                ))
+            })?;
+            Ok(Target {
+                address: EndpointAddress::Socket(a),
+                metadata: BTreeMap::new(),
+                key: a.to_string(),
+                _guard: None,
+            })
+        }
+        _ => {
+            let host = rt
+                .hosts
+                .pick(&PickContext {
+                    hash: None,
+                    exclude: &[],
+                    random: rand::random(),
+                })
+                .ok_or_else(|| {
+                    rt.stats.none_healthy.inc();
+                    ProxyError::NoHealthyUpstream(rt.cluster.name.clone())
+                })?;
+            let key = match &host.address {
+                EndpointAddress::Socket(a) => a.to_string(),
+                EndpointAddress::Pipe(p) => p.display().to_string(),
+                EndpointAddress::Internal {
+                    listener,
+                    endpoint_id,
+                } => format!("{listener}/{}", endpoint_id.as_deref().unwrap_or("")),
+            };
+            Ok(Target {
+                address: host.address.clone(),
+                metadata: host.metadata.as_ref().clone(),
+                key,
+                _guard: Some(host.start_request()),
+            })
+        }
+    }
+}
+
+/// Opens a byte stream to a host of `rt` (CONNECT termination, tcp_proxy).
+pub async fn open_tcp(
+    dp: &Arc<DataPlane>,
+    rt: &ClusterRt,
+    origin: &Origin,
+    ctx: &ConnContext,
+    timeout: Option<std::time::Duration>,
+) -> Result<BoxIo, ProxyError> {
+    let target = pick_target(rt, ctx, None)?;
+    let fut = connect(dp, &rt.cluster, &target.address, &target.metadata, origin);
+    let r = match timeout {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| ProxyError::ConnectFailure("connect timeout".into()))?,
+        None => fut.await,
+    };
+    if r.is_err() {
+        rt.stats.cx_connect_fail.inc();
+    }
+    r
+}
+
+/// The header operation levels, most specific first (route, virtual host, route table).
+fn layers<'a>(call: &'a Call<'_>, response: bool) -> [&'a HeaderMutations; 3] {
+    let pick = |p: &'a crate::config::headers::HeaderPolicy| {
+        if response { &p.response } else { &p.request }
+    };
+    [
+        pick(&call.route.headers),
+        pick(&call.vh.headers),
+        pick(&call.rc.headers),
+    ]
+}
+
+/// Sends a routed request upstream.
+pub async fn forward(
+    call: Call<'_>,
+    mut parts: Parts,
+    body: Body,
+) -> Result<Response<Body>, ProxyError> {
+    let Call {
+        dp, ctx, hcm, fwd, ..
+    } = &call;
+    let (name, weighted) = cluster_name(&fwd.target, &parts).map_err(|e| match e {
+        ProxyError::NoCluster(n) => ProxyError::NoCluster(n),
+        other => other,
+    })?;
+    let rt = dp
+        .clusters
+        .get(dp, &ctx.snapshot, &name)
+        .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
+    let weighted = weighted.and_then(|i| match &fwd.target {
+        ClusterTarget::Weighted { clusters, .. } => clusters.get(i),
+        _ => None,
+    });
+    let upgrade = upgrade_of(&parts, hcm, fwd);
+    let downstream_upgrade = if upgrade.is_some() {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let downstream_version = parts.version;
+    let original_authority = authority(&parts).unwrap_or_default();
+    request::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    // Header operations and rewrites.
+    {
+        let values = ConnValues {
+            conn: ctx,
+            stream_state: Some(&call.state),
+            request: None,
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        // A weighted cluster's own operations come first (Envoy), then the levels.
+        if let Some(w) = weighted {
+            request::apply_header_ops(&mut headers, &w.headers.request, &values);
+        }
+        request::apply_policies(
+            &mut headers,
+            &layers(&call, false),
+            call.rc.most_specific_header_mutations_wins,
+            &values,
+        );
+        parts.headers = headers;
+    }
+    // Host rewrite first (a path-regex host rewrite reads the original path), then the path.
+    if let Some(literal) = weighted.and_then(|w| w.host_rewrite_literal.as_deref()) {
+        request::update_authority(&mut parts, literal, fwd.append_x_forwarded_host);
+    } else if let Some(rewrite) = &fwd.host_rewrite {
+        request::rewrite_host(&mut parts, rewrite, None, fwd.append_x_forwarded_host);
+    }
+    let host = authority(&parts).unwrap_or(original_authority);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    let pq = request::rewrite_path(&pq, fwd, &call.route.matcher);
+    let proto = if upgrade.is_some() {
+        Proto::Http1
+    } else {
+        rt.protocol(downstream_version)
+    };
+    let header_dst = parts
+        .headers
+        .get("x-envoy-original-dst-host")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let target = pick_target(&rt, ctx, header_dst.as_deref())?;
+    let mut shared = ctx.filter_state.shared_with_upstream();
+    for (k, o) in call.state.shared_with_upstream().iter() {
+        shared.set(k, o.clone());
+    }
+    let origin = Origin {
+        shared,
+        source: Some(ctx.remote.clone()),
+    };
+    // The upstream request.
+    let uri: Uri = match proto {
+        Proto::Http1 => pq.parse(),
+        Proto::Http2 => format!("http://{host}{pq}").parse(),
+    }
+    .map_err(|e| ProxyError::BadRequest(format!("upstream URI: {e}")))?;
+    parts.uri = uri;
+    match proto {
+        Proto::Http1 => {
+            parts.version = http::Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        Proto::Http2 => {
+            parts.version = http::Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    if let Some(v) = hcm
+        .via
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        parts.headers.append(header::VIA, v);
+    }
+    let req = Request::from_parts(parts, body);
+    let pool = rt.pool(&target.key, proto, origin.shared.sharing_hash());
+    let dial = {
+        let (dp, cluster, address, metadata) = (
+            (*dp).clone(),
+            rt.cluster.clone(),
+            target.address.clone(),
+            target.metadata.clone(),
+        );
+        let stats = rt.stats.clone();
+        move || -> Dial<'static> {
+            Box::pin(async move {
+                let r = connect(&dp, &cluster, &address, &metadata, &origin).await;
+                if r.is_err() {
+                    stats.cx_connect_fail.inc();
+                }
+                r
+            })
+        }
+    };
+    rt.stats.rq_total.inc();
+    rt.stats.rq_active.add(1);
+    let sent = pool.send(req, dial, upgrade.is_some());
+    let timeout = match fwd.timeout {
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+    };
+    // The route timeout covers the wait for response headers; bodies stream unbounded in time
+    // (the traffic-management work adds per-try and idle timeouts).
+    let result = match timeout {
+        Some(t) if upgrade.is_none() => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                rt.stats.rq_timeout.inc();
+                Err(ProxyError::Timeout)
+            }
+        },
+        _ => sent.await,
+    };
+    rt.stats.rq_active.dec();
+    let mut resp = result?;
+    // Response shaping.
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    if !switching {
+        request::strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    {
+        let values = ConnValues {
+            conn: ctx,
+            stream_state: Some(&call.state),
+            request: None,
+        };
+        let mut headers = std::mem::take(resp.headers_mut());
+        if let Some(w) = weighted {
+            request::apply_header_ops(&mut headers, &w.headers.response, &values);
+        }
+        request::apply_policies(
+            &mut headers,
+            &layers(&call, true),
+            call.rc.most_specific_header_mutations_wins,
+            &values,
+        );
+        *resp.headers_mut() = headers;
+    }
+    request::server_header(resp.headers_mut(), hcm.server_header, &hcm.server_name);
+    let elapsed = call.started.elapsed().as_millis().to_string();
+    if let Ok(v) = HeaderValue::from_str(&elapsed) {
+        resp.headers_mut()
+            .insert("x-envoy-upstream-service-time", v);
+    }
+    if switching && let Some(down) = downstream_upgrade {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(down, up) {
+                Ok((d, u)) => {
+                    let mut d = hyper_util::rt::TokioIo::new(d);
+                    let mut u = hyper_util::rt::TokioIo::new(u);
+                    if let (_, _, Some(e)) = crate::io::join(&mut d, &mut u).await {
+                        tracing::debug!(target: "http", "upgraded stream ended: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!(target: "http", "upgrade failed: {e}"),
+            }
+        });
+    }
+    Ok(resp)
+}

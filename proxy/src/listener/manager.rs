@@ -1,0 +1,519 @@
+//! The listener manager: binds LDS socket listeners (a listener whose address cannot be bound is
+//! NACKed, as Envoy does), runs their accept loops, and opens in-process connections to internal
+//! listeners (`main_internal`, `connect_originate`). Each connection then goes through the same
+//! pipeline: listener filters → filter chain → transport socket → network filters.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use super::{
+    chain::{self, Selector},
+    conn::{Addr, BoxIo, ConnContext, ConnValues, Seed, TlsInfo, apply_set_filter_state},
+    inspect,
+};
+use crate::{
+    config::{
+        ListenerHooks, Snapshot,
+        filters::{ListenerFilterKind, NetworkFilterKind},
+        listener::{Bind, FilterChain, Listener},
+        tls::TransportSocket,
+    },
+    dataplane::DataPlane,
+    flags::ProxyError,
+    stats::Stat,
+};
+
+/// Filter state keys the `original_dst` listener filter reads on internal listeners.
+pub const ORIGINAL_DST_LOCAL_KEY: &str = "envoy.filters.listener.original_dst.local_ip";
+/// See [`ORIGINAL_DST_LOCAL_KEY`].
+pub const ORIGINAL_DST_REMOTE_KEY: &str = "envoy.filters.listener.original_dst.remote_ip";
+/// The metadata namespace `original_dst` reads (`local`) on internal listeners.
+pub const ORIGINAL_DST_NAMESPACE: &str = "envoy.filters.listener.original_dst";
+
+/// Buffer of an in-process connection, each way.
+const INTERNAL_BUFFER: usize = 64 * 1024;
+/// Pause after a failed `accept` (EMFILE and friends) before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
+
+struct Active {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: HashMap<String, Active>,
+    prebound: HashMap<SocketAddr, std::net::TcpListener>,
+}
+
+/// Socket listeners by name.
+#[derive(Default)]
+pub struct ListenerManager {
+    inner: Mutex<Inner>,
+}
+
+impl ListenerManager {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The socket listeners serving now.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        let inner = self.lock();
+        let mut out: Vec<_> = inner
+            .active
+            .iter()
+            .map(|(n, a)| (n.clone(), a.addr))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Makes sure `addr` can be served: already bound by one of ours, or bound now and kept until
+    /// the listener is published.
+    fn check_bind(&self, addr: SocketAddr) -> Result<(), String> {
+        let mut inner = self.lock();
+        if inner.active.values().any(|a| a.addr == addr) || inner.prebound.contains_key(&addr) {
+            return Ok(());
+        }
+        let socket =
+            std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        inner.prebound.insert(addr, socket);
+        Ok(())
+    }
+
+    /// Starts, moves and stops accept loops to match `snapshot`.
+    pub fn reconcile(&self, dp: &Arc<DataPlane>, snapshot: &Snapshot) {
+        let mut inner = self.lock();
+        let wanted: HashMap<&str, SocketAddr> = snapshot
+            .listeners
+            .iter()
+            .filter_map(|(name, l)| match l.bind {
+                Bind::Socket { addr, .. } => Some((name.as_str(), addr)),
+                Bind::Internal => None,
+            })
+            .collect();
+        // Stop what is gone or moved.
+        let stale: Vec<String> = inner
+            .active
+            .iter()
+            .filter(|(n, a)| wanted.get(n.as_str()) != Some(&a.addr))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some(a) = inner.active.remove(&name) {
+                tracing::info!(target: "listener", %name, addr = %a.addr, "listener removed");
+                let _ = a.stop.send(true);
+            }
+        }
+        for (name, addr) in wanted {
+            if inner.active.contains_key(name) {
+                continue;
+            }
+            let socket = match inner.prebound.remove(&addr) {
+                Some(s) => Ok(s),
+                None => std::net::TcpListener::bind(addr).and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                }),
+            };
+            let listener = match socket.and_then(TcpListener::from_std) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(target: "listener", %name, %addr, "cannot bind: {e}");
+                    continue;
+                }
+            };
+            let (stop, stop_rx) = watch::channel(false);
+            inner.active.insert(name.to_owned(), Active { addr, stop });
+            tracing::info!(target: "listener", %name, %addr, "listener serving");
+            tokio::spawn(accept_loop(
+                Arc::downgrade(dp),
+                name.to_owned(),
+                addr,
+                listener,
+                stop_rx,
+            ));
+        }
+        inner.prebound.clear();
+    }
+}
+
+/// Wires a data plane into the config store: bind checks before LDS is accepted, accept loops
+/// after it is published.
+pub struct Hooks(pub Weak<DataPlane>);
+
+impl ListenerHooks for Hooks {
+    fn check(&self, listener: &Listener) -> Result<(), String> {
+        match (listener.bind.clone(), self.0.upgrade()) {
+            (Bind::Socket { addr, .. }, Some(dp)) => dp.listeners.check_bind(addr),
+            _ => Ok(()),
+        }
+    }
+
+    fn published(&self, snapshot: &Arc<Snapshot>) {
+        if let Some(dp) = self.0.upgrade() {
+            dp.listeners.reconcile(&dp, snapshot);
+        }
+    }
+}
+
+fn stat_addr(addr: SocketAddr) -> String {
+    format!("{}_{}", addr.ip(), addr.port())
+}
+
+/// Per-listener counters (Envoy's `listener.<address>.*`).
+struct ListenerStats {
+    cx_total: Arc<Stat>,
+    cx_active: Arc<Stat>,
+    no_chain: Arc<Stat>,
+}
+
+impl ListenerStats {
+    fn new(dp: &DataPlane, prefix: &str) -> Self {
+        let s = &dp.server.stats;
+        ListenerStats {
+            cx_total: s.counter(&format!("listener.{prefix}.downstream_cx_total")),
+            cx_active: s.gauge(&format!("listener.{prefix}.downstream_cx_active")),
+            no_chain: s.counter(&format!("listener.{prefix}.no_filter_chain_match")),
+        }
+    }
+}
+
+async fn accept_loop(
+    dp: Weak<DataPlane>,
+    name: String,
+    addr: SocketAddr,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stats = match dp.upgrade() {
+        Some(d) => Arc::new(ListenerStats::new(&d, &stat_addr(addr))),
+        None => return,
+    };
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = async { drop(stop.wait_for(|s| *s).await) } => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(target: "listener", %name, "accept: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Some(dp) = dp.upgrade() else { return };
+        let snapshot = dp.server.config.snapshot();
+        let Some(l) = snapshot.listeners.get(&name).cloned() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(addr);
+        let stats = stats.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            stats.cx_total.inc();
+            stats.cx_active.add(1);
+            let ctx = ConnContext::new(&name, Addr::Socket(local), Addr::Socket(peer), snapshot);
+            serve_connection(&dp, l, ctx, Box::new(stream), Some(&stats.no_chain)).await;
+            stats.cx_active.dec();
+        });
+    }
+}
+
+/// Opens an in-process connection to the internal listener `name`, seeded by the upstream side.
+/// Listener filters that need no bytes run at once, so a connection no filter chain can take is
+/// refused here (the caller answers its client with an error) instead of after a 200.
+pub fn connect_internal(dp: &Arc<DataPlane>, name: &str, seed: Seed) -> Result<BoxIo, ProxyError> {
+    let snapshot = dp.server.config.snapshot();
+    let Some(listener) = snapshot
+        .listeners
+        .get(name)
+        .filter(|l| l.bind == Bind::Internal)
+        .cloned()
+    else {
+        return Err(ProxyError::ConnectFailure(format!(
+            "no internal listener '{name}'"
+        )));
+    };
+    let local = Addr::Internal(match &seed.endpoint_id {
+        Some(id) => format!("{name}/{id}"),
+        None => name.to_owned(),
+    });
+    let remote = seed
+        .source
+        .clone()
+        .unwrap_or_else(|| Addr::Internal("internal_client_address".to_owned()));
+    let mut ctx = ConnContext::new(name, local, remote, snapshot);
+    ctx.filter_state = seed.filter_state;
+    ctx.metadata = seed.metadata;
+    if listener
+        .listener_filters
+        .iter()
+        .any(|f| f.kind == ListenerFilterKind::OriginalDst)
+    {
+        original_dst(&mut ctx);
+    }
+    if !may_have_chain(&listener, &ctx) {
+        return Err(ProxyError::NoFilterChain);
+    }
+    let (near, far) = tokio::io::duplex(INTERNAL_BUFFER);
+    let dp = dp.clone();
+    tokio::spawn(async move {
+        serve_connection(&dp, listener, ctx, Box::new(far), None).await;
+    });
+    Ok(Box::new(near))
+}
+
+/// Whether some chain could take the connection, whatever the sniffers would find.
+fn may_have_chain(listener: &Listener, ctx: &ConnContext) -> bool {
+    let sniffs =
+        |k: fn(&ListenerFilterKind) -> bool| listener.listener_filters.iter().any(|f| k(&f.kind));
+    let mut protocol_sets: Vec<Vec<String>> = vec![vec![]];
+    if sniffs(|k| *k == ListenerFilterKind::HttpInspector) {
+        protocol_sets.push(vec!["http/1.1".into()]);
+        protocol_sets.push(vec!["h2c".into()]);
+    }
+    let transports: &[&str] = if sniffs(|k| matches!(k, ListenerFilterKind::TlsInspector { .. })) {
+        &["raw_buffer", "tls"]
+    } else {
+        &["raw_buffer"]
+    };
+    protocol_sets.iter().any(|protos| {
+        transports
+            .iter()
+            .any(|t| select_chain(listener, ctx, t, None, protos).is_some())
+    })
+}
+
+fn socket_pair(a: &Addr) -> Option<(std::net::IpAddr, u16)> {
+    a.socket().map(|s| (s.ip(), s.port()))
+}
+
+fn select_chain<'l>(
+    listener: &'l Listener,
+    ctx: &ConnContext,
+    transport: &str,
+    sni: Option<&str>,
+    protocols: &[String],
+) -> Option<&'l FilterChain> {
+    let fs = |k: &str| ctx.filter_state.get(k).map(str::to_owned);
+    chain::select(
+        listener,
+        &Selector {
+            destination: socket_pair(&ctx.local),
+            source: socket_pair(&ctx.remote),
+            direct_source: ctx.direct_remote.socket().map(|s| s.ip()),
+            server_name: sni,
+            transport_protocol: transport,
+            application_protocols: protocols,
+            filter_state: &fs,
+        },
+    )
+}
+
+/// `original_dst`: on internal listeners the local address comes from the passthrough metadata
+/// (`envoy.filters.listener.original_dst` → `local`) or else the filter state
+/// (`envoy.filters.listener.original_dst.local_ip`), the remote one from the filter state
+/// (`...remote_ip`). Socket listeners keep the accepted addresses (no iptables redirect here).
+fn original_dst(ctx: &mut ConnContext) {
+    if !matches!(ctx.local, Addr::Internal(_)) {
+        return;
+    }
+    let from_metadata = ctx
+        .metadata
+        .get(ORIGINAL_DST_NAMESPACE)
+        .and_then(|m| m.get("local"))
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse::<SocketAddr>().ok());
+    let local = from_metadata.or_else(|| {
+        ctx.filter_state
+            .get(ORIGINAL_DST_LOCAL_KEY)
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+    });
+    if let Some(l) = local {
+        ctx.local = Addr::Socket(l);
+    }
+    if let Some(r) = ctx
+        .filter_state
+        .get(ORIGINAL_DST_REMOTE_KEY)
+        .and_then(|s| s.parse::<SocketAddr>().ok())
+    {
+        ctx.remote = Addr::Socket(r);
+    }
+}
+
+/// Listener filters, chain, transport socket, network filters.
+async fn serve_connection(
+    dp: &Arc<DataPlane>,
+    listener: Arc<Listener>,
+    mut ctx: ConnContext,
+    mut io: BoxIo,
+    no_chain: Option<&Arc<Stat>>,
+) {
+    let timeout = Some(listener.listener_filters_timeout).filter(|t| !t.is_zero());
+    let mut hello: Option<inspect::ClientHello> = None;
+    for f in &listener.listener_filters {
+        if f.disabled
+            .as_ref()
+            .is_some_and(|p| p.matches(ctx.local.port()))
+        {
+            continue;
+        }
+        match &f.kind {
+            ListenerFilterKind::OriginalDst => original_dst(&mut ctx),
+            ListenerFilterKind::HttpInspector => {
+                let (found, back) = inspect::http_inspector(io, timeout).await;
+                io = back;
+                match found {
+                    Ok(Some(p)) => ctx.application_protocols = vec![p.to_owned()],
+                    Ok(None) => {}
+                    Err(()) if listener.continue_on_listener_filters_timeout => {}
+                    Err(()) => {
+                        tracing::debug!(target: "listener", listener = %ctx.listener, "http_inspector timed out; closing");
+                        return;
+                    }
+                }
+            }
+            ListenerFilterKind::TlsInspector {
+                max_client_hello_size,
+                ..
+            } => {
+                let (found, back) =
+                    inspect::tls_inspector(io, timeout, *max_client_hello_size).await;
+                io = back;
+                match found {
+                    Ok(h) => {
+                        if !h.alpn.is_empty() {
+                            ctx.application_protocols = h.alpn.clone();
+                        }
+                        hello = Some(h);
+                    }
+                    Err(()) if listener.continue_on_listener_filters_timeout => {}
+                    Err(()) => return,
+                }
+            }
+        }
+    }
+    let transport = if hello.as_ref().is_some_and(|h| h.is_tls) {
+        "tls"
+    } else {
+        "raw_buffer"
+    };
+    let sni = hello.as_ref().and_then(|h| h.server_name.clone());
+    let Some(chain) = select_chain(
+        &listener,
+        &ctx,
+        transport,
+        sni.as_deref(),
+        &ctx.application_protocols,
+    ) else {
+        if let Some(s) = no_chain {
+            s.inc();
+        }
+        tracing::debug!(target: "listener", listener = %ctx.listener, local = %ctx.local, "no filter chain matched; closing (NR)");
+        return;
+    };
+    ctx.chain = chain.name.clone();
+    let io: BoxIo = match &chain.transport_socket {
+        None | Some(TransportSocket::RawBuffer) => io,
+        Some(TransportSocket::DownstreamTls(t)) => {
+            let config = match dp.tls.server_config(t) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(target: "listener", listener = %ctx.listener, "TLS context not ready: {e}");
+                    return;
+                }
+            };
+            let handshake = tokio_rustls::TlsAcceptor::from(config.clone()).accept(io);
+            let deadline = chain
+                .transport_socket_connect_timeout
+                .unwrap_or(Duration::from_secs(10));
+            let tls = match tokio::time::timeout(deadline, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "listener", listener = %ctx.listener, remote = %ctx.remote, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(target: "listener", listener = %ctx.listener, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let (_, state) = tls.get_ref();
+            ctx.tls = Some(TlsInfo {
+                peer_uri_san: crate::tls::peer_uri_san(state),
+                local_uri_san: dp.tls.local_uri_san(&config),
+                alpn: state
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned()),
+                server_name: state.server_name().map(str::to_owned),
+            });
+            Box::new(tls)
+        }
+        Some(other) => {
+            tracing::warn!(target: "listener", listener = %ctx.listener, "transport socket {other:?} cannot serve downstream");
+            return;
+        }
+    };
+    run_network_filters(dp, ctx, chain, io).await;
+}
+
+async fn run_network_filters(
+    dp: &Arc<DataPlane>,
+    mut ctx: ConnContext,
+    chain: &FilterChain,
+    io: BoxIo,
+) {
+    for f in &chain.filters {
+        match &f.kind {
+            NetworkFilterKind::SetFilterState(c) => {
+                let mut next = ctx.filter_state.clone();
+                apply_set_filter_state(
+                    c,
+                    &ConnValues {
+                        conn: &ctx,
+                        stream_state: None,
+                        request: None,
+                    },
+                    &mut next,
+                );
+                ctx.filter_state = next;
+            }
+            // Telemetry and peer metadata act in the telemetry work; network RBAC in the
+            // policy work. They pass the connection on unchanged here.
+            NetworkFilterKind::IstioStats(_)
+            | NetworkFilterKind::MetadataExchange(_)
+            | NetworkFilterKind::PeerMetadata(_) => {}
+            NetworkFilterKind::Rbac(r) if r.rules.is_some() => {
+                // Fails closed until the RBAC evaluator lands (policy work).
+                tracing::warn!(target: "rbac", filter = %f.name, "network RBAC rules are not evaluated by this build; closing the connection");
+                return;
+            }
+            NetworkFilterKind::Rbac(_) => {}
+            NetworkFilterKind::HttpConnectionManager(h) => {
+                crate::http::conn_manager::serve(dp.clone(), Arc::new(ctx), h.clone(), io).await;
+                return;
+            }
+            NetworkFilterKind::TcpProxy(t) => {
+                crate::tcp_proxy::serve(dp.clone(), Arc::new(ctx), t.clone(), io).await;
+                return;
+            }
+        }
+    }
+    tracing::debug!(target: "listener", chain = %chain.name, "filter chain has no terminal filter; closing");
+}
