@@ -7,7 +7,10 @@
 //!
 //! The agent binary is `target/<profile>/agent` next to the proxy binary (build it with
 //! `cargo build -p agent`) or `AGENT_BIN`. Every wait polls with a deadline; all sockets are on
-//! 127.0.0.1 or Unix sockets in the pod root.
+//! loopback or Unix sockets in the pod root. The snapshot is served as is except for the address of
+//! `connect_terminate` (0.0.0.0:15008 in the reference): the proxy binds LDS listeners, so each
+//! test moves it to a loopback address of its own (`MeshAddrs::claim_waypoint_ip`) and concurrent
+//! tests do not fight for :15008.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,13 +23,19 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use waypoint_proto::resource::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ResourceKind, WORKLOAD_TYPE,
 };
-use waypoint_testbed::istiod_lite::{Config, ConnStatus, IstiodLite, mint_token};
+use waypoint_testbed::{
+    istiod_lite::{Config, ConnStatus, IstiodLite, mint_token},
+    waypoint::MeshAddrs,
+};
 
 const NODE_ID: &str = "waypoint~127.0.0.1~waypoint-1.default~default.svc.cluster.local";
 const IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const VIP_CLUSTER: &str = "inbound-vip|8000|http|httpbin.default.svc.cluster.local";
 const START_WAIT: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(20);
+/// `connect_terminate`'s address in the reference snapshot, replaced per test.
+const REFERENCE_TERMINATE_ADDRESS: &str =
+    "address: {socket_address: {address: 0.0.0.0, port_value: 15008}}";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -60,6 +69,8 @@ struct Pod {
     child: Option<Child>,
     root: PathBuf,
     log: PathBuf,
+    /// Where `connect_terminate` listens (a loopback address of this test's own).
+    hbone: std::net::SocketAddr,
     admin_port: u16,
     status_port: u16,
     prometheus_port: u16,
@@ -178,11 +189,29 @@ async fn start(tag: &str) -> (IstiodLite, Pod, PathBuf) {
     let _ = std::fs::remove_dir_all(&dir);
     let resources = dir.join("resources");
     std::fs::create_dir_all(&resources).expect("mkdir");
-    std::fs::copy(
+    let hbone = MeshAddrs::claim_waypoint_ip()
+        .expect("a free loopback address for connect_terminate")
+        .waypoint_hbone();
+    let reference = std::fs::read_to_string(
         repo().join("tests/fixtures/istio/waypoint_xds_reconstructed_example.yaml"),
-        resources.join("waypoint.yaml"),
     )
     .expect("reference fixture");
+    assert!(
+        reference.contains(REFERENCE_TERMINATE_ADDRESS),
+        "the reference snapshot no longer has {REFERENCE_TERMINATE_ADDRESS}"
+    );
+    std::fs::write(
+        resources.join("waypoint.yaml"),
+        reference.replace(
+            REFERENCE_TERMINATE_ADDRESS,
+            &format!(
+                "address: {{socket_address: {{address: {}, port_value: {}}}}}",
+                hbone.ip(),
+                hbone.port()
+            ),
+        ),
+    )
+    .expect("fixture");
     std::fs::copy(
         repo().join("tests/fixtures/proxy/waypoint_workloads.yaml"),
         resources.join("workloads.yaml"),
@@ -244,6 +273,7 @@ async fn start(tag: &str) -> (IstiodLite, Pod, PathBuf) {
         child: Some(child),
         root,
         log,
+        hbone,
         admin_port,
         status_port,
         prometheus_port,
@@ -480,7 +510,7 @@ async fn waypoint_admin_through_the_agent() {
     );
     let (_, listeners) = http(port, "GET", "/listeners").await.expect("listeners");
     assert!(
-        listeners.contains("connect_terminate::0.0.0.0:15008\n"),
+        listeners.contains(&format!("connect_terminate::{}\n", pod.hbone)),
         "{listeners}"
     );
     assert!(

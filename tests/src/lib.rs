@@ -10,3 +10,6 @@ pub mod echo;
 pub mod hbone;
 /// gRPC over Unix sockets.
 pub mod uds;
+/// The local mesh around one waypoint on a loopback /24 ([`waypoint::WaypointMesh`]): istiod-lite,
+/// echo, HBONE sink and forwarder, and the real agent and proxy.
+pub mod waypoint;
