@@ -121,6 +121,9 @@ pub enum ProxyError {
     /// Path normalization redirects (`UNESCAPE_AND_REDIRECT`) to this location.
     #[error("path normalization redirect to {0}")]
     Redirect(String),
+    /// Authentication failed or cannot be verified (jwt_authn).
+    #[error("jwt_authn: {0}")]
+    Unauthorized(String),
     /// RBAC denied the request or connection.
     #[error("rbac_access_denied: {0}")]
     RbacDenied(String),
@@ -135,6 +138,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RbacDenied(_) => StatusCode::FORBIDDEN,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Redirect(_) => StatusCode::TEMPORARY_REDIRECT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -157,6 +161,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => ResponseFlag::DownstreamProtocolError,
             ProxyError::Overflow(_) => ResponseFlag::UpstreamOverflow,
             ProxyError::RbacDenied(_) => ResponseFlag::RbacAccessDenied,
+            ProxyError::Unauthorized(_) => ResponseFlag::UnauthorizedExternalService,
             ProxyError::Redirect(_) => ResponseFlag::LocalReset,
             ProxyError::Unsupported(_) => ResponseFlag::LocalReset,
         }
@@ -179,6 +184,7 @@ impl ProxyError {
             }
             ProxyError::NoRoute => String::new(),
             ProxyError::RbacDenied(_) => "RBAC: access denied".to_owned(),
+            ProxyError::Unauthorized(_) => "Jwt verification fails".to_owned(),
             other => other.to_string(),
         }
     }

@@ -26,9 +26,10 @@ use crate::{
         RouteConfig,
         filters::{
             hcm::{Codec, HttpConnectionManager, Routes},
-            http::HttpFilterKind,
+            http::{HttpFilterKind, PerFilterConfig},
+            rbac::HttpRbac,
         },
-        route::{Action, ClusterTarget},
+        route::{Action, ClusterTarget, Route, VirtualHost},
     },
     dataplane::DataPlane,
     flags::ProxyError,
@@ -37,6 +38,7 @@ use crate::{
         server::{ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
     },
     listener::conn::{BoxIo, ConnContext, ConnValues, FilterState, apply_set_filter_state},
+    rbac::{self, RbacInput, TlsPeer},
     upstream::connect::Origin,
 };
 
@@ -208,17 +210,99 @@ pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body
     r
 }
 
-/// Runs the request-phase HTTP filters that act in this stage (`set_filter_state`) and returns
-/// the stream's filter state. RBAC with enforced rules fails closed until its evaluator lands
-/// (policy work): a request is never let through a policy we have not evaluated.
+/// The route a request matched, for per-route filter configs.
+type Matched<'a> = (&'a RouteConfig, &'a VirtualHost, &'a Route);
+
+/// The most specific `typed_per_filter_config` for filter `name` (route, then virtual host, then
+/// route table).
+fn per_filter<'a>(name: &str, matched: Option<Matched<'a>>) -> Option<&'a PerFilterConfig> {
+    let (rc, vh, route) = matched?;
+    route
+        .per_filter
+        .get(name)
+        .or_else(|| vh.per_filter.get(name))
+        .or_else(|| rc.per_filter.get(name))
+}
+
+/// Evaluates one RBAC filter for a request.
+fn rbac_check(
+    rules: &HttpRbac,
+    filter: &str,
+    ctx: &ConnContext,
+    parts: &http::request::Parts,
+    state: &FilterState,
+) -> Result<(), ProxyError> {
+    let fs = |k: &str| -> Option<&str> { state.get(k).or_else(|| ctx.filter_state.get(k)) };
+    let md =
+        |ns: &str, path: &[String]| -> Option<&serde_json::Value> { ctx.metadata_value(ns, path) };
+    let uri_sans: Vec<String> = ctx
+        .tls
+        .as_ref()
+        .and_then(|t| t.peer_uri_san.clone())
+        .into_iter()
+        .collect();
+    let authority = router::authority(parts);
+    let input = RbacInput {
+        headers: Some(&parts.headers),
+        method: Some(parts.method.as_str()),
+        path: parts.uri.path_and_query().map(|p| p.as_str()),
+        authority: authority.as_deref(),
+        scheme: parts.uri.scheme_str(),
+        source: ctx.remote.socket(),
+        direct_source: ctx.direct_remote.socket().or(ctx.remote.socket()),
+        destination: ctx.local.socket(),
+        requested_server_name: ctx.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+        peer: ctx.tls.as_ref().map(|_| TlsPeer {
+            uri_sans: &uri_sans,
+            ..TlsPeer::default()
+        }),
+        filter_state: &fs,
+        metadata: &md,
+    };
+    let d = rbac::evaluate(rules.rules.as_ref(), rules.shadow_rules.as_ref(), &input);
+    if d.allowed {
+        Ok(())
+    } else {
+        Err(ProxyError::RbacDenied(format!(
+            "filter '{filter}' policy {}",
+            d.policy.as_deref().unwrap_or("(none matched)")
+        )))
+    }
+}
+
+/// Whether a request carries a JWT where jwt_authn looks by default (`Authorization: Bearer`,
+/// `access_token` query parameter).
+fn carries_jwt(parts: &http::request::Parts) -> bool {
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+    let query = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("access_token=")));
+    bearer || query
+}
+
+/// Runs the request-phase HTTP filters in their configured order and returns the stream's filter
+/// state: `set_filter_state` writes it, RBAC (with per-route overrides) allows or denies. Filters
+/// whose effects belong to later work (stats, grpc_stats, peer metadata, cors, fault) pass the
+/// request on; `jwt_authn` refuses requests that carry a token (401) since tokens are not
+/// verified yet — a token is never trusted unverified, and requests without one pass as they
+/// would in Envoy when no requirement applies.
 fn request_filters(
     hcm: &HttpConnectionManager,
     ctx: &ConnContext,
     parts: &http::request::Parts,
+    matched: Option<Matched<'_>>,
 ) -> Result<FilterState, ProxyError> {
     let mut state = FilterState::default();
     for f in &hcm.http_filters {
-        if f.disabled {
+        let route_config = per_filter(&f.name, matched);
+        if matches!(route_config, Some(PerFilterConfig::Disabled))
+            || (f.disabled && route_config.is_none())
+        {
             continue;
         }
         match &f.kind {
@@ -234,9 +318,18 @@ fn request_filters(
                     &mut state,
                 );
             }
-            HttpFilterKind::Rbac(r) if r.rules.is_some() => {
-                return Err(ProxyError::RbacDenied(format!(
-                    "filter '{}': RBAC rules are not evaluated by this build; failing closed",
+            HttpFilterKind::Rbac(r) => {
+                let rules: Option<&HttpRbac> = match route_config {
+                    Some(PerFilterConfig::Rbac(over)) => over.as_deref(),
+                    _ => Some(r),
+                };
+                if let Some(rules) = rules {
+                    rbac_check(rules, &f.name, ctx, parts, &state)?;
+                }
+            }
+            HttpFilterKind::JwtAuthn(_) if carries_jwt(parts) => {
+                return Err(ProxyError::Unauthorized(format!(
+                    "filter '{}': JWT verification is not implemented; a presented token is refused",
                     f.name
                 )));
             }
@@ -262,15 +355,16 @@ async fn handle(
     if let Err(e) = router::prepare_downstream(&hcm, &ctx, internal_only, &mut parts) {
         return local_reply(&hcm, &e);
     }
-    let state = match request_filters(&hcm, &ctx, &parts) {
+    let rc = route_config(&hcm, &ctx);
+    let selected = rc.and_then(|rc| {
+        let view = route_select::RequestView::from_parts(&parts);
+        route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
+    });
+    let state = match request_filters(&hcm, &ctx, &parts, selected) {
         Ok(s) => s,
         Err(e) => return local_reply(&hcm, &e),
     };
-    let Some(rc) = route_config(&hcm, &ctx) else {
-        return local_reply(&hcm, &ProxyError::NoRoute);
-    };
-    let view = route_select::RequestView::from_parts(&parts);
-    let Some((vh, route)) = route_select::select(rc, &view, rand::random()) else {
+    let Some((rc, vh, route)) = selected else {
         return local_reply(&hcm, &ProxyError::NoRoute);
     };
     match &route.action {
@@ -348,10 +442,11 @@ async fn connect_stream(
         .body(())
         .map_err(|e| ProxyError::BadRequest(format!("CONNECT {}: {e}", req.authority)))?
         .into_parts();
-    let state = request_filters(hcm, ctx, &parts)?;
     let rc = route_config(hcm, ctx).ok_or(ProxyError::NoRoute)?;
     let view = route_select::RequestView::from_parts(&parts);
-    let (_, route) = route_select::select(rc, &view, rand::random()).ok_or(ProxyError::NoRoute)?;
+    let selected = route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r));
+    let state = request_filters(hcm, ctx, &parts, selected)?;
+    let (_, _, route) = selected.ok_or(ProxyError::NoRoute)?;
     let Action::Forward(fwd) = &route.action else {
         return Err(ProxyError::Unsupported(
             "CONNECT routed to a redirect or direct response".into(),

@@ -499,12 +499,24 @@ async fn run_network_filters(
             NetworkFilterKind::IstioStats(_)
             | NetworkFilterKind::MetadataExchange(_)
             | NetworkFilterKind::PeerMetadata(_) => {}
-            NetworkFilterKind::Rbac(r) if r.rules.is_some() => {
-                // Fails closed until the RBAC evaluator lands (policy work).
-                tracing::warn!(target: "rbac", filter = %f.name, "network RBAC rules are not evaluated by this build; closing the connection");
-                return;
+            NetworkFilterKind::Rbac(r) => {
+                if r.continuous {
+                    // Same decision on every read: no headers at L4, so the first one stands.
+                    tracing::trace!(target: "rbac", filter = %f.name, "CONTINUOUS enforcement: decided once per connection");
+                }
+                let decision = network_rbac(r, &ctx);
+                if !decision.allowed {
+                    tracing::debug!(target: "rbac", filter = %f.name, policy = ?decision.policy, remote = %ctx.remote, "connection denied (RBAC)");
+                    dp.server
+                        .stats
+                        .counter(&format!("{}rbac.denied", network_stat_prefix(chain)))
+                        .inc();
+                    if let Some(d) = r.delay_deny {
+                        tokio::time::sleep(d).await;
+                    }
+                    return;
+                }
             }
-            NetworkFilterKind::Rbac(_) => {}
             NetworkFilterKind::HttpConnectionManager(h) => {
                 crate::http::conn_manager::serve(dp.clone(), Arc::new(ctx), h.clone(), io).await;
                 return;
@@ -516,4 +528,39 @@ async fn run_network_filters(
         }
     }
     tracing::debug!(target: "listener", chain = %chain.name, "filter chain has no terminal filter; closing");
+}
+
+fn network_stat_prefix(chain: &FilterChain) -> String {
+    // Envoy: `<stat_prefix>.rbac.*` of the network RBAC filter; the chain name stands in.
+    format!("{}.", chain.name)
+}
+
+/// Evaluates a network RBAC filter for a connection (no headers at L4).
+fn network_rbac(
+    r: &crate::config::filters::rbac::NetworkRbac,
+    ctx: &ConnContext,
+) -> crate::rbac::Decision {
+    let fs = |k: &str| -> Option<&str> { ctx.filter_state.get(k) };
+    let md =
+        |ns: &str, path: &[String]| -> Option<&serde_json::Value> { ctx.metadata_value(ns, path) };
+    let uri_sans: Vec<String> = ctx
+        .tls
+        .as_ref()
+        .and_then(|t| t.peer_uri_san.clone())
+        .into_iter()
+        .collect();
+    let input = crate::rbac::RbacInput {
+        source: ctx.remote.socket(),
+        direct_source: ctx.direct_remote.socket().or(ctx.remote.socket()),
+        destination: ctx.local.socket(),
+        requested_server_name: ctx.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+        peer: ctx.tls.as_ref().map(|_| crate::rbac::TlsPeer {
+            uri_sans: &uri_sans,
+            ..Default::default()
+        }),
+        filter_state: &fs,
+        metadata: &md,
+        ..Default::default()
+    };
+    crate::rbac::evaluate(r.rules.as_ref(), r.shadow_rules.as_ref(), &input)
 }

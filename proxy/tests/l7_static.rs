@@ -1,0 +1,306 @@
+//! The proxy as a plain L7 proxy from a static Envoy bootstrap (no agent, no xDS): routing by
+//! virtual host and path, direct responses, redirects, prefix rewrites, header operations, RBAC
+//! (HTTP filter with a per-route override), local replies with Envoy's statuses (404 NR, 503 UF,
+//! 503 NC), HTTP/1.1 and h2c downstream, and a static listener whose port is taken refusing to
+//! start. Real processes and sockets on 127.0.0.1.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value as Json;
+use tokio::{net::TcpStream, process::Command};
+use waypoint_testbed::echo::{EchoConfig, EchoServer};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+const BOOTSTRAP: &str = r#"
+node: {id: "l7~127.0.0.1~l7.default~default.svc.cluster.local", cluster: l7}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADMIN}}}}
+static_resources:
+  listeners:
+  - name: l7
+    address: {socket_address: {address: 127.0.0.1, port_value: ${LISTEN}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l7
+          codec_type: AUTO
+          server_name: l7-proxy
+          route_config:
+            name: l7
+            validate_clusters: false
+            request_headers_to_add:
+            - header: {key: x-from-table, value: "table"}
+            virtual_hosts:
+            - name: other
+              domains: ["other.example", "other.example:*"]
+              routes:
+              - match: {prefix: /}
+                direct_response: {status: 204}
+            - name: default
+              domains: ["*"]
+              routes:
+              - match: {path: /direct}
+                direct_response: {status: 200, body: {inline_string: hello}}
+              - match: {prefix: /redirect}
+                redirect: {host_redirect: example.org, path_redirect: /moved}
+              - match: {prefix: /dead}
+                route: {cluster: dead}
+              - match: {prefix: /nocluster}
+                route: {cluster: missing}
+              - match: {prefix: /open/admin}
+                route: {cluster: backend}
+                typed_per_filter_config:
+                  envoy.filters.http.rbac:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+              - match: {prefix: /rewrite/}
+                route: {cluster: backend, prefix_rewrite: /rewritten/}
+              - match: {prefix: /}
+                route: {cluster: backend}
+                request_headers_to_add:
+                - header: {key: x-peer, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+                response_headers_to_add:
+                - header: {key: x-route, value: default}
+          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  deny-admin:
+                    permissions: [{url_path: {path: {prefix: /admin}}}, {url_path: {path: {prefix: /open/admin}}}]
+                    principals: [{any: true}]
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: backend
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
+  - name: dead
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: dead
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${DEAD}}}}}]}]
+"#;
+
+struct Proxy {
+    child: tokio::process::Child,
+    dir: PathBuf,
+    listen: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_bootstrap(dir: &Path, listen: u16, admin: u16, backend: u16, dead: u16) -> PathBuf {
+    let text = BOOTSTRAP
+        .replace("${ADMIN}", &admin.to_string())
+        .replace("${LISTEN}", &listen.to_string())
+        .replace("${BACKEND}", &backend.to_string())
+        .replace("${DEAD}", &dead.to_string());
+    let path = dir.join("bootstrap.yaml");
+    std::fs::write(&path, text).expect("write bootstrap");
+    path
+}
+
+async fn start(tag: &str, backend: u16) -> Proxy {
+    let dir = std::env::temp_dir().join(format!("l7-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    // A port nothing listens on (bound, then released).
+    let dead = free_port();
+    let listen = free_port();
+    let path = write_bootstrap(&dir, listen, free_port(), backend, dead);
+    let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .arg("-c")
+        .arg(&path)
+        .arg("--concurrency")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn proxy");
+    let listen: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(listen).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not listen on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Proxy { child, dir, listen }
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Json {
+        serde_json::from_slice(&self.body).unwrap_or(Json::Null)
+    }
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str, h2: bool) -> Reply {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let io = TokioIo::new(tcp);
+    let req = http::Request::builder()
+        .uri(if h2 {
+            format!("http://{host}{path}")
+        } else {
+            path.to_owned()
+        })
+        .header("x-test", "1");
+    let req = if h2 { req } else { req.header("host", host) };
+    let req = req.body(Empty::<Bytes>::new()).expect("request");
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        send.send_request(req).await.expect("h2 request")
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        send.send_request(req).await.expect("h1 request")
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_rewrites_header_ops_and_local_replies() {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: "backend".into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: None,
+    })
+    .await
+    .expect("echo");
+    let backend = echo.http_addr().port();
+    tokio::spawn(echo.run());
+    let proxy = start("routes", backend).await;
+    for h2 in [false, true] {
+        let proto = if h2 { "h2c" } else { "HTTP/1.1" };
+        // Proxied, with header operations at route and table level.
+        let r = get(proxy.listen, "svc.local", "/hello?x=1", h2).await;
+        assert_eq!(r.status, 200, "{proto}: {:?}", r.body);
+        let seen = r.json();
+        assert_eq!(seen["path"], "/hello?x=1", "{proto}");
+        assert_eq!(seen["headers"]["x-peer"], "127.0.0.1", "{proto}: {seen}");
+        assert_eq!(seen["headers"]["x-from-table"], "table", "{proto}: {seen}");
+        assert_eq!(seen["headers"]["host"], "svc.local", "{proto}: {seen}");
+        assert!(
+            seen["headers"]["x-request-id"].is_string(),
+            "{proto}: {seen}"
+        );
+        assert!(
+            seen["headers"]["x-forwarded-proto"].is_string(),
+            "{proto}: {seen}"
+        );
+        assert_eq!(r.headers["x-route"], "default", "{proto}");
+        assert_eq!(r.headers["server"], "l7-proxy", "{proto}");
+        assert!(
+            r.headers.contains_key("x-envoy-upstream-service-time"),
+            "{proto}"
+        );
+        // Prefix rewrite keeps the rest of the path and the query.
+        let r = get(proxy.listen, "svc.local", "/rewrite/a/b?q=2", h2).await;
+        assert_eq!(r.json()["path"], "/rewritten/a/b?q=2", "{proto}");
+        // Direct response, redirect, other virtual host.
+        let r = get(proxy.listen, "svc.local", "/direct", h2).await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]), "{proto}");
+        let r = get(proxy.listen, "svc.local", "/redirect/x", h2).await;
+        assert_eq!(r.status, 301, "{proto}");
+        assert_eq!(r.headers["location"], "http://example.org/moved", "{proto}");
+        let r = get(proxy.listen, "other.example", "/anything", h2).await;
+        assert_eq!(r.status, 204, "{proto}");
+        // RBAC: denied by the listener-level policy, allowed where the route disables the filter.
+        let r = get(proxy.listen, "svc.local", "/admin/users", h2).await;
+        assert_eq!(r.status, 403, "{proto}");
+        assert_eq!(&r.body[..], b"RBAC: access denied", "{proto}");
+        let r = get(proxy.listen, "svc.local", "/open/admin", h2).await;
+        assert_eq!(r.status, 200, "{proto}: per-route RBAC override");
+        // Local replies: no healthy connection (UF) and no cluster (NC) are 503s.
+        let r = get(proxy.listen, "svc.local", "/dead", h2).await;
+        assert_eq!(r.status, 503, "{proto}");
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("connection failure"),
+            "{proto}: {:?}",
+            r.body
+        );
+        let r = get(proxy.listen, "svc.local", "/nocluster", h2).await;
+        assert_eq!(r.status, 503, "{proto}");
+    }
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = std::env::temp_dir().join(format!("l7-taken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = write_bootstrap(&dir, port, free_port(), free_port(), free_port());
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("proxy exits")
+    .expect("run proxy");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot bind 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
