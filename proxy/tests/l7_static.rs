@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value as Json;
 use tokio::{net::TcpStream, process::Command};
@@ -67,6 +67,19 @@ static_resources:
                 typed_per_filter_config:
                   envoy.filters.http.rbac:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+              - match: {prefix: /retry-connect}
+                route:
+                  cluster: flaky
+                  retry_policy:
+                    retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+                    num_retries: 2
+                    retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts,
+                                            typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]
+                    host_selection_retry_max_attempts: 5
+              - match: {prefix: /retry-5xx}
+                route:
+                  cluster: backend
+                  retry_policy: {retry_on: "5xx", num_retries: 2, retry_back_off: {base_interval: 0.001s, max_interval: 0.002s}}
               - match: {prefix: /rewrite/}
                 route: {cluster: backend, prefix_rewrite: /rewritten/}
               - match: {prefix: /}
@@ -94,6 +107,14 @@ static_resources:
     load_assignment:
       cluster_name: backend
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
+  - name: flaky
+    type: STATIC
+    connect_timeout: 2s
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: flaky
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${DEAD}}}}},
+                                  {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
   - name: dead
     type: STATIC
     connect_timeout: 2s
@@ -106,6 +127,19 @@ struct Proxy {
     child: tokio::process::Child,
     dir: PathBuf,
     listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proxy {
+    /// One counter from the admin `/stats` text (0 when absent).
+    async fn stat(&self, name: &str) -> u64 {
+        let r = get(self.admin, "admin", "/stats", false).await;
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Proxy {
@@ -133,7 +167,8 @@ async fn start(tag: &str, backend: u16) -> Proxy {
     // A port nothing listens on (bound, then released).
     let dead = free_port();
     let listen = free_port();
-    let path = write_bootstrap(&dir, listen, free_port(), backend, dead);
+    let admin = free_port();
+    let path = write_bootstrap(&dir, listen, admin, backend, dead);
     let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
         .arg("-c")
         .arg(&path)
@@ -153,7 +188,12 @@ async fn start(tag: &str, backend: u16) -> Proxy {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Proxy { child, dir, listen }
+    Proxy {
+        child,
+        dir,
+        listen,
+        admin: ([127, 0, 0, 1], admin).into(),
+    }
 }
 
 struct Reply {
@@ -169,9 +209,21 @@ impl Reply {
 }
 
 async fn get(addr: SocketAddr, host: &str, path: &str, h2: bool) -> Reply {
+    send(addr, host, "GET", path, h2, Bytes::new()).await
+}
+
+async fn send(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    h2: bool,
+    body: Bytes,
+) -> Reply {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let io = TokioIo::new(tcp);
     let req = http::Request::builder()
+        .method(method)
         .uri(if h2 {
             format!("http://{host}{path}")
         } else {
@@ -179,7 +231,7 @@ async fn get(addr: SocketAddr, host: &str, path: &str, h2: bool) -> Reply {
         })
         .header("x-test", "1");
     let req = if h2 { req } else { req.header("host", host) };
-    let req = req.body(Empty::<Bytes>::new()).expect("request");
+    let req = req.body(http_body_util::Full::new(body)).expect("request");
     let resp = if h2 {
         let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
@@ -303,4 +355,65 @@ async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
         stderr.contains(&format!("cannot bind 127.0.0.1:{port}")),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_route_policy() {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: "backend".into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: None,
+    })
+    .await
+    .expect("echo");
+    let backend = echo.http_addr().port();
+    tokio::spawn(echo.run());
+    let proxy = start("retries", backend).await;
+    // istiod's default waypoint policy: a dead endpoint is retried on another host (previous_hosts),
+    // so every request succeeds although round robin sends every other first try to the dead one.
+    for i in 0..6 {
+        let r = send(
+            proxy.listen,
+            "svc.local",
+            "POST",
+            "/retry-connect",
+            i % 2 == 0,
+            Bytes::from_static(b"payload"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        assert_eq!(
+            r.json()["body_len"],
+            7,
+            "request {i}: the body reached the backend whole"
+        );
+    }
+    let retried = proxy.stat("cluster.flaky.upstream_rq_retry").await;
+    assert!(retried >= 2, "connect failures were retried: {retried}");
+    // 5xx: two retries, then the upstream's answer goes back (Envoy passes the last response).
+    let before = proxy.stat("cluster.backend.upstream_rq_retry").await;
+    let r = send(
+        proxy.listen,
+        "svc.local",
+        "POST",
+        "/retry-5xx?x-echo-status=503",
+        false,
+        Bytes::from_static(b"again"),
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["body_len"], 5, "the replayed body is whole");
+    let after = proxy.stat("cluster.backend.upstream_rq_retry").await;
+    assert_eq!(after - before, 2, "num_retries: 2");
+    assert!(
+        proxy
+            .stat("cluster.backend.upstream_rq_retry_limit_exceeded")
+            .await
+            >= 1
+    );
+    // Not retried when the policy does not cover the status.
+    let r = get(proxy.listen, "svc.local", "/hello?x-echo-status=503", false).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(proxy.stat("cluster.backend.upstream_rq_retry").await, after);
+    drop(proxy);
 }

@@ -2,6 +2,7 @@
 
 pub mod conn_manager;
 pub mod request;
+pub mod retry;
 pub mod route_select;
 pub mod router;
 

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use http::{HeaderValue, Request, Response, Uri, header, request::Parts};
 
-use super::{Body, request};
+use super::{Body, request, retry};
 use crate::{
     config::{
         RouteConfig,
@@ -23,8 +23,8 @@ use crate::{
     upstream::{
         cluster_manager::{ClusterRt, original_destination},
         connect::{Origin, connect},
-        lb::PickContext,
-        pool::{Dial, Proto},
+        lb::{Host, PickContext},
+        pool::{Dial, Proto, SendError},
     },
 };
 
@@ -218,13 +218,60 @@ struct Target {
     address: EndpointAddress,
     metadata: BTreeMap<String, serde_json::Value>,
     key: String,
+    host: Option<Arc<Host>>,
     _guard: Option<crate::upstream::lb::RequestGuard>,
+}
+
+/// What a retried request is rebuilt from.
+struct Template {
+    method: http::Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Template {
+    fn rebuild(&self, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Opens connections for a pool to `target`.
+fn dialer(
+    dp: &Arc<DataPlane>,
+    rt: &ClusterRt,
+    target: &Target,
+    origin: &Origin,
+) -> impl FnOnce() -> Dial<'static> + use<> {
+    let (dp, cluster, address, metadata, origin) = (
+        dp.clone(),
+        rt.cluster.clone(),
+        target.address.clone(),
+        target.metadata.clone(),
+        origin.clone(),
+    );
+    let stats = rt.stats.clone();
+    move || -> Dial<'static> {
+        Box::pin(async move {
+            let r = connect(&dp, &cluster, &address, &metadata, &origin).await;
+            if r.is_err() {
+                stats.cx_connect_fail.inc();
+            }
+            r
+        })
+    }
 }
 
 fn pick_target(
     rt: &ClusterRt,
     ctx: &ConnContext,
     header_dst: Option<&str>,
+    exclude: &[Arc<Host>],
 ) -> Result<Target, ProxyError> {
     match &rt.cluster.discovery {
         Discovery::OriginalDst(cfg) => {
@@ -238,6 +285,7 @@ fn pick_target(
                 address: EndpointAddress::Socket(a),
                 metadata: BTreeMap::new(),
                 key: a.to_string(),
+                host: None,
                 _guard: None,
             })
         }
@@ -246,7 +294,7 @@ fn pick_target(
                 .hosts
                 .pick(&PickContext {
                     hash: None,
-                    exclude: &[],
+                    exclude,
                     random: rand::random(),
                 })
                 .ok_or_else(|| {
@@ -266,6 +314,7 @@ fn pick_target(
                 metadata: host.metadata.as_ref().clone(),
                 key,
                 _guard: Some(host.start_request()),
+                host: Some(host),
             })
         }
     }
@@ -279,7 +328,7 @@ pub async fn open_tcp(
     ctx: &ConnContext,
     timeout: Option<std::time::Duration>,
 ) -> Result<BoxIo, ProxyError> {
-    let target = pick_target(rt, ctx, None)?;
+    let target = pick_target(rt, ctx, None, &[])?;
     let fut = connect(dp, &rt.cluster, &target.address, &target.metadata, origin);
     let r = match timeout {
         Some(t) => tokio::time::timeout(t, fut)
@@ -378,7 +427,7 @@ pub async fn forward(
         .get("x-envoy-original-dst-host")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let target = pick_target(&rt, ctx, header_dst.as_deref())?;
+    let target = pick_target(&rt, ctx, header_dst.as_deref(), &[])?;
     let mut shared = ctx.filter_state.shared_with_upstream();
     for (k, o) in call.state.shared_with_upstream().iter() {
         shared.set(k, o.clone());
@@ -414,48 +463,156 @@ pub async fn forward(
     {
         parts.headers.append(header::VIA, v);
     }
-    let req = Request::from_parts(parts, body);
-    let pool = rt.pool(&target.key, proto, origin.shared.sharing_hash());
-    let dial = {
-        let (dp, cluster, address, metadata) = (
-            (*dp).clone(),
-            rt.cluster.clone(),
-            target.address.clone(),
-            target.metadata.clone(),
-        );
-        let stats = rt.stats.clone();
-        move || -> Dial<'static> {
-            Box::pin(async move {
-                let r = connect(&dp, &cluster, &address, &metadata, &origin).await;
-                if r.is_err() {
-                    stats.cx_connect_fail.inc();
-                }
-                r
-            })
-        }
+    let policy = fwd
+        .retry_policy
+        .as_ref()
+        .or(call.vh.retry_policy.as_ref())
+        .filter(|p| p.num_retries > 0 && upgrade.is_none());
+    let may_retry = policy.is_some_and(|p| {
+        retry::request_retriable(p, &super::route_select::RequestView::from_parts(&parts))
+    });
+    let (body, replay) = if may_retry {
+        let (b, r) = retry::ReplayBody::wrap(body);
+        (b, Some(r))
+    } else {
+        (body, None)
     };
-    rt.stats.rq_total.inc();
-    rt.stats.rq_active.add(1);
-    let sent = pool.send(req, dial, upgrade.is_some());
+    let template = replay.as_ref().map(|_| Template {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let mut next = Some(Request::from_parts(parts, body));
     let timeout = match fwd.timeout {
         Some(t) if t.is_zero() => None,
         Some(t) => Some(t),
         None => Some(DEFAULT_ROUTE_TIMEOUT),
     };
-    // The route timeout covers the wait for response headers; bodies stream unbounded in time
-    // (the traffic-management work adds per-try and idle timeouts).
-    let result = match timeout {
-        Some(t) if upgrade.is_none() => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                rt.stats.rq_timeout.inc();
-                Err(ProxyError::Timeout)
+    // The route timeout covers every attempt's wait for response headers; bodies stream
+    // unbounded in time (per-try idle and stream-duration limits come with the timeouts work).
+    let deadline = timeout
+        .filter(|_| upgrade.is_none())
+        .map(|t| tokio::time::Instant::now() + t);
+    let mut target = target;
+    let mut tried: Vec<Arc<Host>> = Vec::new();
+    let mut attempt: u32 = 1;
+    let mut retries_exhausted = false;
+    rt.stats.rq_total.inc();
+    let mut resp = loop {
+        let Some(mut req) = next.take() else {
+            break Err(ProxyError::UpstreamReset("no request to retry".into()));
+        };
+        if call.vh.include_request_attempt_count {
+            req.headers_mut()
+                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        }
+        if let Some(h) = &target.host {
+            tried.push(h.clone());
+        }
+        let pool = rt.pool(&target.key, proto, origin.shared.sharing_hash());
+        let dial = dialer(dp, &rt, &target, &origin);
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let wait = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some((d - tokio::time::Instant::now()).min(p)),
+            (Some(d), None) => Some(d.saturating_duration_since(tokio::time::Instant::now())),
+            (None, p) => p,
+        };
+        rt.stats.rq_active.add(1);
+        let sent = pool.send(req, dial, upgrade.is_some());
+        let outcome = match wait {
+            Some(w) => match tokio::time::timeout(w, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    rt.stats.rq_timeout.inc();
+                    Err(SendError {
+                        error: ProxyError::Timeout,
+                        request: None,
+                    })
+                }
+            },
+            None => sent.await,
+        };
+        rt.stats.rq_active.dec();
+        let overall_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
+        let (next_req, failure) = match outcome {
+            Ok(r) => {
+                let wants =
+                    policy.is_some_and(|p| retry::retriable_response(p, r.status(), r.headers()));
+                if !wants || !retry_left {
+                    retries_exhausted = wants && !retry_left && attempt > 1;
+                    break Ok(r);
+                }
+                match (replay.as_ref().and_then(|r| r.body()), &template) {
+                    (Some(b), Some(t)) => (Some(t.rebuild(b)), None),
+                    _ => break Ok(r),
+                }
             }
-        },
-        _ => sent.await,
+            Err(SendError { error, request }) => {
+                let unsent = request.is_some();
+                let wants = policy.is_some_and(|p| retry::retriable_error(p, &error, unsent));
+                if !wants || !retry_left {
+                    retries_exhausted = wants && attempt > 1;
+                    break Err(error);
+                }
+                match request.or_else(|| {
+                    let b = replay.as_ref().and_then(|r| r.body())?;
+                    template.as_ref().map(|t| t.rebuild(b))
+                }) {
+                    Some(r) => (Some(r), Some(error)),
+                    None => break Err(error),
+                }
+            }
+        };
+        // Retry: the breaker first (Envoy's `max_retries`), then back-off and a fresh host.
+        if !rt.try_start_retry() {
+            rt.stats.retry_overflow.inc();
+            match failure {
+                Some(e) => break Err(e),
+                None => {
+                    retries_exhausted = false;
+                    break Err(ProxyError::Overflow(format!(
+                        "{}: max_retries",
+                        rt.cluster.name
+                    )));
+                }
+            }
+        }
+        rt.stats.rq_retry.inc();
+        if let Some(p) = policy {
+            tokio::time::sleep(retry::backoff(p, attempt, rand::random())).await;
+        }
+        rt.finish_retry();
+        attempt += 1;
+        let exclude: &[Arc<Host>] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
+            &tried
+        } else {
+            &[]
+        };
+        target = match pick_target(&rt, ctx, header_dst.as_deref(), exclude) {
+            Ok(t) => t,
+            Err(e) => break Err(e),
+        };
+        next = next_req;
     };
-    rt.stats.rq_active.dec();
-    let mut resp = result?;
+    if retries_exhausted {
+        rt.stats.retry_limit_exceeded.inc();
+        match &mut resp {
+            Ok(r) => {
+                r.extensions_mut()
+                    .insert(crate::flags::ResponseFlag::UpstreamRetryLimitExceeded);
+            }
+            Err(e) => *e = ProxyError::RetriesExhausted(e.to_string()),
+        }
+    } else if attempt > 1 && resp.is_ok() {
+        rt.stats.retry_success.inc();
+    }
+    let mut resp = resp?;
+    if call.vh.include_attempt_count_in_response {
+        resp.headers_mut()
+            .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+    }
     // Response shaping.
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if !switching {

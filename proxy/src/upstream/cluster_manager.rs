@@ -53,6 +53,14 @@ pub struct ClusterStats {
     pub rq_timeout: Arc<Stat>,
     /// `upstream_cx_none_healthy`.
     pub none_healthy: Arc<Stat>,
+    /// `upstream_rq_retry`.
+    pub rq_retry: Arc<Stat>,
+    /// `upstream_rq_retry_success`.
+    pub retry_success: Arc<Stat>,
+    /// `upstream_rq_retry_overflow`.
+    pub retry_overflow: Arc<Stat>,
+    /// `upstream_rq_retry_limit_exceeded`.
+    pub retry_limit_exceeded: Arc<Stat>,
 }
 
 impl ClusterStats {
@@ -65,6 +73,10 @@ impl ClusterStats {
             cx_connect_fail: c("upstream_cx_connect_fail"),
             rq_timeout: c("upstream_rq_timeout"),
             none_healthy: c("upstream_cx_none_healthy"),
+            rq_retry: c("upstream_rq_retry"),
+            retry_success: c("upstream_rq_retry_success"),
+            retry_overflow: c("upstream_rq_retry_overflow"),
+            retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
         }
     }
 }
@@ -82,9 +94,29 @@ pub struct ClusterRt {
     hbone: Arc<Mutex<HboneSlot>>,
     /// Counters.
     pub stats: Arc<ClusterStats>,
+    /// Retries in progress (the `max_retries` circuit breaker).
+    retries_active: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl ClusterRt {
+    /// Counts one retry against the cluster's `max_retries` breaker; `false` when it is open.
+    pub fn try_start_retry(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let max = self.cluster.circuit_breakers.default.max_retries;
+        let prev = self.retries_active.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.retries_active.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Ends a retry started by [`ClusterRt::try_start_retry`].
+    pub fn finish_retry(&self) {
+        self.retries_active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// The pool for `host` speaking `proto` with the given shared filter state hash.
     pub fn pool(&self, host: &str, proto: Proto, sharing: u64) -> Arc<Pool> {
         let mut pools = match self.pools.lock() {
@@ -275,6 +307,9 @@ impl ClusterManager {
             stats: previous
                 .map(|p| p.stats.clone())
                 .unwrap_or_else(|| Arc::new(ClusterStats::new(dp, name))),
+            retries_active: previous
+                .map(|p| p.retries_active.clone())
+                .unwrap_or_default(),
         });
         let mut next: HashMap<String, Arc<ClusterRt>> = current
             .iter()

@@ -46,6 +46,9 @@ pub struct H2ClientSettings {
     pub keepalive_timeout: Option<Duration>,
 }
 
+/// The marker `upstream_error` puts in front of a refused-stream reset (retry_on `refused-stream`).
+pub const REFUSED_STREAM: &str = "refused_stream";
+
 /// Envoy's default upstream idle timeout (`common_http_protocol_options.idle_timeout`: 1h).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -119,13 +122,15 @@ impl Pool {
     }
 
     /// Sends `req` on a pooled or new connection (opened with `dial`). `upgrade` keeps the
-    /// connection out of the pool (it becomes the upgraded tunnel).
+    /// connection out of the pool (it becomes the upgraded tunnel). A request that never left
+    /// (the connection could not be opened, or a pooled one was found closed) comes back in the
+    /// error, so it can be retried without replaying its body.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
         upgrade: bool,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, SendError> {
         match self.proto {
             Proto::Http1 => self.send_h1(req, dial, upgrade).await,
             Proto::Http2 => self.send_h2(req, dial).await,
@@ -137,7 +142,7 @@ impl Pool {
         mut req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
         upgrade: bool,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, SendError> {
         // A reused connection may have been closed by the server while idle: the request comes
         // back unsent and goes out on a new connection.
         while let Some(mut send) = self.take_idle() {
@@ -145,21 +150,35 @@ impl Pool {
                 Ok(resp) => return Ok(self.finish_h1(resp, send, upgrade)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => req = r,
-                    None => return Err(upstream_error(e.into_error())),
+                    None => return Err(SendError::sent(upstream_error(e.into_error()))),
                 },
             }
         }
-        let io = dial().await?;
-        let (mut send, connection) = conn::http1::Builder::new()
+        let io = match dial().await {
+            Ok(io) => io,
+            Err(e) => return Err(SendError::unsent(e, req)),
+        };
+        let (mut send, connection) = match conn::http1::Builder::new()
             .handshake::<_, Body>(TokioIo::new(io))
             .await
-            .map_err(|e| ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}")))?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(SendError::unsent(
+                    ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}")),
+                    req,
+                ));
+            }
+        };
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::trace!(target: "upstream", "HTTP/1.1 connection ended: {e}");
             }
         });
-        let resp = send.send_request(req).await.map_err(upstream_error)?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(upstream_error(e)))?;
         Ok(self.finish_h1(resp, send, upgrade))
     }
 
@@ -186,13 +205,16 @@ impl Pool {
         self: &Arc<Self>,
         req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, SendError> {
         let mut send = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = dial().await?;
+                    let io = match dial().await {
+                        Ok(io) => io,
+                        Err(e) => return Err(SendError::unsent(e, req)),
+                    };
                     let mut b = conn::http2::Builder::new(TokioExecutor::new());
                     b.timer(TokioTimer::new());
                     if let Some(w) = self.h2_settings.initial_stream_window {
@@ -207,12 +229,15 @@ impl Pool {
                             b.keep_alive_timeout(t);
                         }
                     }
-                    let (send, connection) = b
-                        .handshake::<_, Body>(TokioIo::new(io))
-                        .await
-                        .map_err(|e| {
-                            ProxyError::ConnectFailure(format!("HTTP/2 handshake: {e}"))
-                        })?;
+                    let (send, connection) = match b.handshake::<_, Body>(TokioIo::new(io)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            return Err(SendError::unsent(
+                                ProxyError::ConnectFailure(format!("HTTP/2 handshake: {e}")),
+                                req,
+                            ));
+                        }
+                    };
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
                             tracing::trace!(target: "upstream", "HTTP/2 connection ended: {e}");
@@ -223,8 +248,13 @@ impl Pool {
                 }
             }
         };
-        send.ready().await.map_err(upstream_error)?;
-        let resp = send.send_request(req).await.map_err(upstream_error)?;
+        if let Err(e) = send.ready().await {
+            return Err(SendError::unsent(upstream_error(e), req));
+        }
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(upstream_error(e)))?;
         Ok(resp.map(|b| {
             http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, |e| {
                 Box::new(e) as BoxError
@@ -233,8 +263,46 @@ impl Pool {
     }
 }
 
+/// A failed send: why, and the request when it never left.
+pub struct SendError {
+    /// Why.
+    pub error: ProxyError,
+    /// The request, if it was not sent (safe to retry without a body replay).
+    pub request: Option<Request<Body>>,
+}
+
+impl SendError {
+    fn unsent(error: ProxyError, req: Request<Body>) -> Self {
+        SendError {
+            error,
+            request: Some(req),
+        }
+    }
+
+    fn sent(error: ProxyError) -> Self {
+        SendError {
+            error,
+            request: None,
+        }
+    }
+}
+
+/// Whether an upstream failure was an HTTP/2 `REFUSED_STREAM` (the request was not processed).
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn upstream_error(e: hyper::Error) -> ProxyError {
-    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+    if refused_stream(&e) {
+        ProxyError::UpstreamReset(format!("{REFUSED_STREAM}: {e}"))
+    } else if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
         ProxyError::UpstreamReset(format!("connection termination: {e}"))
     } else if e.is_parse() || e.is_user() {
         ProxyError::UpstreamProtocol(e.to_string())
