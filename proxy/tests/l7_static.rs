@@ -80,6 +80,19 @@ static_resources:
                 route:
                   cluster: backend
                   retry_policy: {retry_on: "5xx", num_retries: 2, retry_back_off: {base_interval: 0.001s, max_interval: 0.002s}}
+              - match: {prefix: /fault-abort}
+                route: {cluster: backend}
+                typed_per_filter_config:
+                  envoy.filters.http.fault:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+                    abort: {http_status: 418, percentage: {numerator: 100, denominator: HUNDRED}}
+              - match: {prefix: /fault-grpc}
+                route: {cluster: backend}
+                typed_per_filter_config:
+                  envoy.filters.http.fault:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+                    delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}
+                    abort: {grpc_status: 14, percentage: {numerator: 100}}
               - match: {prefix: /rewrite/}
                 route: {cluster: backend, prefix_rewrite: /rewritten/}
               - match: {prefix: /}
@@ -98,6 +111,8 @@ static_resources:
                   deny-admin:
                     permissions: [{url_path: {path: {prefix: /admin}}}, {url_path: {path: {prefix: /open/admin}}}]
                     principals: [{any: true}]
+          - name: envoy.filters.http.fault
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
   clusters:
@@ -307,6 +322,21 @@ async fn routes_rewrites_header_ops_and_local_replies() {
         assert_eq!(r.headers["location"], "http://example.org/moved", "{proto}");
         let r = get(proxy.listen, "other.example", "/anything", h2).await;
         assert_eq!(r.status, 204, "{proto}");
+        // Fault injection from per-route configs (istiod's VirtualService `fault`).
+        let r = get(proxy.listen, "svc.local", "/fault-abort", h2).await;
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (418, &b"fault filter abort"[..]),
+            "{proto}"
+        );
+        let t = Instant::now();
+        let r = get(proxy.listen, "svc.local", "/fault-grpc", h2).await;
+        assert_eq!(r.status, 200, "{proto}");
+        assert_eq!(r.headers["grpc-status"], "14", "{proto}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "{proto}: the delay was applied"
+        );
         // RBAC: denied by the listener-level policy, allowed where the route disables the filter.
         let r = get(proxy.listen, "svc.local", "/admin/users", h2).await;
         assert_eq!(r.status, 403, "{proto}");

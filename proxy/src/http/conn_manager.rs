@@ -20,13 +20,13 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Body, full, route_select, router};
+use super::{Body, fault, full, route_select, router};
 use crate::{
     config::{
         RouteConfig,
         filters::{
             hcm::{Codec, HttpConnectionManager, Routes},
-            http::{HttpFilterKind, PerFilterConfig},
+            http::{Fault, HttpFilterKind, PerFilterConfig},
             rbac::HttpRbac,
         },
         route::{Action, ClusterTarget, Route, VirtualHost},
@@ -291,13 +291,14 @@ fn carries_jwt(parts: &http::request::Parts) -> bool {
 /// request on; `jwt_authn` refuses requests that carry a token (401) since tokens are not
 /// verified yet — a token is never trusted unverified, and requests without one pass as they
 /// would in Envoy when no requirement applies.
-fn request_filters(
-    hcm: &HttpConnectionManager,
+fn request_filters<'a>(
+    hcm: &'a HttpConnectionManager,
     ctx: &ConnContext,
     parts: &http::request::Parts,
-    matched: Option<Matched<'_>>,
-) -> Result<FilterState, ProxyError> {
+    matched: Option<Matched<'a>>,
+) -> Result<(FilterState, Option<&'a Fault>), ProxyError> {
     let mut state = FilterState::default();
+    let mut fault = None;
     for f in &hcm.http_filters {
         let route_config = per_filter(&f.name, matched);
         if matches!(route_config, Some(PerFilterConfig::Disabled))
@@ -327,6 +328,12 @@ fn request_filters(
                     rbac_check(rules, &f.name, ctx, parts, &state)?;
                 }
             }
+            HttpFilterKind::Fault(f) => {
+                fault = match route_config {
+                    Some(PerFilterConfig::Fault(over)) => Some(over.as_ref()),
+                    _ => Some(f.as_ref()),
+                };
+            }
             HttpFilterKind::JwtAuthn(_) if carries_jwt(parts) => {
                 return Err(ProxyError::Unauthorized(format!(
                     "filter '{}': JWT verification is not implemented; a presented token is refused",
@@ -337,7 +344,7 @@ fn request_filters(
             _ => {}
         }
     }
-    Ok(state)
+    Ok((state, fault))
 }
 
 /// One request on a hyper connection.
@@ -360,13 +367,36 @@ async fn handle(
         let view = route_select::RequestView::from_parts(&parts);
         route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
     });
-    let state = match request_filters(&hcm, &ctx, &parts, selected) {
+    let (state, fault) = match request_filters(&hcm, &ctx, &parts, selected) {
         Ok(s) => s,
         Err(e) => return local_reply(&hcm, &e),
     };
     let Some((rc, vh, route)) = selected else {
         return local_reply(&hcm, &ProxyError::NoRoute);
     };
+    // Fault injection (after RBAC, before the router, as istiod orders the filters).
+    let mut delayed = false;
+    if let Some(f) = fault {
+        let cluster = match &route.action {
+            Action::Forward(fwd) => match &fwd.target {
+                ClusterTarget::Name(n) => Some(n.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let d = fault::decide(f, &parts.headers, cluster, (rand::random(), rand::random()));
+        if d.delay.is_some() || d.abort.is_some() {
+            if let Some(_slot) = fault::Active::acquire(f.max_active_faults) {
+                if let Some(delay) = d.delay {
+                    tokio::time::sleep(delay).await;
+                    delayed = true;
+                }
+                if let Some(a) = &d.abort {
+                    return fault::abort_response(a, delayed);
+                }
+            }
+        }
+    }
     match &route.action {
         Action::DirectResponse(d) => {
             let mut r = Response::new(full(d.body.clone().unwrap_or_default()));
@@ -386,19 +416,24 @@ async fn handle(
                 state,
                 started,
             };
-            match router::forward(
+            let forwarded = router::forward(
                 call,
                 parts,
                 body.map_err(|e| Box::new(e) as super::BoxError).boxed(),
             )
-            .await
-            {
+            .await;
+            let mut resp = match forwarded {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(target: "http", flag = %e.flag(), "local reply: {e}");
                     local_reply(&hcm, &e)
                 }
+            };
+            if delayed {
+                resp.extensions_mut()
+                    .insert(crate::flags::ResponseFlag::DelayInjected);
             }
+            resp
         }
     }
 }
@@ -445,7 +480,8 @@ async fn connect_stream(
     let rc = route_config(hcm, ctx).ok_or(ProxyError::NoRoute)?;
     let view = route_select::RequestView::from_parts(&parts);
     let selected = route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r));
-    let state = request_filters(hcm, ctx, &parts, selected)?;
+    // CONNECT termination: faults do not apply to tunnels (istiod configures none there).
+    let (state, _) = request_filters(hcm, ctx, &parts, selected)?;
     let (_, _, route) = selected.ok_or(ProxyError::NoRoute)?;
     let Action::Forward(fwd) = &route.action else {
         return Err(ProxyError::Unsupported(

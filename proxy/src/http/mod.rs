@@ -1,6 +1,7 @@
 //! The HTTP connection manager's data path: route selection, request/response mutation, the router.
 
 pub mod conn_manager;
+pub mod fault;
 pub mod request;
 pub mod retry;
 pub mod route_select;
