@@ -684,6 +684,51 @@ async fn unsupported_filter_is_nacked_and_fix_is_acked() {
     })
     .await;
 
+    // A socket listener whose address is taken is NACKed (Envoy: "cannot bind"), the others stay.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr");
+    let nacks_before = our_conn(&book.connections().await)
+        .and_then(|c| c.types.get(LISTENER_TYPE))
+        .map(|s| s.nacks)
+        .unwrap_or(0);
+    let mut l = lua_listener(false);
+    l["name"] = json!("taken_test");
+    l.as_object_mut()
+        .expect("object")
+        .remove("internal_listener");
+    l["address"] = json!({"socket_address": {"address": "127.0.0.1", "port_value": taken.port()}});
+    istiod
+        .push_json(ResourceKind::Listener, &l)
+        .await
+        .expect("push");
+    let conns = match book
+        .wait_until(WAIT, |conns| {
+            our_conn(conns)
+                .and_then(|c| c.types.get(LISTENER_TYPE))
+                .is_some_and(|s| s.nacks > nacks_before)
+        })
+        .await
+    {
+        Ok(c) => c,
+        Err(c) => panic!(
+            "a listener on a taken address was not NACKed: {:#?}\nlog:\n{}",
+            our_conn(&c),
+            pod.log_tail()
+        ),
+    };
+    let m = our_conn(&conns)
+        .and_then(|c| c.types.get(LISTENER_TYPE))
+        .and_then(|s| s.last_nack.clone())
+        .expect("last NACK")
+        .message;
+    assert!(
+        m.contains("'taken_test'") && m.contains(&format!("cannot bind {taken}")),
+        "{m}"
+    );
+    let (status, _) = http(port, "GET", "/ready").await.expect("ready");
+    assert_eq!(status, 200);
+    drop(holder);
+
     pod.stop().await;
     istiod.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -385,15 +385,15 @@ async fn handle(
             _ => None,
         };
         let d = fault::decide(f, &parts.headers, cluster, (rand::random(), rand::random()));
-        if d.delay.is_some() || d.abort.is_some() {
-            if let Some(_slot) = fault::Active::acquire(f.max_active_faults) {
-                if let Some(delay) = d.delay {
-                    tokio::time::sleep(delay).await;
-                    delayed = true;
-                }
-                if let Some(a) = &d.abort {
-                    return fault::abort_response(a, delayed);
-                }
+        if (d.delay.is_some() || d.abort.is_some())
+            && let Some(_slot) = fault::Active::acquire(f.max_active_faults)
+        {
+            if let Some(delay) = d.delay {
+                tokio::time::sleep(delay).await;
+                delayed = true;
+            }
+            if let Some(a) = &d.abort {
+                return fault::abort_response(a, delayed);
             }
         }
     }
