@@ -21,7 +21,7 @@ use std::{
 use serde_json::{Value as Json, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use waypoint_proto::resource::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ResourceKind, WORKLOAD_TYPE,
+    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, ResourceKind, WORKLOAD_TYPE,
 };
 use waypoint_testbed::{
     istiod_lite::{Config, ConnStatus, IstiodLite, mint_token},
@@ -729,6 +729,81 @@ async fn unsupported_filter_is_nacked_and_fix_is_acked() {
     assert_eq!(status, 200);
     drop(holder);
 
+    pod.stop().await;
+    istiod.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A listener whose HTTP connection manager uses `rds` gets its RouteConfiguration over ADS (the
+/// proxy subscribes the name after LDS), serves with it, and follows an update of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rds_routes_are_subscribed_and_served() {
+    let (istiod, mut pod, dir) = start("rds").await;
+    let book = istiod.book.clone();
+    if let Err(c) = book
+        .wait_until(START_WAIT, |conns| {
+            our_conn(conns)
+                .and_then(|c| c.types.get(LISTENER_TYPE))
+                .is_some_and(|s| s.acks >= 1)
+        })
+        .await
+    {
+        panic!("no LDS ACK: {c:#?}\nlog:\n{}", pod.log_tail());
+    }
+    let route = |body: &str| {
+        json!({
+            "name": "rds_route",
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+            ]}]
+        })
+    };
+    istiod
+        .push_json(ResourceKind::Route, &route("from-rds-1"))
+        .await
+        .expect("push route");
+    let port = free_port();
+    let listener = json!({
+        "name": "rds_test",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "rds_test",
+                "rds": {"route_config_name": "rds_route", "config_source": {"ads": {}, "resource_api_version": "V3"}},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+            }
+        }]}]
+    });
+    istiod
+        .push_json(ResourceKind::Listener, &listener)
+        .await
+        .expect("push listener");
+    poll(
+        &mut pod,
+        WAIT,
+        "the RDS route served on the new listener",
+        || async {
+            let (status, body) = http(port, "GET", "/x").await.ok()?;
+            (status == 200 && body == "from-rds-1").then_some(())
+        },
+    )
+    .await;
+    let rds = our_conn(&book.connections().await)
+        .and_then(|c| c.types.get(ROUTE_TYPE).cloned())
+        .expect("an RDS subscription on the stream");
+    assert!(rds.acks >= 1 && rds.nacks == 0, "{rds:#?}");
+    istiod
+        .push_json(ResourceKind::Route, &route("from-rds-2"))
+        .await
+        .expect("push route");
+    poll(&mut pod, WAIT, "the updated RDS route", || async {
+        let (status, body) = http(port, "GET", "/x").await.ok()?;
+        (status == 200 && body == "from-rds-2").then_some(())
+    })
+    .await;
     pod.stop().await;
     istiod.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

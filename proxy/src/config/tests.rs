@@ -387,10 +387,12 @@ fn semantic_errors_name_their_paths() {
             ResourceKind::Listener,
             json!({"name": "l", "internal_listener": {}, "filter_chains": [{"filters": [{"name": "h", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "s", "rds": {"route_config_name": "r", "config_source": {"ads": {}}},
+                "stat_prefix": "s", "rds": {"route_config_name": "r", "config_source": {"api_config_source": {
+                    "api_type": "GRPC", "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "x"}}]}}},
                 "http_filters": [{"name": "r", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}),
-            "filter_chains[0].filters[0].typed_config.rds: RDS is not implemented yet (no RouteConfiguration subscription); send route_config inline",
+            "filter_chains[0].filters[0].typed_config.rds.config_source: RDS is supported over ADS only (config_source: {ads: {}})",
         ),
         (
             ResourceKind::Listener,

@@ -121,6 +121,7 @@ struct Session {
     server: Arc<Server>,
     subscribe_workloads: bool,
     eds_names: BTreeSet<String>,
+    rds_names: BTreeSet<String>,
     lds_requested: bool,
     eds_answered: bool,
     cds_applied: bool,
@@ -133,6 +134,7 @@ impl Session {
             server,
             subscribe_workloads,
             eds_names: BTreeSet::new(),
+            rds_names: BTreeSet::new(),
             lds_requested: false,
             eds_answered: false,
             cds_applied: false,
@@ -366,10 +368,43 @@ impl Session {
                 self.eds_answered = true;
             }
         }
+        if kind == ResourceKind::Listener {
+            // RDS names follow the listeners' HTTP connection managers (`rds` over ADS).
+            let wanted = rds_names(&self.server.config.snapshot());
+            let subscribe: Vec<String> = wanted.difference(&self.rds_names).cloned().collect();
+            let unsubscribe: Vec<String> = self.rds_names.difference(&wanted).cloned().collect();
+            if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                let mut req = self.request(ResourceKind::Route, None);
+                req.initial_resource_versions
+                    .retain(|n, _| subscribe.contains(n));
+                req.resource_names_subscribe = subscribe;
+                req.resource_names_unsubscribe = unsubscribe;
+                out.push(req);
+                self.rds_names = wanted;
+            }
+        }
         if !self.lds_requested && self.cds_applied && self.eds_answered {
             self.lds_requested = true;
             out.push(self.request(ResourceKind::Listener, None));
         }
         out
     }
+}
+
+/// The RouteConfiguration names the snapshot's listeners ask for over ADS.
+fn rds_names(snapshot: &crate::config::Snapshot) -> BTreeSet<String> {
+    use crate::config::filters::{NetworkFilterKind, hcm::Routes};
+    snapshot
+        .listeners
+        .values()
+        .flat_map(|l| l.filter_chains.iter().chain(l.default_filter_chain.iter()))
+        .flat_map(|c| c.filters.iter())
+        .filter_map(|f| match &f.kind {
+            NetworkFilterKind::HttpConnectionManager(h) => match &h.routes {
+                Routes::Rds { name, .. } => Some(name.clone()),
+                Routes::Inline(_) => None,
+            },
+            _ => None,
+        })
+        .collect()
 }

@@ -226,8 +226,6 @@ impl HttpConnectionManager {
                 ));
             }
         };
-        /// Flip when the ADS client subscribes RDS for these names.
-        const REJECT_RDS: bool = true;
         let routes = match &h.route_specifier {
             Some(RouteSpecifier::RouteConfig(r)) => Routes::Inline(Box::new(RouteConfig::compile(
                 r,
@@ -244,18 +242,17 @@ impl HttpConnectionManager {
                 let source = rds.config_source.as_ref().ok_or_else(|| {
                     ConfigError::new(field(&rpath, "config_source"), "config_source is required")
                 })?;
-                // The ADS client does not subscribe RouteConfiguration yet, so a listener that needs
-                // RDS would never get its routes: refuse it rather than serve 404s (istiod sends
-                // waypoint routes inline, reference/istio-facts.md §2.1).
-                if REJECT_RDS {
+                let source = ConfigSourceSpec::compile(source, &field(&rpath, "config_source"))?;
+                // RouteConfiguration is subscribed on the ADS stream; a separate RDS server is not.
+                if source.source != crate::config::source::Source::Ads {
                     return Err(ConfigError::new(
-                        rpath,
-                        "RDS is not implemented yet (no RouteConfiguration subscription); send route_config inline",
+                        field(&rpath, "config_source"),
+                        "RDS is supported over ADS only (config_source: {ads: {}})",
                     ));
                 }
                 Routes::Rds {
                     name: rds.route_config_name.clone(),
-                    source: ConfigSourceSpec::compile(source, &field(&rpath, "config_source"))?,
+                    source,
                 }
             }
             Some(RouteSpecifier::ScopedRoutes(_)) => {
