@@ -10,7 +10,7 @@
 //!    signal, or the proxy exiting, ends the wait;
 //! 4. stop the proxy (SIGTERM, SIGKILL after a grace), close SDS/XDS, exit 0.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -105,21 +105,10 @@ impl Outcome {
     }
 }
 
-/// Runs the agent with the default restart policy (and `EXIT_ON_PROXY_EXIT` from `cfg`).
+/// Runs the agent with the restart policy its configuration carries.
 pub async fn run(cfg: AgentConfig) -> Result<Outcome, AppError> {
-    let policy = RestartPolicy {
-        exit_on_proxy_exit: cfg.exit_on_proxy_exit,
-        ..RestartPolicy::default()
-    };
+    let policy = cfg.restart.clone();
     run_with(cfg, policy).await
-}
-
-/// Reads the restart policy from the environment (see [`RestartPolicy::from_env`]).
-pub fn restart_policy(
-    cfg: &AgentConfig,
-    env: &BTreeMap<String, String>,
-) -> Result<RestartPolicy, crate::supervisor::PolicyError> {
-    RestartPolicy::from_env(env, cfg.exit_on_proxy_exit)
 }
 
 /// Runs the agent until SIGTERM/SIGINT, `/quitquitquit`, or (per `policy`) the proxy's end.

@@ -201,6 +201,10 @@ pub struct AgentConfig {
     pub concurrency: u32,
     /// `EXIT_ON_PROXY_EXIT`: exit when the proxy exits (pilot-agent's behaviour) instead of restarting it.
     pub exit_on_proxy_exit: bool,
+    /// How the proxy is restarted and stopped (`PROXY_RESTART_BACKOFF_BASE`/`_MAX`,
+    /// `PROXY_MAX_RESTARTS`, `PROXY_RESTART_STABLE_PERIOD`, `PROXY_STOP_GRACE`,
+    /// `EXIT_ON_PROXY_EXIT`).
+    pub restart: crate::supervisor::RestartPolicy,
     /// Flags given that we do not know (ignored with a warning).
     pub ignored_flags: Vec<String>,
 }
@@ -447,6 +451,7 @@ pub fn load(args: &[String], env: &BTreeMap<String, String>) -> Result<AgentConf
             .collect()
     };
 
+    let exit_on_proxy_exit = env_bool(&env_all, "EXIT_ON_PROXY_EXIT", false)?;
     let concurrency = match flags.concurrency {
         Some(n) => n,
         None if proxy_config.concurrency > 0 => proxy_config.concurrency,
@@ -521,7 +526,14 @@ pub fn load(args: &[String], env: &BTreeMap<String, String>) -> Result<AgentConf
             .unwrap_or(DEFAULT_ISTIO_VERSION)
             .to_owned(),
         concurrency,
-        exit_on_proxy_exit: env_bool(&env_all, "EXIT_ON_PROXY_EXIT", false)?,
+        exit_on_proxy_exit,
+        restart: crate::supervisor::RestartPolicy::from_env(&env_all, exit_on_proxy_exit).map_err(
+            |e| ConfigError::Env {
+                name: e.name,
+                value: e.value,
+                reason: e.reason,
+            },
+        )?,
         proxy_config,
         ignored_flags: flags.ignored,
     })
@@ -914,6 +926,21 @@ mod tests {
 
         let err = load(&args("proxy gateway"), &waypoint_env()).expect_err("bad type");
         assert!(matches!(err, ConfigError::Args(_)));
+    }
+
+    #[test]
+    fn restart_policy_is_part_of_the_config() {
+        let mut e = waypoint_env();
+        e.insert("PROXY_MAX_RESTARTS".into(), "4".into());
+        e.insert("PROXY_STOP_GRACE".into(), "7s".into());
+        e.insert("EXIT_ON_PROXY_EXIT".into(), "true".into());
+        let cfg = load(&args("proxy waypoint"), &e).expect("loads");
+        assert_eq!(cfg.restart.max_restarts, 4);
+        assert_eq!(cfg.restart.stop_grace, std::time::Duration::from_secs(7));
+        assert!(cfg.restart.exit_on_proxy_exit && cfg.exit_on_proxy_exit);
+        e.insert("PROXY_MAX_RESTARTS".into(), "-1".into());
+        let err = load(&args("proxy waypoint"), &e).expect_err("negative");
+        assert!(err.to_string().contains("PROXY_MAX_RESTARTS"), "{err}");
     }
 
     #[test]

@@ -54,13 +54,6 @@ fn run_proxy(args: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let policy = match agent::app::restart_policy(&cfg, &env) {
-        Ok(policy) => policy,
-        Err(err) => {
-            eprintln!("agent: {err}");
-            return ExitCode::from(1);
-        }
-    };
     waypoint_shared::logging::init(
         &waypoint_shared::logging::istio_scopes_to_filter(&cfg.log_output_level),
         cfg.log_as_json,
@@ -72,7 +65,7 @@ fn run_proxy(args: &[String]) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = runtime.block_on(agent::app::run_with(cfg, policy));
+    let result = runtime.block_on(agent::app::run(cfg));
     // Do not wait for blocking tasks (none should matter once the proxy is gone).
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
