@@ -17,7 +17,8 @@
 //!   httpbin identity terminates HBONE on `POD_IP:15008` and dials each `CONNECT`'s authority,
 //!   recording who asked ([`AcceptedStream::peer_identity`]).
 //! * The real `agent` binary runs `proxy waypoint` in a temporary pod root (token, mesh root, pod
-//!   labels) and spawns the real `proxy` binary (`binaryPath`); every port it opens is a free one.
+//!   labels) and spawns the real `proxy` binary (`binaryPath`); every port it opens is a free one
+//!   unless [`MeshOptions::ports`] fixes them (the `mesh` command uses Istio's 15000/15020/...).
 //! * An [`HboneForwarder`] with the sleep identity listens on `CLIENT_IP:<free port>` and opens one
 //!   `CONNECT VIP:8000` stream to `WAYPOINT_IP:15008` per TCP connection: the address clients use.
 //!
@@ -36,10 +37,10 @@
 //! Every wait has a bound ([`WaypointMesh::wait_for`] polls a condition every
 //! [`POLL_INTERVAL`] until a deadline, at most `bound / POLL_INTERVAL + 1` times) and fails with
 //! the proxy's log tail. Dropping the mesh kills the agent and every process below it (the proxy),
-//! stops the in-process servers and removes the temporary folder (kept when
-//! `WAYPOINT_MESH_KEEP=1`); when the drop happens during a panic it first prints
-//! [`WaypointMesh::diagnostics`] (log tail, `/listeners`, dynamic listeners of `/config_dump`,
-//! what the sink saw).
+//! stops the in-process servers and removes its folder (a temporary one, or [`MeshOptions::dir`];
+//! kept with [`MeshOptions::keep`] or `WAYPOINT_MESH_KEEP=1`); when the drop happens during a
+//! panic it first prints [`WaypointMesh::diagnostics`] (log tail, `/listeners`, dynamic listeners
+//! of `/config_dump`, what the sink saw).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -346,6 +347,15 @@ pub struct MeshOptions {
     pub ready_within: Duration,
     /// Extra environment for the agent (and through it the proxy).
     pub env: Vec<(String, String)>,
+    /// Fixed agent/proxy ports (the `mesh` command's Istio defaults); `None` picks free ones.
+    pub ports: Option<AgentPorts>,
+    /// The folder to run in (emptied first) instead of a new temporary one. Keep its path short:
+    /// the agent's Unix sockets live below it and must fit `sun_path` (108 bytes).
+    pub dir: Option<PathBuf>,
+    /// Keep the folder when the mesh is dropped (as `WAYPOINT_MESH_KEEP=1` does).
+    pub keep: bool,
+    /// Serve istiod-lite's debug HTTP (`/debug/xds`, `/debug/certs`) on a free loopback port.
+    pub istiod_debug: bool,
 }
 
 impl MeshOptions {
@@ -360,6 +370,10 @@ impl MeshOptions {
             proxy_log_level: "info".to_owned(),
             ready_within: Duration::from_secs(120),
             env: Vec::new(),
+            ports: None,
+            dir: None,
+            keep: false,
+            istiod_debug: false,
         }
     }
 }
@@ -459,7 +473,9 @@ impl fmt::Debug for WaypointMesh {
 /// Numbers the temporary folders of this process.
 static MESH_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn free_port() -> Result<u16, MeshError> {
+/// A TCP port free on 127.0.0.1 right now (the OS picks it; another process may take it before it
+/// is used, which the caller then sees as a bind error).
+pub fn free_port() -> Result<u16, MeshError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -472,11 +488,13 @@ impl WaypointMesh {
     /// wait for the waypoint's HBONE listener to serve: see [`WaypointMesh::wait_hbone_ready`].
     pub async fn start(options: MeshOptions) -> Result<Self, MeshError> {
         let n = MESH_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "wpm-{}-{}-{n}",
-            short(&options.name),
-            std::process::id()
-        ));
+        let dir = options.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "wpm-{}-{}-{n}",
+                short(&options.name),
+                std::process::id()
+            ))
+        });
         let _ = std::fs::remove_dir_all(&dir);
         let pod = dir.join("pod");
         for sub in [
@@ -494,6 +512,9 @@ impl WaypointMesh {
         // 1. istiod-lite, serving nothing until the addresses are known.
         let mut config = Config::for_test(&dir.join("ca"));
         config.resources = Some(resources.clone());
+        if options.istiod_debug {
+            config.debug_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
         let istiod = IstiodLite::start(config).await?;
         let root_pem = istiod.root_cert_pem().to_owned();
 
@@ -545,11 +566,14 @@ impl WaypointMesh {
             "app=\"waypoint\"\ngateway.networking.k8s.io/gateway-name=\"waypoint\"\n",
         )
         .map_err(io_err("writing the pod labels"))?;
-        let ports = AgentPorts {
-            admin: free_port()?,
-            status: free_port()?,
-            readiness: free_port()?,
-            prometheus: free_port()?,
+        let ports = match options.ports {
+            Some(ports) => ports,
+            None => AgentPorts {
+                admin: free_port()?,
+                status: free_port()?,
+                readiness: free_port()?,
+                prometheus: free_port()?,
+            },
         };
         let log = dir.join("agent.log");
         let child = spawn_agent(&options, &pod, &log, istiod.addr, addrs, ports)?;
@@ -648,6 +672,11 @@ impl WaypointMesh {
     /// The temporary folder (pod root below `pod/`, CA below `ca/`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The combined agent/proxy log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// The combined agent/proxy log so far.
@@ -920,7 +949,7 @@ impl Drop for WaypointMesh {
             kill_tree(&mut child, &tree);
         }
         self.echo.abort();
-        if std::env::var_os("WAYPOINT_MESH_KEEP").is_none() {
+        if !self.options.keep && std::env::var_os("WAYPOINT_MESH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("waypoint mesh kept in {}", self.dir.display());

@@ -1,348 +1,311 @@
-//! `mesh`: the local mesh on loopback — istiod-lite, echo backends and `agent proxy waypoint` in a
-//! pod-root folder — with real traffic, a short report, and then the URLs to poke at until Ctrl-C
-//! (`--once` exits after the report).
+//! `mesh`: the local mesh on loopback around one waypoint ([`WaypointMesh`]) — istiod-lite, the
+//! httpbin echo behind an HBONE sink, the sleep client's HBONE forwarder, and the real `agent`
+//! running `proxy waypoint` (which starts the real `proxy`) — with real traffic through the
+//! waypoint, a short report, and then the URLs to poke at until Ctrl-C or SIGTERM (`--once` exits
+//! after the report, with status 0 only if every expectation held).
+//!
+//! ```text
+//! client ─TCP─▶ forwarder (sleep) ─HBONE─▶ waypoint :15008 ─▶ main_internal ─▶ VIP route
+//!        ─▶ connect_originate ─HBONE (as the waypoint)─▶ sink :15008 (httpbin) ─TCP─▶ echo :8080
+//! client ─TCP─▶ direct forwarder (sleep) ─HBONE─▶ sink :15008 ─TCP─▶ echo     (the comparison)
+//! ```
+//!
+//! `--serve-json FILE` is for benchmarks: once the waypoint serves HBONE it writes the addresses
+//! and pids as one JSON object (written whole, then renamed into place) and runs until SIGTERM,
+//! without traffic or report unless `--report` asks for them.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use clap::Parser;
-use tokio::{io::AsyncBufReadExt as _, process::Command};
+use http::{HeaderMap, Request};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value as Json, json};
+use tokio::{net::TcpStream, signal::unix::SignalKind};
 use tokio_stream::wrappers::ReceiverStream;
 use waypoint_proto::{
     envoy::{
-        config::core::v3::Node,
+        config::core::v3::{Node, data_source::Specifier},
         extensions::transport_sockets::tls::v3::{Secret, secret},
         service::{
             discovery::v3::DiscoveryRequest,
             secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
         },
     },
-    resource::{LISTENER_TYPE, SECRET_TYPE},
+    resource::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE, WORKLOAD_TYPE},
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
-    echo::{EchoConfig, EchoServer},
-    istiod_lite::{Config, IstiodLite, TokenPolicy, mint_token},
+    hbone::{HboneForwarder, HbonePool, PoolSettings},
     uds,
+    waypoint::{
+        AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshOptions, SLEEP_IDENTITY, WAYPOINT_IDENTITY,
+        WaypointMesh, WsClient, free_port, http_get, http1_request, read_body, ws_opcode,
+    },
 };
 
 /// Run the local waypoint mesh on loopback.
 #[derive(Parser, Debug)]
-#[command(name = "mesh", version, about)]
+#[command(
+    name = "mesh",
+    version,
+    about = "The local waypoint mesh on loopback (istiod-lite, echo behind an HBONE sink, HBONE \
+             forwarder, agent + proxy): traffic through the waypoint, a report, then the URLs"
+)]
 struct Cli {
-    /// Exit after the report instead of running until Ctrl-C.
+    /// Exit after the report (status 0 only if every expectation held) instead of running until
+    /// Ctrl-C/SIGTERM.
     #[arg(long)]
     once: bool,
-    /// Folder for the pod root, CA and resources (recreated).
-    #[arg(long, default_value = "run/mesh")]
-    workdir: PathBuf,
-    /// Requests to send.
+    /// Run in this folder (emptied first) instead of a temporary one. Keep the path short: the
+    /// agent's Unix sockets live below it.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Keep the folder (pod root, CA, logs) at exit.
+    #[arg(long)]
+    keep: bool,
+    /// HTTP/1.1 requests through the waypoint (and as many on the direct chain).
     #[arg(long, default_value_t = 20)]
     requests: usize,
-    /// Certificate lifetime asked by the agent (short to show a rotation).
-    #[arg(long, default_value = "24h")]
-    secret_ttl: String,
-    /// Proxy admin port (Istio: 15000).
+    /// h2c requests through the waypoint, concurrently on one connection (and as many direct).
+    #[arg(long, default_value_t = 10)]
+    h2_requests: usize,
+    /// Proxy admin port (Istio: 15000; 0 picks a free one).
     #[arg(long, default_value_t = 15000)]
     admin_port: u16,
-    /// Agent status port (Istio: 15020).
+    /// Agent status port (Istio: 15020; 0 picks a free one).
     #[arg(long, default_value_t = 15020)]
     status_port: u16,
-    /// Proxy readiness port (Istio: 15021).
+    /// Proxy readiness port (Istio: 15021; 0 picks a free one).
     #[arg(long, default_value_t = 15021)]
     readiness_port: u16,
-    /// Proxy Prometheus port (Istio: 15090).
+    /// Proxy Prometheus port (Istio: 15090; 0 picks a free one).
     #[arg(long, default_value_t = 15090)]
     prometheus_port: u16,
+    /// The proxy's log level (`--proxyLogLevel` of the agent).
+    #[arg(long, default_value = "warning")]
+    proxy_log_level: String,
+    /// Certificate lifetime the agent asks for (`SECRET_TTL`, e.g. `2m` to watch a rotation).
+    #[arg(long)]
+    secret_ttl: Option<String>,
+    /// Seconds to wait for the agent to report ready.
+    #[arg(long, default_value_t = 60)]
+    ready_within: u64,
+    /// After start-up write the addresses and pids to FILE as JSON, then run until SIGTERM
+    /// without traffic or report (unless `--report`).
+    #[arg(long, value_name = "FILE")]
+    serve_json: Option<PathBuf>,
+    /// With `--serve-json`: also send the traffic and print the report.
+    #[arg(long)]
+    report: bool,
 }
 
-const NODE_NAMESPACE: &str = "default";
-const WAYPOINT_SA: &str = "waypoint";
+/// The `Host` of requests through the forwarders (the waypoint's virtual host matches `*`).
+const HOST: &str = "httpbin.default.svc.cluster.local:8000";
+/// Bound for one request or exchange.
+const REQUEST: Duration = Duration::from_secs(10);
+/// Bound for the waypoint's HBONE listener to serve once the agent is ready.
+const HBONE_READY: Duration = Duration::from_secs(30);
+/// Bound for istiod-lite to record the proxy's ACK of every type.
+const ACKS: Duration = Duration::from_secs(15);
+/// Bound for the agent (and the proxy below it) to stop after SIGTERM.
+const SHUTDOWN: Duration = Duration::from_secs(15);
+/// One header this large is over Envoy's default `max_request_headers_kb` (60) but under the echo
+/// server's limit, so a 431 can only come from the waypoint.
+const OVERSIZED_HEADER: usize = 100 * 1024;
+/// A port of the service VIP that no filter chain of `main_internal` matches.
+const UNFRONTED_PORT: u16 = 9999;
+/// Largest echo answer read.
+const ECHO_BODY_LIMIT: usize = 64 * 1024;
+/// How often the running mesh checks that the agent is still there.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     waypoint_shared::logging::init("warn", false);
-    let started = Instant::now();
-    let work = std::env::current_dir()?.join(&cli.workdir);
-    let _ = std::fs::remove_dir_all(&work);
-    let pod = work.join("pod");
-    for dir in [
-        "var/run/secrets/tokens",
-        "var/run/secrets/istio",
-        "etc/istio/proxy",
-        "etc/istio/pod",
-    ] {
-        std::fs::create_dir_all(pod.join(dir))?;
-    }
-
-    // istiod-lite with the reference waypoint resources and a token file.
-    let resources = work.join("resources");
-    std::fs::create_dir_all(&resources)?;
-    std::fs::write(
-        resources.join("waypoint.yaml"),
-        include_str!("../../fixtures/istio/waypoint_xds_reconstructed_example.yaml"),
-    )?;
-    std::fs::write(
-        resources.join("workloads.yaml"),
-        include_str!("../../fixtures/mesh/workloads.yaml"),
-    )?;
-    let token = mint_token(NODE_NAMESPACE, WAYPOINT_SA, Duration::from_secs(12 * 3600));
-    std::fs::write(work.join("tokens"), format!("{token}\n"))?;
-    std::fs::write(pod.join("var/run/secrets/tokens/istio-token"), &token)?;
-    let mut config = Config::for_test(&work.join("ca"));
-    config.resources = Some(resources.clone());
-    config.tokens = TokenPolicy::File(work.join("tokens"));
-    config.debug_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let istiod = IstiodLite::start(config).await.context("istiod-lite")?;
-    std::fs::write(
-        pod.join("var/run/secrets/istio/root-cert.pem"),
-        istiod.root_cert_pem(),
-    )?;
-    std::fs::write(
-        pod.join("etc/istio/pod/labels"),
-        "app=\"waypoint\"\ngateway.networking.k8s.io/gateway-name=\"waypoint\"\n",
-    )?;
-    println!("istiod-lite   ready on {} (CA + ADS, TLS)", istiod.addr);
-
-    // Echo backend (the "httpbin" pod).
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "httpbin".into(),
-        http: "127.0.0.1:0".parse()?,
-        grpc: Some("127.0.0.1:0".parse()?),
-    })
-    .await
-    .context("echo")?;
-    let (echo_http, echo_grpc) = (echo.http_addr(), echo.grpc_addr());
-    tokio::spawn(echo.run());
-    println!(
-        "echo-server   http={echo_http} grpc={}",
-        echo_grpc.map(|a| a.to_string()).unwrap_or_default()
-    );
-
-    // The agent, as the container would run it (working directory = pod root).
-    let agent_bin = sibling_binary("agent")?;
-    let mut agent = Command::new(&agent_bin)
-        .args([
-            "proxy",
-            "waypoint",
-            "--domain",
-            "default.svc.cluster.local",
-            "--serviceCluster",
-            "waypoint.default",
-            "--log_output_level",
-            "default:info",
-        ])
-        .current_dir(&pod)
-        .env("POD_NAME", "waypoint-6d7f8-abcde")
-        .env("POD_NAMESPACE", NODE_NAMESPACE)
-        .env("SERVICE_ACCOUNT", WAYPOINT_SA)
-        .env("INSTANCE_IP", "127.0.0.1")
-        .env("ISTIO_META_CLUSTER_ID", "Kubernetes")
-        .env("ISTIO_META_WORKLOAD_NAME", "waypoint")
-        .env("TRUST_DOMAIN", "cluster.local")
-        .env("CA_ADDR", istiod.addr.to_string())
-        .env(
-            "PROXY_CONFIG",
-            format!(
-                r#"{{"discoveryAddress":"{}","proxyAdminPort":{},"statusPort":{},"terminationDrainDuration":"1s"}}"#,
-                istiod.addr, cli.admin_port, cli.status_port
-            ),
-        )
-        .env("ENVOY_STATUS_PORT", cli.readiness_port.to_string())
-        .env("ENVOY_PROMETHEUS_PORT", cli.prometheus_port.to_string())
-        .env("SECRET_TTL", &cli.secret_ttl)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", agent_bin.display()))?;
-    let agent_log = work.join("agent.log");
-    forward_log(agent.stderr.take(), agent_log.clone());
-    forward_log(agent.stdout.take(), work.join("agent.stdout.log"));
-    println!(
-        "agent         pid {} (pod root {}, log {})",
-        agent.id().unwrap_or(0),
-        pod.display(),
-        agent_log.display()
-    );
-
-    // Identity: the agent's SDS socket, read with a real gRPC client.
-    let sds_path = pod.join("var/run/secrets/workload-spiffe-uds/socket");
-    wait_for_path(&sds_path, Duration::from_secs(15)).await?;
-    let (leaf, root_ok) = read_sds(&sds_path, istiod.root_cert_pem()).await?;
-
-    // Config: the proxy (spawned by the agent) pulls xDS through the agent's XDS proxy.
-    let admin = format!("http://127.0.0.1:{}", cli.admin_port);
-    let node_id = "waypoint~127.0.0.1~waypoint-6d7f8-abcde.default~default.svc.cluster.local";
-    let live = wait_http_ok(&format!("{admin}/ready"), Duration::from_secs(20)).await;
-    let acked = istiod
-        .book
-        .wait_until(Duration::from_secs(5), |c| {
-            c.iter().any(|c| {
-                c.connected
-                    && c.node_id == node_id
-                    && c.types.get(LISTENER_TYPE).is_some_and(|t| t.acks > 0)
-            })
-        })
-        .await
-        .is_ok();
-    // Kubernetes' probe path: proxy :15021 → agent :15020/healthz/ready → proxy admin stats.
-    let probe_ok = wait_http_ok(
-        &format!("http://127.0.0.1:{}/healthz/ready", cli.readiness_port),
-        Duration::from_secs(10),
-    )
-    .await;
-    let merged = http_get(&format!(
-        "http://127.0.0.1:{}/stats/prometheus",
-        cli.status_port
-    ))
-    .await
-    .unwrap_or_default();
-    let agent_series = merged
-        .lines()
-        .filter(|l| l.starts_with("istio_agent_"))
-        .count();
-    let proxy_series = merged.lines().filter(|l| l.starts_with("envoy_")).count();
-    let dump = http_get(&format!("{admin}/config_dump"))
-        .await
-        .unwrap_or_default();
-    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
-
-    // Traffic: the waypoint data path is not implemented yet, so the requests go to the backend
-    // directly; the report says so.
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let mut ok = 0;
-    for _ in 0..cli.requests {
-        let uri: http::Uri = format!("http://{echo_http}/headers").parse()?;
-        if let Ok(resp) = client.get(uri).await
-            && resp.status().is_success()
-        {
-            ok += 1;
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mesh: {e:#}");
+            ExitCode::FAILURE
         }
     }
-
-    let bootstrap = pod.join("etc/istio/proxy/envoy-rev.json");
-    let issued = istiod.ca.issued().await;
-    let conns = istiod.book.connections().await;
-    println!(
-        "\n===== local mesh report ({} ms) =====",
-        started.elapsed().as_millis()
-    );
-    println!(
-        "identity      {} (serial {}, valid until unix {}), chain verifies to istiod-lite root: {root_ok}",
-        leaf.uri_sans.join(","),
-        leaf.serial,
-        leaf.not_after
-    );
-    println!(
-        "CA            {} certificate(s) issued by istiod-lite: {}",
-        issued.len(),
-        issued
-            .iter()
-            .map(|c| c.identity.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "bootstrap     {} ({} bytes)",
-        bootstrap.display(),
-        std::fs::metadata(&bootstrap).map(|m| m.len()).unwrap_or(0)
-    );
-    println!(
-        "proxy         {} (admin {admin}/ready)",
-        if live { "LIVE" } else { "NOT READY" }
-    );
-    println!(
-        "readiness     :{} /healthz/ready via proxy -> agent -> proxy admin: {}",
-        cli.readiness_port,
-        if probe_ok { "200" } else { "NOT READY" }
-    );
-    println!(
-        "metrics       agent :{}/stats/prometheus merges {agent_series} istio_agent_* and {proxy_series} envoy_* series",
-        cli.status_port
-    );
-    println!("xDS (delta: proxy -> agent XDS proxy -> istiod-lite)");
-    for (kind, names) in dump_names(&dump) {
-        println!("  {kind:<9} {}: {}", names.len(), names.join(", "));
-    }
-    if !acked {
-        println!("  (istiod-lite has not recorded an LDS ACK from the waypoint)");
-    }
-    for c in conns.iter().filter(|c| c.connected && c.node_id == node_id) {
-        for (t, s) in &c.types {
-            let short = t.rsplit('.').next().unwrap_or(t);
-            println!(
-                "  istiod-lite: {short} {} ack(s), {} nack(s)",
-                s.acks, s.nacks
-            );
-        }
-    }
-    println!(
-        "traffic       {ok}/{} requests OK — sent DIRECTLY to the echo backend: the waypoint data path (HBONE in/out) is not built yet",
-        cli.requests
-    );
-    println!(
-        "routes/retries/metrics: not yet — they arrive with the proxy's data path (issues 6-8)"
-    );
-    println!("\nURLs:");
-    println!(
-        "  istiod-lite xDS status   http://{}/debug/xds",
-        istiod.debug_addr.map(|a| a.to_string()).unwrap_or_default()
-    );
-    println!(
-        "  istiod-lite issued certs http://{}/debug/certs",
-        istiod.debug_addr.map(|a| a.to_string()).unwrap_or_default()
-    );
-    println!("  echo backend             http://{echo_http}/");
-    println!(
-        "  proxy admin              {admin}/ready {admin}/config_dump {admin}/stats {admin}/clusters"
-    );
-    println!(
-        "  agent status             http://127.0.0.1:{0}/healthz/ready http://127.0.0.1:{0}/stats/prometheus",
-        cli.status_port
-    );
-
-    if cli.once {
-        stop_agent(&mut agent).await;
-        istiod.shutdown().await;
-        if ok != cli.requests || !root_ok || !live || !acked || !probe_ok {
-            bail!(
-                "the mesh did not work: {ok}/{} requests, root ok {root_ok}, proxy live {live}, LDS acked {acked}",
-                cli.requests
-            );
-        }
-        return Ok(());
-    }
-    println!("\nrunning; Ctrl-C to stop");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        status = agent.wait() => println!("agent exited: {status:?}"),
-    }
-    stop_agent(&mut agent).await;
-    istiod.shutdown().await;
-    Ok(())
 }
 
-/// SIGTERM to the agent (it drains and stops the proxy), SIGKILL if it is still there after 10 s.
-async fn stop_agent(agent: &mut tokio::process::Child) {
-    if let Some(pid) = agent.id() {
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut options =
+        MeshOptions::new("mesh", &sibling_binary("proxy")?, &sibling_binary("agent")?);
+    options.proxy_log_level = cli.proxy_log_level.clone();
+    options.ready_within = Duration::from_secs(cli.ready_within);
+    // A fixed port taken by another mesh would even answer our readiness checks: refuse early.
+    for (flag, port) in [
+        ("--admin-port", cli.admin_port),
+        ("--status-port", cli.status_port),
+        ("--readiness-port", cli.readiness_port),
+        ("--prometheus-port", cli.prometheus_port),
+    ] {
+        if port != 0 && std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+            bail!(
+                "port {port} ({flag}) is in use (another mesh running?): choose other ports, or 0 \
+                 for free ones"
+            );
+        }
     }
-    if tokio::time::timeout(Duration::from_secs(10), agent.wait())
+    options.ports = Some(AgentPorts {
+        admin: port_or_free(cli.admin_port)?,
+        status: port_or_free(cli.status_port)?,
+        readiness: port_or_free(cli.readiness_port)?,
+        prometheus: port_or_free(cli.prometheus_port)?,
+    });
+    if let Some(dir) = &cli.workdir {
+        options.dir = Some(std::env::current_dir()?.join(dir));
+    }
+    options.keep = cli.keep;
+    options.istiod_debug = true;
+    if let Some(ttl) = &cli.secret_ttl {
+        options.env.push(("SECRET_TTL".into(), ttl.clone()));
+    }
+
+    // Before anything is started: a signal must reach our shutdown, not kill us and leave the
+    // agent and proxy behind.
+    let mut stop = StopSignals::install()?;
+    let mesh = tokio::select! {
+        mesh = WaypointMesh::start(options) => mesh.context("starting the mesh")?,
+        signal = stop.recv() => bail!("{signal} during start-up"),
+    };
+    let ready = started.elapsed();
+    tokio::select! {
+        served = mesh.wait_hbone_ready(HBONE_READY) => served?,
+        signal = stop.recv() => bail!("{signal} during start-up"),
+    }
+    let serving = started.elapsed();
+    let direct = mesh
+        .direct_forwarder()
         .await
-        .is_err()
-    {
-        let _ = agent.start_kill();
-        let _ = agent.wait().await;
+        .context("the direct forwarder")?;
+    let a = mesh.addrs;
+    println!(
+        "mesh          {} on loopback: waypoint {}, VIP {}, pod {} (echo :8080, sink :15008), client {}",
+        mesh.dir().display(),
+        a.waypoint_hbone(),
+        a.service(),
+        a.pod_ip,
+        a.client_ip
+    );
+    println!(
+        "start-up      agent ready in {} ms (/healthz/ready 200 via the proxy), waypoint serving HBONE at {} ms",
+        ready.as_millis(),
+        serving.as_millis()
+    );
+
+    if let Some(path) = &cli.serve_json {
+        write_serve_json(path, &mesh, &direct)?;
+        println!("serve-json    {}", path.display());
     }
+
+    let mut failed = Vec::new();
+    let mut signalled = None;
+    if cli.serve_json.is_none() || cli.report {
+        let mut expect = Expectations::default();
+        tokio::select! {
+            () = report(&cli, &mesh, &direct, &mut expect) => {}
+            signal = stop.recv() => signalled = Some(signal),
+        }
+        if signalled.is_none() {
+            println!(
+                "expectations  {}/{} held",
+                expect.total - expect.failed.len(),
+                expect.total
+            );
+            for f in &expect.failed {
+                println!("FAILED        {f}");
+            }
+            if !expect.failed.is_empty() && cli.once {
+                // The folder goes at exit (unless --keep): show what helps now.
+                let diagnostics = tokio::task::block_in_place(|| mesh.diagnostics());
+                println!(
+                    "
+{diagnostics}"
+                );
+            }
+            failed = expect.failed;
+        }
+    }
+    if signalled.is_none() {
+        print_urls(&mesh, &direct);
+        if !cli.once {
+            println!("\nrunning; Ctrl-C or SIGTERM to stop");
+            signalled = Some(wait_for_stop(&mesh, &mut stop).await?);
+        }
+    }
+    let stopping = Instant::now();
+    direct.shutdown();
+    mesh.shutdown(SHUTDOWN).await;
+    if let Some(path) = &cli.serve_json {
+        let _ = std::fs::remove_file(path);
+    }
+    println!(
+        "stopped       {}agent and proxy gone in {} ms",
+        signalled.map(|s| format!("on {s}: ")).unwrap_or_default(),
+        stopping.elapsed().as_millis()
+    );
+    Ok(if failed.is_empty() && (signalled.is_none() || !cli.once) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM as streams.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(StopSignals {
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next stop signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// Waits for a stop signal (its name), or the agent exiting on its own (an error).
+async fn wait_for_stop(
+    mesh: &WaypointMesh,
+    stop: &mut StopSignals,
+) -> anyhow::Result<&'static str> {
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            signal = stop.recv() => return Ok(signal),
+            _ = watch.tick() => mesh.check_agent()?,
+        }
+    }
+}
+
+/// `port`, or a free one when it is 0.
+fn port_or_free(port: u16) -> anyhow::Result<u16> {
+    Ok(if port == 0 { free_port()? } else { port })
 }
 
 /// A binary from the same target folder as this one.
@@ -354,45 +317,896 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         .context("no parent folder")?;
     if !path.exists() {
         bail!(
-            "{} not found: build it with `cargo build --bins`",
+            "{} not found: build it with `cargo build -p agent -p proxy --bins`",
             path.display()
         );
     }
     Ok(path)
 }
 
-fn forward_log(stream: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>, path: PathBuf) {
-    let Some(stream) = stream else { return };
-    tokio::spawn(async move {
-        let Ok(mut file) = tokio::fs::File::create(&path).await else {
-            return;
-        };
-        let mut lines = tokio::io::BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            use tokio::io::AsyncWriteExt as _;
-            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+/// The JSON object of `--serve-json`, written to a temporary name and renamed, so a reader that
+/// sees the file sees all of it.
+fn write_serve_json(
+    path: &Path,
+    mesh: &WaypointMesh,
+    direct: &HboneForwarder,
+) -> anyhow::Result<()> {
+    let doc = json!({
+        "client_url": mesh.client_url("/"),
+        "client_addr": mesh.client_addr().to_string(),
+        "direct_client_addr": direct.addr.to_string(),
+        "admin_url": mesh.admin_url(""),
+        "status_url": format!("http://127.0.0.1:{}", mesh.ports.status),
+        "readiness_url": format!("http://127.0.0.1:{}/healthz/ready", mesh.ports.readiness),
+        "prometheus_url": format!("http://127.0.0.1:{}/stats/prometheus", mesh.ports.prometheus),
+        "proxy_pid": mesh.proxy_pid(),
+        "agent_pid": mesh.agent_pid(),
+        "pod_ip": mesh.addrs.pod_ip.to_string(),
+        "waypoint_ip": mesh.addrs.waypoint_ip.to_string(),
+        "vip": mesh.addrs.vip.to_string(),
+        "host": HOST,
+        "dir": mesh.dir().display().to_string(),
+        "log": mesh.log_path().display().to_string(),
+    });
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, format!("{doc:#}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn print_urls(mesh: &WaypointMesh, direct: &HboneForwarder) {
+    let status = format!("http://127.0.0.1:{}", mesh.ports.status);
+    println!("\nURLs:");
+    println!(
+        "  client (via waypoint)    curl {}   (h2c: curl --http2-prior-knowledge ...)",
+        mesh.client_url("/get")
+    );
+    println!("  client (direct, no wp)   curl http://{}/get", direct.addr);
+    println!(
+        "  proxy admin              {0} {1} {2} {3}",
+        mesh.admin_url("/ready"),
+        mesh.admin_url("/config_dump"),
+        mesh.admin_url("/stats"),
+        mesh.admin_url("/clusters")
+    );
+    println!("  agent status (merged)    {status}/stats/prometheus {status}/healthz/ready");
+    println!(
+        "  readiness (kubelet)      http://127.0.0.1:{}/healthz/ready",
+        mesh.ports.readiness
+    );
+    if let Some(debug) = mesh.istiod.debug_addr {
+        println!("  istiod-lite              http://{debug}/debug/xds http://{debug}/debug/certs");
+    }
+    println!("  agent/proxy log          {}", mesh.log_path().display());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expectations
+// ---------------------------------------------------------------------------------------------
+
+/// What the report checked, and what did not hold.
+#[derive(Debug, Default)]
+struct Expectations {
+    total: usize,
+    failed: Vec<String>,
+}
+
+impl Expectations {
+    /// Records one expectation; `what` says what should have held (and what was seen).
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
+        self.total += 1;
+        if !ok {
+            self.failed.push(what());
         }
+        ok
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------------------------
+
+/// Sends the traffic and prints the report, one line per finding (the first word names the
+/// section, for scripts); every expectation goes to `expect`.
+async fn report(
+    cli: &Cli,
+    mesh: &WaypointMesh,
+    direct: &HboneForwarder,
+    expect: &mut Expectations,
+) {
+    println!("\n===== local mesh report =====");
+    control_plane(mesh, expect).await;
+    let before = upstream_rq_totals(mesh).await;
+    let client = mesh.client_addr();
+
+    // Requests: the same ones through the waypoint and on the direct chain.
+    let mut served = 0;
+    for (chain, addr) in [("waypoint", client), ("direct", direct.addr)] {
+        let h1 = http1_requests(addr, cli.requests, chain).await;
+        let h2 = h2c_requests(addr, cli.h2_requests, chain).await;
+        for (proto, batch, want) in [
+            ("HTTP/1.1", &h1, cli.requests),
+            ("h2c", &h2, cli.h2_requests),
+        ] {
+            let s = Summary::of(batch);
+            println!(
+                "requests      {chain:<8} {proto:<8} {}/{want} OK  status {}  p50 {}  max {}  echo saw {}{}",
+                s.ok,
+                s.codes,
+                ms(s.p50),
+                ms(s.max),
+                s.upstream,
+                s.first_error
+                    .as_deref()
+                    .map(|e| format!("  first error: {e}"))
+                    .unwrap_or_default()
+            );
+            expect.check(s.ok == want, || {
+                format!(
+                    "{want} {proto} requests {chain} answered 200 by the echo: {} did ({}){}",
+                    s.ok,
+                    s.codes,
+                    s.first_error
+                        .as_deref()
+                        .map(|e| format!("; first error: {e}"))
+                        .unwrap_or_default()
+                )
+            });
+            if chain == "waypoint" {
+                served += s.ok;
+            }
+        }
+    }
+
+    // One WebSocket round trip through the waypoint.
+    let ws = websocket(client).await;
+    println!(
+        "websocket     waypoint 101 upgrade, text echoed, close 1000: {}",
+        ok_or(&ws)
+    );
+    expect.check(ws.is_ok(), || {
+        format!("WebSocket round trip through the waypoint: {}", ok_or(&ws))
+    });
+    if ws.is_ok() {
+        served += 1;
+    }
+
+    // A header list over the limit: 431 from the waypoint (the echo takes it: see direct).
+    let big_wp = oversized_header(client).await;
+    let big_direct = oversized_header(direct.addr).await;
+    println!(
+        "header limit  {} KiB header: waypoint {}, direct {}",
+        OVERSIZED_HEADER / 1024,
+        status_text(&big_wp),
+        status_text(&big_direct)
+    );
+    expect.check(matches!(big_wp, Ok(431)), || {
+        format!(
+            "431 for a {} KiB header through the waypoint: got {}",
+            OVERSIZED_HEADER / 1024,
+            status_text(&big_wp)
+        )
+    });
+
+    // CONNECT to an authority the waypoint does not front: 503.
+    let unfronted = format!("{}:{UNFRONTED_PORT}", mesh.addrs.vip);
+    let refused = connect_status(mesh, &unfronted).await;
+    println!(
+        "CONNECT       {unfronted} (not fronted) at the waypoint: {}",
+        status_text(&refused)
+    );
+    expect.check(matches!(refused, Ok(503)), || {
+        format!(
+            "503 for CONNECT {unfronted} at the waypoint: got {}",
+            status_text(&refused)
+        )
+    });
+
+    identities(mesh, direct, expect);
+    let table = routes(mesh, &before, served, expect).await;
+    retries(mesh, &table).await;
+    metrics(mesh, expect).await;
+}
+
+/// istiod-lite, the CA, ACK/NACK per type, the agent's certificate, bootstrap, liveness, probe.
+async fn control_plane(mesh: &WaypointMesh, expect: &mut Expectations) {
+    println!(
+        "istiod-lite   {} (Istio CA + delta ADS over TLS), node {}",
+        mesh.istiod.addr, mesh.node_id
+    );
+    let issued = mesh.istiod.ca.issued().await;
+    println!(
+        "CA            {} certificate(s) issued: {}",
+        issued.len(),
+        issued
+            .iter()
+            .map(|c| c.identity.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // The proxy's ADS stream (through the agent's XDS proxy): every type ACKed, nothing NACKed.
+    let node = mesh.node_id.clone();
+    let types = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, WORKLOAD_TYPE];
+    let conns = match mesh
+        .istiod
+        .book
+        .wait_until(ACKS, |conns| {
+            conns.iter().any(|c| {
+                c.node_id == node
+                    && c.connected
+                    && types
+                        .iter()
+                        .all(|t| c.types.get(*t).is_some_and(|s| s.acks >= 1))
+            })
+        })
+        .await
+    {
+        Ok(conns) | Err(conns) => conns,
+    };
+    let conn = conns
+        .iter()
+        .rev()
+        .find(|c| c.node_id == mesh.node_id && c.connected);
+    let mut per_type = Vec::new();
+    for t in types {
+        let s = conn.and_then(|c| c.types.get(t));
+        let (acks, nacks) = s.map_or((0, 0), |s| (s.acks, s.nacks));
+        per_type.push(format!("{} {acks} ACK {nacks} NACK", short_type(t)));
+        expect.check(acks >= 1, || format!("istiod-lite recorded an ACK of {t}"));
+        expect.check(nacks == 0, || {
+            format!(
+                "no NACK of {t}: {nacks}, last: {}",
+                s.and_then(|s| s.last_nack.as_ref())
+                    .map(|n| n.message.as_str())
+                    .unwrap_or_default()
+            )
+        });
+    }
+    println!(
+        "xDS           {} ({} stream)",
+        per_type.join(", "),
+        conn.map(|c| c.stream).unwrap_or("no")
+    );
+
+    // The agent's identity, read from its SDS socket as the proxy does.
+    let sds = mesh
+        .dir()
+        .join("pod/var/run/secrets/workload-spiffe-uds/socket");
+    match read_sds(&sds, mesh.istiod.root_cert_pem()).await {
+        Ok((leaf, root_ok)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let left = leaf.not_after - now;
+            println!(
+                "identity      {} from the agent's SDS (serial {}), expires unix {} (in {}h{:02}m), chains to istiod-lite's root: {}",
+                leaf.uri_sans.join(","),
+                leaf.serial,
+                leaf.not_after,
+                left / 3600,
+                (left % 3600) / 60,
+                yes_no(root_ok)
+            );
+            expect.check(leaf.uri_sans.iter().any(|s| s == WAYPOINT_IDENTITY), || {
+                format!(
+                    "the agent's certificate is {WAYPOINT_IDENTITY}: {:?}",
+                    leaf.uri_sans
+                )
+            });
+            expect.check(root_ok, || {
+                "the agent serves istiod-lite's root as ROOTCA".to_owned()
+            });
+            expect.check(left > 0, || "the agent's certificate is valid".to_owned());
+        }
+        Err(e) => {
+            println!("identity      SDS read failed: {e:#}");
+            expect.check(false, || format!("reading the agent's SDS: {e:#}"));
+        }
+    }
+
+    let bootstrap = mesh.dir().join("pod/etc/istio/proxy/envoy-rev.json");
+    println!(
+        "bootstrap     {} ({} bytes)",
+        bootstrap.display(),
+        std::fs::metadata(&bootstrap).map(|m| m.len()).unwrap_or(0)
+    );
+    let live = matches!(mesh.admin_get("/ready").await, Ok((200, _)));
+    println!(
+        "proxy         {} (pid {}, agent pid {}, admin {})",
+        if live { "LIVE" } else { "NOT LIVE" },
+        mesh.proxy_pid()
+            .map_or_else(|| "?".to_owned(), |p| p.to_string()),
+        mesh.agent_pid(),
+        mesh.admin_url("/ready")
+    );
+    expect.check(live, || "the proxy's admin /ready answers 200".to_owned());
+    let probe = http_get(
+        SocketAddr::from(([127, 0, 0, 1], mesh.ports.readiness)),
+        "/healthz/ready",
+    )
+    .await
+    .map(|(status, _)| status)
+    .map_err(|e| e.to_string());
+    println!(
+        "readiness     :{}/healthz/ready via proxy -> agent :{} -> proxy admin: {}",
+        mesh.ports.readiness,
+        mesh.ports.status,
+        status_text(&probe)
+    );
+    expect.check(matches!(probe, Ok(200)), || {
+        format!(
+            "the probe path :{}/healthz/ready answers 200: {}",
+            mesh.ports.readiness,
+            status_text(&probe)
+        )
     });
 }
 
-async fn wait_for_path(path: &Path, limit: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {limit:?}", path.display());
+/// Who the sink saw on each chain, and who the forwarder is.
+fn identities(mesh: &WaypointMesh, direct: &HboneForwarder, expect: &mut Expectations) {
+    let mut by_peer: BTreeMap<String, usize> = BTreeMap::new();
+    for s in mesh.sink_streams() {
+        *by_peer.entry(s.peer_identity).or_default() += 1;
+    }
+    let from = |id: &str| by_peer.get(id).copied().unwrap_or(0);
+    let fwd = mesh.forwarder.stats();
+    println!(
+        "identities    forwarder is {SLEEP_IDENTITY} and verified the waypoint as {WAYPOINT_IDENTITY} ({} tunnels, {} refused, {} failed)",
+        fwd.established, fwd.refused, fwd.failed
+    );
+    println!(
+        "identities    sink ({HTTPBIN_IDENTITY}) saw {} tunnel(s) from {WAYPOINT_IDENTITY} (waypoint chain), {} from {SLEEP_IDENTITY} (direct chain)",
+        from(WAYPOINT_IDENTITY),
+        from(SLEEP_IDENTITY)
+    );
+    println!(
+        "identities    the client's identity as the waypoint saw it: not exposed yet (it would be source_principal of istio_requests_total)"
+    );
+    let others: Vec<String> = by_peer
+        .iter()
+        .filter(|(id, _)| *id != WAYPOINT_IDENTITY && *id != SLEEP_IDENTITY)
+        .map(|(id, n)| format!("{id} ({n})"))
+        .collect();
+    expect.check(from(WAYPOINT_IDENTITY) > 0, || {
+        format!("the sink saw tunnels from {WAYPOINT_IDENTITY}: {by_peer:?}")
+    });
+    expect.check(from(SLEEP_IDENTITY) > 0, || {
+        format!("the sink saw the direct chain's tunnels from {SLEEP_IDENTITY}: {by_peer:?}")
+    });
+    expect.check(others.is_empty(), || {
+        format!("the sink saw no other identity: {}", others.join(", "))
+    });
+    expect.check(direct.stats().failed == 0, || {
+        format!(
+            "the direct forwarder opened every tunnel: {:?}",
+            direct.stats()
+        )
+    });
+}
+
+/// Which listener chain / route configuration / virtual host / route / cluster served, from
+/// `/config_dump` and the clusters' `upstream_rq_total` during the traffic.
+async fn routes(
+    mesh: &WaypointMesh,
+    before: &BTreeMap<String, u64>,
+    served: usize,
+    expect: &mut Expectations,
+) -> Vec<RouteRow> {
+    let after = upstream_rq_totals(mesh).await;
+    let dump = mesh.config_dump("").await.unwrap_or_default();
+    let alt = alt_stat_names(&dump);
+    // Counted under the cluster's name, or under its alt_stat_name as Envoy does.
+    let delta = |cluster: &str| {
+        let count = |m: &BTreeMap<String, u64>, name: &str| m.get(name).copied().unwrap_or(0);
+        let by_name = count(&after, cluster).saturating_sub(count(before, cluster));
+        let by_alt = alt
+            .get(cluster)
+            .map_or(0, |a| count(&after, a).saturating_sub(count(before, a)));
+        by_name.max(by_alt)
+    };
+    let table = route_table(&dump);
+    let mut shown = 0;
+    for r in &table {
+        let n = delta(&r.cluster);
+        if n == 0 {
+            continue;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        shown += 1;
+        println!(
+            "routes        {}: {} -> cluster {:?}: upstream_rq_total +{n}",
+            r.listener, r.via, r.cluster
+        );
+    }
+    if shown == 0 {
+        println!(
+            "routes        no route's cluster counted a request ({} routes in /config_dump)",
+            table.len()
+        );
+    }
+    let vip_cluster = waypoint_testbed::waypoint::VIP_CLUSTER;
+    let vip = delta(vip_cluster);
+    expect.check(vip as usize >= served, || {
+        format!(
+            "cluster.{vip_cluster}.upstream_rq_total grew by the {served} requests the echo answered through the waypoint: +{vip}"
+        )
+    });
+    expect.check(table.iter().any(|r| r.cluster == vip_cluster), || {
+        format!("/config_dump has a route to {vip_cluster}")
+    });
+    table
+}
+
+/// The service route's retry policy and the retry counters, if the proxy has any.
+async fn retries(mesh: &WaypointMesh, table: &[RouteRow]) {
+    let vip_cluster = waypoint_testbed::waypoint::VIP_CLUSTER;
+    let policy = table
+        .iter()
+        .find(|r| r.cluster == vip_cluster)
+        .and_then(|r| r.retry.clone())
+        .unwrap_or_else(|| "none".to_owned());
+    let stats = match mesh.admin_get("/stats?filter=retry").await {
+        Ok((200, body)) => parse_stats(&body),
+        _ => BTreeMap::new(),
+    };
+    if stats.is_empty() {
+        println!(
+            "retries       not yet counted (no *retry* stat in /stats); service route policy: {policy}"
+        );
+        return;
+    }
+    let nonzero: Vec<String> = stats
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let vip = stats
+        .get(&format!("cluster.{vip_cluster}.upstream_rq_retry"))
+        .map_or_else(|| "absent".to_owned(), u64::to_string);
+    println!(
+        "retries       upstream_rq_retry of the service cluster: {vip}; non-zero retry stats: {} (of {}); service route policy: {policy}",
+        if nonzero.is_empty() {
+            "none".to_owned()
+        } else {
+            nonzero.join(", ")
+        },
+        stats.len()
+    );
+}
+
+/// Families in the agent's merged `/stats/prometheus`.
+async fn metrics(mesh: &WaypointMesh, expect: &mut Expectations) {
+    let merged = match http_get(
+        SocketAddr::from(([127, 0, 0, 1], mesh.ports.status)),
+        "/stats/prometheus",
+    )
+    .await
+    {
+        Ok((200, body)) => body,
+        Ok((status, body)) => format!("# {status} {body}"),
+        Err(e) => format!("# {e}"),
+    };
+    let families = |prefix: &str| prometheus_families(&merged, prefix);
+    let (agent, proxy) = (families("istio_agent_"), families("envoy_"));
+    let requests_total = if merged.contains("istio_requests_total") {
+        "istio_requests_total present"
+    } else {
+        "istio_requests_total not emitted yet (istio.stats filter)"
+    };
+    println!(
+        "metrics       agent :{}/stats/prometheus merges {agent} istio_agent_* and {proxy} envoy_* families; {requests_total}",
+        mesh.ports.status
+    );
+    expect.check(agent > 0 && proxy > 0, || {
+        format!(
+            "the merged /stats/prometheus has istio_agent_* and envoy_* families: {agent} and {proxy}"
+        )
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic
+// ---------------------------------------------------------------------------------------------
+
+/// One request: its status (or why there was none), latency to the whole answer, and whether
+/// the echo's answer was the right one.
+#[derive(Debug)]
+struct Outcome {
+    status: Result<u16, String>,
+    latency: Duration,
+    /// The protocol the echo saw (the last hop's), when it answered for the right path.
+    echoed: Option<String>,
+}
+
+/// Counts, status codes and latencies of a batch.
+#[derive(Debug)]
+struct Summary {
+    /// 200s with the echo's answer for the right path.
+    ok: usize,
+    /// `20x200` or `19x200 1xerror`.
+    codes: String,
+    p50: Duration,
+    max: Duration,
+    first_error: Option<String>,
+    /// Protocols the echo saw, e.g. `HTTP/1.1`.
+    upstream: String,
+}
+
+impl Summary {
+    fn of(batch: &[Outcome]) -> Self {
+        let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+        let mut first_error = None;
+        for o in batch {
+            let key = match &o.status {
+                Ok(s) => s.to_string(),
+                Err(e) => {
+                    first_error.get_or_insert_with(|| e.clone());
+                    "error".to_owned()
+                }
+            };
+            *codes.entry(key).or_default() += 1;
+        }
+        let mut latencies: Vec<Duration> = batch.iter().map(|o| o.latency).collect();
+        latencies.sort();
+        let p50 = latencies
+            .get(latencies.len().div_ceil(2).saturating_sub(1))
+            .copied()
+            .unwrap_or_default();
+        Summary {
+            ok: batch
+                .iter()
+                .filter(|o| matches!(o.status, Ok(200)) && o.echoed.is_some())
+                .count(),
+            upstream: {
+                let mut seen: Vec<&str> =
+                    batch.iter().filter_map(|o| o.echoed.as_deref()).collect();
+                seen.sort_unstable();
+                seen.dedup();
+                if seen.is_empty() {
+                    "-".to_owned()
+                } else {
+                    seen.join("+")
+                }
+            },
+            codes: if codes.is_empty() {
+                "-".to_owned()
+            } else {
+                codes
+                    .iter()
+                    .map(|(k, n)| format!("{n}x{k}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+            p50,
+            max: latencies.last().copied().unwrap_or_default(),
+            first_error,
+        }
+    }
+}
+
+/// Reads an answer: its status, and for a 200 the protocol the echo saw, checking that it is the
+/// echo's report of `path`.
+async fn echoed(
+    resp: http::Response<hyper::body::Incoming>,
+    path: &str,
+) -> Result<(u16, Option<String>), String> {
+    let status = resp.status().as_u16();
+    let body = read_body(resp.into_body(), ECHO_BODY_LIMIT, REQUEST)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Ok((status, None));
+    }
+    let seen = EchoSeen::parse(&body).map_err(|e| e.to_string())?;
+    if seen.path != path || seen.server != waypoint_testbed::waypoint::ECHO_NAME {
+        return Err(format!(
+            "{} answered for {}, want the echo for {path}",
+            seen.server, seen.path
+        ));
+    }
+    Ok((status, Some(seen.protocol)))
+}
+
+/// An [`Outcome`] from what [`echoed`] returned.
+fn outcome(result: Result<(u16, Option<String>), String>, t0: Instant) -> Outcome {
+    let latency = t0.elapsed();
+    match result {
+        Ok((status, echoed)) => Outcome {
+            status: Ok(status),
+            latency,
+            echoed,
+        },
+        Err(e) => Outcome {
+            status: Err(e),
+            latency,
+            echoed: None,
+        },
+    }
+}
+
+/// `n` HTTP/1.1 GETs one after the other on keep-alive connections to `addr` (a forwarder: each
+/// new connection is one HBONE tunnel).
+async fn http1_requests(addr: SocketAddr, n: usize, chain: &str) -> Vec<Outcome> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = format!("/get?chain={chain}&i={i}");
+        let t0 = Instant::now();
+        let exchange = async {
+            let req = Request::get(format!("http://{addr}{path}"))
+                .header("host", HOST)
+                .body(Empty::new())
+                .map_err(|e| e.to_string())?;
+            let resp = client.request(req).await.map_err(|e| e.to_string())?;
+            echoed(resp, &path).await
+        };
+        let result = tokio::time::timeout(REQUEST, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST:?}")));
+        out.push(outcome(result, t0));
+    }
+    out
+}
+
+/// `n` h2c (prior knowledge) GETs at once on one HTTP/2 connection to `addr`.
+async fn h2c_requests(addr: SocketAddr, n: usize, chain: &str) -> Vec<Outcome> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let handshake = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2c handshake: {e}"))
+    };
+    let (send, conn) = match tokio::time::timeout(REQUEST, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return failed_batch(n, e),
+        Err(_) => return failed_batch(n, format!("h2c handshake within {REQUEST:?}")),
+    };
+    let driver = tokio::spawn(conn);
+    let requests = (0..n).map(|i| {
+        let mut send = send.clone();
+        async move {
+            let path = format!("/h2c?chain={chain}&i={i}");
+            let t0 = Instant::now();
+            let exchange = async {
+                send.ready().await.map_err(|e| e.to_string())?;
+                let req = Request::get(format!("http://{HOST}{path}"))
+                    .body(Empty::<Bytes>::new())
+                    .map_err(|e| e.to_string())?;
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                echoed(resp, &path).await
+            };
+            let result = tokio::time::timeout(REQUEST, exchange)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {REQUEST:?}")));
+            outcome(result, t0)
+        }
+    });
+    let out = futures::future::join_all(requests).await;
+    driver.abort();
+    out
+}
+
+fn failed_batch(n: usize, why: String) -> Vec<Outcome> {
+    (0..n)
+        .map(|_| Outcome {
+            status: Err(why.clone()),
+            latency: Duration::ZERO,
+            echoed: None,
+        })
+        .collect()
+}
+
+/// Upgrade, one text frame echoed, close 1000 echoed.
+async fn websocket(addr: SocketAddr) -> Result<(), String> {
+    let mut ws = WsClient::connect(addr, HOST, "/ws", REQUEST)
+        .await
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        ws.send(ws_opcode::TEXT, b"hello waypoint").await?;
+        let text = ws.recv().await?;
+        ws.send(ws_opcode::CLOSE, &1000u16.to_be_bytes()).await?;
+        let close = ws.recv().await?;
+        Ok::<_, std::io::Error>((text, close))
+    };
+    let (text, close) = tokio::time::timeout(REQUEST, exchange)
+        .await
+        .map_err(|_| format!("no echo within {REQUEST:?}"))?
+        .map_err(|e| e.to_string())?;
+    if text != (ws_opcode::TEXT, b"hello waypoint".to_vec()) {
+        return Err(format!("text frame came back as {text:?}"));
+    }
+    if close != (ws_opcode::CLOSE, 1000u16.to_be_bytes().to_vec()) {
+        return Err(format!("close came back as {close:?}"));
     }
     Ok(())
 }
 
-/// Reads `default` and `ROOTCA` from the agent's SDS socket.
+/// The status of a GET with one [`OVERSIZED_HEADER`]-byte header.
+async fn oversized_header(addr: SocketAddr) -> Result<u16, String> {
+    let req = Request::get("/big-header")
+        .header("host", HOST)
+        .header("x-big", "a".repeat(OVERSIZED_HEADER))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    http1_request(addr, req, REQUEST)
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
+/// The waypoint's answer to a `CONNECT authority` from the sleep identity.
+async fn connect_status(mesh: &WaypointMesh, authority: &str) -> Result<u16, String> {
+    let tls = mesh.client_tls().map_err(|e| e.to_string())?;
+    let pool = HbonePool::new(PoolSettings::default());
+    let headers = HeaderMap::new();
+    let connect = pool.connect(mesh.addrs.waypoint_hbone(), &tls, authority, &headers);
+    match tokio::time::timeout(REQUEST, connect).await {
+        Ok(Ok(stream)) => Ok(stream.status.as_u16()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {REQUEST:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin and metrics parsing
+// ---------------------------------------------------------------------------------------------
+
+/// `cluster.<name>.upstream_rq_total` of every cluster, by name.
+async fn upstream_rq_totals(mesh: &WaypointMesh) -> BTreeMap<String, u64> {
+    let body = match mesh.admin_get("/stats?filter=upstream_rq_total$").await {
+        Ok((200, body)) => body,
+        _ => return BTreeMap::new(),
+    };
+    parse_stats(&body)
+        .into_iter()
+        .filter_map(|(name, v)| {
+            let cluster = name
+                .strip_prefix("cluster.")?
+                .strip_suffix(".upstream_rq_total")?;
+            Some((cluster.to_owned(), v))
+        })
+        .collect()
+}
+
+/// `name: value` lines of Envoy's text `/stats` (histograms and non-numbers skipped).
+fn parse_stats(body: &str) -> BTreeMap<String, u64> {
+    body.lines()
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(": ")?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Metric families named `prefix*` in a Prometheus text exposition: its `# TYPE` lines, or the
+/// distinct sample names when there are none.
+fn prometheus_families(text: &str, prefix: &str) -> usize {
+    let typed = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter(|l| l.starts_with(prefix))
+        .count();
+    if typed > 0 {
+        return typed;
+    }
+    let mut names: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.len()
+}
+
+/// One way a dynamic listener sends traffic to a cluster: a route of an HTTP connection
+/// manager's inline route configuration, or a TCP proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouteRow {
+    listener: String,
+    /// `route config "rc" vhost "vh" route "r"`, or `tcp_proxy`.
+    via: String,
+    cluster: String,
+    /// The route's retry policy: `retry_on <conditions>, num_retries <n>`.
+    retry: Option<String>,
+}
+
+/// Every route and TCP proxy of the filter chains of a `/config_dump`'s dynamic listeners.
+fn route_table(dump: &Json) -> Vec<RouteRow> {
+    let mut out = Vec::new();
+    let listeners = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["dynamic_listeners"].as_array())
+        .flatten();
+    for l in listeners {
+        let listener = &l["active_state"]["listener"];
+        let lname = listener["name"].as_str().unwrap_or("?");
+        let filters = listener["filter_chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|chain| chain["filters"].as_array())
+            .flatten();
+        for filter in filters {
+            let config = &filter["typed_config"];
+            let rc = &config["route_config"];
+            for vh in rc["virtual_hosts"].as_array().into_iter().flatten() {
+                for r in vh["routes"].as_array().into_iter().flatten() {
+                    let Some(cluster) = r["route"]["cluster"].as_str() else {
+                        continue;
+                    };
+                    out.push(RouteRow {
+                        listener: lname.to_owned(),
+                        via: format!(
+                            "route config {:?} vhost {:?} route {:?}",
+                            rc["name"].as_str().unwrap_or(""),
+                            vh["name"].as_str().unwrap_or(""),
+                            r["name"].as_str().unwrap_or("")
+                        ),
+                        cluster: cluster.to_owned(),
+                        retry: retry_summary(&r["route"]["retry_policy"]),
+                    });
+                }
+            }
+            if config["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(".TcpProxy"))
+                && let Some(cluster) = config["cluster"].as_str()
+            {
+                out.push(RouteRow {
+                    listener: lname.to_owned(),
+                    via: "tcp_proxy".to_owned(),
+                    cluster: cluster.to_owned(),
+                    retry: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `retry_on <conditions>, num_retries <n>` of a route's `retry_policy` (Envoy's default for
+/// `num_retries` is 1).
+fn retry_summary(policy: &Json) -> Option<String> {
+    let retry_on = policy["retry_on"].as_str()?;
+    let n = policy["num_retries"].as_u64().unwrap_or(1);
+    Some(format!("retry_on {retry_on}, num_retries {n}"))
+}
+
+/// Each dynamic cluster's `alt_stat_name`, where it has one (Envoy names its stats by it).
+fn alt_stat_names(dump: &Json) -> BTreeMap<String, String> {
+    dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["dynamic_active_clusters"].as_array())
+        .flatten()
+        .filter_map(|c| {
+            let c = &c["cluster"];
+            let alt = c["alt_stat_name"].as_str().filter(|a| !a.is_empty())?;
+            Some((c["name"].as_str()?.to_owned(), alt.to_owned()))
+        })
+        .collect()
+}
+
+/// Reads `default` and `ROOTCA` from the agent's SDS socket: the leaf, and whether the root is
+/// istiod-lite's.
 async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo, bool)> {
     let mut client = SecretDiscoveryServiceClient::new(uds::channel(path).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tx.send(DiscoveryRequest {
         node: Some(Node {
-            id: "mesh-probe".into(),
+            id: "mesh-report".into(),
             ..Default::default()
         }),
         resource_names: vec!["default".into(), "ROOTCA".into()],
@@ -404,7 +1218,7 @@ async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo,
         .stream_secrets(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let resp = tokio::time::timeout(Duration::from_secs(20), stream.message())
+    let resp = tokio::time::timeout(REQUEST, stream.message())
         .await
         .context("SDS timed out")??
         .context("SDS closed")?;
@@ -414,19 +1228,16 @@ async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo,
         let s: Secret = prost::Message::decode(any.value.as_slice())?;
         match s.r#type {
             Some(secret::Type::TlsCertificate(tls)) => {
-                if let Some(
-                    waypoint_proto::envoy::config::core::v3::data_source::Specifier::InlineBytes(b),
-                ) = tls.certificate_chain.and_then(|d| d.specifier)
+                if let Some(Specifier::InlineBytes(b)) =
+                    tls.certificate_chain.and_then(|d| d.specifier)
                 {
                     let certs = pem::certs(&String::from_utf8_lossy(&b))?;
-                    leaf = Some(pem::cert_info(&certs[0])?);
+                    let first = certs.first().context("empty certificate chain")?;
+                    leaf = Some(pem::cert_info(first)?);
                 }
             }
             Some(secret::Type::ValidationContext(vc)) => {
-                if let Some(
-                    waypoint_proto::envoy::config::core::v3::data_source::Specifier::InlineBytes(b),
-                ) = vc.trusted_ca.and_then(|d| d.specifier)
-                {
+                if let Some(Specifier::InlineBytes(b)) = vc.trusted_ca.and_then(|d| d.specifier) {
                     root_ok = String::from_utf8_lossy(&b).trim() == root_pem.trim();
                 }
             }
@@ -436,52 +1247,117 @@ async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo,
     Ok((leaf.context("no default secret")?, root_ok))
 }
 
-/// Subscribes CDS, EDS (every EDS cluster) and LDS through the XDS proxy; returns names per type.
-/// GET `url` (plain HTTP), body as text.
-async fn http_get(url: &str) -> anyhow::Result<String> {
-    use http_body_util::BodyExt as _;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let resp = client.get(url.parse()?).await?;
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+// ---------------------------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------------------------
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Polls `url` until it answers 200 or `limit` passes.
-async fn wait_http_ok(url: &str, limit: Duration) -> bool {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Ok(uri) = url.parse::<http::Uri>()
-            && let Ok(resp) = client.get(uri).await
-            && resp.status().is_success()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+fn status_text(r: &Result<u16, String>) -> String {
+    match r {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("error ({e})"),
     }
-    false
 }
 
-/// Names of the dynamic clusters (with versions) and listeners in a `/config_dump`.
-fn dump_names(dump: &serde_json::Value) -> Vec<(&'static str, Vec<String>)> {
-    let mut out = Vec::new();
-    for config in dump["configs"].as_array().into_iter().flatten() {
-        if let Some(list) = config["dynamic_active_clusters"].as_array() {
-            let names = list
-                .iter()
-                .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_owned))
-                .collect();
-            out.push(("clusters", names));
-        }
-        if let Some(list) = config["dynamic_listeners"].as_array() {
-            let names = list
-                .iter()
-                .filter_map(|l| l["name"].as_str().map(str::to_owned))
-                .collect();
-            out.push(("listeners", names));
-        }
+fn ok_or(r: &Result<(), String>) -> String {
+    match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("FAILED ({e})"),
     }
-    out
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// `type.googleapis.com/envoy.config.cluster.v3.Cluster` → `CDS`, etc.
+fn short_type(type_url: &str) -> &str {
+    match type_url {
+        CLUSTER_TYPE => "CDS",
+        ENDPOINT_TYPE => "EDS",
+        LISTENER_TYPE => "LDS",
+        WORKLOAD_TYPE => "WDS",
+        other => other.rsplit('.').next().unwrap_or(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_codes_and_percentiles() {
+        let o = |status: Result<u16, String>, ms: u64| Outcome {
+            echoed: status.is_ok().then(|| "HTTP/1.1".to_owned()),
+            status,
+            latency: Duration::from_millis(ms),
+        };
+        let s = Summary::of(&[
+            o(Ok(200), 3),
+            o(Ok(200), 1),
+            o(Ok(503), 2),
+            o(Err("reset".into()), 9),
+        ]);
+        assert_eq!(s.ok, 2);
+        assert_eq!(s.codes, "2x200 1x503 1xerror");
+        assert_eq!(s.p50, Duration::from_millis(2));
+        assert_eq!(s.max, Duration::from_millis(9));
+        assert_eq!(s.first_error.as_deref(), Some("reset"));
+        assert_eq!(s.upstream, "HTTP/1.1");
+    }
+
+    #[test]
+    fn stats_and_families_parse() {
+        let stats = parse_stats(
+            "cluster.a|8000|b.upstream_rq_total: 7\ncluster.x.upstream_rq_time: P0(nan,1)\n",
+        );
+        assert_eq!(stats.get("cluster.a|8000|b.upstream_rq_total"), Some(&7));
+        assert_eq!(stats.len(), 1);
+        let prom = "# TYPE envoy_a counter\nenvoy_a 1\n# TYPE envoy_b gauge\nenvoy_b{x=\"1\"} 2\nistio_agent_c 3\nistio_agent_c{y=\"2\"} 4\n";
+        assert_eq!(prometheus_families(prom, "envoy_"), 2);
+        assert_eq!(prometheus_families(prom, "istio_agent_"), 1);
+    }
+
+    #[test]
+    fn route_table_walks_listeners() {
+        let dump = json!({"configs": [{"dynamic_listeners": [
+            {"active_state": {"listener": {
+                "name": "main_internal",
+                "filter_chains": [{"name": "vip", "filters": [{"typed_config": {"route_config": {
+                    "name": "rc", "virtual_hosts": [{"name": "vh", "routes": [
+                                {"name": "default", "route": {"cluster": "c",
+                            "retry_policy": {"retry_on": "connect-failure", "num_retries": 2}}},
+                        {"name": "redirect", "redirect": {}}
+                    ]}]}}}]}]}}},
+            {"active_state": {"listener": {
+                "name": "connect_originate",
+                "filter_chains": [{"filters": [{"typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "cluster": "t"}}]}]}}}
+        ]}, {"dynamic_active_clusters": [{"cluster": {"name": "c", "alt_stat_name": "c;"}}]}]});
+        assert_eq!(
+            route_table(&dump),
+            vec![
+                RouteRow {
+                    listener: "main_internal".into(),
+                    via: r#"route config "rc" vhost "vh" route "default""#.into(),
+                    cluster: "c".into(),
+                    retry: Some("retry_on connect-failure, num_retries 2".into()),
+                },
+                RouteRow {
+                    listener: "connect_originate".into(),
+                    via: "tcp_proxy".into(),
+                    cluster: "t".into(),
+                    retry: None,
+                }
+            ]
+        );
+        assert_eq!(
+            alt_stat_names(&dump),
+            BTreeMap::from([("c".to_owned(), "c;".to_owned())])
+        );
+    }
 }
