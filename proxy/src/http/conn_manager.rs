@@ -523,6 +523,7 @@ async fn connect_stream(
         shared,
         source: Some(ctx.remote.clone()),
     };
+    rt.stats.rq_total.inc();
     router::open_tcp(
         dp,
         &rt,

@@ -294,6 +294,12 @@ impl ClusterManager {
             _ => &empty,
         };
         let previous = current.get(name);
+        // Envoy names a cluster's stats by `alt_stat_name` when set (istiod sets `<name>;`).
+        let stat_name = if cluster.raw.alt_stat_name.is_empty() {
+            name
+        } else {
+            cluster.raw.alt_stat_name.as_str()
+        };
         let rt = Arc::new(ClusterRt {
             cluster: cluster.clone(),
             assignment: assignment.clone(),
@@ -306,7 +312,7 @@ impl ClusterManager {
             hbone: previous.map(|p| p.hbone.clone()).unwrap_or_default(),
             stats: previous
                 .map(|p| p.stats.clone())
-                .unwrap_or_else(|| Arc::new(ClusterStats::new(dp, name))),
+                .unwrap_or_else(|| Arc::new(ClusterStats::new(dp, stat_name))),
             retries_active: previous
                 .map(|p| p.retries_active.clone())
                 .unwrap_or_default(),
