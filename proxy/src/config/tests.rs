@@ -396,6 +396,19 @@ fn semantic_errors_name_their_paths() {
         ),
         (
             ResourceKind::Listener,
+            json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+                "filter_chains": [{"transport_socket": {"name": "tls", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "session_timeout": "10s",
+                    "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": "default",
+                        "sds_config": {"ads": {}}}]}}},
+                "filters": [{"name": "t", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "s", "cluster": "c"}}]}]}),
+            "filter_chains[0].transport_socket.typed_config.session_timeout: rustls session lifetimes are not configurable",
+        ),
+        (
+            ResourceKind::Listener,
             json!({"name": "l", "internal_listener": {}, "filter_chains": [
                 {"name": "a", "filter_chain_match": {"destination_port": 1}, "filters": [{"name": "t", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",

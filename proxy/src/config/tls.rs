@@ -376,7 +376,7 @@ impl TransportSocket {
                     ));
                 }
                 use waypoint_proto::envoy::extensions::transport_sockets::tls::v3::downstream_tls_context::SessionTicketKeysType;
-                Ok(TransportSocket::DownstreamTls(Box::new(DownstreamTls {
+                let d = DownstreamTls {
                     common,
                     require_client_certificate,
                     require_sni: d.require_sni.as_ref().is_some_and(|b| b.value),
@@ -391,7 +391,11 @@ impl TransportSocket {
                         d.session_timeout.as_ref(),
                         &field(&ipath, "session_timeout"),
                     )?,
-                })))
+                };
+                // What the data path's TLS (rustls) cannot honour is a NACK now, not a failed
+                // handshake later.
+                crate::tls::check_downstream(&d).map_err(|e| tls_error(e, &ipath))?;
+                Ok(TransportSocket::DownstreamTls(Box::new(d)))
             }
             ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Side::Upstream) => {
                 let u: UpstreamTlsContext = t.decode(&name, &cpath)?;
@@ -404,13 +408,21 @@ impl TransportSocket {
                         ));
                     }
                 };
-                Ok(TransportSocket::UpstreamTls(Box::new(UpstreamTls {
+                if u.auto_host_sni {
+                    return Err(ConfigError::new(
+                        field(&ipath, "auto_host_sni"),
+                        "SNI from the upstream host's name is not supported",
+                    ));
+                }
+                let up = UpstreamTls {
                     common,
                     sni: (!u.sni.is_empty()).then(|| u.sni.clone()),
                     auto_host_sni: u.auto_host_sni,
                     auto_sni_san_validation: u.auto_sni_san_validation,
                     max_session_keys: u.max_session_keys.as_ref().map(|v| v.value),
-                })))
+                };
+                crate::tls::check_upstream(&up).map_err(|e| tls_error(e, &ipath))?;
+                Ok(TransportSocket::UpstreamTls(Box::new(up)))
             }
             (
                 "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
@@ -501,5 +513,15 @@ mod tests {
         .expect("parses");
         assert!(TransportSocket::compile(&raw, Side::Downstream, "ts").is_err());
         assert!(TransportSocket::compile(&raw, Side::Upstream, "ts").is_ok());
+    }
+}
+
+/// A data-path TLS refusal as a config error under `path` (the typed_config).
+fn tls_error(e: crate::tls::TlsError, path: &str) -> ConfigError {
+    match e {
+        crate::tls::TlsError::Unsupported { field: f, reason } => {
+            ConfigError::new(field(path, &f), reason)
+        }
+        other => ConfigError::new(path, other.to_string()),
     }
 }
