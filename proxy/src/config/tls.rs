@@ -477,6 +477,16 @@ impl TransportSocket {
     }
 }
 
+/// A data-path TLS refusal as a config error under `path` (the typed_config).
+fn tls_error(e: crate::tls::TlsError, path: &str) -> ConfigError {
+    match e {
+        crate::tls::TlsError::Unsupported { field: f, reason } => {
+            ConfigError::new(field(path, &f), reason)
+        }
+        other => ConfigError::new(path, other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,15 +523,5 @@ mod tests {
         .expect("parses");
         assert!(TransportSocket::compile(&raw, Side::Downstream, "ts").is_err());
         assert!(TransportSocket::compile(&raw, Side::Upstream, "ts").is_ok());
-    }
-}
-
-/// A data-path TLS refusal as a config error under `path` (the typed_config).
-fn tls_error(e: crate::tls::TlsError, path: &str) -> ConfigError {
-    match e {
-        crate::tls::TlsError::Unsupported { field: f, reason } => {
-            ConfigError::new(field(path, &f), reason)
-        }
-        other => ConfigError::new(path, other.to_string()),
     }
 }
