@@ -736,3 +736,95 @@ async fn large_bodies_in_bounded_memory() {
     );
     mesh.shutdown(Duration::from_secs(15)).await;
 }
+
+/// SIGTERM to the agent under load: readiness fails at once, requests already in flight through
+/// the waypoint complete (the drain window is `terminationDrainDuration`, 1s here), then the agent
+/// stops the proxy and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let mesh = serving_mesh("drain").await;
+    let status: SocketAddr = ([127, 0, 0, 1], mesh.ports.status).into();
+    let (code, _) = waypoint_testbed::waypoint::http_get(status, "/healthz/ready")
+        .await
+        .expect("readiness answers");
+    assert_eq!(code, 200);
+    // Slow requests (300 ms at the echo) on separate connections, in flight when SIGTERM lands.
+    let client = mesh.client_addr();
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(async move {
+                waypoint_testbed::waypoint::http_get(
+                    client,
+                    &format!("/slow/{i}?x-echo-delay-ms=300"),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Wait until the echo has them (the sink saw four tunnels from the waypoint beyond the
+    // readiness-free start), bounded.
+    let before = mesh.sink_streams().len();
+    mesh.wait_for(
+        "the slow requests reached the sink",
+        Duration::from_secs(10),
+        || {
+            let n = mesh.sink_streams().len();
+            async move {
+                if n >= before + 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} streams"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &mesh.agent_pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // Readiness fails from the moment drain begins.
+    mesh.wait_for(
+        "readiness 503 after SIGTERM",
+        Duration::from_secs(5),
+        || async move {
+            match waypoint_testbed::waypoint::http_get(status, "/healthz/ready").await {
+                Ok((503, _)) => Ok(()),
+                Ok((c, _)) => Err(format!("readiness {c}")),
+                // The status server going away also means "not ready".
+                Err(_) => Ok(()),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (i, r) in in_flight.into_iter().enumerate() {
+        let (code, body) = r.await.expect("task").unwrap_or_else(|e| {
+            panic!(
+                "in-flight request {i} failed during drain: {e}\n{}",
+                mesh.log_tail(40)
+            )
+        });
+        assert_eq!(code, 200, "in-flight request {i}: {body}");
+    }
+    // The agent finishes the drain, stops the proxy and exits 0.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match mesh.check_agent() {
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains("exit status: 0"), "{text}");
+                break;
+            }
+            Ok(()) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the agent did not exit after the drain"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
