@@ -770,7 +770,7 @@ async fn sigterm_drains_in_flight_requests() {
         || {
             let n = mesh.sink_streams().len();
             async move {
-                if n >= before + 1 {
+                if n > before {
                     Ok(())
                 } else {
                     Err(format!("{n} streams"))
