@@ -669,7 +669,6 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("most_specific_header_mutations_wins"),
             imp("validate_clusters"),
             imp("max_direct_response_body_size_bytes"),
-            imp("request_mirror_policies"),
             imp("ignore_port_in_host_matching"),
             imp("ignore_path_parameters_in_path_matching"),
             imp("typed_per_filter_config"),
@@ -690,7 +689,6 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("include_attempt_count_in_response"),
             imp("typed_per_filter_config"),
             imp("retry_policy"),
-            imp("request_mirror_policies"),
             ok("metadata", OPAQUE_METADATA),
         ],
     ),
@@ -753,7 +751,6 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("timeout"),
             imp("idle_timeout"),
             imp("retry_policy"),
-            imp("request_mirror_policies"),
             imp("priority"),
             imp("hash_policy"),
             imp("upgrade_configs"),
@@ -1311,7 +1308,6 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("load_assignment"),
             imp("max_requests_per_connection"),
             imp("circuit_breakers"),
-            imp("outlier_detection"),
             imp("cleanup_interval"),
             imp("ring_hash_lb_config"),
             imp("maglev_lb_config"),
@@ -1806,19 +1802,13 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
         "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         ExtensionKind::HttpFilter,
     ),
-    ext(
-        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        ExtensionKind::HttpFilter,
-    ),
+    // Istio's bootstrap compresses its Prometheus listener (15090); responses stay correct HTTP
+    // uncompressed, so the filter is accepted and passes responses through (see README).
     ext(
         "envoy.extensions.filters.http.compressor.v3.Compressor",
         ExtensionKind::HttpFilter,
     ),
     // per-route filter configs
-    ext(
-        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        ExtensionKind::PerRouteFilter,
-    ),
     ext(
         "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
         ExtensionKind::PerRouteFilter,
