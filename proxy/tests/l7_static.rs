@@ -93,6 +93,10 @@ static_resources:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
                     delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}
                     abort: {grpc_status: 14, percentage: {numerator: 100}}
+              - match: {prefix: /sticky}
+                route:
+                  cluster: ring
+                  hash_policy: [{header: {header_name: x-user}}]
               - match: {prefix: /rewrite/}
                 route: {cluster: backend, prefix_rewrite: /rewritten/}
               - match: {prefix: /}
@@ -130,6 +134,13 @@ static_resources:
       cluster_name: flaky
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${DEAD}}}}},
                                   {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
+  - name: ring
+    type: STATIC
+    lb_policy: RING_HASH
+    load_assignment:
+      cluster_name: ring
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}},
+                                  {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND2}}}}}]}]
   - name: dead
     type: STATIC
     connect_timeout: 2s
@@ -165,7 +176,19 @@ impl Drop for Proxy {
 }
 
 fn write_bootstrap(dir: &Path, listen: u16, admin: u16, backend: u16, dead: u16) -> PathBuf {
+    write_bootstrap2(dir, listen, admin, backend, backend, dead)
+}
+
+fn write_bootstrap2(
+    dir: &Path,
+    listen: u16,
+    admin: u16,
+    backend: u16,
+    backend2: u16,
+    dead: u16,
+) -> PathBuf {
     let text = BOOTSTRAP
+        .replace("${BACKEND2}", &backend2.to_string())
         .replace("${ADMIN}", &admin.to_string())
         .replace("${LISTEN}", &listen.to_string())
         .replace("${BACKEND}", &backend.to_string())
@@ -176,6 +199,10 @@ fn write_bootstrap(dir: &Path, listen: u16, admin: u16, backend: u16, dead: u16)
 }
 
 async fn start(tag: &str, backend: u16) -> Proxy {
+    start2(tag, backend, backend).await
+}
+
+async fn start2(tag: &str, backend: u16, backend2: u16) -> Proxy {
     let dir = std::env::temp_dir().join(format!("l7-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -183,7 +210,7 @@ async fn start(tag: &str, backend: u16) -> Proxy {
     let dead = free_port();
     let listen = free_port();
     let admin = free_port();
-    let path = write_bootstrap(&dir, listen, admin, backend, dead);
+    let path = write_bootstrap2(&dir, listen, admin, backend, backend2, dead);
     let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
         .arg("-c")
         .arg(&path)
@@ -445,5 +472,53 @@ async fn retries_follow_the_route_policy() {
     let r = get(proxy.listen, "svc.local", "/hello?x-echo-status=503", false).await;
     assert_eq!(r.status, 503);
     assert_eq!(proxy.stat("cluster.backend.upstream_rq_retry").await, after);
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_keeps_a_key_on_one_host() {
+    let mut ports = vec![];
+    for name in ["echo-a", "echo-b"] {
+        let echo = EchoServer::bind(&EchoConfig {
+            name: name.into(),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            grpc: None,
+        })
+        .await
+        .expect("echo");
+        ports.push(echo.http_addr().port());
+        tokio::spawn(echo.run());
+    }
+    let proxy = start2("ring", ports[0], ports[1]).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for user in 0..20 {
+        let mut servers = std::collections::BTreeSet::new();
+        for _ in 0..3 {
+            let tcp = TcpStream::connect(proxy.listen).await.expect("connect");
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .uri("/sticky")
+                .header("host", "svc.local")
+                .header("x-user", format!("user-{user}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .expect("request");
+            let resp = send.send_request(req).await.expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let json: Json = serde_json::from_slice(&body).expect("json");
+            servers.insert(json["server"].as_str().unwrap_or_default().to_owned());
+        }
+        assert_eq!(
+            servers.len(),
+            1,
+            "user-{user} moved between hosts: {servers:?}"
+        );
+        *seen
+            .entry(servers.into_iter().next().unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "20 keys spread over both hosts: {seen:?}");
     drop(proxy);
 }

@@ -272,6 +272,7 @@ fn pick_target(
     ctx: &ConnContext,
     header_dst: Option<&str>,
     exclude: &[Arc<Host>],
+    hash: Option<u64>,
 ) -> Result<Target, ProxyError> {
     match &rt.cluster.discovery {
         Discovery::OriginalDst(cfg) => {
@@ -293,7 +294,7 @@ fn pick_target(
             let host = rt
                 .hosts
                 .pick(&PickContext {
-                    hash: None,
+                    hash,
                     exclude,
                     random: rand::random(),
                 })
@@ -320,6 +321,74 @@ fn pick_target(
     }
 }
 
+/// The request's hash for ring hash / Maglev clusters (Envoy: each policy's value hashed with
+/// xxHash64, combined by rotate-left-1 and xor; a `terminal` policy with a value ends the walk).
+/// A cookie policy hashes an existing cookie; generating one (`ttl`) is not done yet.
+fn request_hash(
+    policies: &[crate::config::route::HashPolicy],
+    parts: &Parts,
+    ctx: &ConnContext,
+    state: &FilterState,
+) -> Option<u64> {
+    use crate::config::route::HashKind;
+    let mut out: Option<u64> = None;
+    for p in policies {
+        let value: Option<String> = match &p.kind {
+            HashKind::Header { name, rewrite } => {
+                let v = if name == ":authority" || name == "host" {
+                    authority(parts)
+                } else if name == ":path" {
+                    parts.uri.path_and_query().map(|p| p.as_str().to_owned())
+                } else if name == ":method" {
+                    Some(parts.method.as_str().to_owned())
+                } else {
+                    parts
+                        .headers
+                        .get(name.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                v.map(|v| match rewrite {
+                    Some(r) => r.apply(&v),
+                    None => v,
+                })
+            }
+            HashKind::Cookie { name, .. } => parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_owned()),
+            HashKind::SourceIp => ctx.remote.socket().map(|s| s.ip().to_string()),
+            HashKind::QueryParameter(q) => parts.uri.query().and_then(|query| {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                    .find(|(k, _)| k == q)
+                    .map(|(_, v)| v.to_owned())
+            }),
+            HashKind::FilterState(k) => state
+                .get(k)
+                .or_else(|| ctx.filter_state.get(k))
+                .map(str::to_owned),
+        };
+        if let Some(v) = value {
+            let h = crate::upstream::lb::xxhash64(v.as_bytes(), 0);
+            out = Some(match out {
+                Some(prev) => prev.rotate_left(1) ^ h,
+                None => h,
+            });
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Opens a byte stream to a host of `rt` (CONNECT termination, tcp_proxy).
 pub async fn open_tcp(
     dp: &Arc<DataPlane>,
@@ -328,7 +397,7 @@ pub async fn open_tcp(
     ctx: &ConnContext,
     timeout: Option<std::time::Duration>,
 ) -> Result<BoxIo, ProxyError> {
-    let target = pick_target(rt, ctx, None, &[])?;
+    let target = pick_target(rt, ctx, None, &[], None)?;
     let fut = connect(dp, &rt.cluster, &target.address, &target.metadata, origin);
     let r = match timeout {
         Some(t) => tokio::time::timeout(t, fut)
@@ -427,7 +496,8 @@ pub async fn forward(
         .get("x-envoy-original-dst-host")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let target = pick_target(&rt, ctx, header_dst.as_deref(), &[])?;
+    let hash = request_hash(&fwd.hash_policy, &parts, ctx, &call.state);
+    let target = pick_target(&rt, ctx, header_dst.as_deref(), &[], hash)?;
     let mut shared = ctx.filter_state.shared_with_upstream();
     for (k, o) in call.state.shared_with_upstream().iter() {
         shared.set(k, o.clone());
@@ -590,7 +660,7 @@ pub async fn forward(
         } else {
             &[]
         };
-        target = match pick_target(&rt, ctx, header_dst.as_deref(), exclude) {
+        target = match pick_target(&rt, ctx, header_dst.as_deref(), exclude, hash) {
             Ok(t) => t,
             Err(e) => break Err(e),
         };
