@@ -650,6 +650,25 @@ async fn http_through_the_waypoint() {
         "a {OVERSIZED_HEADER}-byte header"
     );
     assert_still_serves(&mesh, "431").await;
+    // The same over h2c: the stream is refused (RST_STREAM), the connection and proxy live on.
+    let big = format!("x-big: {}", "a".repeat(OVERSIZED_HEADER));
+    let c = curl(
+        &format!("http://{client}/big-headers"),
+        &["--http2-prior-knowledge", "-H", &big],
+    )
+    .await;
+    assert_eq!(
+        c.status, 0,
+        "no response to an oversized h2 header list: {c:?}"
+    );
+    assert!(
+        c.stderr.contains("REFUSED_STREAM")
+            || c.stderr.contains("(56)")
+            || c.stderr.contains("(92)"),
+        "an HTTP/2 stream error: {}",
+        c.stderr
+    );
+    assert_still_serves(&mesh, "h2-header-limit").await;
     mesh.shutdown(Duration::from_secs(15)).await;
 }
 
@@ -827,4 +846,52 @@ async fn sigterm_drains_in_flight_requests() {
             }
         }
     }
+}
+
+/// `kill -9` of the real proxy: the agent (which never exits) restarts it, the new proxy gets its
+/// config and certificate again from the agent's SDS/XDS sockets, and traffic flows through the
+/// waypoint again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_is_restarted_and_serves_again() {
+    let mesh = serving_mesh("restart").await;
+    let client = mesh.client_addr();
+    let (code, _) = waypoint_testbed::waypoint::http_get(client, "/before")
+        .await
+        .expect("request before the kill");
+    assert_eq!(code, 200);
+    let old = mesh.proxy_pid().expect("the proxy's pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // A new proxy process under the same agent, serving through the waypoint.
+    let new = mesh
+        .wait_for("a restarted proxy", Duration::from_secs(20), || {
+            let pid = mesh.proxy_pid();
+            async move {
+                match pid {
+                    Some(p) if p != old => Ok(p),
+                    other => Err(format!("proxy pid {other:?}")),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(new, old);
+    mesh.wait_for(
+        "traffic through the restarted waypoint",
+        Duration::from_secs(20),
+        || async move {
+            match waypoint_testbed::waypoint::http_get(client, "/after").await {
+                Ok((200, _)) => Ok(()),
+                Ok((c, b)) => Err(format!("{c}: {b}")),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.log_tail(40)));
+    mesh.check_agent().expect("the agent kept running");
+    mesh.shutdown(Duration::from_secs(15)).await;
 }
