@@ -21,11 +21,16 @@ fn admin() -> Arc<Admin> {
     .expect("fixture");
     let loaded = bootstrap::from_json(serde_json::from_str(&text).expect("json")).expect("loads");
     let options = cli::parse(&["-c".to_owned(), "envoy-rev.json".to_owned()]).expect("options");
-    Admin::new(
-        Server::new(options, loaded),
-        Arc::new(SecretStore::default()),
-        None,
-    )
+    let server = Server::new(options, loaded);
+    // As at start-up: the bootstrap's static listeners and clusters join the snapshot (no data
+    // plane here, so nothing is bound).
+    let compiled =
+        proxy::config::bootstrap::compile(&server.bootstrap.bootstrap).expect("compiles");
+    let problems = server
+        .config
+        .seed_static(compiled.listeners, compiled.clusters);
+    assert!(problems.is_empty(), "{problems:?}");
+    Admin::new(server, Arc::new(SecretStore::default()), None)
 }
 
 async fn call(admin: &Admin, method: Method, uri: &str) -> (StatusCode, String) {

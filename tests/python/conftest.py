@@ -31,6 +31,24 @@ REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "proto" / "protos"
 CA_PROTO = "istio/ca/ca.proto"
 REFERENCE_FIXTURE = REPO / "tests" / "fixtures" / "istio" / "waypoint_xds_reconstructed_example.yaml"
+REFERENCE_TERMINATE = "address: {socket_address: {address: 0.0.0.0, port_value: 15008}}"
+
+
+def free_loopback_ip(port: int, tries: int = 200) -> str:
+    """A 127.x.y.2 address whose `port` can be bound now (bounded tries)."""
+    import random
+    import socket
+
+    rng = random.Random(os.getpid() ^ int(time.time() * 1000))
+    for _ in range(tries):
+        ip = f"127.{rng.randint(20, 219)}.{rng.randint(0, 255)}.2"
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+        return ip
+    raise RuntimeError(f"no free loopback address for port {port} after {tries} tries")
 DEFAULT_BIN = REPO / "target" / "debug" / "istiod-lite"
 
 READY_TIMEOUT_S = 20.0
@@ -536,7 +554,14 @@ class IstiodSite:
         self.resources_dir = workdir / "resources"
         self.ca_dir.mkdir()
         self.resources_dir.mkdir()
-        shutil.copyfile(REFERENCE_FIXTURE, self.resources_dir / "waypoint.yaml")
+        # The proxy binds LDS socket listeners: connect_terminate moves from 0.0.0.0:15008 to a
+        # loopback address of this site's own, so parallel tests never fight over the port.
+        self.hbone_ip = free_loopback_ip(15008)
+        reference = REFERENCE_FIXTURE.read_text()
+        assert REFERENCE_TERMINATE in reference
+        (self.resources_dir / "waypoint.yaml").write_text(
+            reference.replace(REFERENCE_TERMINATE, REFERENCE_TERMINATE.replace("0.0.0.0", self.hbone_ip))
+        )
         self.tokens = {
             "default/waypoint": mint_token(binary, "default", "waypoint"),
             "default/sleep": mint_token(binary, "default", "sleep"),

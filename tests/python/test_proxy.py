@@ -269,7 +269,7 @@ def test_admin_json_shapes_parse(proxy_pod):
     assert f"{VIP_CLUSTER}::envoy://connect_originate/10.244.1.5:8080::health_flags::healthy" in text.splitlines()
     assert f"{VIP_CLUSTER}::eds_service_name::{VIP_CLUSTER}" in text.splitlines()
     status, text = pp.admin("/listeners")
-    assert "connect_terminate::0.0.0.0:15008" in text.splitlines()
+    assert f"connect_terminate::{pp.site.hbone_ip}:15008" in text.splitlines()
 
 
 def test_admin_methods_drain_and_logging(proxy_pod):

@@ -200,15 +200,13 @@ pub fn refresh(admin: &Admin) {
         .gauge("server.concurrency")
         .set(concurrency(server) as u64);
     stats.gauge("server.hot_restart_epoch").set(0);
+    // The snapshot holds the bootstrap's static clusters and listeners as well as the dynamic ones.
     let snapshot = server.config.snapshot();
-    let statics = server.bootstrap.bootstrap.static_resources.as_ref();
-    let static_clusters = statics.map(|s| s.clusters.len()).unwrap_or(0);
-    let static_listeners = statics.map(|s| s.listeners.len()).unwrap_or(0);
     stats
         .gauge("cluster_manager.active_clusters")
-        .set((static_clusters + snapshot.clusters.len()) as u64);
+        .set(snapshot.clusters.len() as u64);
     stats.gauge("cluster_manager.warming_clusters").set(0);
-    let listeners = (static_listeners + snapshot.listeners.len()) as u64;
+    let listeners = snapshot.listeners.len() as u64;
     if server.state() == ServerState::Draining {
         stats
             .gauge("listener_manager.total_listeners_active")
