@@ -522,3 +522,39 @@ async fn ring_hash_keeps_a_key_on_one_host() {
     assert_eq!(seen.len(), 2, "20 keys spread over both hosts: {seen:?}");
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_leave_the_active_gauge() {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: "backend".into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: None,
+    })
+    .await
+    .expect("echo");
+    let backend = echo.http_addr().port();
+    tokio::spawn(echo.run());
+    let proxy = start("gauge", backend).await;
+    // Slow upstream answers; the clients give up first (their connections close mid-request).
+    for h2 in [false, true] {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(300),
+            get(proxy.listen, "svc.local", "/slow?x-echo-delay-ms=2000", h2),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active = proxy.stat("cluster.backend.upstream_rq_active").await;
+        if active == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream_rq_active stuck at {active}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.stat("cluster.backend.upstream_rq_total").await >= 2);
+    drop(proxy);
+}

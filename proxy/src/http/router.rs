@@ -588,7 +588,9 @@ pub async fn forward(
             (Some(d), None) => Some(d.saturating_duration_since(tokio::time::Instant::now())),
             (None, p) => p,
         };
-        rt.stats.rq_active.add(1);
+        // Counted while the attempt waits; a guard, so a cancelled downstream request (the
+        // future dropped mid-wait) still decrements.
+        let active = ActiveGuard::new(&rt.stats.rq_active);
         let sent = pool.send(req, dial, upgrade.is_some());
         let outcome = match wait {
             Some(w) => match tokio::time::timeout(w, sent).await {
@@ -603,7 +605,7 @@ pub async fn forward(
             },
             None => sent.await,
         };
-        rt.stats.rq_active.dec();
+        drop(active);
         let overall_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
         let (next_req, failure) = match outcome {
@@ -728,4 +730,20 @@ pub async fn forward(
         });
     }
     Ok(resp)
+}
+
+/// Holds one count in a gauge until dropped.
+struct ActiveGuard(Arc<crate::stats::Stat>);
+
+impl ActiveGuard {
+    fn new(gauge: &Arc<crate::stats::Stat>) -> Self {
+        gauge.add(1);
+        ActiveGuard(gauge.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
