@@ -241,6 +241,7 @@ fn value_matches(m: &ValueMatch, value: Option<&Json>) -> bool {
             value,
             Some(Json::Array(items)) if items.iter().any(|i| value_matches(inner, Some(i)))
         ),
+        ValueMatch::Or(any) => any.iter().any(|m| value_matches(m, value)),
     }
 }
 
@@ -879,6 +880,34 @@ mod tests {
             "inverted: a missing value does not match bool_match"
         );
         assert_eq!(eval(json!({"level": 42, "banned": true})), None);
+    }
+
+    #[test]
+    fn or_match_as_istiod_sends_it_for_claims() {
+        // istiod: `request.auth.claims[groups]` → a claim that is the string or a list holding it.
+        let jwt = "envoy.filters.http.jwt_authn";
+        let r = rules(json!({"action": "ALLOW", "policies": {"claims": {
+            "permissions": [{"any": true}],
+            "principals": [{"metadata": {"filter": jwt, "path": [{"key": "payload"}, {"key": "groups"}],
+                "value": {"or_match": {"value_matchers": [
+                    {"string_match": {"exact": "admin"}},
+                    {"list_match": {"one_of": {"string_match": {"exact": "admin"}}}}]}}}}]}}}));
+        let eval = |groups: Json| {
+            let store: BTreeMap<String, Json> =
+                [(jwt.to_owned(), json!({ "payload": {"groups": groups} }))].into();
+            let lookup = |filter: &str, path: &[String]| {
+                path.iter().try_fold(store.get(filter)?, |v, k| v.get(k))
+            };
+            let input = RbacInput {
+                metadata: &lookup,
+                ..RbacInput::default()
+            };
+            matched_policy(&r, &input).is_some()
+        };
+        assert!(eval(json!("admin")));
+        assert!(eval(json!(["dev", "admin"])));
+        assert!(!eval(json!(["dev"])));
+        assert!(!eval(json!("dev")));
     }
 
     #[test]

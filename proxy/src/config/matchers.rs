@@ -506,6 +506,8 @@ pub enum ValueMatch {
     Present(bool),
     /// A list with an element that matches.
     ListOneOf(Box<ValueMatch>),
+    /// Any of (`or_match`; istiod uses it for `request.auth.claims[...]`).
+    Or(Vec<ValueMatch>),
 }
 
 impl ValueMatch {
@@ -544,11 +546,21 @@ impl ValueMatch {
                     }
                 }
             }
-            Some(ValuePattern::OrMatch(_)) => {
-                return Err(ConfigError::new(
-                    field(path, "or_match"),
-                    "or_match is not supported",
-                ));
+            Some(ValuePattern::OrMatch(o)) => {
+                let opath = field(path, "or_match");
+                if o.value_matchers.len() < 2 {
+                    return Err(ConfigError::new(
+                        field(&opath, "value_matchers"),
+                        "at least two value matchers are required",
+                    ));
+                }
+                ValueMatch::Or(
+                    o.value_matchers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| ValueMatch::compile(v, &index(&opath, "value_matchers", i)))
+                        .collect::<CompileResult<_>>()?,
+                )
             }
             None => return Err(ConfigError::new(path, "a value matcher is required")),
         })

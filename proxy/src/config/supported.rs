@@ -510,9 +510,11 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("bool_match"),
             imp("present_match"),
             imp("list_match"),
+            imp("or_match"),
         ],
     ),
     msg("envoy.type.matcher.v3.ListMatcher", &[imp("one_of")]),
+    msg("envoy.type.matcher.v3.OrMatcher", &[imp("value_matchers")]),
     msg(
         "envoy.type.matcher.v3.DoubleMatcher",
         &[imp("range"), imp("exact")],

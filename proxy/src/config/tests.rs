@@ -1127,3 +1127,31 @@ fn destination_rule_cluster_compiles() {
         Some("ring_hash_lb_config: ring_hash_lb_config does not apply to lb_policy ROUND_ROBIN")
     );
 }
+
+#[test]
+fn rbac_claims_or_match_is_accepted() {
+    // istiod's translation of `request.auth.claims[groups]: [admin]` (or_match of string and list).
+    let value = json!({"or_match": {"value_matchers": [
+        {"string_match": {"exact": "admin"}},
+        {"list_match": {"one_of": {"string_match": {"exact": "admin"}}}}]}});
+    let principal = json!({"metadata": {"filter": "envoy.filters.http.jwt_authn",
+        "path": [{"key": "payload"}, {"key": "groups"}], "value": value}});
+    let rbac = json!({"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "rules": {"action": "ALLOW", "policies": {"claims": {
+            "permissions": [{"any": true}], "principals": [principal]}}}}});
+    let router = json!({"name": "r", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "s", "route_config": {"name": "r"}, "http_filters": [rbac, router]});
+    let l = json!({"name": "l", "internal_listener": {},
+        "filter_chains": [{"filters": [{"name": "h", "typed_config": hcm}]}]});
+    let store = ConfigStore::default();
+    let errors = store.apply(
+        ResourceKind::Listener,
+        &[update(ResourceKind::Listener, &l)],
+        &[],
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+}
