@@ -238,6 +238,20 @@ async fn start2(tag: &str, backend: u16, backend2: u16) -> Proxy {
     }
 }
 
+/// An echo backend named `name` on 127.0.0.1; its port.
+async fn echo(name: &str) -> u16 {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: name.into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: None,
+    })
+    .await
+    .expect("echo");
+    let port = echo.http_addr().port();
+    tokio::spawn(echo.run());
+    port
+}
+
 struct Reply {
     status: u16,
     headers: http::HeaderMap,
@@ -304,15 +318,7 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_rewrites_header_ops_and_local_replies() {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let backend = echo.http_addr().port();
-    tokio::spawn(echo.run());
+    let backend = echo("backend").await;
     let proxy = start("routes", backend).await;
     for h2 in [false, true] {
         let proto = if h2 { "h2c" } else { "HTTP/1.1" };
@@ -416,15 +422,7 @@ async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_route_policy() {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let backend = echo.http_addr().port();
-    tokio::spawn(echo.run());
+    let backend = echo("backend").await;
     let proxy = start("retries", backend).await;
     // istiod's default waypoint policy: a dead endpoint is retried on another host (previous_hosts),
     // so every request succeeds although round robin sends every other first try to the dead one.
@@ -477,18 +475,7 @@ async fn retries_follow_the_route_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_a_key_on_one_host() {
-    let mut ports = vec![];
-    for name in ["echo-a", "echo-b"] {
-        let echo = EchoServer::bind(&EchoConfig {
-            name: name.into(),
-            http: "127.0.0.1:0".parse().expect("addr"),
-            grpc: None,
-        })
-        .await
-        .expect("echo");
-        ports.push(echo.http_addr().port());
-        tokio::spawn(echo.run());
-    }
+    let ports = [echo("echo-a").await, echo("echo-b").await];
     let proxy = start2("ring", ports[0], ports[1]).await;
     let mut seen = std::collections::BTreeMap::new();
     for user in 0..20 {
@@ -525,15 +512,7 @@ async fn ring_hash_keeps_a_key_on_one_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_requests_leave_the_active_gauge() {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let backend = echo.http_addr().port();
-    tokio::spawn(echo.run());
+    let backend = echo("backend").await;
     let proxy = start("gauge", backend).await;
     // Slow upstream answers; the clients give up first (their connections close mid-request).
     for h2 in [false, true] {
