@@ -668,6 +668,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stable_run_resets_the_backoff_and_the_count() {
+        // Every run (300 ms) outlasts the stable period (100 ms): each exit starts the backoff over
+        // at the base and resets the count, so two allowed restarts never run out. Without the
+        // reset the third exit gives up, and the delays (200, 400, 800 ms ...) would push four
+        // restarts past 3 s; with it they take 4 × (300 + 200) ms.
+        let policy = RestartPolicy {
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            max_restarts: 2,
+            stable_period: Duration::from_millis(100),
+            ..RestartPolicy::default()
+        };
+        let (sup, _state, metrics) = supervisor("sh", &["-c", "sleep 0.3; exit 1"], policy);
+        let (mode_tx, mode_rx) = watch::channel(Mode::Run);
+        let started = Instant::now();
+        let task = tokio::spawn(sup.run(mode_rx));
+        let deadline = started + Duration::from_secs(10);
+        while metrics.proxy_restarts.get() < 4 {
+            assert!(
+                Instant::now() < deadline && !task.is_finished(),
+                "four restarts: {} so far",
+                metrics.proxy_restarts.get()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(3200),
+            "four restarts took {took:?}"
+        );
+        mode_tx.send_replace(Mode::Kill);
+        let exit = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("join");
+        assert!(matches!(exit, SupervisorExit::Stopped(_)), "{exit:?}");
+    }
+
+    #[tokio::test]
     async fn stop_sends_sigterm_then_kill_after_grace() {
         // `sh` ignoring TERM needs the SIGKILL after the grace. It says when its trap is set.
         let marker = std::env::temp_dir().join(format!("agent-sup-trap-{}", std::process::id()));

@@ -1,89 +1,83 @@
-//! Graceful termination with real signals and requests in flight through the proxy (the test bed's
-//! `fake-proxy`, whose slow listener answers after 2 s): readiness fails at once, in-flight requests
-//! complete, the agent exits 0 in time; the `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` variant; a second
-//! SIGTERM; `POST /drain` and `POST /quitquitquit`; the proxy exiting during the drain.
+//! Graceful termination of the agent and the real proxy, with real signals and long requests in
+//! flight through the waypoint (client → forwarder → HBONE → proxy → sink → echo, 2 s answers):
+//! readiness fails within 100 ms, every in-flight request completes, new connections are refused
+//! once the proxy's drain time has passed, and the agent exits 0 within terminationDrainDuration +
+//! 1 s. Then the variants: `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, a second SIGTERM, `POST /drain`, `POST
+//! /quitquitquit`, the proxy dying during the drain, and no status server.
 
 mod common;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use common::{Pod, PodOptions};
+use common::{eventually, mesh, proxy_config, readiness, serial, status_url, wait_ready};
 use nix::sys::signal::Signal;
-use tokio::task::JoinHandle;
+use serde_json::json;
+use waypoint_testbed::waypoint::{EchoSeen, WaypointMesh, http_get};
 
-/// One request's outcome: status, body and when it completed.
-type Outcome = Result<(u16, String, Instant), String>;
+/// `terminationDrainDuration` of the main drain test.
+const TERMINATION_DRAIN: Duration = Duration::from_secs(3);
+/// `drainDuration` (the proxy's `--drain-time-s`): after it the proxy's listeners stop accepting.
+const PROXY_DRAIN_TIME: Duration = Duration::from_secs(1);
+/// How long the echo holds each in-flight request.
+const SLOW_MS: u64 = 2000;
 
-/// Clients that keep slow requests in flight until told to stop starting new ones.
-struct Load {
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<Vec<Outcome>>>,
-}
+/// A request in flight: its answer (or error) and when it completed.
+type InFlight = tokio::task::JoinHandle<(Result<(u16, String), String>, Instant)>;
 
-impl Load {
-    fn start(pod: &Pod, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let url = format!("http://127.0.0.1:{}/slow", pod.ports.slow);
-        let workers = (0..clients)
-            .map(|_| {
-                let (stop, url) = (stop.clone(), url.clone());
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let r = agent::http_client::get(&url, Duration::from_secs(10)).await;
-                        results.push(
-                            r.map(|r| (r.status.as_u16(), r.text(), Instant::now()))
-                                .map_err(|e| e.to_string()),
-                        );
-                    }
-                    results
-                })
+/// Requests of `delay_ms` through the waypoint, one connection each, started now.
+fn slow_requests(mesh: &WaypointMesh, n: usize, delay_ms: u64) -> Vec<InFlight> {
+    let client = mesh.client_addr();
+    (0..n)
+        .map(|i| {
+            tokio::spawn(async move {
+                let r = http_get(client, &format!("/slow/{i}?x-echo-delay-ms={delay_ms}")).await;
+                (r.map_err(|e| e.to_string()), Instant::now())
             })
-            .collect();
-        Load { stop, workers }
-    }
+        })
+        .collect()
+}
 
-    /// Stops starting requests; returns every result once the ones in flight ended.
-    async fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut all = Vec::new();
-        for w in self.workers {
-            all.extend(w.await.expect("worker"));
+/// Waits until the sink has `n` more tunnels than `before` (the waypoint passed the requests on).
+async fn wait_tunnels(mesh: &WaypointMesh, before: usize, n: usize) {
+    eventually(
+        Duration::from_secs(10),
+        "the requests at the sink",
+        || async { (mesh.sink_streams().len() >= before + n).then_some(()) },
+    )
+    .await;
+}
+
+/// Every request answered 200 by the echo; returns when the last one completed.
+async fn all_ok(requests: Vec<InFlight>, mesh: &WaypointMesh) -> (usize, Instant) {
+    let mut last = None;
+    let n = requests.len();
+    for (i, r) in requests.into_iter().enumerate() {
+        let (result, at) = r.await.expect("request task");
+        match result {
+            Ok((200, body)) => {
+                let seen = EchoSeen::parse(body.as_bytes()).expect("an echo answer");
+                assert!(seen.path.starts_with(&format!("/slow/{i}")), "{seen:?}");
+            }
+            other => panic!(
+                "in-flight request {i} failed during the drain: {other:?}\n{}",
+                mesh.log_tail(60)
+            ),
         }
-        all
+        last = last.max(Some(at));
     }
+    (n, last.expect("at least one request"))
 }
 
-/// The fake proxy's active connections on its slow listener (from its admin API).
-async fn slow_active(pod: &Pod) -> u64 {
-    let url = format!(
-        "http://127.0.0.1:{}/stats?usedonly&filter=downstream_cx_active%24",
-        pod.ports.admin
-    );
-    let Ok(resp) = agent::http_client::get(&url, Duration::from_secs(2)).await else {
-        return 0;
-    };
-    let key = format!("listener.0.0.0.0_{}.downstream_cx_active: ", pod.ports.slow);
-    resp.text()
-        .lines()
-        .find_map(|l| l.strip_prefix(key.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Polls readiness as fast as it answers until it is not 200; returns when that was seen.
-async fn until_unready(pod: &Pod, within: Duration) -> (Instant, String) {
+/// Polls readiness as fast as it answers until it is not 200; returns when and what.
+async fn until_unready(mesh: &WaypointMesh, within: Duration) -> (Instant, u16, String) {
     let deadline = Instant::now() + within;
     loop {
-        let (code, body) = pod.readiness().await;
+        let (code, body) = readiness(mesh).await;
         if code != 200 {
-            return (Instant::now(), format!("{code} {body}"));
+            return (Instant::now(), code, body);
         }
         assert!(
             Instant::now() < deadline,
@@ -93,213 +87,260 @@ async fn until_unready(pod: &Pod, within: Duration) -> (Instant, String) {
     }
 }
 
-fn assert_all_ok(results: &[Outcome], log: &str) {
-    assert!(!results.is_empty());
-    for r in results {
-        match r {
-            Ok((200, body, _)) if body == "slow ok\n" => {}
-            other => panic!("a request failed: {other:?}\n--- agent log ---\n{log}"),
-        }
+/// Whether a TCP connection to `addr` is refused (as opposed to accepted).
+async fn refused(addr: SocketAddr) -> bool {
+    match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => false,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_requests_and_exits_0() {
-    let mut pod = Pod::start(PodOptions {
-        termination_drain: "3s",
-        ..PodOptions::new("drain")
+/// Waits until the log holds `text`.
+async fn wait_log(mesh: &WaypointMesh, text: &str) {
+    eventually(Duration::from_secs(10), text, || async {
+        mesh.log_text().contains(text).then_some(())
     })
     .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
-    let load = Load::start(&pod, 4);
-    common::eventually(Duration::from_secs(5), "4 requests in flight", || async {
-        (slow_active(&pod).await >= 4).then_some(())
-    })
-    .await;
-
-    let t0 = Instant::now();
-    pod.signal(Signal::SIGTERM);
-    let (unready_at, answer) = until_unready(&pod, Duration::from_secs(1)).await;
-    let to_503 = unready_at - t0;
-    println!("timing: readiness {answer:?} {to_503:?} after SIGTERM");
-    assert!(answer.starts_with("503"), "{answer}");
-    assert!(
-        to_503 < Duration::from_millis(100),
-        "readiness failed only after {to_503:?}"
-    );
-
-    let results = load.finish().await;
-    let last_done = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|(_, _, at)| *at))
-        .max()
-        .expect("results");
-    let (status, exited_at) = pod.wait_exit(Duration::from_secs(5)).await;
-    let exit_after = exited_at - t0;
-    println!(
-        "timing: {} requests OK, last completed {:?} after SIGTERM; agent exited {exit_after:?} after SIGTERM (terminationDrainDuration 3s)",
-        results.len(),
-        last_done.saturating_duration_since(t0)
-    );
-    let log = pod.log_text();
-    assert_all_ok(&results, &log);
-    assert_eq!(status.code(), Some(0), "{log}");
-    assert!(
-        exit_after >= Duration::from_secs(3),
-        "exited before the drain period: {exit_after:?}"
-    );
-    assert!(
-        exit_after < Duration::from_secs(4),
-        "exit took {exit_after:?}"
-    );
-    assert!(
-        log.contains("POST /drain_listeners?graceful: draining"),
-        "{log}"
-    );
-    assert!(log.contains("stopping the proxy (SIGTERM)"), "{log}");
 }
 
+/// The drain bounds, measured from the SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exit_on_zero_active_connections_ends_the_drain_early() {
-    let mut pod = Pod::start(
-        PodOptions {
-            termination_drain: "30s",
-            ..PodOptions::new("zerocx")
-        }
-        .env("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "true")
-        .env("MINIMUM_DRAIN_DURATION", "300ms"),
-    )
-    .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
-    let load = Load::start(&pod, 3);
-    common::eventually(Duration::from_secs(5), "3 requests in flight", || async {
-        (slow_active(&pod).await >= 3).then_some(())
+async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0_in_time() {
+    let _serial = serial().await;
+    let mesh = mesh("drain", |o| {
+        proxy_config(
+            o,
+            "terminationDrainDuration",
+            json!(format!("{}s", TERMINATION_DRAIN.as_secs())),
+        );
+        proxy_config(
+            o,
+            "drainDuration",
+            json!(format!("{}s", PROXY_DRAIN_TIME.as_secs())),
+        );
     })
     .await;
+    mesh.wait_hbone_ready(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_ready(&mesh, Duration::from_secs(30)).await;
+    let hbone = mesh.addrs.waypoint_hbone();
+
+    let before = mesh.sink_streams().len();
+    let in_flight = slow_requests(&mesh, 4, SLOW_MS);
+    wait_tunnels(&mesh, before, 4).await;
+
     let t0 = Instant::now();
-    pod.signal(Signal::SIGTERM);
-    let (unready_at, _) = until_unready(&pod, Duration::from_secs(1)).await;
-    let results = load.finish().await;
-    let last_done = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|(_, _, at)| *at))
-        .max()
-        .expect("results");
-    let (status, exited_at) = pod.wait_exit(Duration::from_secs(10)).await;
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    let (unready_at, code, body) = until_unready(&mesh, Duration::from_secs(1)).await;
+    let to_503 = unready_at - t0;
     println!(
-        "timing: zero-cx drain: 503 after {:?}, last request done {:?}, exit {:?} after SIGTERM (terminationDrainDuration 30s, minimum 300ms)",
-        unready_at - t0,
-        last_done.saturating_duration_since(t0),
+        "timing: readiness {code} {:?} {to_503:?} after SIGTERM",
+        body.trim()
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        to_503 < Duration::from_millis(100),
+        "readiness failed only {to_503:?} after SIGTERM"
+    );
+
+    // Within the proxy's drain time new connections are still accepted (Envoy: discouraged, not
+    // refused); once it has passed they are refused, while the proxy still runs.
+    assert!(
+        !refused(hbone).await,
+        "{hbone} refused inside the drain window"
+    );
+    let refused_at = eventually(
+        PROXY_DRAIN_TIME + Duration::from_secs(1),
+        "new connections refused after the drain window",
+        || async { refused(hbone).await.then(Instant::now) },
+    )
+    .await;
+    let proxy_alive = mesh.proxy_pid().is_some();
+    let late = http_get(mesh.client_addr(), "/late").await;
+    println!(
+        "timing: new connections refused {:?} after SIGTERM (proxy drain time {PROXY_DRAIN_TIME:?}); a new request through the forwarder: {late:?}",
+        refused_at - t0
+    );
+    assert!(
+        refused_at - t0 >= PROXY_DRAIN_TIME,
+        "refused before the drain window ended"
+    );
+    assert!(proxy_alive, "the proxy itself refused, not its absence");
+    assert!(
+        !matches!(late, Ok((200, _))),
+        "a request on a new connection after the drain window was served: {late:?}"
+    );
+
+    let (n, last_done) = all_ok(in_flight, &mesh).await;
+    let (status, exited_at) = mesh
+        .wait_agent_exit(TERMINATION_DRAIN + Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let exit_after = exited_at - t0;
+    println!(
+        "timing: {n} in-flight requests OK, the last {:?} after SIGTERM; agent exit {exit_after:?} after SIGTERM (terminationDrainDuration {TERMINATION_DRAIN:?})",
+        last_done - t0
+    );
+    assert_eq!(status.code(), Some(0), "{}", mesh.log_tail(40));
+    assert!(
+        exit_after >= TERMINATION_DRAIN,
+        "exited before terminationDrainDuration: {exit_after:?}"
+    );
+    assert!(
+        exit_after < TERMINATION_DRAIN + Duration::from_secs(1),
+        "exit took {exit_after:?}"
+    );
+    let log = mesh.log_text();
+    assert!(
+        log.contains("listener stopped (drained)"),
+        "{}",
+        mesh.log_tail(40)
+    );
+    assert!(
+        log.contains("stopping the proxy (SIGTERM)"),
+        "{}",
+        mesh.log_tail(40)
+    );
+}
+
+/// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS=true`: after `MINIMUM_DRAIN_DURATION` the agent polls the
+/// proxy's `downstream_cx_active` and exits within a poll period of the last connection's end,
+/// long before terminationDrainDuration (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_on_zero_active_connections_ends_the_drain_early() {
+    let _serial = serial().await;
+    let mesh = mesh("zerocx", |o| {
+        proxy_config(o, "terminationDrainDuration", json!("30s"));
+        common::env(o, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "true");
+        common::env(o, "MINIMUM_DRAIN_DURATION", "300ms");
+    })
+    .await;
+    mesh.wait_hbone_ready(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = mesh.sink_streams().len();
+    let in_flight = slow_requests(&mesh, 3, 1500);
+    wait_tunnels(&mesh, before, 3).await;
+    let t0 = Instant::now();
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    let (n, last_done) = all_ok(in_flight, &mesh).await;
+    let (status, exited_at) = mesh
+        .wait_agent_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "timing: zero-cx drain: {n} requests done {:?} after SIGTERM, agent exit {:?} after SIGTERM",
+        last_done - t0,
         exited_at - t0
     );
-    let log = pod.log_text();
-    assert_all_ok(&results, &log);
-    assert_eq!(status.code(), Some(0), "{log}");
+    let log = mesh.log_text();
+    assert_eq!(status.code(), Some(0), "{}", mesh.log_tail(40));
     assert!(
         exited_at >= last_done,
-        "exited before the last connection closed"
+        "exited before the last request ended"
     );
     assert!(
         exited_at - last_done < Duration::from_millis(1500),
-        "one poll period after the last connection"
+        "more than a poll period after the last connection: {:?}",
+        exited_at - last_done
     );
     assert!(
         log.contains("there are still"),
-        "the poll saw the connections\n{log}"
+        "the poll saw the connections\n{}",
+        mesh.log_tail(40)
     );
     assert!(
         log.contains("there are no more active connections"),
-        "{log}"
+        "{}",
+        mesh.log_tail(40)
     );
+}
+
+/// Starts a mesh with a long termination drain and waits until it is ready.
+async fn long_drain_mesh(name: &str) -> WaypointMesh {
+    let mesh = mesh(name, |o| {
+        proxy_config(o, "terminationDrainDuration", json!("30s"))
+    })
+    .await;
+    wait_ready(&mesh, Duration::from_secs(30)).await;
+    mesh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_drain_at_once() {
-    let mut pod = Pod::start(PodOptions {
-        termination_drain: "30s",
-        ..PodOptions::new("twice")
-    })
-    .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
-    pod.signal(Signal::SIGTERM);
-    until_unready(&pod, Duration::from_secs(1)).await;
-    common::eventually(Duration::from_secs(5), "the drain to start", || async {
-        pod.log_text()
-            .contains("graceful termination period is")
-            .then_some(())
-    })
-    .await;
+    let _serial = serial().await;
+    let mesh = long_drain_mesh("twice").await;
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    wait_log(&mesh, "graceful termination period is").await;
     let t0 = Instant::now();
-    pod.signal(Signal::SIGTERM);
-    let (status, at) = pod.wait_exit(Duration::from_secs(5)).await;
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    let (status, at) = mesh
+        .wait_agent_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     println!("timing: second SIGTERM → exit in {:?}", at - t0);
     assert_eq!(status.code(), Some(0));
     assert!(at - t0 < Duration::from_secs(1));
-    assert!(pod.log_text().contains("second SIGTERM during the drain"));
+    assert!(mesh.log_text().contains("second SIGTERM during the drain"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_proxy_exiting_during_the_drain_finishes_it() {
-    let mut pod = Pod::start(PodOptions {
-        termination_drain: "30s",
-        ..PodOptions::new("proxyexit")
-    })
-    .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
-    let pid = pod.proxy_pid().expect("pid");
-    pod.signal(Signal::SIGTERM);
-    until_unready(&pod, Duration::from_secs(1)).await;
-    common::eventually(Duration::from_secs(5), "the drain to start", || async {
-        pod.log_text()
-            .contains("graceful termination period is")
-            .then_some(())
-    })
-    .await;
+async fn the_proxy_dying_during_the_drain_finishes_it() {
+    let _serial = serial().await;
+    let mesh = long_drain_mesh("proxyexit").await;
+    let pid = mesh.proxy_pid().expect("the proxy runs");
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    wait_log(&mesh, "graceful termination period is").await;
     let t0 = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
-        .expect("kill proxy");
-    let (status, at) = pod.wait_exit(Duration::from_secs(5)).await;
+    common::kill9(pid);
+    let (status, at) = mesh
+        .wait_agent_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "timing: proxy died during the drain → agent exit in {:?}",
+        "timing: proxy killed during the drain → agent exit in {:?}",
         at - t0
     );
-    let log = pod.log_text();
-    assert_eq!(status.code(), Some(0), "{log}");
-    assert!(log.contains("the proxy exited during the drain"), "{log}");
+    let log = mesh.log_text();
+    assert_eq!(status.code(), Some(0), "{}", mesh.log_tail(40));
+    assert!(
+        log.contains("the proxy exited during the drain"),
+        "{}",
+        mesh.log_tail(40)
+    );
     assert!(
         !log.contains("restarting it in"),
-        "no restart while draining\n{log}"
+        "no restart while draining"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_endpoint_then_sigterm_exits_at_once() {
-    let mut pod = Pod::start(PodOptions {
-        termination_drain: "30s",
-        ..PodOptions::new("drainnow")
-    })
-    .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
-
-    let get = agent::http_client::get(&pod.status_url("/drain"), Duration::from_secs(5))
+    let _serial = serial().await;
+    let mesh = long_drain_mesh("drainnow").await;
+    let get = agent::http_client::get(&status_url(&mesh, "/drain"), Duration::from_secs(5))
         .await
         .expect("GET /drain");
     assert_eq!(get.status.as_u16(), 405);
-    let post = agent::http_client::post(&pod.status_url("/drain"), Duration::from_secs(5))
+    let post = agent::http_client::post(&status_url(&mesh, "/drain"), Duration::from_secs(5))
         .await
         .expect("POST /drain");
     assert_eq!(post.status.as_u16(), 200, "{}", post.text());
-    let (code, body) = pod.readiness().await;
+    let (code, body) = readiness(&mesh).await;
     assert_eq!(code, 503, "{body}");
-    assert!(
-        pod.log_text()
-            .contains("POST /drain_listeners?graceful&skip_exit: draining")
-    );
-    assert!(pod.try_exit().is_none(), "/drain does not exit");
+    // The proxy drained (pilot-agent's DrainNow: `graceful&skip_exit`) and says so.
+    let (_, state) = mesh.admin_get("/ready").await.expect("proxy /ready");
+    assert_eq!(state.trim(), "DRAINING");
+    assert!(mesh.agent_exit().is_none(), "/drain does not exit");
 
     let t0 = Instant::now();
-    pod.signal(Signal::SIGTERM);
-    let (status, at) = pod.wait_exit(Duration::from_secs(5)).await;
+    mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+    let (status, at) = mesh
+        .wait_agent_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     println!("timing: SIGTERM after /drain → exit in {:?}", at - t0);
     assert_eq!(status.code(), Some(0));
     assert!(at - t0 < Duration::from_secs(1));
@@ -307,51 +348,57 @@ async fn drain_endpoint_then_sigterm_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quitquitquit_exits_at_once() {
-    let mut pod = Pod::start(PodOptions {
-        termination_drain: "30s",
-        ..PodOptions::new("quit")
-    })
-    .await;
-    pod.wait_ready(Duration::from_secs(30)).await;
+    let _serial = serial().await;
+    let mesh = long_drain_mesh("quit").await;
     let t0 = Instant::now();
-    let resp = agent::http_client::post(&pod.status_url("/quitquitquit"), Duration::from_secs(5))
-        .await
-        .expect("POST");
+    let resp =
+        agent::http_client::post(&status_url(&mesh, "/quitquitquit"), Duration::from_secs(5))
+            .await
+            .expect("POST /quitquitquit");
     assert_eq!(resp.status.as_u16(), 200);
-    let (status, at) = pod.wait_exit(Duration::from_secs(5)).await;
+    let (status, at) = mesh
+        .wait_agent_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     println!("timing: /quitquitquit → exit in {:?}", at - t0);
     assert_eq!(status.code(), Some(0));
     assert!(at - t0 < Duration::from_secs(1));
+    assert_eq!(mesh.proxy_pid(), None, "the proxy went with the agent");
 }
 
+/// `statusPort: 0` (no status server), with the proxy and with `DISABLE_ENVOY`: signals alone
+/// drive the lifecycle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_status_server_signals_still_drain_and_exit() {
+    let _serial = serial().await;
     for disable_envoy in ["false", "true"] {
-        let mut opts = PodOptions {
-            termination_drain: "500ms",
-            ..PodOptions::new("nostatus")
-        }
-        .env("DISABLE_ENVOY", disable_envoy);
-        opts.proxy_config.push(("statusPort", serde_json::json!(0)));
-        let mut pod = Pod::start(opts).await;
-        common::eventually(Duration::from_secs(20), "the agent to start", || async {
-            let log = pod.log_text();
-            let started = if disable_envoy == "true" {
-                log.contains("DISABLE_ENVOY is set")
-            } else {
-                pod.proxy_pid().is_some()
-            };
-            started.then_some(())
+        let mesh = mesh("nostatus", |o| {
+            o.wait_ready = false;
+            proxy_config(o, "statusPort", json!(0));
+            proxy_config(o, "terminationDrainDuration", json!("500ms"));
+            common::env(o, "DISABLE_ENVOY", disable_envoy);
         })
         .await;
-        assert!(!pod.log_text().contains("status server listening"));
+        if disable_envoy == "true" {
+            wait_log(&mesh, "DISABLE_ENVOY is set").await;
+        } else {
+            // Ready as far as the proxy goes: it answers its admin `/ready` with LIVE.
+            eventually(Duration::from_secs(30), "the proxy LIVE", || async {
+                matches!(mesh.admin_get("/ready").await, Ok((200, _))).then_some(())
+            })
+            .await;
+        }
+        assert!(!mesh.log_text().contains("status server listening"));
         let t0 = Instant::now();
-        pod.signal(Signal::SIGTERM);
-        let (status, at) = pod.wait_exit(Duration::from_secs(5)).await;
+        mesh.signal_agent(Signal::SIGTERM).expect("SIGTERM");
+        let (status, at) = mesh
+            .wait_agent_exit(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         println!(
             "timing: statusPort 0, DISABLE_ENVOY={disable_envoy}: exit {:?} after SIGTERM",
             at - t0
         );
-        assert_eq!(status.code(), Some(0), "{}", pod.log_text());
+        assert_eq!(status.code(), Some(0), "{}", mesh.log_tail(40));
     }
 }

@@ -1,162 +1,161 @@
-//! The agent as PID 1 of its own PID namespace (`unshare --pid --fork --mount-proc`, as in a container
-//! without an init): proxy restarts leave no zombie, orphans re-parented to the agent are reaped, and
+//! The agent as PID 1 of its own PID namespace (`unshare --pid --fork --mount-proc`, as in a
+//! container without an init) supervising the real proxy: after `kill -9` restarts no zombie is
+//! left (`/proc/*/stat` state `Z` count 0), an orphan re-parented to the agent is reaped, and
 //! SIGTERM still drains and exits 0.
 
 mod common;
 
 use std::{
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Pod, PodOptions, ProcInfo, processes};
+use common::{eventually, kill9, mesh, proc_state, serial, wait_new_proxy, wait_ready};
 use nix::sys::signal::Signal;
+use waypoint_testbed::waypoint::{descendants, processes};
 
-/// Whether `unshare --pid --fork --mount-proc` works here (it needs root or user namespaces).
-fn unshare_works() -> bool {
-    Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "true"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// The `unshare` arguments that make a PID namespace here, if any: as root, or else with a user
+/// namespace (`-r`) where unprivileged ones are allowed.
+fn unshare_wrapper() -> Option<Vec<String>> {
+    for args in [
+        &["--pid", "--fork", "--mount-proc", "--kill-child"][..],
+        &["-r", "--pid", "--fork", "--mount-proc", "--kill-child"][..],
+    ] {
+        let works = Command::new("unshare")
+            .args(args)
+            .arg("true")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if works {
+            let mut wrapper = vec!["unshare".to_owned()];
+            wrapper.extend(args.iter().map(|a| (*a).to_owned()));
+            return Some(wrapper);
+        }
+    }
+    None
 }
 
-fn pid_ns(pid: u32) -> Option<std::path::PathBuf> {
+fn pid_ns(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
 
-/// Processes (host view) in the PID namespace of `pid`.
-fn namespace_processes(pid: u32) -> Vec<ProcInfo> {
+/// Pids (host view) in the PID namespace of `pid`, with their state letters.
+fn namespace(pid: u32) -> Vec<(u32, char)> {
     let Some(ns) = pid_ns(pid) else {
         return Vec::new();
     };
     processes()
         .into_iter()
         .filter(|p| pid_ns(p.pid).as_ref() == Some(&ns))
+        .filter_map(|p| Some((p.pid, proc_state(p.pid)?)))
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn as_pid_1_the_agent_reaps_every_child() {
-    if !unshare_works() {
+async fn as_pid_1_the_agent_reaps_every_child_and_exits_0_after_a_drain() {
+    let Some(wrapper) = unshare_wrapper() else {
         println!(
-            "SKIPPED: `unshare --pid --fork --mount-proc` does not work here (needs root or user namespaces)"
+            "SKIPPED: neither `unshare --pid --fork --mount-proc` nor `unshare -r ...` works here \
+             (needs root, or unprivileged user namespaces)"
         );
         return;
-    }
-    let wrapper = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-        .map(str::to_owned)
-        .to_vec();
-    // Each proxy leaves a child that outlives it by up to 1 s: when the proxy is killed, that child
-    // is re-parented to PID 1, the agent.
-    let mut pod = Pod::start(
-        PodOptions {
-            wrapper,
-            ..PodOptions::new("pid1")
-        }
-        .env("FAKE_PROXY_ORPHAN_MS", "1000"),
-    )
-    .await;
-    let unshare_pid = pod.child.id();
-    let agent_pid = common::eventually(
+    };
+    let _serial = serial().await;
+    let user_ns = wrapper.iter().any(|a| a == "-r");
+    let mesh = mesh("pid1", |o| o.wrapper = wrapper).await;
+    // unshare forks the agent: its only child.
+    let unshare_pid = mesh.agent_pid();
+    let agent_pid = eventually(
         Duration::from_secs(10),
         "the agent under unshare",
-        || async {
-            processes()
-                .into_iter()
-                .find(|p| p.ppid == unshare_pid)
-                .map(|p| p.pid)
-        },
+        || async { descendants(unshare_pid).first().copied() },
     )
     .await;
     assert_ne!(
         pid_ns(agent_pid),
         pid_ns(std::process::id()),
-        "the agent runs in its own PID namespace"
+        "the agent runs in a PID namespace of its own"
     );
-    let ready = pod.wait_ready(Duration::from_secs(30)).await;
-    println!("timing: ready as PID 1 after {ready:?}");
+    wait_ready(&mesh, Duration::from_secs(30)).await;
     assert!(
-        pod.log_text().contains("running as PID 1"),
+        mesh.log_text().contains("running as PID 1"),
         "{}",
-        pod.log_text()
+        mesh.log_tail(40)
     );
 
+    // Proxy restarts: each killed proxy is the agent's child to reap.
+    let mut pid = mesh.proxy_pid().expect("the proxy runs");
     for round in 1..=3 {
-        // The pid file holds the namespace's pid; find the proxy in the host's view.
-        let ns_pid = pod.proxy_pid().expect("pid file");
-        let proxy = common::eventually(Duration::from_secs(5), "the proxy process", || async {
-            namespace_processes(agent_pid)
-                .into_iter()
-                .find(|p| common::is_fake_proxy(p.pid) && p.ppid == agent_pid)
-        })
-        .await;
         let t0 = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(proxy.pid as i32),
-            Signal::SIGKILL,
-        )
-        .expect("kill -9");
-        pod.wait_new_proxy(Some(ns_pid), Duration::from_secs(3))
-            .await;
-        pod.wait_ready(Duration::from_secs(3)).await;
+        kill9(pid);
+        pid = wait_new_proxy(&mesh, Some(pid), Duration::from_secs(3)).await;
+        wait_ready(&mesh, Duration::from_secs(3)).await;
         println!(
             "timing: PID 1 restart {round}: ready again after {:?}",
             t0.elapsed()
         );
     }
 
-    // Killed proxies (the agent's children) and their orphans (re-parented to the agent) are all
-    // reaped: no zombie, and only the agent, the current proxy and its own child remain.
-    let t0 = Instant::now();
-    let settled = common::eventually(
+    // An orphan: a shell in the namespace starts `sleep` in the background and exits; the kernel
+    // re-parents the sleep to the namespace's PID 1, the agent, which must reap it when it ends.
+    let mut nsenter = Command::new("nsenter");
+    nsenter.args(["-t", &agent_pid.to_string(), "-p", "-m"]);
+    if user_ns {
+        nsenter.args(["-U", "--preserve-credentials"]);
+    }
+    let out = nsenter
+        .args(["sh", "-c", "sleep 0.3 & echo $!"])
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "nsenter: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "orphan started (namespace pid {})",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    eventually(
         Duration::from_secs(5),
-        "no zombie and no leftover orphan",
+        "the orphan reaped by the agent",
         || async {
-            let procs = namespace_processes(agent_pid);
-            let zombies = procs.iter().filter(|p| p.state == 'Z').count();
-            let orphans = procs
-                .iter()
-                .filter(|p| {
-                    p.ppid == agent_pid && p.cmdline.iter().any(|a| a == "--orphan-sleep-ms")
-                })
-                .count();
-            (zombies == 0 && orphans == 0).then_some(procs)
+            mesh.log_text()
+                .contains("reaped an orphaned process")
+                .then_some(())
         },
     )
     .await;
-    println!(
-        "timing: namespace settled {:?} later: {:?}",
-        t0.elapsed(),
-        settled
-            .iter()
-            .map(|p| (
-                p.pid,
-                p.state,
-                p.cmdline.first().cloned().unwrap_or_default()
-            ))
-            .collect::<Vec<_>>()
-    );
-    // Hold it: zombies would be permanent, so a second look must agree.
-    let zombies: Vec<_> = namespace_processes(agent_pid)
-        .into_iter()
-        .filter(|p| p.state == 'Z')
-        .collect();
-    assert!(zombies.is_empty(), "zombies: {zombies:?}");
-    let reaped = pod.log_text().matches("reaped an orphaned process").count();
-    assert!(
-        reaped >= 1,
-        "orphans were re-parented to the agent and reaped by it\n{}",
-        pod.log_text()
-    );
-    println!("orphans reaped by the agent: {reaped}");
 
-    // unshare ignores SIGTERM while it waits: signal the agent itself, as the kubelet's would reach it.
+    // No zombie, and nothing but the agent and the current proxy left in the namespace.
+    let settled = eventually(Duration::from_secs(5), "a settled namespace", || async {
+        let procs = namespace(agent_pid);
+        (procs.len() == 2).then_some(procs)
+    })
+    .await;
+    let zombies: Vec<_> = settled.iter().filter(|(_, s)| *s == 'Z').collect();
+    assert!(zombies.is_empty(), "zombies: {zombies:?}");
+    assert!(
+        settled.iter().any(|(p, _)| *p == agent_pid) && settled.iter().any(|(p, _)| *p == pid),
+        "{settled:?}"
+    );
+
+    // unshare ignores SIGTERM while it waits: signal the agent, as the kubelet's would reach it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid as i32),
         Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let (status, _) = pod.wait_exit(Duration::from_secs(15)).await;
-    assert_eq!(status.code(), Some(0), "{}", pod.log_text());
+    let t0 = Instant::now();
+    let (status, at) = mesh
+        .wait_agent_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "timing: PID 1 agent exit {:?} after SIGTERM (terminationDrainDuration 1s)",
+        at - t0
+    );
+    assert_eq!(status.code(), Some(0), "{}", mesh.log_tail(40));
+    assert!(mesh.log_text().contains("graceful termination period is"));
 }

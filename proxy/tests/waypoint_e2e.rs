@@ -20,6 +20,9 @@
 //! * `large_bodies_in_bounded_memory`: 200 MiB up and down with the proxy's peak RSS growing less
 //!   than 32 MiB.
 //!
+//! The agent's supervision of this proxy (`kill -9` → restart, backoff, drain on SIGTERM with
+//! requests in flight, PID 1) is tested with the same mesh in `agent/tests/`.
+//!
 //! A failing test prints the mesh's diagnostics (agent/proxy log tail, `/listeners`, dynamic
 //! listeners of `/config_dump`, what the sink saw) when the mesh is dropped. External tools: Debian's
 //! `curl` and `h2load` (nghttp2-client). The agent binary sits next to the proxy binary (`cargo
@@ -753,145 +756,5 @@ async fn large_bodies_in_bounded_memory() {
         "the proxy's peak RSS grew by {growth} KiB (limit {RSS_GROWTH_LIMIT_KIB} KiB): before \
          {before:?}, after {after:?}"
     );
-    mesh.shutdown(Duration::from_secs(15)).await;
-}
-
-/// SIGTERM to the agent under load: readiness fails at once, requests already in flight through
-/// the waypoint complete (the drain window is `terminationDrainDuration`, 1s here), then the agent
-/// stops the proxy and exits 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_requests() {
-    let mesh = serving_mesh("drain").await;
-    let status: SocketAddr = ([127, 0, 0, 1], mesh.ports.status).into();
-    let (code, _) = waypoint_testbed::waypoint::http_get(status, "/healthz/ready")
-        .await
-        .expect("readiness answers");
-    assert_eq!(code, 200);
-    // Slow requests (300 ms at the echo) on separate connections, in flight when SIGTERM lands.
-    let client = mesh.client_addr();
-    let in_flight: Vec<_> = (0..4)
-        .map(|i| {
-            tokio::spawn(async move {
-                waypoint_testbed::waypoint::http_get(
-                    client,
-                    &format!("/slow/{i}?x-echo-delay-ms=300"),
-                )
-                .await
-            })
-        })
-        .collect();
-    // Wait until the echo has them (the sink saw four tunnels from the waypoint beyond the
-    // readiness-free start), bounded.
-    let before = mesh.sink_streams().len();
-    mesh.wait_for(
-        "the slow requests reached the sink",
-        Duration::from_secs(10),
-        || {
-            let n = mesh.sink_streams().len();
-            async move {
-                if n > before {
-                    Ok(())
-                } else {
-                    Err(format!("{n} streams"))
-                }
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &mesh.agent_pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    // Readiness fails from the moment drain begins.
-    mesh.wait_for(
-        "readiness 503 after SIGTERM",
-        Duration::from_secs(5),
-        || async move {
-            match waypoint_testbed::waypoint::http_get(status, "/healthz/ready").await {
-                Ok((503, _)) => Ok(()),
-                Ok((c, _)) => Err(format!("readiness {c}")),
-                // The status server going away also means "not ready".
-                Err(_) => Ok(()),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    for (i, r) in in_flight.into_iter().enumerate() {
-        let (code, body) = r.await.expect("task").unwrap_or_else(|e| {
-            panic!(
-                "in-flight request {i} failed during drain: {e}\n{}",
-                mesh.log_tail(40)
-            )
-        });
-        assert_eq!(code, 200, "in-flight request {i}: {body}");
-    }
-    // The agent finishes the drain, stops the proxy and exits 0.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match mesh.check_agent() {
-            Err(e) => {
-                let text = e.to_string();
-                assert!(text.contains("exit status: 0"), "{text}");
-                break;
-            }
-            Ok(()) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the agent did not exit after the drain"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// `kill -9` of the real proxy: the agent (which never exits) restarts it, the new proxy gets its
-/// config and certificate again from the agent's SDS/XDS sockets, and traffic flows through the
-/// waypoint again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_proxy_is_restarted_and_serves_again() {
-    let mesh = serving_mesh("restart").await;
-    let client = mesh.client_addr();
-    let (code, _) = waypoint_testbed::waypoint::http_get(client, "/before")
-        .await
-        .expect("request before the kill");
-    assert_eq!(code, 200);
-    let old = mesh.proxy_pid().expect("the proxy's pid");
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &old.to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    // A new proxy process under the same agent, serving through the waypoint.
-    let new = mesh
-        .wait_for("a restarted proxy", Duration::from_secs(20), || {
-            let pid = mesh.proxy_pid();
-            async move {
-                match pid {
-                    Some(p) if p != old => Ok(p),
-                    other => Err(format!("proxy pid {other:?}")),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_ne!(new, old);
-    mesh.wait_for(
-        "traffic through the restarted waypoint",
-        Duration::from_secs(20),
-        || async move {
-            match waypoint_testbed::waypoint::http_get(client, "/after").await {
-                Ok((200, _)) => Ok(()),
-                Ok((c, b)) => Err(format!("{c}: {b}")),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.log_tail(40)));
-    mesh.check_agent().expect("the agent kept running");
     mesh.shutdown(Duration::from_secs(15)).await;
 }

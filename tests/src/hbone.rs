@@ -21,7 +21,7 @@ use std::{
     fmt,
     future::poll_fn,
     io::{self, Write as _},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -777,6 +777,9 @@ pub struct PoolSettings {
     /// Local cap on concurrent streams per connection (the server's `max_concurrent_streams`
     /// applies too).
     pub max_streams_per_connection: usize,
+    /// The source address of outgoing connections (a pod's IP, as ztunnel keeps it), or the
+    /// kernel's choice.
+    pub source_ip: Option<IpAddr>,
 }
 
 impl Default for PoolSettings {
@@ -784,6 +787,7 @@ impl Default for PoolSettings {
         PoolSettings {
             connect_timeout: Duration::from_secs(10),
             max_streams_per_connection: usize::MAX,
+            source_ip: None,
         }
     }
 }
@@ -819,9 +823,31 @@ impl ClientTls {
         &self,
         dest: SocketAddr,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HboneError> {
-        let tcp = TcpStream::connect(dest)
-            .await
-            .map_err(io_err(format!("connecting to {dest}")))?;
+        self.connect_from(dest, None).await
+    }
+
+    /// [`ClientTls::connect`] from `source` (the kernel's choice when `None`).
+    pub async fn connect_from(
+        &self,
+        dest: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HboneError> {
+        let tcp = match source {
+            None => TcpStream::connect(dest).await,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .map_err(io_err(format!("socket for {dest}")))?;
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .map_err(io_err(format!("binding {ip} to reach {dest}")))?;
+                socket.connect(dest).await
+            }
+        }
+        .map_err(io_err(format!("connecting to {dest}")))?;
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%err, "setting TCP_NODELAY failed");
         }
@@ -1078,7 +1104,9 @@ impl HbonePool {
         let limit = self.inner.settings.connect_timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let setup = async {
-            let stream = tls.connect(dest).await?;
+            let stream = tls
+                .connect_from(dest, self.inner.settings.source_ip)
+                .await?;
             let (send, mut connection) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)

@@ -51,7 +51,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     pin::Pin,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU32, Ordering},
@@ -143,6 +143,9 @@ const MAX_SUBNET_TRIES: usize = 64;
 const LOG_TAIL_LINES: usize = 80;
 /// Upper bound of any admin request made by the harness.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`WaypointMesh::wait_agent_exit`] checks whether the agent exited (exit times are
+/// measured with it).
+pub const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// How long `Drop` waits for the agent to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -356,6 +359,15 @@ pub struct MeshOptions {
     pub keep: bool,
     /// Serve istiod-lite's debug HTTP (`/debug/xds`, `/debug/certs`) on a free loopback port.
     pub istiod_debug: bool,
+    /// Wait for readiness (and check for NACKs) in [`WaypointMesh::start`]; `false` returns once
+    /// the agent is spawned (for tests that watch the start-up, or run without a proxy).
+    pub wait_ready: bool,
+    /// `PROXY_CONFIG` fields set over the harness's (e.g. `terminationDrainDuration`,
+    /// `drainDuration`; the harness sets both to `1s`).
+    pub proxy_config: Vec<(String, Json)>,
+    /// A command the agent runs under: `wrapper... agent proxy waypoint ...` (e.g. `unshare --pid
+    /// --fork --mount-proc` to make it PID 1). [`WaypointMesh::agent_pid`] is then the wrapper's.
+    pub wrapper: Vec<String>,
 }
 
 impl MeshOptions {
@@ -374,6 +386,9 @@ impl MeshOptions {
             dir: None,
             keep: false,
             istiod_debug: false,
+            wait_ready: true,
+            proxy_config: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -483,8 +498,9 @@ pub fn free_port() -> Result<u16, MeshError> {
 }
 
 impl WaypointMesh {
-    /// Starts everything and waits (at most `options.ready_within`) until the agent reports ready
-    /// through the proxy's readiness port, then checks that the proxy NACKed nothing. It does not
+    /// Starts everything and (unless `options.wait_ready` is off) waits at most
+    /// `options.ready_within` until the agent reports ready through the proxy's readiness port,
+    /// then checks that the proxy NACKed nothing. It does not
     /// wait for the waypoint's HBONE listener to serve: see [`WaypointMesh::wait_hbone_ready`].
     pub async fn start(options: MeshOptions) -> Result<Self, MeshError> {
         let n = MESH_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -551,6 +567,9 @@ impl WaypointMesh {
             sleep.clone(),
         );
         fwd.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
+        // From the client pod's IP, as ztunnel connects: the waypoint finds the source
+        // workload (WDS) by this address.
+        fwd.pool.source_ip = Some(addrs.client_ip.into());
         let forwarder = HboneForwarder::start(fwd).await?;
 
         // 6. The pod root and the agent.
@@ -600,6 +619,9 @@ impl WaypointMesh {
         };
 
         // 7. Ready: kubelet's probe path (proxy readiness port → agent → proxy admin stats).
+        if !mesh.options.wait_ready {
+            return Ok(mesh);
+        }
         let url_port = mesh.ports.readiness;
         mesh.wait_for(
             "/healthz/ready 200 on the proxy's readiness port",
@@ -696,18 +718,66 @@ impl WaypointMesh {
         self.agent_pid
     }
 
-    /// The proxy's pid: the agent's child running the proxy binary.
+    /// The proxy's pid: the process below the agent (its child, or its grandchild under a
+    /// [`MeshOptions::wrapper`]) running the proxy binary.
     pub fn proxy_pid(&self) -> Option<u32> {
         let want = self.options.proxy_bin.to_string_lossy().into_owned();
+        let below = descendants(self.agent_pid);
         processes()
             .into_iter()
             .find(|p| {
-                p.ppid == self.agent_pid
+                below.contains(&p.pid)
                     && p.cmdline
                         .first()
                         .is_some_and(|a| *a == want || a.ends_with("/proxy"))
             })
             .map(|p| p.pid)
+    }
+
+    /// The agent's (or its wrapper's) exit status once it exited; `None` while it runs.
+    pub fn agent_exit(&self) -> Option<ExitStatus> {
+        let mut guard = self.agent.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (checking every [`EXIT_POLL_INTERVAL`]) until the agent exits; returns its status and
+    /// when the exit was seen.
+    pub async fn wait_agent_exit(
+        &self,
+        bound: Duration,
+    ) -> Result<(ExitStatus, Instant), MeshError> {
+        let deadline = Instant::now() + bound;
+        let max_rounds = bound.as_millis() / EXIT_POLL_INTERVAL.as_millis().max(1) + 1;
+        for _ in 0..max_rounds {
+            if let Some(status) = self.agent_exit() {
+                return Ok((status, Instant::now()));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(EXIT_POLL_INTERVAL).await;
+        }
+        Err(MeshError::Timeout {
+            what: "the agent to exit".to_owned(),
+            after: bound,
+            last: "still running".to_owned(),
+            log: self.log_tail(LOG_TAIL_LINES),
+        })
+    }
+
+    /// Sends `signal` to the agent process (the wrapper's pid under a [`MeshOptions::wrapper`]).
+    pub fn signal_agent(&self, signal: nix::sys::signal::Signal) -> Result<(), MeshError> {
+        let pid = i32::try_from(self.agent_pid)
+            .map_err(|_| MeshError::Http(format!("pid {} out of range", self.agent_pid)))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| MeshError::Io {
+            what: format!("sending {signal} to the agent ({pid})"),
+            source: io::Error::from(e),
+        })
+    }
+
+    /// The agent's status server (`127.0.0.1:<statusPort>`).
+    pub fn status_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.status))
     }
 
     /// The proxy's memory figures now.
@@ -1014,7 +1084,7 @@ fn spawn_agent(
     addrs: MeshAddrs,
     ports: AgentPorts,
 ) -> Result<Child, MeshError> {
-    let proxy_config = json!({
+    let mut proxy_config = json!({
         "discoveryAddress": istiod.to_string(),
         "proxyAdminPort": ports.admin,
         "statusPort": ports.status,
@@ -1022,11 +1092,21 @@ fn spawn_agent(
         "drainDuration": "1s",
         "terminationDrainDuration": "1s",
     });
+    for (field, value) in &options.proxy_config {
+        proxy_config[field.as_str()] = value.clone();
+    }
     let out = std::fs::File::create(log).map_err(io_err(format!("creating {}", log.display())))?;
     let err = out
         .try_clone()
         .map_err(io_err("duplicating the log file"))?;
-    let mut cmd = Command::new(&options.agent_bin);
+    let mut cmd = match options.wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&options.agent_bin);
+            cmd
+        }
+        None => Command::new(&options.agent_bin),
+    };
     cmd.args([
         "proxy",
         "waypoint",
@@ -1962,8 +2042,9 @@ mod tests {
         store.load_files(&dir).await.expect("loads");
         let snap = store.snapshot();
         assert_eq!(snap.of(ResourceKind::Listener).count(), 3);
-        assert_eq!(snap.of(ResourceKind::Cluster).count(), 4);
-        assert_eq!(snap.of(ResourceKind::Endpoint).count(), 1);
+        // main_internal, encap, connect_originate and the service's HTTP and TCP port clusters.
+        assert_eq!(snap.of(ResourceKind::Cluster).count(), 5);
+        assert_eq!(snap.of(ResourceKind::Endpoint).count(), 2);
         assert_eq!(snap.of(ResourceKind::Workload).count(), 2);
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -44,6 +44,9 @@ struct Args {
     /// anyway).
     #[arg(long, value_name = "N")]
     max_streams_per_connection: Option<usize>,
+    /// Source address of the HBONE connections (the client pod's IP, as ztunnel keeps it).
+    #[arg(long, value_name = "IP")]
+    source_ip: Option<std::net::IpAddr>,
     /// Deadline in seconds for connection set-up and for each CONNECT answer.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
@@ -73,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
     config.pool = PoolSettings {
         connect_timeout: Duration::from_secs(args.connect_timeout),
         max_streams_per_connection: args.max_streams_per_connection.unwrap_or(usize::MAX),
+        source_ip: args.source_ip,
     };
     let forwarder = HboneForwarder::start(config)
         .await

@@ -44,7 +44,7 @@ use waypoint_proto::{
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
-    hbone::{HboneForwarder, HbonePool, PoolSettings},
+    hbone::{ForwarderConfig, HboneForwarder, HbonePool, PeerMatch, PoolSettings},
     uds,
     waypoint::{
         AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshOptions, SLEEP_IDENTITY, WAYPOINT_IDENTITY,
@@ -123,6 +123,8 @@ const SHUTDOWN: Duration = Duration::from_secs(15);
 const OVERSIZED_HEADER: usize = 100 * 1024;
 /// A port of the service VIP that no filter chain of `main_internal` matches.
 const UNFRONTED_PORT: u16 = 9999;
+/// The fixture's TCP service port.
+const TCP_PORT: u16 = 9000;
 /// Largest echo answer read.
 const ECHO_BODY_LIMIT: usize = 64 * 1024;
 /// How often the running mesh checks that the agent is still there.
@@ -422,6 +424,7 @@ async fn report(
 
     // Requests: the same ones through the waypoint and on the direct chain.
     let mut served = 0;
+    let mut served_http = 0;
     for (chain, addr) in [("waypoint", client), ("direct", direct.addr)] {
         let h1 = http1_requests(addr, cli.requests, chain).await;
         let h2 = h2c_requests(addr, cli.h2_requests, chain).await;
@@ -455,6 +458,7 @@ async fn report(
             });
             if chain == "waypoint" {
                 served += s.ok;
+                served_http += s.ok;
             }
         }
     }
@@ -506,7 +510,56 @@ async fn report(
     identities(mesh, direct, expect);
     let table = routes(mesh, &before, served, expect).await;
     retries(mesh, &table).await;
-    metrics(mesh, expect).await;
+    let tcp = tcp_exchange(mesh).await;
+    println!(
+        "tcp           {}:{TCP_PORT} (TCP service port, tcp_proxy) through the waypoint: {}",
+        mesh.addrs.vip,
+        match &tcp {
+            Ok((sent, received)) => format!("{sent} bytes up, {received} down, HTTP 200 inside"),
+            Err(e) => format!("failed: {e}"),
+        }
+    );
+    expect.check(tcp.is_ok(), || {
+        format!("an exchange through the TCP service port: {tcp:?}")
+    });
+    metrics(mesh, served_http, tcp.is_ok(), expect).await;
+}
+
+/// One HTTP/1.1 exchange carried as plain bytes through the fixture's TCP service port
+/// (`VIP:9000` → `tcp_proxy`): (bytes sent, bytes received).
+async fn tcp_exchange(mesh: &WaypointMesh) -> Result<(usize, usize), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut config = ForwarderConfig::new(
+        SocketAddr::from((mesh.addrs.client_ip, 0)),
+        mesh.addrs.waypoint_hbone(),
+        format!("{}:{TCP_PORT}", mesh.addrs.vip),
+        mesh.sleep.clone(),
+    );
+    config.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
+    config.pool.source_ip = Some(mesh.addrs.client_ip.into());
+    let forwarder = HboneForwarder::start(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = b"GET /tcp HTTP/1.1\r\nhost: httpbin\r\nconnection: close\r\n\r\n";
+    let exchange = async {
+        let mut s = TcpStream::connect(forwarder.addr).await?;
+        s.write_all(request).await?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = tokio::time::timeout(REQUEST, exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    forwarder.shutdown();
+    if !reply.starts_with(b"HTTP/1.1 200") {
+        return Err(format!(
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&reply[..reply.len().min(80)])
+        ));
+    }
+    Ok((request.len(), reply.len()))
 }
 
 /// istiod-lite, the CA, ACK/NACK per type, the agent's certificate, bootstrap, liveness, probe.
@@ -661,9 +714,6 @@ fn identities(mesh: &WaypointMesh, direct: &HboneForwarder, expect: &mut Expecta
         from(WAYPOINT_IDENTITY),
         from(SLEEP_IDENTITY)
     );
-    println!(
-        "identities    the client's identity as the waypoint saw it: not exposed yet (it would be source_principal of istio_requests_total)"
-    );
     let others: Vec<String> = by_peer
         .iter()
         .filter(|(id, _)| *id != WAYPOINT_IDENTITY && *id != SLEEP_IDENTITY)
@@ -776,26 +826,34 @@ async fn retries(mesh: &WaypointMesh, table: &[RouteRow]) {
 }
 
 /// Families in the agent's merged `/stats/prometheus`.
-async fn metrics(mesh: &WaypointMesh, expect: &mut Expectations) {
-    let merged = match http_get(
-        SocketAddr::from(([127, 0, 0, 1], mesh.ports.status)),
-        "/stats/prometheus",
-    )
-    .await
-    {
-        Ok((200, body)) => body,
-        Ok((status, body)) => format!("# {status} {body}"),
-        Err(e) => format!("# {e}"),
+async fn metrics(mesh: &WaypointMesh, served_http: usize, tcp: bool, expect: &mut Expectations) {
+    let scrape = || async {
+        match http_get(
+            SocketAddr::from(([127, 0, 0, 1], mesh.ports.status)),
+            "/stats/prometheus",
+        )
+        .await
+        {
+            Ok((200, body)) => body,
+            Ok((status, body)) => format!("# {status} {body}"),
+            Err(e) => format!("# {e}"),
+        }
     };
+    // A stream is counted when its response ends: wait (bounded) for the last ones.
+    let deadline = Instant::now() + REQUEST;
+    let mut merged = scrape().await;
+    while istio_ok_requests(&merged) < served_http as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        merged = scrape().await;
+    }
     let families = |prefix: &str| prometheus_families(&merged, prefix);
-    let (agent, proxy) = (families("istio_agent_"), families("envoy_"));
-    let requests_total = if merged.contains("istio_requests_total") {
-        "istio_requests_total present"
-    } else {
-        "istio_requests_total not emitted yet (istio.stats filter)"
-    };
+    let (agent, proxy, istio) = (
+        families("istio_agent_"),
+        families("envoy_"),
+        families("istio_") - families("istio_agent_"),
+    );
     println!(
-        "metrics       agent :{}/stats/prometheus merges {agent} istio_agent_* and {proxy} envoy_* families; {requests_total}",
+        "metrics       agent :{}/stats/prometheus merges {agent} istio_agent_*, {istio} istio_* (standard metrics) and {proxy} envoy_* families",
         mesh.ports.status
     );
     expect.check(agent > 0 && proxy > 0, || {
@@ -803,6 +861,108 @@ async fn metrics(mesh: &WaypointMesh, expect: &mut Expectations) {
             "the merged /stats/prometheus has istio_agent_* and envoy_* families: {agent} and {proxy}"
         )
     });
+    for (labels, value) in istio_series(&merged, "istio_requests_total") {
+        let l = |k: &str| labels.get(k).map(String::as_str).unwrap_or("?");
+        println!(
+            "  istio_requests_total {value:>4}  {} ({}) -> {} [{}] code {} flags {} {} {}",
+            l("source_workload"),
+            l("source_principal"),
+            l("destination_service"),
+            l("destination_workload"),
+            l("response_code"),
+            l("response_flags"),
+            l("request_protocol"),
+            l("connection_security_policy"),
+        );
+    }
+    for family in [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        for (labels, value) in istio_series(&merged, family) {
+            let l = |k: &str| labels.get(k).map(String::as_str).unwrap_or("?");
+            println!(
+                "  {family} {value}  {} -> {} [{}]",
+                l("source_workload"),
+                l("destination_service"),
+                l("destination_workload")
+            );
+        }
+    }
+    // Who the waypoint took the client for: the HBONE peer's certificate (source_principal) and
+    // the WDS workload at the connection's source address (source_workload).
+    let seen: Vec<(String, String)> = istio_series(&merged, "istio_requests_total")
+        .into_iter()
+        .map(|(l, _)| {
+            let get = |k: &str| l.get(k).cloned().unwrap_or_default();
+            (get("source_principal"), get("source_workload"))
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    println!(
+        "identities    the waypoint saw the client as {} (WDS workload at {})",
+        seen.iter()
+            .map(|(p, w)| format!("{p} / {w}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        mesh.addrs.client_ip
+    );
+    expect.check(seen == [(SLEEP_IDENTITY.to_owned(), "sleep".to_owned())], || {
+        format!("the waypoint's source_principal/source_workload is {SLEEP_IDENTITY}/sleep: {seen:?}")
+    });
+    let counted = istio_ok_requests(&merged);
+    expect.check(counted >= served_http as u64, || {
+        format!(
+            "istio_requests_total{{reporter=\"waypoint\",source_workload=\"sleep\",destination_service=\"httpbin...\",response_code=\"200\",connection_security_policy=\"mutual_tls\"}} counts the {served_http} HTTP requests served through the waypoint: {counted}"
+        )
+    });
+    if tcp {
+        let opened: u64 = istio_series(&merged, "istio_tcp_connections_opened_total")
+            .iter()
+            .filter(|(l, _)| l.get("source_workload").map(String::as_str) == Some("sleep"))
+            .map(|(_, v)| *v)
+            .sum();
+        expect.check(opened >= 1, || {
+            format!(
+                "istio_tcp_connections_opened_total from sleep counts the TCP exchange: {opened}"
+            )
+        });
+    }
+}
+
+/// The samples of `family` in an exposition: labels and value.
+fn istio_series(text: &str, family: &str) -> Vec<(BTreeMap<String, String>, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let mut map = BTreeMap::new();
+            for kv in labels.split("\",") {
+                let (k, v) = kv.split_once("=\"")?;
+                map.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+            }
+            Some((map, value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// 200s from sleep to httpbin over mutual TLS in `istio_requests_total`.
+fn istio_ok_requests(text: &str) -> u64 {
+    istio_series(text, "istio_requests_total")
+        .iter()
+        .filter(|(l, _)| {
+            let is = |k: &str, v: &str| l.get(k).map(String::as_str) == Some(v);
+            is("reporter", "waypoint")
+                && is("source_workload", "sleep")
+                && is("destination_service", "httpbin.default.svc.cluster.local")
+                && is("response_code", "200")
+                && is("connection_security_policy", "mutual_tls")
+        })
+        .map(|(_, v)| *v)
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
