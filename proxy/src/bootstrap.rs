@@ -9,7 +9,7 @@ use waypoint_proto::{
     envoy::config::{
         bootstrap::v3::Bootstrap,
         cluster::v3::Cluster,
-        core::v3::{Node, address, api_config_source::ApiType, grpc_service::TargetSpecifier},
+        core::v3::{Node, address, grpc_service::TargetSpecifier},
     },
     json,
 };
@@ -57,7 +57,8 @@ pub enum GrpcTarget {
 /// How the proxy reaches ADS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdsSettings {
-    /// Delta (`DELTA_GRPC`); state of the world (`GRPC`) is refused at load until implemented.
+    /// Delta xDS (`DELTA_GRPC`); otherwise state of the world (`GRPC`, and as in Envoy every other
+    /// gRPC api_type).
     pub delta: bool,
     /// The server.
     pub target: GrpcTarget,
@@ -162,20 +163,11 @@ pub fn from_json(doc: Json) -> Result<LoadedBootstrap, BootstrapError> {
     {
         None => None,
         Some(cfg) => {
-            let delta = match ApiType::try_from(cfg.api_type) {
-                Ok(ApiType::DeltaGrpc) | Ok(ApiType::AggregatedDeltaGrpc) => true,
-                Ok(ApiType::Grpc) | Ok(ApiType::AggregatedGrpc) => {
-                    return Err(invalid(
-                        "dynamic_resources.ads_config.api_type",
-                        "state-of-the-world ADS (GRPC) is not implemented yet; use DELTA_GRPC (what pilot-agent writes for waypoints)",
-                    ));
-                }
-                _ => {
-                    return Err(invalid(
-                        "dynamic_resources.ads_config.api_type",
-                        "want GRPC or DELTA_GRPC",
-                    ));
-                }
+            let Some(delta) = crate::config::source::ads_is_delta(cfg.api_type) else {
+                return Err(invalid(
+                    "dynamic_resources.ads_config.api_type",
+                    "ADS needs a gRPC api_type: GRPC (state of the world) or DELTA_GRPC",
+                ));
             };
             let cluster = match cfg
                 .grpc_services
@@ -322,13 +314,24 @@ mod tests {
     }
 
     #[test]
-    fn sotw_ads_is_refused_not_ignored() {
+    fn ads_api_types_as_envoy_reads_them() {
+        for (api_type, delta) in [
+            ("GRPC", false),
+            ("AGGREGATED_GRPC", false),
+            ("AGGREGATED_DELTA_GRPC", false),
+            ("DELTA_GRPC", true),
+        ] {
+            let mut doc = golden();
+            doc["dynamic_resources"]["ads_config"]["api_type"] = api_type.into();
+            let b = from_json(doc).unwrap_or_else(|e| panic!("{api_type}: {e}"));
+            assert_eq!(b.ads.map(|a| a.delta), Some(delta), "{api_type}");
+        }
         let mut doc = golden();
-        doc["dynamic_resources"]["ads_config"]["api_type"] = "GRPC".into();
-        let err = from_json(doc).expect_err("SotW refused");
+        doc["dynamic_resources"]["ads_config"]["api_type"] = "REST".into();
+        let err = from_json(doc).expect_err("REST refused");
         assert!(
             err.to_string()
-                .starts_with("dynamic_resources.ads_config.api_type: state-of-the-world"),
+                .starts_with("dynamic_resources.ads_config.api_type: ADS needs a gRPC api_type"),
             "{err}"
         );
     }

@@ -26,6 +26,7 @@ pub struct DataPlane {
 impl DataPlane {
     /// A data plane over `server` and `secrets`.
     pub fn new(server: Arc<Server>, secrets: Arc<SecretStore>) -> Arc<DataPlane> {
+        crate::telemetry::configure(&server);
         Arc::new(DataPlane {
             tls: TlsContexts::new(secrets.clone()),
             clusters: ClusterManager::default(),

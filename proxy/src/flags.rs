@@ -82,6 +82,101 @@ impl fmt::Display for ResponseFlag {
     }
 }
 
+/// Envoy's order of the flags in `%RESPONSE_FLAGS%` (`ResponseFlagUtils`), for the ones we set.
+const ORDER: [ResponseFlag; 19] = [
+    ResponseFlag::NoHealthyUpstream,
+    ResponseFlag::UpstreamRequestTimeout,
+    ResponseFlag::LocalReset,
+    ResponseFlag::UpstreamRemoteReset,
+    ResponseFlag::UpstreamConnectionFailure,
+    ResponseFlag::UpstreamConnectionTermination,
+    ResponseFlag::UpstreamOverflow,
+    ResponseFlag::NoRouteFound,
+    ResponseFlag::DelayInjected,
+    ResponseFlag::FaultInjected,
+    ResponseFlag::RateLimited,
+    ResponseFlag::UnauthorizedExternalService,
+    ResponseFlag::DownstreamConnectionTermination,
+    ResponseFlag::UpstreamRetryLimitExceeded,
+    ResponseFlag::StreamIdleTimeout,
+    ResponseFlag::DownstreamProtocolError,
+    ResponseFlag::UpstreamProtocolError,
+    ResponseFlag::NoClusterFound,
+    ResponseFlag::RbacAccessDenied,
+];
+
+/// The response flags of one stream (a response may carry several, e.g. `DI,UF`). Travels in
+/// response extensions; rendered as Envoy does: comma-joined in Envoy's order, `-` when empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ResponseFlags(u32);
+
+impl ResponseFlags {
+    /// A set holding `flag`.
+    pub fn of(flag: ResponseFlag) -> ResponseFlags {
+        let mut f = ResponseFlags::default();
+        f.insert(flag);
+        f
+    }
+
+    /// Adds `flag`.
+    pub fn insert(&mut self, flag: ResponseFlag) {
+        self.0 |= 1 << (flag as u32);
+    }
+
+    /// Adds every flag of `other`.
+    pub fn extend(&mut self, other: ResponseFlags) {
+        self.0 |= other.0;
+    }
+
+    /// Whether `flag` is set.
+    pub fn contains(self, flag: ResponseFlag) -> bool {
+        self.0 & (1 << (flag as u32)) != 0
+    }
+
+    /// Whether no flag is set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The flags, in Envoy's order.
+    pub fn iter(self) -> impl Iterator<Item = ResponseFlag> {
+        ORDER.into_iter().filter(move |f| self.contains(*f))
+    }
+
+    /// Adds `flag` to the set a response carries.
+    pub fn add_to<B>(resp: &mut http::Response<B>, flag: ResponseFlag) {
+        match resp.extensions_mut().get_mut::<ResponseFlags>() {
+            Some(set) => set.insert(flag),
+            None => {
+                resp.extensions_mut().insert(ResponseFlags::of(flag));
+            }
+        }
+    }
+
+    /// The set a response carries.
+    pub fn of_response<B>(resp: &http::Response<B>) -> ResponseFlags {
+        resp.extensions()
+            .get::<ResponseFlags>()
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, flag) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(flag.short())?;
+        }
+        Ok(())
+    }
+}
+
 /// A failure on the data path.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -164,6 +259,17 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => ResponseFlag::UnauthorizedExternalService,
             ProxyError::Redirect(_) => ResponseFlag::LocalReset,
             ProxyError::Unsupported(_) => ResponseFlag::LocalReset,
+        }
+    }
+
+    /// The flags a local reply for this error carries: Envoy sets none for RBAC denials,
+    /// JWT failures and redirects (their details go to `%RESPONSE_CODE_DETAILS%`).
+    pub fn response_flags(&self) -> ResponseFlags {
+        match self {
+            ProxyError::RbacDenied(_) | ProxyError::Unauthorized(_) | ProxyError::Redirect(_) => {
+                ResponseFlags::default()
+            }
+            other => ResponseFlags::of(other.flag()),
         }
     }
 

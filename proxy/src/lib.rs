@@ -2,6 +2,7 @@
 //! (through the agent's XDS proxy), compiles it into immutable snapshots with precise NACKs for
 //! anything it does not implement, and serves the admin API (data path: later issues).
 
+pub mod access_log;
 pub mod admin;
 pub mod bootstrap;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod rbac;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod xds;

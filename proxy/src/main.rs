@@ -140,7 +140,7 @@ async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode 
                 || has_workload_discovery(&server);
             tokio::spawn(xds::ads::run(server.clone(), ads, workloads));
         }
-        None => server.set_state(proxy::server::ServerState::Live),
+        None => server.initial_fetch_done(),
     }
     tokio::spawn({
         let admin = admin.clone();

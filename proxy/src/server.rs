@@ -5,13 +5,17 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU8, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::watch;
 
 use crate::{
-    bootstrap::LoadedBootstrap, cli::Options, config::ConfigStore, stats::Stats, xds::XdsStore,
+    bootstrap::LoadedBootstrap,
+    cli::Options,
+    config::ConfigStore,
+    stats::Stats,
+    xds::{XdsStore, warming::WarmingListeners},
 };
 
 /// Envoy's `server.state` values.
@@ -40,6 +44,33 @@ impl ServerState {
     }
 }
 
+/// Which socket listeners have stopped accepting after `/drain_listeners` (Envoy's
+/// `stopListeners`): none while serving; after the drain all of them, or with `?inboundonly` those
+/// whose `traffic_direction` is `INBOUND`. Open connections are not closed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerStop {
+    /// Every listener accepts.
+    Serving,
+    /// Inbound listeners stopped (`?inboundonly`).
+    Inbound,
+    /// Every socket listener stopped.
+    All,
+}
+
+impl ListenerStop {
+    /// Whether a listener with this `traffic_direction` (`envoy.config.core.v3.TrafficDirection`)
+    /// must stop accepting.
+    pub fn stops(self, traffic_direction: i32) -> bool {
+        /// `TrafficDirection.INBOUND`.
+        const INBOUND: i32 = 1;
+        match self {
+            ListenerStop::Serving => false,
+            ListenerStop::Inbound => traffic_direction == INBOUND,
+            ListenerStop::All => true,
+        }
+    }
+}
+
 /// Everything the admin API and the xDS client share.
 pub struct Server {
     /// Command line.
@@ -52,11 +83,17 @@ pub struct Server {
     pub xds: Arc<XdsStore>,
     /// Compiled configuration.
     pub config: Arc<ConfigStore>,
+    /// Listeners waiting for their SDS secrets.
+    pub warming: WarmingListeners,
     state: AtomicU8,
+    /// The initial xDS fetch is complete (LIVE once no listener warms).
+    initial_fetch_done: AtomicBool,
     /// `/healthcheck/fail` was called.
     pub health_check_failed: AtomicBool,
     /// Set when listeners should drain (`/drain_listeners`).
     pub drain: watch::Sender<bool>,
+    /// Which listeners stopped accepting (see [`Server::drain_listeners`]); accept loops watch it.
+    pub listener_stop: watch::Sender<ListenerStop>,
     /// Set when the process should exit (`/quitquitquit`, signals).
     pub shutdown: watch::Sender<bool>,
     /// Process start.
@@ -74,16 +111,20 @@ impl Server {
             .set(ServerState::PreInitializing as u64);
         stats.gauge("listener_manager.workers_started").set(0);
         let (drain, _) = watch::channel(false);
+        let (listener_stop, _) = watch::channel(ListenerStop::Serving);
         let (shutdown, _) = watch::channel(false);
         Arc::new(Server {
             options,
             bootstrap,
             xds: Arc::new(XdsStore::default()),
             config: Arc::new(ConfigStore::default()),
+            warming: WarmingListeners::new(stats.gauge("listener_manager.total_listeners_warming")),
             stats,
             state: AtomicU8::new(ServerState::PreInitializing as u8),
+            initial_fetch_done: AtomicBool::new(false),
             health_check_failed: AtomicBool::new(false),
             drain,
+            listener_stop,
             shutdown,
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -106,6 +147,69 @@ impl Server {
         self.stats.gauge("server.state").set(state as u64);
         if state == ServerState::Live {
             self.stats.gauge("listener_manager.workers_started").set(1);
+        }
+    }
+
+    /// `/drain_listeners`, as Envoy: connections are discouraged from now on (HTTP/1.1 `Connection:
+    /// close`, HTTP/2 GOAWAY — `--drain-strategy immediate`); the listeners (only the inbound ones
+    /// with `inbound_only`) stop accepting at once, or with `graceful` once `--drain-time-s` has
+    /// passed, so new connections are refused while open ones finish.
+    pub fn drain_listeners(self: &Arc<Self>, graceful: bool, inbound_only: bool) {
+        let stop = if inbound_only {
+            ListenerStop::Inbound
+        } else {
+            ListenerStop::All
+        };
+        self.drain.send_replace(true);
+        self.set_state(ServerState::Draining);
+        self.stats.gauge("server.live").set(0);
+        let delay = Duration::from_secs(self.options.drain_time_s);
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if graceful && !delay.is_zero() => {
+                let server = Arc::downgrade(self);
+                runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Some(server) = server.upgrade() {
+                        server.stop_listeners(stop);
+                    }
+                });
+            }
+            // Without a runtime (handlers called directly in tests) there is no timer to wait on.
+            _ => self.stop_listeners(stop),
+        }
+    }
+
+    /// Stops `stop`'s listeners unless a wider stop is already in force.
+    fn stop_listeners(&self, stop: ListenerStop) {
+        self.listener_stop.send_if_modified(|current| {
+            let widen = *current == ListenerStop::Serving || stop == ListenerStop::All;
+            if widen && *current != stop {
+                tracing::info!(target: "listener", ?stop, "drained: listeners stop accepting");
+                *current = stop;
+                return true;
+            }
+            false
+        });
+    }
+
+    /// The initial configuration is in (CDS, EDS and LDS over ADS, or the bootstrap alone): the
+    /// server goes LIVE now, or once the listeners warming on SDS secrets are active, as Envoy's
+    /// init manager waits for them.
+    pub fn initial_fetch_done(&self) {
+        self.initial_fetch_done.store(true, Ordering::SeqCst);
+        self.maybe_live();
+    }
+
+    /// Goes LIVE if the initial fetch is done and no listener warms (only the first time: later
+    /// warming listeners do not take the server out of LIVE).
+    pub fn maybe_live(&self) {
+        if self.initial_fetch_done.load(Ordering::SeqCst)
+            && self.warming.is_empty()
+            && self.state() == ServerState::PreInitializing
+        {
+            self.set_state(ServerState::Live);
+            tracing::info!(target: "xds", "initial configuration applied: LIVE");
         }
     }
 }

@@ -68,6 +68,8 @@ impl Stat {
 pub struct Stats {
     // std RwLock: held only for map lookups/inserts, never across an await.
     map: RwLock<BTreeMap<String, Arc<Stat>>>,
+    /// Istio's standard metrics (labelled series, rendered into `/stats/prometheus`).
+    pub istio: crate::telemetry::istio::IstioMetrics,
 }
 
 impl Stats {

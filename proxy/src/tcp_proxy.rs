@@ -4,18 +4,35 @@
 //! the SDS identity to `podIP:15008` (ORIGINAL_DST with the port override) and `:authority` =
 //! `%DOWNSTREAM_LOCAL_ADDRESS%` (`podIP:targetPort`), on pooled connections.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     config::{
         cluster::Discovery,
-        filters::tcp_proxy::{TcpProxy, TcpTarget, Tunneling},
+        filters::{
+            istio::StatsConfig,
+            tcp_proxy::{TcpProxy, TcpTarget, Tunneling},
+        },
         headers::HeaderMutations,
     },
     dataplane::DataPlane,
-    flags::ProxyError,
-    http::request,
+    flags::{ProxyError, ResponseFlags},
+    http::{
+        request,
+        stream_info::{StreamLabels, UpstreamSlot},
+    },
     listener::conn::{BoxIo, ConnContext, ConnValues},
+    telemetry::istio::Protocol,
     upstream::{
         cluster_manager::{ClusterRt, original_destination},
         connect::Origin,
@@ -25,17 +42,95 @@ use crate::{
 /// Envoy's default `max_connect_attempts`.
 const DEFAULT_CONNECT_ATTEMPTS: u32 = 1;
 
-/// Proxies `io` per `tp` until either side closes.
-pub async fn serve(dp: Arc<DataPlane>, ctx: Arc<ConnContext>, tp: Arc<TcpProxy>, mut io: BoxIo) {
-    let upstream = match open(&dp, &ctx, &tp).await {
+/// Envoy's `istio.stats` default `tcp_reporting_duration`.
+const DEFAULT_TCP_REPORTING: Duration = Duration::from_secs(5);
+
+/// Proxies `io` per `tp` until either side closes. With a network `istio.stats` filter before it
+/// on the chain (`stats`), the connection is reported in Istio's TCP metrics: opened once the
+/// upstream is chosen, bytes every `tcp_reporting_duration` and at close, closed at close.
+pub async fn serve(
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    tp: Arc<TcpProxy>,
+    io: BoxIo,
+    stats: Option<&StatsConfig>,
+) {
+    let started = (Instant::now(), SystemTime::now());
+    let slot = UpstreamSlot::default();
+    let opened = open(&dp, &ctx, &tp, Some(&slot)).await;
+    let series = stats.and_then(|s| {
+        let labels = StreamLabels::new(s, true, &ctx);
+        let flags = match &opened {
+            Ok(_) => ResponseFlags::default(),
+            Err(e) => e.response_flags(),
+        };
+        let key = labels.key(
+            &ctx.snapshot,
+            &slot.get(),
+            Protocol::Tcp,
+            0,
+            None,
+            flags,
+            true,
+        );
+        dp.server.stats.istio.tcp_series(key)
+    });
+    if let Some(s) = &series {
+        s.opened.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut upstream = match opened {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, flag = %e.flag(), "upstream: {e}");
+            if let Some(s) = &series {
+                s.closed.fetch_add(1, Ordering::Relaxed);
+            }
+            log(&tp, &ctx, started, e.response_flags(), (0, 0), &slot);
             return;
         }
     };
-    let mut upstream = upstream;
-    let (up, down, error) = crate::io::join(&mut io, &mut upstream).await;
+    let meter = Arc::new(Meter::default());
+    let mut io = Metered {
+        inner: io,
+        meter: meter.clone(),
+    };
+    let every = stats
+        .and_then(|s| s.tcp_reporting_duration)
+        .unwrap_or(DEFAULT_TCP_REPORTING);
+    let mut reported = (0, 0);
+    let report = |reported: &mut (u64, u64)| {
+        if let Some(s) = &series {
+            let (rx, tx) = meter.get();
+            s.received.fetch_add(rx - reported.0, Ordering::Relaxed);
+            s.sent.fetch_add(tx - reported.1, Ordering::Relaxed);
+            *reported = (rx, tx);
+        }
+    };
+    let joined = crate::io::join(&mut io, &mut upstream);
+    tokio::pin!(joined);
+    let (up, down, error) = if series.is_some() && !every.is_zero() {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                r = &mut joined => break r,
+                _ = tick.tick() => report(&mut reported),
+            }
+        }
+    } else {
+        joined.await
+    };
+    report(&mut reported);
+    if let Some(s) = &series {
+        s.closed.fetch_add(1, Ordering::Relaxed);
+    }
+    log(
+        &tp,
+        &ctx,
+        started,
+        ResponseFlags::default(),
+        meter.get(),
+        &slot,
+    );
     match error {
         None => {
             tracing::trace!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, up, down, "closed")
@@ -44,6 +139,31 @@ pub async fn serve(dp: Arc<DataPlane>, ctx: Arc<ConnContext>, tp: Arc<TcpProxy>,
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, up, down, "ended: {e}")
         }
     }
+}
+
+/// Writes the tcp_proxy's access logs for a connection that started at `started` and moved
+/// `(received, sent)` bytes downstream.
+fn log(
+    tp: &TcpProxy,
+    ctx: &ConnContext,
+    started: (Instant, SystemTime),
+    flags: ResponseFlags,
+    (received, sent): (u64, u64),
+    slot: &UpstreamSlot,
+) {
+    if tp.access_log.is_empty() {
+        return;
+    }
+    crate::access_log::log_connection(
+        &tp.access_log,
+        ctx,
+        started.1,
+        started.0.elapsed(),
+        flags,
+        received,
+        sent,
+        Some(&slot.get()),
+    );
 }
 
 fn cluster_of(tp: &TcpProxy) -> Option<String> {
@@ -71,6 +191,7 @@ async fn open(
     dp: &Arc<DataPlane>,
     ctx: &Arc<ConnContext>,
     tp: &TcpProxy,
+    slot: Option<&UpstreamSlot>,
 ) -> Result<BoxIo, ProxyError> {
     let name = cluster_of(tp).ok_or_else(|| ProxyError::NoCluster("weighted clusters".into()))?;
     let rt = dp
@@ -86,7 +207,7 @@ async fn open(
     for _ in 0..attempts {
         let r = match &tp.tunneling {
             Some(t) => tunnel(dp, ctx, &rt, t).await,
-            None => crate::http::router::open_tcp(dp, &rt, &origin, ctx, None).await,
+            None => crate::http::router::open_tcp(dp, &rt, &origin, ctx, None, slot).await,
         };
         match r {
             Ok(io) => return Ok(io),
@@ -200,5 +321,61 @@ impl tokio::io::AsyncWrite for TunnelIo {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0.stream).poll_shutdown(cx)
+    }
+}
+
+/// Bytes read from and written to the downstream so far.
+#[derive(Debug, Default)]
+struct Meter {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Meter {
+    fn get(&self) -> (u64, u64) {
+        (
+            self.received.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The downstream connection, counting bytes both ways as they pass.
+struct Metered {
+    inner: BoxIo,
+    meter: Arc<Meter>,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.meter.received.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.meter.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

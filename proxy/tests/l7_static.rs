@@ -40,6 +40,12 @@ static_resources:
           stat_prefix: l7
           codec_type: AUTO
           server_name: l7-proxy
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: ${DIR}/access.log
+              log_format: {text_format_source: {inline_string: "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}
           route_config:
             name: l7
             validate_clusters: false
@@ -99,6 +105,12 @@ static_resources:
                   hash_policy: [{header: {header_name: x-user}}]
               - match: {prefix: /rewrite/}
                 route: {cluster: backend, prefix_rewrite: /rewritten/}
+              - match: {prefix: /limited}
+                route: {cluster: limited}
+              - match: {prefix: /queued}
+                route: {cluster: queued}
+              - match: {prefix: /outlier}
+                route: {cluster: outlier}
               - match: {prefix: /}
                 route: {cluster: backend}
                 request_headers_to_add:
@@ -139,6 +151,31 @@ static_resources:
     lb_policy: RING_HASH
     load_assignment:
       cluster_name: ring
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}},
+                                  {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND2}}}}}]}]
+  - name: limited
+    type: STATIC
+    connect_timeout: 2s
+    circuit_breakers:
+      thresholds: [{max_requests: 1, max_pending_requests: 1, track_remaining: true}]
+    load_assignment:
+      cluster_name: limited
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
+  - name: queued
+    type: STATIC
+    connect_timeout: 2s
+    circuit_breakers:
+      thresholds: [{max_connections: 1, max_pending_requests: 1}]
+    load_assignment:
+      cluster_name: queued
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}}]}]
+  - name: outlier
+    type: STATIC
+    connect_timeout: 2s
+    lb_policy: ROUND_ROBIN
+    outlier_detection: {consecutive_5xx: 3, interval: 0.1s, base_ejection_time: 1s, max_ejection_percent: 50}
+    load_assignment:
+      cluster_name: outlier
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND}}}}},
                                   {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${BACKEND2}}}}}]}]
   - name: dead
@@ -192,7 +229,8 @@ fn write_bootstrap2(
         .replace("${ADMIN}", &admin.to_string())
         .replace("${LISTEN}", &listen.to_string())
         .replace("${BACKEND}", &backend.to_string())
-        .replace("${DEAD}", &dead.to_string());
+        .replace("${DEAD}", &dead.to_string())
+        .replace("${DIR}", &dir.display().to_string());
     let path = dir.join("bootstrap.yaml");
     std::fs::write(&path, text).expect("write bootstrap");
     path
@@ -535,5 +573,257 @@ async fn cancelled_requests_leave_the_active_gauge() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(proxy.stat("cluster.backend.upstream_rq_total").await >= 2);
+    drop(proxy);
+}
+
+/// Waits (bounded) until `check` holds, polling.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_overflow_with_503_uo() {
+    let backend = echo("backend").await;
+    let proxy = start("breakers", backend).await;
+    // max_requests: 1: one slow request holds the only slot.
+    let listen = proxy.listen;
+    let slow = tokio::spawn(async move {
+        get(listen, "svc.local", "/limited?x-echo-delay-ms=1500", false).await
+    });
+    eventually("the slow request to hold the max_requests slot", || async {
+        proxy
+            .stat("cluster.limited.circuit_breakers.default.rq_open")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        proxy
+            .stat("cluster.limited.circuit_breakers.default.remaining_rq")
+            .await,
+        0
+    );
+    for h2 in [false, true] {
+        let r = get(proxy.listen, "svc.local", "/limited/extra", h2).await;
+        assert_eq!(r.status, 503, "h2 {h2}: {:?}", r.body);
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
+    }
+    assert_eq!(
+        proxy
+            .stat("cluster.limited.upstream_rq_pending_overflow")
+            .await,
+        2
+    );
+    // The slow one is unaffected, and its slot comes back.
+    let r = slow.await.expect("slow request");
+    assert_eq!(r.status, 200);
+    eventually("the max_requests slot to come back", || async {
+        proxy
+            .stat("cluster.limited.circuit_breakers.default.remaining_rq")
+            .await
+            == 1
+    })
+    .await;
+    let r = get(proxy.listen, "svc.local", "/limited/again", false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        proxy
+            .stat("cluster.limited.circuit_breakers.default.rq_open")
+            .await,
+        0
+    );
+    // The access log carries Envoy's flag.
+    let log = proxy.dir.join("access.log");
+    eventually("the overflows in the access log", || async {
+        std::fs::read_to_string(&log)
+            .map(|t| t.lines().filter(|l| *l == "/limited/extra 503 UO").count() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_queues_requests_until_max_pending_overflows() {
+    let backend = echo("backend").await;
+    let proxy = start("queued", backend).await;
+    // max_connections: 1: the first slow request holds the one connection, the second waits
+    // for it (pending), the third finds max_pending_requests: 1 full.
+    let listen = proxy.listen;
+    let slow = |path: &'static str| {
+        tokio::spawn(async move { get(listen, "svc.local", path, false).await })
+    };
+    let first = slow("/queued/1?x-echo-delay-ms=600");
+    eventually("the first request's connection", || async {
+        proxy.stat("cluster.queued.upstream_cx_active").await == 1
+    })
+    .await;
+    let second = slow("/queued/2?x-echo-delay-ms=100");
+    eventually("the second request to be pending", || async {
+        proxy
+            .stat("cluster.queued.upstream_rq_pending_active")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        proxy
+            .stat("cluster.queued.circuit_breakers.default.rq_pending_open")
+            .await,
+        1
+    );
+    let third = get(proxy.listen, "svc.local", "/queued/3", false).await;
+    assert_eq!(third.status, 503);
+    assert_eq!(
+        proxy
+            .stat("cluster.queued.upstream_rq_pending_overflow")
+            .await,
+        1
+    );
+    assert!(proxy.stat("cluster.queued.upstream_cx_overflow").await >= 1);
+    // Both queued requests are served, over the one connection.
+    for task in [first, second] {
+        let r = task.await.expect("request");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(proxy.stat("cluster.queued.upstream_cx_total").await, 1);
+    assert_eq!(
+        proxy
+            .stat("cluster.queued.upstream_rq_pending_active")
+            .await,
+        0
+    );
+    drop(proxy);
+}
+
+/// An upstream that answers every request with 503.
+async fn failing_backend() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    http::Response::builder()
+                        .status(503)
+                        .header("x-echo-server", "failing")
+                        .body(http_body_util::Full::new(Bytes::from_static(b"down")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// The `health_flags` of each host of `cluster` in the `/clusters` text, by address.
+async fn health_flags(proxy: &Proxy, cluster: &str) -> std::collections::BTreeMap<String, String> {
+    let r = get(proxy.admin, "admin", "/clusters", false).await;
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{cluster}::")))
+        .filter_map(|l| l.split_once("::health_flags::"))
+        .map(|(addr, flags)| (addr.to_owned(), flags.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_host_and_brings_it_back() {
+    let healthy = echo("healthy").await;
+    let failing = failing_backend().await;
+    let proxy = start2("outlier", healthy, failing).await;
+    let failing_addr = format!("127.0.0.1:{failing}");
+    // Round robin over both hosts: the failing one answers 503 until its third 503 ejects it.
+    let mut failures = 0;
+    for _ in 0..6 {
+        if get(proxy.listen, "svc.local", "/outlier", false)
+            .await
+            .status
+            == 503
+        {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "consecutive_5xx: 3, then no more 503s");
+    assert_eq!(
+        proxy
+            .stat("cluster.outlier.outlier_detection.ejections_enforced_consecutive_5xx")
+            .await,
+        1
+    );
+    assert_eq!(
+        proxy
+            .stat("cluster.outlier.outlier_detection.ejections_active")
+            .await,
+        1
+    );
+    let flags = health_flags(&proxy, "outlier").await;
+    assert_eq!(
+        flags.get(&failing_addr).map(String::as_str),
+        Some("/failed_outlier_check"),
+        "{flags:?}"
+    );
+    assert_eq!(
+        flags
+            .get(&format!("127.0.0.1:{healthy}"))
+            .map(String::as_str),
+        Some("healthy")
+    );
+    // While it is out, everything goes to the healthy host.
+    for _ in 0..6 {
+        let r = get(proxy.listen, "svc.local", "/outlier", false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["server"], "healthy");
+    }
+    // base_ejection_time 1 s, swept every 0.1 s: it comes back.
+    let started = Instant::now();
+    eventually("the failing host to return", || async {
+        health_flags(&proxy, "outlier")
+            .await
+            .get(&failing_addr)
+            .map(String::as_str)
+            == Some("healthy")
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before its ejection time"
+    );
+    assert_eq!(
+        proxy
+            .stat("cluster.outlier.outlier_detection.ejections_active")
+            .await,
+        0
+    );
+    // Back in rotation: it fails again (and is ejected again after three more 503s).
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let r = get(proxy.listen, "svc.local", "/outlier", false).await;
+        servers.insert(if r.status == 503 {
+            "failing".to_owned()
+        } else {
+            r.json()["server"].as_str().unwrap_or_default().to_owned()
+        });
+    }
+    assert_eq!(
+        servers.len(),
+        2,
+        "both hosts take traffic again: {servers:?}"
+    );
     drop(proxy);
 }

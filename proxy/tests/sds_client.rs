@@ -3,240 +3,30 @@
 //! naming the bad field while the last good secret stays, reconnect after the server drops the
 //! stream (declaring the version it holds), and what `/certs`, `/stats` and `/config_dump` show.
 
-use std::{path::PathBuf, pin::Pin, process::Stdio, time::Duration};
+mod common;
 
-use prost::Message as _;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    sync::mpsc,
+use common::{
+    KEY, Proxy, next_request, next_stream, root_secret as root, sds_cluster, sds_server,
+    secret_response as response, temp_dir, tls_secret as tls, wait_body,
 };
-use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
-use waypoint_proto::{
-    envoy::{
-        config::core::v3::{DataSource, data_source::Specifier},
-        extensions::transport_sockets::tls::v3::{
-            CertificateValidationContext, Secret, TlsCertificate, secret,
-        },
-        service::{
-            discovery::v3::{
-                DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-            },
-            secret::v3::secret_discovery_service_server::{
-                SecretDiscoveryService, SecretDiscoveryServiceServer,
-            },
-        },
-    },
-    google::protobuf::Any,
-    resource::SECRET_TYPE,
-};
-
-const CERT: &str = include_str!("data/test-cert.pem");
-const KEY: &str = include_str!("data/test-key.pem");
-const WAIT: Duration = Duration::from_secs(20);
-
-type Out = mpsc::Sender<Result<DiscoveryResponse, Status>>;
-
-/// One stream the proxy opened: its requests and a handle to answer.
-struct Opened {
-    requests: Streaming<DiscoveryRequest>,
-    responses: Out,
-}
-
-struct Scripted {
-    opened: mpsc::UnboundedSender<Opened>,
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl SecretDiscoveryService for Scripted {
-    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
-    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
-
-    async fn stream_secrets(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
-        let _ = self.opened.send(Opened {
-            requests: request.into_inner(),
-            responses: tx,
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn delta_secrets(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented("SotW only"))
-    }
-
-    async fn fetch_secrets(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(Status::unimplemented("SotW only"))
-    }
-}
-
-fn inline(s: &str) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(Specifier::InlineBytes(s.as_bytes().to_vec())),
-        ..Default::default()
-    })
-}
-
-fn response(version: &str, nonce: &str, secret: Secret) -> DiscoveryResponse {
-    DiscoveryResponse {
-        version_info: version.to_owned(),
-        resources: vec![Any {
-            type_url: SECRET_TYPE.to_owned(),
-            value: secret.encode_to_vec(),
-        }],
-        type_url: SECRET_TYPE.to_owned(),
-        nonce: nonce.to_owned(),
-        ..Default::default()
-    }
-}
-
-fn tls(key: &str) -> Secret {
-    Secret {
-        name: "default".into(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(CERT),
-            private_key: inline(key),
-            ..Default::default()
-        })),
-    }
-}
-
-fn root() -> Secret {
-    Secret {
-        name: "ROOTCA".into(),
-        r#type: Some(secret::Type::ValidationContext(
-            CertificateValidationContext {
-                trusted_ca: inline(CERT),
-                ..Default::default()
-            },
-        )),
-    }
-}
-
-async fn next_stream(rx: &mut mpsc::UnboundedReceiver<Opened>) -> (Opened, DiscoveryRequest) {
-    let mut opened = tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("the proxy opens an SDS stream in time")
-        .expect("server alive");
-    let first = next_request(&mut opened).await;
-    (opened, first)
-}
-
-async fn next_request(opened: &mut Opened) -> DiscoveryRequest {
-    tokio::time::timeout(WAIT, opened.requests.message())
-        .await
-        .expect("a request in time")
-        .expect("stream ok")
-        .expect("stream open")
-}
+use tonic::Status;
+use waypoint_proto::resource::SECRET_TYPE;
 
 async fn http(port: u16, path: &str) -> (u16, String) {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    match tokio::time::timeout(Duration::from_secs(5), fut).await {
-        Ok(Ok(text)) => {
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            (status, body.to_owned())
-        }
-        _ => (0, String::new()),
-    }
-}
-
-/// Polls GET `path` until `pred(body)` holds.
-async fn wait_body(port: u16, path: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = http(port, path).await;
-        if status == 200 && pred(&body) {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what} on {path}; last: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    common::http(port, "GET", path).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_nack_reconnect_and_admin_views() {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("proxy-sds-client-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let socket = dir.join("sds.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-    let (opened_tx, mut opened_rx) = mpsc::unbounded_channel();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(SecretDiscoveryServiceServer::new(Scripted {
-                opened: opened_tx,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-    );
-
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let dir = temp_dir("sds-client");
+    let (server, mut opened_rx) = sds_server(&dir.join("sds.sock"));
+    let admin_port = common::free_port();
     let bootstrap = serde_json::json!({
         "node": {"id": "waypoint~127.0.0.1~t.default~default.svc.cluster.local", "cluster": "t.default"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"clusters": [{
-            "name": "sds-grpc",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"pipe": {"path": "./sds.sock"}}}}
-            ]}]}
-        }]}
+        "static_resources": {"clusters": [sds_cluster()]}
     });
-    std::fs::write(dir.join("bootstrap.json"), bootstrap.to_string()).expect("write");
-    let log = std::fs::File::create(dir.join("proxy.log")).expect("log");
-    let _proxy = Proc(
-        std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
-            .args(["-c", "bootstrap.json", "-l", "debug"])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("proxy starts"),
-    );
+    let _proxy = Proxy::start(&dir, &bootstrap);
 
     // Two streams, one per secret, node on the first request, no version yet.
     let mut streams = Vec::new();

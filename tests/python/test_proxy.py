@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from conftest import WAYPOINT_NODE_ID, wait_until
 from envoy.admin.v3 import (
     certs_pb2,
@@ -304,6 +305,8 @@ def test_admin_methods_drain_and_logging(proxy_pod):
 ENVOY_NAMING_LINT = [
     re.compile(r'^envoy_\w+ counter metrics should have "_total" suffix$'),
     re.compile(r'^envoy_server_days_until_first_cert_expiring use base unit "seconds" instead of "days"$'),
+    # Istio's standard metric name (Kiali and the Grafana dashboards query it).
+    re.compile(r'^istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds"$'),
 ]
 
 
@@ -325,8 +328,11 @@ def check_exposition(text: str) -> dict[str, str]:
         m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
         assert m, f"bad sample line {line!r}"
         name = m.group(1)
-        assert name == current, f"sample {name} outside its family block ({current})"
-        assert name.startswith("envoy_"), name
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if types.get(current) == "histogram" else name
+        assert family == current, f"sample {name} outside its family block ({current})"
+        # Envoy's stats, and Istio's standard metrics (istio_build even before any traffic).
+        assert name.startswith(("envoy_", "istio_")), name
+        name = family
         float(m.group(3))
         seen_samples.add(name)
     assert set(types) == seen_samples, set(types) ^ seen_samples
@@ -355,7 +361,13 @@ def test_prometheus_exposition_passes_promtool(proxy_pod):
     assert types["envoy_server_memory_allocated"] == "gauge"
     # Tag extraction: cluster.<name>.<stat> -> envoy_cluster_<stat>{cluster_name="<name>"}.
     assert f'envoy_cluster_update_success{{cluster_name="{VIP_CLUSTER}"}} 1' in text.splitlines(), text
+    assert types["istio_build"] == "gauge"
     run_promtool(text)
+    # The reference client library reads it too.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["istio_build"].samples[0].labels["component"] == "proxy"
+    # prometheus_client strips a counter's `_total`; Envoy's counters have none to strip.
+    assert families["envoy_cluster_manager_cds_update_success"].type == "counter"
 
     status, filtered = pp.admin("/stats/prometheus?usedonly&filter=%5Eserver%5C.")
     assert status == 200

@@ -1,6 +1,7 @@
 //! `/clusters` and `/listeners` in Envoy's text and JSON (`?format=json`) shapes, built from the
-//! bootstrap's static resources and the accepted xDS resources (EDS hosts included). Host traffic
-//! counters are zero until the data path records them.
+//! bootstrap's static resources and the accepted xDS resources (EDS hosts included). Once the
+//! data path has used a cluster, its live hosts add outlier ejections (`/failed_outlier_check`),
+//! success rates and active requests; other host traffic counters are zero.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,10 @@ use waypoint_proto::{
 };
 
 use super::{Admin, Body, json, text};
+use crate::{
+    config::endpoint::EndpointAddress,
+    upstream::{cluster_manager::live_hosts, lb::Host},
+};
 
 /// Envoy's circuit-breaker defaults.
 const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
@@ -200,7 +205,54 @@ fn cluster_views(admin: &Admin) -> Vec<ClusterView> {
         );
     }
     out.extend(dynamic.into_values());
+    for view in &mut out {
+        add_live_state(admin, view);
+    }
     out
+}
+
+/// The address of a live host as `/clusters` prints it (Envoy's `Address::asString()`).
+fn live_address(h: &Host) -> String {
+    match &h.address {
+        EndpointAddress::Socket(a) => a.to_string(),
+        EndpointAddress::Pipe(p) => p.display().to_string(),
+        EndpointAddress::Internal {
+            listener,
+            endpoint_id,
+        } => format!(
+            "envoy://{listener}/{}",
+            endpoint_id.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+/// Fills in what only the data path knows: ejections, success rates, active requests.
+fn add_live_state(admin: &Admin, view: &mut ClusterView) {
+    let Some(live) = live_hosts(&admin.server.stats, &view.cluster.name) else {
+        return;
+    };
+    let by_address: BTreeMap<String, std::sync::Arc<Host>> = live
+        .hosts()
+        .into_iter()
+        .map(|h| (live_address(&h), h))
+        .collect();
+    let percent =
+        |v: Option<f64>| v.map(|value| waypoint_proto::envoy::r#type::v3::Percent { value });
+    for status in &mut view.hosts {
+        let Some(h) = by_address.get(&address_string(status.address.as_ref())) else {
+            continue;
+        };
+        if let Some(hs) = status.health_status.as_mut() {
+            hs.failed_outlier_check = h.outlier.is_ejected();
+        }
+        status.success_rate = percent(h.outlier.success_rate());
+        status.local_origin_success_rate = percent(h.outlier.local_success_rate());
+        for m in &mut status.stats {
+            if m.name == "rq_active" {
+                m.value = h.active_requests();
+            }
+        }
+    }
 }
 
 /// The effective thresholds for one priority, Envoy's defaults filled in.
@@ -244,19 +296,38 @@ fn observability_name(c: &Cluster) -> String {
     }
 }
 
-/// Envoy's `healthFlagsToString`: `healthy`, or `/flag/flag...`.
+/// Envoy's `healthFlagsToString`: `healthy`, or `/flag/flag...` (in Envoy's flag order:
+/// `failed_outlier_check` before the EDS flags).
 fn health_flags(h: &HostStatus) -> String {
     let eds = h
         .health_status
         .as_ref()
         .map(|s| s.eds_health_status)
         .unwrap_or(HealthStatus::Healthy as i32);
-    match HealthStatus::try_from(eds) {
-        Ok(HealthStatus::Unhealthy) | Ok(HealthStatus::Timeout) => "/failed_eds_health".to_owned(),
-        Ok(HealthStatus::Draining) => "/failed_eds_health/eds_status_draining".to_owned(),
-        Ok(HealthStatus::Degraded) => "/degraded_eds_health".to_owned(),
-        _ => "healthy".to_owned(),
+    let outlier = h
+        .health_status
+        .as_ref()
+        .is_some_and(|s| s.failed_outlier_check);
+    let mut flags = String::new();
+    if outlier {
+        flags.push_str("/failed_outlier_check");
     }
+    flags.push_str(match HealthStatus::try_from(eds) {
+        Ok(HealthStatus::Unhealthy) | Ok(HealthStatus::Timeout) => "/failed_eds_health",
+        Ok(HealthStatus::Draining) => "/failed_eds_health/eds_status_draining",
+        Ok(HealthStatus::Degraded) => "/degraded_eds_health",
+        _ => "",
+    });
+    if flags.is_empty() {
+        "healthy".to_owned()
+    } else {
+        flags
+    }
+}
+
+/// Envoy prints a success rate not computed (too little volume) as -1.
+fn rate_text(p: Option<&waypoint_proto::envoy::r#type::v3::Percent>) -> String {
+    p.map_or_else(|| "-1".to_owned(), |p| p.value.to_string())
 }
 
 /// `/clusters` text.
@@ -314,8 +385,14 @@ pub fn clusters_text(admin: &Admin) -> String {
             out.push_str(&format!("{name}::{addr}::sub_zone::{}\n", loc.sub_zone));
             out.push_str(&format!("{name}::{addr}::canary::false\n"));
             out.push_str(&format!("{name}::{addr}::priority::{}\n", host.priority));
-            out.push_str(&format!("{name}::{addr}::success_rate::-1\n"));
-            out.push_str(&format!("{name}::{addr}::local_origin_success_rate::-1\n"));
+            out.push_str(&format!(
+                "{name}::{addr}::success_rate::{}\n",
+                rate_text(host.success_rate.as_ref())
+            ));
+            out.push_str(&format!(
+                "{name}::{addr}::local_origin_success_rate::{}\n",
+                rate_text(host.local_origin_success_rate.as_ref())
+            ));
         }
     }
     out

@@ -2,10 +2,12 @@
 //! written with the proto3-JSON writer, so `istioctl proxy-config` and `xds-protos` read it.
 //!
 //! Order and content as Envoy: bootstrap, clusters (static, dynamic active), endpoints (with
-//! `?include_eds`), listeners (static, dynamic with active/error state), scoped routes (empty), routes
-//! (the inline route configurations of the HTTP connection managers, as Envoy's static route
-//! configs), secrets (SDS, private keys redacted). Supports `?resource=<repeated field>`,
-//! `?mask=<comma-separated paths>` and `?name_regex=`.
+//! `?include_eds`), listeners (static, dynamic with active/warming/error state), scoped routes
+//! (empty), routes (the inline route configurations of the HTTP connection managers, as Envoy's
+//! static route configs), secrets (SDS, private keys redacted). A listener warming on SDS secrets
+//! shows under `warming_state`, with the version it replaces (still serving) under
+//! `active_state`. Supports `?resource=<repeated field>`, `?mask=<comma-separated paths>` and
+//! `?name_regex=`.
 
 use std::time::SystemTime;
 
@@ -166,6 +168,7 @@ pub fn build(admin: &Admin, include_eds: bool) -> ConfigDump {
     }
 
     let lds = server.xds.record(ResourceKind::Listener);
+    let warming = server.warming.all();
     let mut routes = Vec::new();
     for l in &statics.listeners {
         inline_routes(l, &mut routes);
@@ -192,16 +195,28 @@ pub fn build(admin: &Admin, include_eds: bool) -> ConfigDump {
         dynamic_listeners: lds
             .resources
             .iter()
-            .map(|(name, e)| DynamicListener {
-                name: name.clone(),
-                active_state: e.resource.as_ref().map(|r| DynamicListenerState {
-                    version_info: e.version.clone(),
-                    listener: Some(r.clone()),
-                    last_updated: Some(ts(e.last_updated)),
-                }),
-                error_state: failure(&e.error),
-                client_status: status(&e.error),
-                ..Default::default()
+            .map(|(name, e)| {
+                let state = |e: &crate::xds::Entry| {
+                    e.resource.as_ref().map(|r| DynamicListenerState {
+                        version_info: e.version.clone(),
+                        listener: Some(r.clone()),
+                        last_updated: Some(ts(e.last_updated)),
+                    })
+                };
+                // A warming listener: the accepted version under `warming_state`, the version
+                // still serving (if it replaces one) under `active_state`.
+                let (active_state, warming_state) = match warming.get(name) {
+                    Some(w) => (w.active.as_ref().and_then(state), state(e)),
+                    None => (state(e), None),
+                };
+                DynamicListener {
+                    name: name.clone(),
+                    active_state,
+                    warming_state,
+                    error_state: failure(&e.error),
+                    client_status: status(&e.error),
+                    ..Default::default()
+                }
             })
             .collect(),
     }));
@@ -275,6 +290,7 @@ fn item_name(item: &Json) -> Option<&str> {
         &["cluster", "name"],
         &["listener", "name"],
         &["active_state", "listener", "name"],
+        &["warming_state", "listener", "name"],
         &["route_config", "name"],
         &["endpoint_config", "cluster_name"],
         &["secret", "name"],

@@ -276,10 +276,8 @@ pub fn handle(admin: &Admin, method: &Method, uri: &http::Uri) -> Response<Body>
         "/drain_listeners" => {
             let graceful = has("graceful");
             let inbound_only = has("inboundonly");
-            server.drain.send_replace(true);
-            server.set_state(ServerState::Draining);
-            server.stats.gauge("server.live").set(0);
             tracing::info!(target: "admin", graceful, inbound_only, skip_exit = has("skip_exit"), "draining listeners");
+            server.drain_listeners(graceful, inbound_only);
             text(StatusCode::OK, "OK\n")
         }
         "/quitquitquit" => {

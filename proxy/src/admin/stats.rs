@@ -206,7 +206,15 @@ pub fn refresh(admin: &Admin) {
         .gauge("cluster_manager.active_clusters")
         .set(snapshot.clusters.len() as u64);
     stats.gauge("cluster_manager.warming_clusters").set(0);
-    let listeners = snapshot.listeners.len() as u64;
+    // Warming listeners that replace nothing are not active yet (the gauge of warming ones is
+    // kept by `server.warming`).
+    let warming_new = server
+        .warming
+        .all()
+        .values()
+        .filter(|w| !w.replaces_active)
+        .count() as u64;
+    let listeners = (snapshot.listeners.len() as u64).saturating_sub(warming_new);
     if server.state() == ServerState::Draining {
         stats
             .gauge("listener_manager.total_listeners_active")
@@ -222,9 +230,6 @@ pub fn refresh(admin: &Admin) {
             .gauge("listener_manager.total_listeners_draining")
             .set(0);
     }
-    stats
-        .gauge("listener_manager.total_listeners_warming")
-        .set(0);
     if let Some(days) = super::certs::days_until_first_expiring(&admin.secrets) {
         stats
             .gauge("server.days_until_first_cert_expiring")
@@ -434,6 +439,11 @@ pub fn prometheus_text(
         for (labels, value) in series {
             body.push_str(&format!("{family}{{{labels}}} {value}\n"));
         }
+    }
+    // Istio's standard metrics (Envoy's `istiocustom` namespace, which Prometheus output shows
+    // without a prefix); a `filter` narrows Envoy's stats only.
+    if !params.iter().any(|(k, _)| k == "filter") {
+        admin.server.stats.istio.render_prometheus(&mut body);
     }
     Ok(body)
 }

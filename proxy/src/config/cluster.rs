@@ -108,6 +108,8 @@ pub struct Thresholds {
     pub max_connection_pools: Option<u32>,
     /// `retry_budget`: (budget percent, min retry concurrency).
     pub retry_budget: Option<(f64, u32)>,
+    /// `track_remaining`: publish the `remaining_*` gauges.
+    pub track_remaining: bool,
 }
 
 impl Default for Thresholds {
@@ -119,6 +121,7 @@ impl Default for Thresholds {
             max_retries: 3,
             max_connection_pools: None,
             retry_budget: None,
+            track_remaining: false,
         }
     }
 }
@@ -174,6 +177,7 @@ impl CircuitBreakers {
                 max_retries: t.max_retries.as_ref().map_or(d.max_retries, |v| v.value),
                 max_connection_pools: t.max_connection_pools.as_ref().map(|v| v.value),
                 retry_budget: budget,
+                track_remaining: t.track_remaining,
             };
             if high {
                 out.high = th;
@@ -209,6 +213,8 @@ pub struct OutlierDetection {
     pub base_ejection_time: Option<Duration>,
     /// `max_ejection_time`.
     pub max_ejection_time: Option<Duration>,
+    /// `max_ejection_time_jitter`.
+    pub max_ejection_time_jitter: Option<Duration>,
     /// `max_ejection_percent`.
     pub max_ejection_percent: Option<u32>,
     /// `enforcing_consecutive_5xx`.
@@ -270,6 +276,10 @@ impl OutlierDetection {
             max_ejection_time: opt_duration(
                 o.max_ejection_time.as_ref(),
                 &field(path, "max_ejection_time"),
+            )?,
+            max_ejection_time_jitter: opt_duration(
+                o.max_ejection_time_jitter.as_ref(),
+                &field(path, "max_ejection_time_jitter"),
             )?,
             max_ejection_percent: pct(&o.max_ejection_percent, "max_ejection_percent")?,
             enforcing_consecutive_5xx: pct(
@@ -388,6 +398,8 @@ pub struct Cluster {
     pub filter_metadata: BTreeMap<String, Json>,
     /// `metadata.filter_metadata.istio.services`.
     pub services: Vec<IstioService>,
+    /// The destination service labels of Istio's metrics (from `services[0]`), built once.
+    pub service_labels: Arc<crate::telemetry::istio::ServiceLabels>,
 }
 
 /// Transitional: code written against the raw Envoy cluster keeps working
@@ -784,6 +796,12 @@ impl Cluster {
             close_connections_on_host_health_failure: c.close_connections_on_host_health_failure,
             ignore_health_on_host_removal: c.ignore_health_on_host_removal,
             filter_metadata,
+            service_labels: Arc::new(crate::telemetry::istio::ServiceLabels::for_cluster(
+                &c.name,
+                services
+                    .iter()
+                    .map(|s| (s.host.as_str(), s.name.as_str(), s.namespace.as_str())),
+            )),
             services,
             raw: Arc::new(c),
         })
@@ -810,4 +828,89 @@ fn is_prime(n: u64) -> bool {
         i += 1;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use waypoint_proto::{json as pjson, resource::ResourceKind};
+
+    use super::*;
+    use crate::config::{ConfigStore, Update};
+
+    fn apply(store: &ConfigStore, doc: &Json) -> Vec<String> {
+        let kind = ResourceKind::Cluster;
+        let update = Update {
+            name: kind.name_in_json(doc).expect("named").to_owned(),
+            version: "1".into(),
+            resource: pjson::any_from_json(kind.type_url(), doc).expect("encodes"),
+        };
+        store
+            .apply(kind, &[update], &[])
+            .into_iter()
+            .map(|e| e.message)
+            .collect()
+    }
+
+    fn cluster(outlier: Json) -> Json {
+        json!({"name": "c", "type": "STATIC", "connect_timeout": "1s",
+            "circuit_breakers": {"thresholds": [
+                {"max_connections": 10, "max_pending_requests": 2, "max_requests": 3,
+                 "max_retries": 1, "max_connection_pools": 4, "track_remaining": true},
+                {"priority": "HIGH", "max_requests": 7}]},
+            "outlier_detection": outlier})
+    }
+
+    #[test]
+    fn outlier_detection_and_circuit_breakers_are_accepted_and_compiled() {
+        let store = ConfigStore::default();
+        let errors = apply(
+            &store,
+            &cluster(
+                json!({"consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "2s",
+                "max_ejection_time": "20s", "max_ejection_time_jitter": "1s",
+                "max_ejection_percent": 50, "split_external_local_origin_errors": true,
+                "consecutive_local_origin_failure": 4, "enforcing_failure_percentage": 100,
+                "always_eject_one_host": true}),
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let snap = store.snapshot();
+        let c = &snap.clusters["c"];
+        let od = c.outlier_detection.expect("outlier_detection");
+        assert_eq!(od.consecutive_5xx, Some(3));
+        assert_eq!(od.interval, Some(Duration::from_millis(500)));
+        assert_eq!(od.max_ejection_time_jitter, Some(Duration::from_secs(1)));
+        assert!(od.split_external_local_origin_errors && od.always_eject_one_host);
+        let cb = &c.circuit_breakers;
+        assert_eq!(
+            (
+                cb.default.max_connections,
+                cb.default.max_pending_requests,
+                cb.default.max_requests,
+                cb.default.max_retries,
+                cb.default.max_connection_pools,
+            ),
+            (10, 2, 3, 1, Some(4))
+        );
+        assert!(cb.default.track_remaining);
+        assert_eq!(cb.high.max_requests, 7);
+        assert!(!cb.high.track_remaining);
+    }
+
+    #[test]
+    fn unimplemented_outlier_fields_are_nacked_with_their_path() {
+        let store = ConfigStore::default();
+        let errors = apply(&store, &cluster(json!({"detect_degraded_hosts": true})));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("outlier_detection.detect_degraded_hosts"),
+            "{errors:?}"
+        );
+        let errors = apply(&store, &cluster(json!({"max_ejection_percent": 101})));
+        assert!(
+            errors.iter().any(|e| e.contains("max_ejection_percent")),
+            "{errors:?}"
+        );
+    }
 }

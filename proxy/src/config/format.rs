@@ -154,6 +154,15 @@ impl Format {
         self.segments.iter().all(|s| matches!(s, Segment::Text(_)))
     }
 
+    /// The operator, when the format is exactly one operator and no text (JSON values are typed
+    /// then).
+    pub fn single_operator(&self) -> Option<&Operator> {
+        match self.segments.as_slice() {
+            [Segment::Operator(op)] => Some(op),
+            _ => None,
+        }
+    }
+
     /// The literal text, when the format has no operators.
     pub fn as_literal(&self) -> Option<String> {
         self.is_literal().then(|| {
@@ -228,11 +237,66 @@ fn parse_operator(body: &str, text: &str, path: &str) -> CompileResult<Operator>
     if known_plain && name != "START_TIME" && args.is_some() {
         return Err(bad(&format!("%{name}% takes no argument")));
     }
+    match (name, args.as_deref()) {
+        ("START_TIME", Some(fmt)) => {
+            crate::access_log::check_time_format(fmt)
+                .map_err(|why| bad(&format!("%START_TIME({fmt})%: {why}")))?;
+        }
+        // `KEY`, `KEY:PLAIN`, `KEY:TYPED`; Envoy's `KEY:F:FIELD` reads a field of a typed object,
+        // and our filter-state objects are plain strings.
+        ("FILTER_STATE" | "UPSTREAM_FILTER_STATE", Some(a)) if a.contains(":F:") => {
+            return Err(bad(&format!(
+                "%{name}({a})%: field access (':F:') is not supported; filter state objects are strings"
+            )));
+        }
+        ("FILTER_STATE" | "UPSTREAM_FILTER_STATE", Some(a))
+            if a.rsplit_once(':')
+                .is_some_and(|(_, f)| !matches!(f, "PLAIN" | "TYPED")) =>
+        {
+            return Err(bad(&format!(
+                "%{name}({a})%: the serialization must be PLAIN or TYPED"
+            )));
+        }
+        _ => {}
+    }
     Ok(Operator {
         name: name.to_owned(),
         args,
         max_len,
     })
+}
+
+/// Operators whose value Envoy writes as a JSON number when a `json_format` value is the operator
+/// alone (`"code": "%RESPONSE_CODE%"` → `"code": 200`).
+const NUMERIC: &[&str] = &[
+    "RESPONSE_CODE",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+    "REQUEST_HEADERS_BYTES",
+    "RESPONSE_HEADERS_BYTES",
+    "DURATION",
+    "REQUEST_DURATION",
+    "RESPONSE_DURATION",
+    "RESPONSE_TX_DURATION",
+    "UPSTREAM_REQUEST_ATTEMPT_COUNT",
+    "CONNECTION_ID",
+    "DOWNSTREAM_REMOTE_PORT",
+    "DOWNSTREAM_DIRECT_REMOTE_PORT",
+    "DOWNSTREAM_LOCAL_PORT",
+    "UPSTREAM_LOCAL_PORT",
+    "UPSTREAM_REMOTE_PORT",
+];
+
+impl Operator {
+    /// Whether Envoy types this operator's value as a number in JSON logs.
+    pub fn is_numeric(&self) -> bool {
+        NUMERIC.contains(&self.name.as_str())
+    }
+
+    /// `value` cut to the operator's `:N` (see [`Format::render_or`]).
+    pub fn truncate<'v>(&self, value: &'v str) -> &'v str {
+        truncate(value, self.max_len)
+    }
 }
 
 /// The values command operators render to, supplied by whoever renders a [`Format`] (a header

@@ -179,6 +179,24 @@ pub struct Snapshot {
     pub routes: BTreeMap<String, Arc<RouteConfig>>,
     /// Istio workloads by uid.
     pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// Istio workloads by address (Envoy's WDS lookup keys by raw address bytes, network aside).
+    pub workloads_by_ip: std::collections::HashMap<std::net::IpAddr, Arc<Workload>>,
+}
+
+impl Snapshot {
+    /// The workload at `ip`, if WDS knows one.
+    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads_by_ip.get(&ip)
+    }
+
+    fn index_workloads(&mut self) {
+        self.workloads_by_ip.clear();
+        for w in self.workloads.values() {
+            for a in &w.addresses {
+                self.workloads_by_ip.insert(*a, w.clone());
+            }
+        }
+    }
 }
 
 /// What the listener manager does around LDS updates: a socket listener whose address cannot be
@@ -278,6 +296,9 @@ impl ConfigStore {
             if !existed {
                 tracing::debug!(kind = kind.short_name(), %name, "removal of a resource we did not have");
             }
+        }
+        if kind == ResourceKind::Workload {
+            next.index_workloads();
         }
         let next = Arc::new(next);
         self.current.store(next.clone());

@@ -59,6 +59,19 @@ impl ConfigSourceSpec {
     }
 }
 
+/// Which ADS variant Envoy runs for `dynamic_resources.ads_config.api_type`: delta xDS for
+/// `DELTA_GRPC` and state of the world for every other gRPC type (Envoy's `XdsManagerImpl` tests
+/// only for `DELTA_GRPC`, so `AGGREGATED_DELTA_GRPC` gets SotW there too); `None` for REST types.
+pub fn ads_is_delta(api_type: i32) -> Option<bool> {
+    match ApiType::try_from(api_type) {
+        Ok(ApiType::DeltaGrpc) => Some(true),
+        Ok(ApiType::Grpc) | Ok(ApiType::AggregatedGrpc) | Ok(ApiType::AggregatedDeltaGrpc) => {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
 /// A gRPC `ApiConfigSource` with one `envoy_grpc` service.
 pub fn api_source(a: &ApiConfigSource, path: &str) -> CompileResult<Source> {
     let delta = match ApiType::try_from(a.api_type) {

@@ -565,7 +565,22 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("strip_any_host_port"),
             imp("strip_trailing_host_dot"),
             imp("stream_error_on_invalid_http_message"),
-            ok("tracing", NO_TRACING),
+            imp("tracing"),
+        ],
+    ),
+    // Sampling settings without a tracer change nothing (no spans exist to sample); a `provider`
+    // (a tracer: OpenTelemetry, Zipkin, …) is not accepted until spans are emitted, so an operator
+    // who configures one sees the NACK instead of missing traces.
+    msg(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing",
+        &[
+            ok("client_sampling", NO_TRACING),
+            ok("random_sampling", NO_TRACING),
+            ok("overall_sampling", NO_TRACING),
+            ok("verbose", NO_TRACING),
+            ok("max_path_tag_length", NO_TRACING),
+            ok("custom_tags", NO_TRACING),
+            ok("spawn_upstream_span", NO_TRACING),
         ],
     ),
     msg(
@@ -1047,7 +1062,12 @@ pub static MESSAGES: &[MessageRule] = &[
     ),
     msg(
         "stats.MetricConfig",
-        &[imp("name"), imp("tags_to_remove"), imp("drop")],
+        &[
+            imp("name"),
+            imp("tags_to_remove"),
+            imp("drop"),
+            imp("dimensions"),
+        ],
     ),
     // Struct-only Istio configs: the JSON keys we accept.
     msg(
@@ -1279,8 +1299,39 @@ pub static MESSAGES: &[MessageRule] = &[
     ),
     msg(
         "envoy.config.accesslog.v3.AccessLogFilter",
-        &[imp("response_flag_filter")],
+        &[
+            imp("response_flag_filter"),
+            imp("status_code_filter"),
+            imp("duration_filter"),
+            imp("not_health_check_filter"),
+            imp("and_filter"),
+            imp("or_filter"),
+        ],
     ),
+    msg(
+        "envoy.config.accesslog.v3.StatusCodeFilter",
+        &[imp("comparison")],
+    ),
+    msg(
+        "envoy.config.accesslog.v3.DurationFilter",
+        &[imp("comparison")],
+    ),
+    msg(
+        "envoy.config.accesslog.v3.ComparisonFilter",
+        &[imp("op"), imp("value")],
+    ),
+    msg(
+        "envoy.config.core.v3.RuntimeUInt32",
+        &[
+            imp("default_value"),
+            ok(
+                "runtime_key",
+                "no runtime layer can override the key, so default_value is the value in force",
+            ),
+        ],
+    ),
+    msg("envoy.config.accesslog.v3.AndFilter", &[imp("filters")]),
+    msg("envoy.config.accesslog.v3.OrFilter", &[imp("filters")]),
     msg(
         "envoy.config.accesslog.v3.ResponseFlagFilter",
         &[imp("flags")],
@@ -1310,6 +1361,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("load_assignment"),
             imp("max_requests_per_connection"),
             imp("circuit_breakers"),
+            imp("outlier_detection"),
             imp("cleanup_interval"),
             imp("ring_hash_lb_config"),
             imp("maglev_lb_config"),
@@ -1349,10 +1401,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("max_retries"),
             imp("retry_budget"),
             imp("max_connection_pools"),
-            ok(
-                "track_remaining",
-                "only publishes remaining_* gauges; the limits apply the same",
-            ),
+            imp("track_remaining"),
         ],
     ),
     msg(
@@ -1384,6 +1433,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("failure_percentage_minimum_hosts"),
             imp("failure_percentage_request_volume"),
             imp("always_eject_one_host"),
+            imp("max_ejection_time_jitter"),
             ok("successful_active_health_check_uneject_host", NO_ACTIVE_HC),
         ],
     ),

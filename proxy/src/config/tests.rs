@@ -333,6 +333,104 @@ fn unimplemented_fields_are_rejected_by_name() {
 }
 
 #[test]
+fn istio_stats_overrides_compile_and_unsupported_cel_is_refused() {
+    use super::filters::{NetworkFilterKind, istio::StatsConfig};
+    use crate::telemetry::{expr::Expr, istio::tag_index};
+    let mut l = named(ResourceKind::Listener, "main_internal");
+    let (chain, fi) = l["filter_chains"]
+        .as_array()
+        .and_then(|c| {
+            c.iter().enumerate().find_map(|(i, c)| {
+                c["filters"]
+                    .as_array()?
+                    .iter()
+                    .position(|f| f["name"] == "istio.stats")
+                    .map(|f| (i, f))
+            })
+        })
+        .expect("a chain with the network istio.stats");
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["metrics"] = json!([
+        {"name": "tcp_connections_opened_total", "tags_to_remove": ["source_principal", "not_a_tag"],
+         "dimensions": {"destination_port": "string(destination.port)", "source_workload": "'x'"}},
+        {"name": "tcp_sent_bytes_total", "drop": true}
+    ]);
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+    let store = ConfigStore::default();
+    assert!(
+        store
+            .apply(
+                ResourceKind::Listener,
+                &[update(ResourceKind::Listener, &l)],
+                &[]
+            )
+            .is_empty()
+    );
+    let snap = store.snapshot();
+    let NetworkFilterKind::IstioStats(StatsConfig { plan, .. }) =
+        &snap.listeners["main_internal"].filter_chains[chain].filters[fi].kind
+    else {
+        panic!("istio.stats")
+    };
+    let opened = crate::telemetry::istio::Metric::TcpOpened as usize;
+    assert_eq!(
+        plan.dimensions,
+        vec![
+            Expr::Destination(crate::telemetry::expr::AddrField::Port),
+            Expr::Literal("x".into())
+        ]
+    );
+    assert_eq!(
+        plan.overrides[opened].get(&tag_index("source_principal").unwrap_or(99)),
+        Some(&None)
+    );
+    assert_eq!(
+        plan.overrides[opened].get(&tag_index("source_workload").unwrap_or(99)),
+        Some(&Some(1))
+    );
+    assert_eq!(
+        plan.additions[opened],
+        vec![("destination_port".to_owned(), 0)]
+    );
+    assert!(plan.drop[crate::telemetry::istio::Metric::TcpSent as usize]);
+    // A CEL form outside the supported attribute paths: NACK naming the dimension.
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["metrics"] = json!([
+        {"dimensions": {"x": "has(request.headers.x) ? 'a' : 'b'"}}]);
+    let msg = reject(ResourceKind::Listener, &l).expect("refused");
+    assert!(
+        msg.contains("metrics[0]")
+            && msg.contains("dimensions")
+            && msg.contains("has(request.headers.x)"),
+        "{msg}"
+    );
+    // Custom metric definitions and match predicates are refused too.
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["metrics"] = json!([
+        {"name": "my_metric", "dimensions": {"a": "request.host"}}]);
+    let msg = reject(ResourceKind::Listener, &l).expect("refused");
+    assert!(msg.contains("unknown metric 'my_metric'"), "{msg}");
+}
+
+#[test]
+fn tracing_sampling_is_accepted_and_a_tracer_is_refused() {
+    let mut l = named(ResourceKind::Listener, "connect_terminate");
+    let hcm = &mut l["filter_chains"][0]["filters"][0]["typed_config"];
+    // What istiod sends with no tracing provider: sampling settings and custom tags.
+    hcm["tracing"] = json!({"client_sampling": {"value": 100}, "random_sampling": {"value": 1},
+        "overall_sampling": {"value": 100},
+        "custom_tags": [{"tag": "istio.mesh_id", "literal": {"value": "cluster.local"}}]});
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+    l["filter_chains"][0]["filters"][0]["typed_config"]["tracing"]["provider"] = json!({"name": "envoy.tracers.opentelemetry", "typed_config": {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+        "service_name": "waypoint"}});
+    let msg = reject(ResourceKind::Listener, &l).expect("a tracer is refused");
+    assert!(
+        msg.starts_with(
+            "filter_chains[0].filters[0].typed_config.tracing.provider: field 'provider'"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
 fn unimplemented_enum_values_are_named() {
     let mut c = named(ResourceKind::Cluster, "main_internal");
     c["type"] = json!("LOGICAL_DNS");
@@ -1051,23 +1149,8 @@ fn destination_rule_cluster_compiles() {
         "metadata": {"filter_metadata": {"istio": {"services": [{"host": "reviews.default.svc.cluster.local",
             "name": "reviews", "namespace": "default"}], "config": "/apis/networking.istio.io/v1/namespaces/default/destination-rule/reviews"}}}
     });
-    // Outlier detection is compiled but not enforced yet, so the data path refuses it (NACK).
+    // The DestinationRule's outlier detection is accepted and enforced.
     let store = ConfigStore::default();
-    let errors = store.apply(
-        ResourceKind::Cluster,
-        &[update(ResourceKind::Cluster, &c)],
-        &[],
-    );
-    assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert!(
-        errors[0].message.contains("outlier_detection"),
-        "{errors:#?}"
-    );
-    let with_od = c.clone();
-    let mut c = c;
-    c.as_object_mut()
-        .expect("object")
-        .remove("outlier_detection");
     let errors = store.apply(
         ResourceKind::Cluster,
         &[update(ResourceKind::Cluster, &c)],
@@ -1089,14 +1172,10 @@ fn destination_rule_cluster_compiles() {
         c.circuit_breakers.high.max_connections, 1024,
         "HIGH keeps Envoy's default"
     );
-    assert!(c.outlier_detection.is_none());
-    // The compiled form is ready for when ejection lands.
-    let raw: waypoint_proto::envoy::config::cluster::v3::Cluster =
-        waypoint_proto::json::from_json(&with_od).expect("decodes");
-    let od = super::cluster::Cluster::compile(raw, "")
-        .expect("compiles")
+    let od = c
         .outlier_detection
-        .expect("outlier");
+        .as_ref()
+        .expect("outlier detection compiled");
     assert_eq!(od.base_ejection_time, Some(Duration::from_secs(30)));
     assert_eq!(od.enforcing_success_rate, Some(0));
     assert_eq!(c.common_lb.healthy_panic_threshold, Some(0.0));

@@ -44,6 +44,9 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     /// `services`: `namespace/hostname` → (service port, target port) pairs.
     pub services: BTreeMap<String, Vec<(u32, u32)>>,
+    /// Its telemetry labels (Envoy's conversion of a WDS workload: app = canonical name,
+    /// version = canonical revision), built once.
+    pub peer_labels: std::sync::Arc<crate::telemetry::istio::PeerLabels>,
 }
 
 /// Envoy's derivation of a workload's identity (workload_discovery.cc).
@@ -107,6 +110,17 @@ impl Workload {
             );
         }
         use waypoint_proto::istio::workload::WorkloadType;
+        let identity = spiffe_id(&w.trust_domain, &w.namespace, &w.service_account);
+        let peer_labels = std::sync::Arc::new(crate::telemetry::istio::PeerLabels {
+            workload: w.workload_name.clone(),
+            namespace: w.namespace.clone(),
+            canonical_service: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            app: w.canonical_name.clone(),
+            version: w.canonical_revision.clone(),
+            cluster: w.cluster_id.clone(),
+            identity: identity.clone(),
+        });
         Ok(Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),
@@ -115,7 +129,7 @@ impl Workload {
             hostname: w.hostname.clone(),
             network: w.network.clone(),
             hbone: TunnelProtocol::try_from(w.tunnel_protocol) == Ok(TunnelProtocol::Hbone),
-            identity: spiffe_id(&w.trust_domain, &w.namespace, &w.service_account),
+            identity,
             node: w.node.clone(),
             canonical_name: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
@@ -130,6 +144,7 @@ impl Workload {
             healthy: WorkloadStatus::try_from(w.status) != Ok(WorkloadStatus::Unhealthy),
             authorization_policies: w.authorization_policies.clone(),
             services,
+            peer_labels,
         })
     }
 }

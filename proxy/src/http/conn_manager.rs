@@ -17,11 +17,12 @@ use std::{
 
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Body, fault, full, route_select, router};
+use super::{Body, fault, full, route_select, router, stream_info};
 use crate::{
+    config::filters::set_filter_state::Sharing,
     config::{
         RouteConfig,
         filters::{
@@ -37,7 +38,9 @@ use crate::{
         H2Settings,
         server::{ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
     },
-    listener::conn::{BoxIo, ConnContext, ConnValues, FilterState, apply_set_filter_state},
+    listener::conn::{
+        BoxIo, ConnContext, ConnValues, FilterState, StateObject, apply_set_filter_state,
+    },
     rbac::{self, RbacInput, TlsPeer},
     upstream::connect::Origin,
 };
@@ -206,7 +209,7 @@ pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body
     {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    r.extensions_mut().insert(e.flag());
+    r.extensions_mut().insert(e.response_flags());
     r
 }
 
@@ -340,6 +343,23 @@ fn request_filters<'a>(
                     f.name
                 )));
             }
+            HttpFilterKind::PeerMetadata(pm) => {
+                if let Some((value, peer)) = discover_downstream(pm, ctx, parts) {
+                    state.set(
+                        stream_info::DOWNSTREAM_PEER,
+                        StateObject {
+                            value,
+                            sharing: if pm.shared_with_upstream {
+                                Sharing::Once
+                            } else {
+                                Sharing::None
+                            },
+                            read_only: false,
+                            peer: Some(peer),
+                        },
+                    );
+                }
+            }
             HttpFilterKind::Router(_) => break,
             _ => {}
         }
@@ -347,32 +367,160 @@ fn request_filters<'a>(
     Ok((state, fault))
 }
 
-/// One request on a hyper connection.
+/// The downstream peer per a `peer_metadata` filter's `downstream_discovery` (first method that
+/// finds one): WDS by the connection's remote address, or the `baggage` header. Returns the
+/// filter-state value (workload uid or the baggage) and the peer's labels.
+fn discover_downstream(
+    pm: &crate::config::filters::istio::PeerMetadata,
+    ctx: &ConnContext,
+    parts: &http::request::Parts,
+) -> Option<(String, Arc<crate::telemetry::istio::PeerLabels>)> {
+    use crate::config::filters::istio::Discovery;
+    pm.downstream_discovery.iter().find_map(|d| match d {
+        Discovery::WorkloadDiscovery => {
+            let ip = ctx.remote.socket()?.ip();
+            let w = ctx.snapshot.workload_at(ip)?;
+            Some((w.uid.clone(), w.peer_labels.clone()))
+        }
+        Discovery::Baggage => {
+            let b = parts.headers.get("baggage")?.to_str().ok()?;
+            Some((b.to_owned(), Arc::new(peer_from_baggage(b)?)))
+        }
+        Discovery::UpstreamFilterState(_) => None,
+    })
+}
+
+/// A peer from Istio's `baggage` (`k8s.namespace.name=…,k8s.deployment.name=…,service.name=…`).
+fn peer_from_baggage(baggage: &str) -> Option<crate::telemetry::istio::PeerLabels> {
+    let mut p = crate::telemetry::istio::PeerLabels::default();
+    let mut any = false;
+    for entry in baggage.split(',') {
+        let Some((k, v)) = entry.split(';').next().and_then(|kv| kv.split_once('=')) else {
+            continue;
+        };
+        let (k, v) = (k.trim(), v.trim().to_owned());
+        match k {
+            "k8s.cluster.name" => p.cluster = v,
+            "k8s.namespace.name" => p.namespace = v,
+            "service.name" => {
+                p.canonical_service = v.clone();
+                p.app = v;
+            }
+            "service.version" => {
+                p.canonical_revision = v.clone();
+                p.version = v;
+            }
+            k if k.starts_with("k8s.") && k.ends_with(".name") => p.workload = v,
+            _ => continue,
+        }
+        any = true;
+    }
+    any.then_some(p)
+}
+
+/// One request on a hyper connection; observed when the HCM runs `istio.stats` (Istio's
+/// metrics) or has access logs. The request head is copied only for access logs.
 async fn handle(
     dp: Arc<DataPlane>,
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let stats = stream_info::stats_filters(&hcm);
+    let logs = !hcm.access_log.is_empty();
+    if stats.is_none() && !logs {
+        return respond(dp, ctx, hcm, req, None).await;
+    }
+    let labels =
+        stats.map(|(s, upstream_wds)| stream_info::StreamLabels::new(s, upstream_wds, &ctx));
+    // Metric dimensions over the request (`request.headers['x']`, `request.host`, …) need the
+    // request head kept, as access logs do.
+    let dims_read_request = labels.as_ref().is_some_and(|l| l.plan.reads_request());
+    let dims = labels
+        .as_ref()
+        .is_some_and(|l| !l.plan.dimensions.is_empty());
+    let info = stream_info::StreamInfo::new(stream_info::Observe {
+        details: logs || dims,
+        request_headers: logs || dims_read_request,
+    });
+    if req.body().is_end_stream() {
+        info.request_done();
+    }
+    let grpc = stream_info::is_grpc(req.headers());
+    // Request line (`METHOD target HTTP/1.1\r\n`) and headers.
+    let request_header_bytes = stream_info::header_bytes(req.headers())
+        + (req.method().as_str().len()
+            + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+            + 12) as u64;
+    let access_log = logs.then(|| hcm.clone());
+    let resp = respond(dp.clone(), ctx.clone(), hcm, req, Some(&info)).await;
+    stream_info::ObservedBody::wrap(
+        resp,
+        stream_info::Reporter {
+            info,
+            ctx,
+            stats: dp.server.stats.clone(),
+            labels,
+            grpc,
+            request_header_bytes,
+            access_log,
+        },
+    )
+}
+
+/// Routes one request and produces its response.
+async fn respond(
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    hcm: Arc<HttpConnectionManager>,
+    req: Request<Incoming>,
+    info: Option<&Arc<stream_info::StreamInfo>>,
+) -> Response<Body> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
+    // A local reply, with its reason recorded for access logs.
+    let local = |e: &ProxyError| {
+        if let Some(i) = info {
+            i.local_reply(e);
+        }
+        local_reply(&hcm, e)
+    };
     let internal_only = route_config(&hcm, &ctx)
         .map(|rc| rc.internal_only_headers.as_slice())
         .unwrap_or(&[]);
-    if let Err(e) = router::prepare_downstream(&hcm, &ctx, internal_only, &mut parts) {
-        return local_reply(&hcm, &e);
+    let prepared = router::prepare_downstream(&hcm, &ctx, internal_only, &mut parts);
+    if let Some(i) = info {
+        i.capture_request(&parts);
+    }
+    if let Err(e) = prepared {
+        return local(&e);
     }
     let rc = route_config(&hcm, &ctx);
     let selected = rc.and_then(|rc| {
         let view = route_select::RequestView::from_parts(&parts);
         route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
     });
+    if let (Some(i), Some((_, _, r))) = (info, selected) {
+        i.note(|d| d.route_name = Some(r.name.clone()));
+        // The route's cluster is the stream's from here on (Envoy sets the upstream cluster info
+        // when the route is resolved): metrics of a request a filter answers (fault abort, RBAC
+        // denial) still name the destination service.
+        if let Action::Forward(fwd) = &r.action
+            && let ClusterTarget::Name(n) = &fwd.target
+            && let Some(c) = ctx.snapshot.clusters.get(n)
+        {
+            i.upstream.set_cluster(c);
+        }
+    }
     let (state, fault) = match request_filters(&hcm, &ctx, &parts, selected) {
         Ok(s) => s,
-        Err(e) => return local_reply(&hcm, &e),
+        Err(e) => return local(&e),
     };
+    if let Some(i) = info {
+        i.note(|d| d.filter_state = Some(state.clone()));
+    }
     let Some((rc, vh, route)) = selected else {
-        return local_reply(&hcm, &ProxyError::NoRoute);
+        return local(&ProxyError::NoRoute);
     };
     // Fault injection (after RBAC, before the router, as istiod orders the filters).
     let mut delayed = false;
@@ -393,9 +541,15 @@ async fn handle(
                 delayed = true;
             }
             if let Some(a) = &d.abort {
+                if let Some(i) = info {
+                    i.responded("fault_filter_abort");
+                }
                 return fault::abort_response(a, delayed);
             }
         }
+    }
+    if let (Some(i), Action::DirectResponse(_) | Action::Redirect(_)) = (info, &route.action) {
+        i.responded("direct_response");
     }
     match &route.action {
         Action::DirectResponse(d) => {
@@ -416,22 +570,32 @@ async fn handle(
                 state,
                 started,
             };
-            let forwarded = router::forward(
-                call,
-                parts,
-                body.map_err(|e| Box::new(e) as super::BoxError).boxed(),
-            )
-            .await;
+            let body = body.map_err(|e| Box::new(e) as super::BoxError).boxed();
+            let body = match info {
+                Some(i) => {
+                    parts.extensions.insert(i.clone());
+                    stream_info::count_request_body(body, i)
+                }
+                None => body,
+            };
+            let forwarded = router::forward(call, parts, body).await;
             let mut resp = match forwarded {
-                Ok(r) => r,
+                Ok(r) => {
+                    if let Some(i) = info {
+                        i.responded(stream_info::VIA_UPSTREAM);
+                    }
+                    r
+                }
                 Err(e) => {
                     tracing::debug!(target: "http", flag = %e.flag(), "local reply: {e}");
-                    local_reply(&hcm, &e)
+                    local(&e)
                 }
             };
             if delayed {
-                resp.extensions_mut()
-                    .insert(crate::flags::ResponseFlag::DelayInjected);
+                crate::flags::ResponseFlags::add_to(
+                    &mut resp,
+                    crate::flags::ResponseFlag::DelayInjected,
+                );
             }
             resp
         }
@@ -532,6 +696,7 @@ async fn connect_stream(
         fwd.timeout
             .filter(|t| !t.is_zero())
             .or(Some(Duration::from_secs(15))),
+        None,
     )
     .await
 }

@@ -15,7 +15,7 @@ use crate::{
         filters::http::{Abort, Delay, Fault},
         matchers::{Fraction, HeaderMatch},
     },
-    flags::ResponseFlag,
+    flags::{ResponseFlag, ResponseFlags},
 };
 
 /// Faults in progress (Envoy counts per filter; one process-wide count is stricter).
@@ -164,9 +164,9 @@ pub fn abort_response(a: &AbortWith, delayed: bool) -> Response<Body> {
             r
         }
     };
-    r.extensions_mut().insert(ResponseFlag::FaultInjected);
+    ResponseFlags::add_to(&mut r, ResponseFlag::FaultInjected);
     if delayed {
-        r.extensions_mut().insert(ResponseFlag::DelayInjected);
+        ResponseFlags::add_to(&mut r, ResponseFlag::DelayInjected);
     }
     r
 }

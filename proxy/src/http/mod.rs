@@ -6,6 +6,7 @@ pub mod request;
 pub mod retry;
 pub mod route_select;
 pub mod router;
+pub mod stream_info;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};

@@ -396,19 +396,29 @@ pub async fn open_tcp(
     origin: &Origin,
     ctx: &ConnContext,
     timeout: Option<std::time::Duration>,
+    upstream: Option<&super::stream_info::UpstreamSlot>,
 ) -> Result<BoxIo, ProxyError> {
+    if let Some(u) = upstream {
+        u.set_cluster(&rt.cluster);
+    }
     let target = pick_target(rt, ctx, None, &[], None)?;
+    if let Some(u) = upstream {
+        u.attempt(target.host.as_ref(), &target.address);
+    }
+    // `max_connections`: held for the connection's life.
+    let cx = rt.tcp_connection_slot()?;
     let fut = connect(dp, &rt.cluster, &target.address, &target.metadata, origin);
     let r = match timeout {
         Some(t) => tokio::time::timeout(t, fut)
             .await
-            .map_err(|_| ProxyError::ConnectFailure("connect timeout".into()))?,
+            .unwrap_or_else(|_| Err(ProxyError::ConnectFailure("connect timeout".into()))),
         None => fut.await,
     };
     if r.is_err() {
         rt.stats.cx_connect_fail.inc();
     }
-    r
+    rt.report_connect(target.host.as_deref(), &r);
+    r.map(|io| Box::new(crate::upstream::breaker::HoldingIo::new(io, cx)) as BoxIo)
 }
 
 /// The header operation levels, most specific first (route, virtual host, route table).
@@ -432,6 +442,10 @@ pub async fn forward(
     let Call {
         dp, ctx, hcm, fwd, ..
     } = &call;
+    // Where the stream's upstream side is recorded (Istio metrics), when someone observes it.
+    let info = parts
+        .extensions
+        .remove::<Arc<super::stream_info::StreamInfo>>();
     let (name, weighted) = cluster_name(&fwd.target, &parts).map_err(|e| match e {
         ProxyError::NoCluster(n) => ProxyError::NoCluster(n),
         other => other,
@@ -440,6 +454,9 @@ pub async fn forward(
         .clusters
         .get(dp, &ctx.snapshot, &name)
         .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
+    if let Some(i) = &info {
+        i.upstream.set_cluster(&rt.cluster);
+    }
     let weighted = weighted.and_then(|i| match &fwd.target {
         ClusterTarget::Weighted { clusters, .. } => clusters.get(i),
         _ => None,
@@ -568,6 +585,8 @@ pub async fn forward(
     let mut tried: Vec<Arc<Host>> = Vec::new();
     let mut attempt: u32 = 1;
     let mut retries_exhausted = false;
+    // The route's circuit breakers (`max_requests`, `max_pending_requests`, `max_connections`).
+    let limits = rt.limits(fwd.high_priority);
     rt.stats.rq_total.inc();
     let mut resp = loop {
         let Some(mut req) = next.take() else {
@@ -580,7 +599,18 @@ pub async fn forward(
         if let Some(h) = &target.host {
             tried.push(h.clone());
         }
-        let pool = rt.pool(&target.key, proto, origin.shared.sharing_hash());
+        if let Some(i) = &info {
+            i.upstream.attempt(target.host.as_ref(), &target.address);
+        }
+        let pool = match rt.pool(
+            &target.key,
+            proto,
+            origin.shared.sharing_hash(),
+            fwd.high_priority,
+        ) {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
         let dial = dialer(dp, &rt, &target, &origin);
         let per_try = policy.and_then(|p| p.per_try_timeout);
         let wait = match (deadline, per_try) {
@@ -591,7 +621,7 @@ pub async fn forward(
         // Counted while the attempt waits; a guard, so a cancelled downstream request (the
         // future dropped mid-wait) still decrements.
         let active = ActiveGuard::new(&rt.stats.rq_active);
-        let sent = pool.send(req, dial, upgrade.is_some());
+        let sent = pool.send(req, dial, upgrade.is_some(), &limits);
         let outcome = match wait {
             Some(w) => match tokio::time::timeout(w, sent).await {
                 Ok(r) => r,
@@ -606,6 +636,13 @@ pub async fn forward(
             None => sent.await,
         };
         drop(active);
+        rt.report_attempt(
+            target.host.as_deref(),
+            outcome
+                .as_ref()
+                .map(|r| r.status().as_u16())
+                .map_err(|e| &e.error),
+        );
         let overall_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
         let (next_req, failure) = match outcome {
@@ -638,7 +675,8 @@ pub async fn forward(
             }
         };
         // Retry: the breaker first (Envoy's `max_retries`), then back-off and a fresh host.
-        if !rt.try_start_retry() {
+        let retry_slot = rt.retry_slot(fwd.high_priority);
+        if retry_slot.is_none() {
             rt.stats.retry_overflow.inc();
             match failure {
                 Some(e) => break Err(e),
@@ -655,7 +693,7 @@ pub async fn forward(
         if let Some(p) = policy {
             tokio::time::sleep(retry::backoff(p, attempt, rand::random())).await;
         }
-        rt.finish_retry();
+        drop(retry_slot);
         attempt += 1;
         let exclude: &[Arc<Host>] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
             &tried
@@ -672,8 +710,10 @@ pub async fn forward(
         rt.stats.retry_limit_exceeded.inc();
         match &mut resp {
             Ok(r) => {
-                r.extensions_mut()
-                    .insert(crate::flags::ResponseFlag::UpstreamRetryLimitExceeded);
+                crate::flags::ResponseFlags::add_to(
+                    r,
+                    crate::flags::ResponseFlag::UpstreamRetryLimitExceeded,
+                );
             }
             Err(e) => *e = ProxyError::RetriesExhausted(e.to_string()),
         }

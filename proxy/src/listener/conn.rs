@@ -78,6 +78,9 @@ pub struct StateObject {
     pub sharing: Sharing,
     /// `read_only`: later writes are refused.
     pub read_only: bool,
+    /// A peer's telemetry labels, for the objects the `peer_metadata` filters store
+    /// (`downstream_peer`); the value then holds the workload uid or the baggage it came from.
+    pub peer: Option<Arc<crate::telemetry::istio::PeerLabels>>,
 }
 
 /// Filter state: objects by key.
@@ -90,6 +93,11 @@ impl FilterState {
     /// The value under `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.objects.get(key).map(|o| o.value.as_str())
+    }
+
+    /// The peer labels stored under `key` (by a `peer_metadata` filter).
+    pub fn peer(&self, key: &str) -> Option<Arc<crate::telemetry::istio::PeerLabels>> {
+        self.objects.get(key).and_then(|o| o.peer.clone())
     }
 
     /// Sets `key` unless a read-only object holds it; returns whether it was set.
@@ -270,6 +278,30 @@ fn header_value(parts: &http::request::Parts, name: &str) -> Option<String> {
     }
 }
 
+/// Envoy's `%PROTOCOL%` text for an HTTP version (`HTTP/1.1`, `HTTP/2`, `HTTP/3`).
+pub fn protocol_text(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The machine's host name (`%HOSTNAME%`: what gethostname returns), read once.
+fn hostname() -> Option<&'static str> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+    })
+    .as_deref()
+}
+
 impl FormatValues for ConnValues<'_> {
     fn value(&self, op: &Operator) -> Option<String> {
         let c = self.conn;
@@ -289,7 +321,7 @@ impl FormatValues for ConnValues<'_> {
             "REQUESTED_SERVER_NAME" => tls.and_then(|t| t.server_name.clone()),
             "CONNECTION_ID" => Some(c.id.to_string()),
             "FILTER_CHAIN_NAME" => Some(c.chain.clone()),
-            "HOSTNAME" => std::env::var("HOSTNAME").ok(),
+            "HOSTNAME" => hostname().map(str::to_owned),
             "FILTER_STATE" => {
                 // `key:PLAIN` / `key:TYPED` / `key`.
                 let args = op.args.as_deref()?;
@@ -318,7 +350,7 @@ impl FormatValues for ConnValues<'_> {
                 let first = alts.next()?;
                 header_value(req, first).or_else(|| alts.next().and_then(|y| header_value(req, y)))
             }
-            "PROTOCOL" => self.request.map(|r| format!("{:?}", r.version)),
+            "PROTOCOL" => self.request.map(|r| protocol_text(r.version).to_owned()),
             "ENVIRONMENT" => op.args.as_deref().and_then(|k| std::env::var(k).ok()),
             _ => None,
         }
@@ -342,6 +374,7 @@ pub fn apply_set_filter_state(
                 value,
                 sharing: v.sharing,
                 read_only: v.read_only,
+                peer: None,
             },
         ) {
             tracing::debug!(target: "filter", key = %v.key, "filter state is read-only; not overwritten");
@@ -360,6 +393,7 @@ mod tests {
             value: v.into(),
             sharing,
             read_only: false,
+            peer: None,
         };
         fs.set("a", obj("1", Sharing::Once));
         fs.set("b", obj("2", Sharing::Transitive));
@@ -382,7 +416,8 @@ mod tests {
             StateObject {
                 value: "x".into(),
                 sharing: Sharing::None,
-                read_only: true
+                read_only: true,
+                peer: None,
             }
         ));
         assert!(!fs.set(
@@ -390,7 +425,8 @@ mod tests {
             StateObject {
                 value: "y".into(),
                 sharing: Sharing::None,
-                read_only: false
+                read_only: false,
+                peer: None,
             }
         ));
         assert_eq!(fs.get("k"), Some("x"));

@@ -4,13 +4,16 @@
 //! pipeline: listener filters → filter chain → transport socket → network filters.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
 
 use super::{
     chain::{self, Selector},
@@ -27,6 +30,7 @@ use crate::{
     dataplane::DataPlane,
     flags::ProxyError,
     stats::Stat,
+    xds::warming::{needed_secrets, pending},
 };
 
 /// Filter state keys the `original_dst` listener filter reads on internal listeners.
@@ -40,6 +44,8 @@ pub const ORIGINAL_DST_NAMESPACE: &str = "envoy.filters.listener.original_dst";
 const INTERNAL_BUFFER: usize = 64 * 1024;
 /// Pause after a failed `accept` (EMFILE and friends) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
+/// Listen backlog (what `std::net::TcpListener::bind` uses).
+const LISTEN_BACKLOG: u32 = 128;
 
 struct Active {
     addr: SocketAddr,
@@ -49,13 +55,33 @@ struct Active {
 #[derive(Default)]
 struct Inner {
     active: HashMap<String, Active>,
-    prebound: HashMap<SocketAddr, std::net::TcpListener>,
+    /// Bound but not listening (Envoy listens once a listener is active): until the listener is
+    /// published, or while it warms.
+    prebound: HashMap<SocketAddr, TcpSocket>,
+    /// The version serving under each name; a warming update leaves the one it replaces here.
+    serving: HashMap<String, Arc<Listener>>,
+    /// A task re-checks warming listeners when secrets arrive or timeouts expire.
+    warm_watcher: bool,
+}
+
+/// Binds `addr` without listening.
+fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 /// Socket listeners by name.
 #[derive(Default)]
 pub struct ListenerManager {
     inner: Mutex<Inner>,
+    /// `Inner::serving` as published for the accept paths (read without a lock).
+    serving_now: arc_swap::ArcSwap<HashMap<String, Arc<Listener>>>,
 }
 
 impl ListenerManager {
@@ -85,20 +111,75 @@ impl ListenerManager {
         if inner.active.values().any(|a| a.addr == addr) || inner.prebound.contains_key(&addr) {
             return Ok(());
         }
-        let socket =
-            std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        let socket = bind_socket(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
         inner.prebound.insert(addr, socket);
         Ok(())
     }
 
-    /// Starts, moves and stops accept loops to match `snapshot`.
-    pub fn reconcile(&self, dp: &Arc<DataPlane>, snapshot: &Snapshot) {
+    /// The version of listener `name` that takes connections now.
+    pub fn serving(&self, name: &str) -> Option<Arc<Listener>> {
+        self.serving_now.load().get(name).cloned()
+    }
+
+    /// Settles which version of each listener serves: a new version whose SDS secrets are all in
+    /// (or timed out) replaces the serving one; otherwise it warms and the serving one stays.
+    fn settle(&self, dp: &Arc<DataPlane>, inner: &mut Inner, snapshot: &Snapshot) {
+        let warming = &dp.server.warming;
+        inner
+            .serving
+            .retain(|n, _| snapshot.listeners.contains_key(n));
+        for name in warming.all().keys() {
+            if !snapshot.listeners.contains_key(name) {
+                warming.finish(name);
+            }
+        }
+        let grpc_clusters: BTreeSet<String> = dp
+            .server
+            .bootstrap
+            .grpc_clusters
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let now = tokio::time::Instant::now();
+        let has = |n: &str| dp.secrets.get(n).is_some();
+        for (name, l) in &snapshot.listeners {
+            if inner.serving.get(name).is_some_and(|s| Arc::ptr_eq(s, l)) {
+                continue;
+            }
+            let needed = needed_secrets(l, &grpc_clusters);
+            let known = warming.get(name).filter(|w| Arc::ptr_eq(&w.listener, l));
+            let since = known.as_ref().map_or(now, |w| w.since);
+            let still = pending(&needed, has, since, now);
+            if still.is_empty() {
+                let missing: Vec<&String> = needed.keys().filter(|n| !has(n)).collect();
+                if !missing.is_empty() {
+                    tracing::warn!(target: "listener", %name, secrets = ?missing, "initial_fetch_timeout expired before the SDS secrets arrived; listener active without them (TLS handshakes fail until they come)");
+                } else if known.is_some() {
+                    tracing::info!(target: "listener", %name, "SDS secrets arrived; listener warmed");
+                }
+                warming.finish(name);
+                inner.serving.insert(name.clone(), l.clone());
+            } else if known.is_some() {
+                warming.set_pending(name, still);
+            } else {
+                tracing::info!(target: "listener", %name, secrets = ?still.iter().map(|p| &p.name).collect::<Vec<_>>(), "listener warming: waiting for SDS secrets");
+                warming.begin(l.clone(), still, inner.serving.contains_key(name), now);
+            }
+        }
+        if !warming.is_empty() && !inner.warm_watcher {
+            inner.warm_watcher = true;
+            tokio::spawn(watch_warming(Arc::downgrade(dp)));
+        }
+    }
+
+    /// Starts, moves and stops accept loops to match the current snapshot (read under the lock,
+    /// so reconciles from the ADS task and from the warming watcher never go back in time).
+    pub fn reconcile(&self, dp: &Arc<DataPlane>, _published: &Snapshot) {
         let mut inner = self.lock();
-        let wanted: HashMap<&str, SocketAddr> = snapshot
-            .listeners
+        let snapshot = dp.server.config.snapshot();
+        self.settle(dp, &mut inner, &snapshot);
+        let serving = std::mem::take(&mut inner.serving);
+        let wanted: HashMap<&str, SocketAddr> = serving
             .iter()
             .filter_map(|(name, l)| match l.bind {
                 Bind::Socket { addr, .. } => Some((name.as_str(), addr)),
@@ -124,12 +205,9 @@ impl ListenerManager {
             }
             let socket = match inner.prebound.remove(&addr) {
                 Some(s) => Ok(s),
-                None => std::net::TcpListener::bind(addr).and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    Ok(s)
-                }),
+                None => bind_socket(addr),
             };
-            let listener = match socket.and_then(TcpListener::from_std) {
+            let listener = match socket.and_then(|s| s.listen(LISTEN_BACKLOG)) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(target: "listener", %name, %addr, "cannot bind: {e}");
@@ -147,7 +225,54 @@ impl ListenerManager {
                 stop_rx,
             ));
         }
-        inner.prebound.clear();
+        // Warming new listeners keep their address reserved (bound, refusing connections).
+        let reserved: HashSet<SocketAddr> = dp
+            .server
+            .warming
+            .all()
+            .values()
+            .filter_map(|w| match w.listener.bind {
+                Bind::Socket { addr, .. } if !serving.contains_key(&w.listener.name) => Some(addr),
+                _ => None,
+            })
+            .collect();
+        inner.prebound.retain(|a, _| reserved.contains(a));
+        self.serving_now.store(Arc::new(serving.clone()));
+        inner.serving = serving;
+        drop(inner);
+        dp.server.maybe_live();
+    }
+}
+
+/// Re-settles warming listeners whenever a secret arrives, the warming set changes or a timeout
+/// expires; ends when nothing warms.
+async fn watch_warming(dp: Weak<DataPlane>) {
+    let (mut secrets, mut changes) = match dp.upgrade() {
+        Some(d) => (d.secrets.subscribe(), d.server.warming.subscribe()),
+        None => return,
+    };
+    loop {
+        let deadline = {
+            let Some(d) = dp.upgrade() else { return };
+            let snapshot = d.server.config.snapshot();
+            d.listeners.reconcile(&d, &snapshot);
+            let mut inner = d.listeners.lock();
+            if d.server.warming.is_empty() {
+                inner.warm_watcher = false;
+                return;
+            }
+            d.server.warming.next_deadline()
+        };
+        tokio::select! {
+            r = secrets.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
     }
 }
 
@@ -199,14 +324,29 @@ async fn accept_loop(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let stats = match dp.upgrade() {
-        Some(d) => Arc::new(ListenerStats::new(&d, &stat_addr(addr))),
+    let (stats, mut drained, direction) = match dp.upgrade() {
+        Some(d) => (
+            Arc::new(ListenerStats::new(&d, &stat_addr(addr))),
+            d.server.listener_stop.subscribe(),
+            d.server
+                .config
+                .snapshot()
+                .listeners
+                .get(&name)
+                .map_or(0, |l| l.traffic_direction),
+        ),
         None => return,
     };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = async { drop(stop.wait_for(|s| *s).await) } => return,
+            // After `/drain_listeners` (and its drain time): dropping the socket refuses new
+            // connections; the ones already accepted run on.
+            _ = async { drop(drained.wait_for(|s| s.stops(direction)).await) } => {
+                tracing::info!(target: "listener", %name, %addr, "listener stopped (drained)");
+                return;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -218,7 +358,7 @@ async fn accept_loop(
         };
         let Some(dp) = dp.upgrade() else { return };
         let snapshot = dp.server.config.snapshot();
-        let Some(l) = snapshot.listeners.get(&name).cloned() else {
+        let Some(l) = dp.listeners.serving(&name) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -240,11 +380,10 @@ async fn accept_loop(
 /// refused here (the caller answers its client with an error) instead of after a 200.
 pub fn connect_internal(dp: &Arc<DataPlane>, name: &str, seed: Seed) -> Result<BoxIo, ProxyError> {
     let snapshot = dp.server.config.snapshot();
-    let Some(listener) = snapshot
+    let Some(listener) = dp
         .listeners
-        .get(name)
+        .serving(name)
         .filter(|l| l.bind == Bind::Internal)
-        .cloned()
     else {
         return Err(ProxyError::ConnectFailure(format!(
             "no internal listener '{name}'"
@@ -365,6 +504,7 @@ async fn serve_connection(
     mut io: BoxIo,
     no_chain: Option<&Arc<Stat>>,
 ) {
+    let (accepted_at, accepted) = (std::time::SystemTime::now(), std::time::Instant::now());
     let timeout = Some(listener.listener_filters_timeout).filter(|t| !t.is_zero());
     let mut hello: Option<inspect::ClientHello> = None;
     for f in &listener.listener_filters {
@@ -426,6 +566,17 @@ async fn serve_connection(
             s.inc();
         }
         tracing::debug!(target: "listener", listener = %ctx.listener, local = %ctx.local, "no filter chain matched; closing (NR)");
+        // The listener's own access log records connections no chain took (Envoy: `NR`).
+        crate::access_log::log_connection(
+            &listener.access_log,
+            &ctx,
+            accepted_at,
+            accepted.elapsed(),
+            crate::flags::ResponseFlags::of(crate::flags::ResponseFlag::NoRouteFound),
+            0,
+            0,
+            None,
+        );
         return;
     };
     ctx.chain = chain.name.clone();
@@ -479,6 +630,8 @@ async fn run_network_filters(
     chain: &FilterChain,
     io: BoxIo,
 ) {
+    // A network `istio.stats` reports the connection the tcp_proxy after it carries.
+    let mut istio_stats = None;
     for f in &chain.filters {
         match &f.kind {
             NetworkFilterKind::SetFilterState(c) => {
@@ -494,11 +647,10 @@ async fn run_network_filters(
                 );
                 ctx.filter_state = next;
             }
-            // Telemetry and peer metadata act in the telemetry work; network RBAC in the
-            // policy work. They pass the connection on unchanged here.
-            NetworkFilterKind::IstioStats(_)
-            | NetworkFilterKind::MetadataExchange(_)
-            | NetworkFilterKind::PeerMetadata(_) => {}
+            NetworkFilterKind::IstioStats(s) => istio_stats = Some(s),
+            // Peer metadata on a waypoint comes through WDS (the downstream peer is shared by
+            // connect_terminate); these pass the connection on unchanged.
+            NetworkFilterKind::MetadataExchange(_) | NetworkFilterKind::PeerMetadata(_) => {}
             NetworkFilterKind::Rbac(r) => {
                 if r.continuous {
                     // Same decision on every read: no headers at L4, so the first one stands.
@@ -522,7 +674,8 @@ async fn run_network_filters(
                 return;
             }
             NetworkFilterKind::TcpProxy(t) => {
-                crate::tcp_proxy::serve(dp.clone(), Arc::new(ctx), t.clone(), io).await;
+                crate::tcp_proxy::serve(dp.clone(), Arc::new(ctx), t.clone(), io, istio_stats)
+                    .await;
                 return;
             }
         }

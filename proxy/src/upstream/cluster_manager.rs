@@ -1,19 +1,22 @@
 //! Clusters at run time: for each cluster of the current snapshot, its host set (from the
 //! cluster's `load_assignment` or EDS) with a load balancer, its HTTP pools, and for clusters that
-//! tunnel (`connect_originate`) an HBONE client keyed by the TLS identity in use. A runtime is
-//! rebuilt when its cluster or its endpoints change; pools survive EDS updates.
+//! tunnel (`connect_originate`) an HBONE client keyed by the TLS identity in use, its circuit
+//! breakers and its outlier detector. A runtime is rebuilt when its cluster or its endpoints
+//! change; the host set (with its ejections), pools, breaker counts and detector carry over.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
 };
 
 use arc_swap::ArcSwap;
 
 use super::{
-    lb::HostSet,
-    pool::{H2ClientSettings, Pool, Proto},
+    breaker::{Breakers, ResourceManager, Slot},
+    lb::{Host, Hosts},
+    outlier::{Outcome, OutlierDetector},
+    pool::{H2ClientSettings, Limits, Pool, Proto},
 };
 use crate::{
     config::{
@@ -26,7 +29,7 @@ use crate::{
     flags::ProxyError,
     hbone::{H2Settings, client::HboneClient},
     listener::conn::ConnContext,
-    stats::Stat,
+    stats::{Stat, Stats},
 };
 
 /// Streams per pooled HBONE connection before another one is opened (istiod's sinks announce
@@ -61,11 +64,25 @@ pub struct ClusterStats {
     pub retry_overflow: Arc<Stat>,
     /// `upstream_rq_retry_limit_exceeded`.
     pub retry_limit_exceeded: Arc<Stat>,
+    /// `upstream_cx_total`.
+    pub cx_total: Arc<Stat>,
+    /// `upstream_cx_active`.
+    pub cx_active: Arc<Stat>,
+    /// `upstream_cx_overflow`: a connection was needed but `max_connections` was reached.
+    pub cx_overflow: Arc<Stat>,
+    /// `upstream_cx_pool_overflow`: `max_connection_pools` was reached.
+    pub cx_pool_overflow: Arc<Stat>,
+    /// `upstream_rq_pending_total`.
+    pub rq_pending_total: Arc<Stat>,
+    /// `upstream_rq_pending_active`.
+    pub rq_pending_active: Arc<Stat>,
+    /// `upstream_rq_pending_overflow`: `max_pending_requests` or `max_requests` overflowed.
+    pub rq_pending_overflow: Arc<Stat>,
 }
 
 impl ClusterStats {
-    fn new(dp: &DataPlane, name: &str) -> Self {
-        let s = &dp.server.stats;
+    /// The counters of cluster `name` (its stat name) in `s`.
+    pub fn new(s: &Stats, name: &str) -> Self {
         let c = |n: &str| s.counter(&format!("cluster.{name}.{n}"));
         ClusterStats {
             rq_total: c("upstream_rq_total"),
@@ -77,6 +94,13 @@ impl ClusterStats {
             retry_success: c("upstream_rq_retry_success"),
             retry_overflow: c("upstream_rq_retry_overflow"),
             retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            cx_total: c("upstream_cx_total"),
+            cx_active: s.gauge(&format!("cluster.{name}.upstream_cx_active")),
+            cx_overflow: c("upstream_cx_overflow"),
+            cx_pool_overflow: c("upstream_cx_pool_overflow"),
+            rq_pending_total: c("upstream_rq_pending_total"),
+            rq_pending_active: s.gauge(&format!("cluster.{name}.upstream_rq_pending_active")),
+            rq_pending_overflow: c("upstream_rq_pending_overflow"),
         }
     }
 }
@@ -88,47 +112,132 @@ pub struct ClusterRt {
     /// The compiled cluster.
     pub cluster: Arc<Cluster>,
     assignment: Option<Arc<LoadAssignment>>,
-    /// Hosts and the load balancer.
-    pub hosts: HostSet,
+    /// Hosts and the load balancer (the set is replaced on ejections and EDS updates).
+    pub hosts: Arc<Hosts>,
     pools: Arc<Mutex<HashMap<PoolKey, Arc<Pool>>>>,
     hbone: Arc<Mutex<HboneSlot>>,
     /// Counters.
     pub stats: Arc<ClusterStats>,
-    /// Retries in progress (the `max_retries` circuit breaker).
-    retries_active: Arc<std::sync::atomic::AtomicU32>,
+    /// Circuit breakers per priority.
+    pub breakers: Arc<Breakers>,
+    /// Outlier detection, when the cluster configures it.
+    pub outlier: Option<Arc<OutlierDetector>>,
 }
 
 impl ClusterRt {
-    /// Counts one retry against the cluster's `max_retries` breaker; `false` when it is open.
-    pub fn try_start_retry(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let max = self.cluster.circuit_breakers.default.max_retries;
-        let prev = self.retries_active.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            self.retries_active.fetch_sub(1, Ordering::AcqRel);
-            return false;
+    /// A retry slot of the route's priority (`high`), given back when dropped; `None` when the
+    /// `max_retries` breaker (or the retry budget) is open. Held while the retry backs off, as
+    /// Envoy holds its retry resource.
+    pub fn retry_slot(&self, high: bool) -> Option<Slot> {
+        self.breakers.for_priority(high).try_retry()
+    }
+
+    /// The circuit breakers a request of the route's priority (`high`) goes through.
+    pub fn limits(&self, high: bool) -> Limits {
+        Limits {
+            manager: self.breakers.clone(),
+            high,
+            stats: self.stats.clone(),
         }
-        true
     }
 
-    /// Ends a retry started by [`ClusterRt::try_start_retry`].
-    pub fn finish_retry(&self) {
-        self.retries_active
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    /// The resources of a priority.
+    pub fn resources(&self, high: bool) -> &ResourceManager {
+        self.breakers.for_priority(high)
     }
 
-    /// The pool for `host` speaking `proto` with the given shared filter state hash.
-    pub fn pool(&self, host: &str, proto: Proto, sharing: u64) -> Arc<Pool> {
+    /// Reports one attempt's outcome on `host` to outlier detection (nothing without it).
+    pub fn report(&self, host: &Host, outcome: Outcome) {
+        if let Some(d) = &self.outlier {
+            d.report(host, outcome);
+        }
+    }
+
+    /// Reports an HTTP attempt on `host`: the response status (after a connection success), or
+    /// the failure when it is the host's (connect failure, reset, timeout; not an overflow).
+    pub fn report_attempt(&self, host: Option<&Host>, result: Result<u16, &ProxyError>) {
+        let (Some(d), Some(host)) = (&self.outlier, host) else {
+            return;
+        };
+        match result {
+            Ok(status) => {
+                d.report(host, Outcome::LocalConnectSuccess);
+                d.report(host, Outcome::Http(status));
+            }
+            Err(e) => {
+                if let Some(o) = Outcome::of_error(e) {
+                    d.report(host, o);
+                }
+            }
+        }
+    }
+
+    /// Reports a TCP connect to `host` (`tcp_proxy`, CONNECT): success is final, failures are
+    /// local-origin.
+    pub fn report_connect<T>(&self, host: Option<&Host>, result: &Result<T, ProxyError>) {
+        let (Some(d), Some(host)) = (&self.outlier, host) else {
+            return;
+        };
+        match result {
+            Ok(_) => d.report(host, Outcome::LocalConnectSuccessFinal),
+            Err(e) => {
+                if let Some(o) = Outcome::of_error(e) {
+                    d.report(host, o);
+                }
+            }
+        }
+    }
+
+    /// A `max_connections` slot (DEFAULT priority) for a connection that is not pooled
+    /// (`tcp_proxy`); over the limit the connection is refused and counted in
+    /// `upstream_cx_overflow`.
+    pub fn tcp_connection_slot(&self) -> Result<Slot, ProxyError> {
+        self.breakers
+            .default
+            .connections
+            .try_acquire()
+            .ok_or_else(|| {
+                self.stats.cx_overflow.inc();
+                ProxyError::Overflow(format!("{}: max_connections", self.cluster.name))
+            })
+    }
+
+    /// The pool for `host` speaking `proto` with the given shared filter state hash. A new pool
+    /// beyond `max_connection_pools` (of the route's priority, `high`) is an overflow; pools
+    /// without connections are forgotten first to make room.
+    pub fn pool(
+        &self,
+        host: &str,
+        proto: Proto,
+        sharing: u64,
+        high: bool,
+    ) -> Result<Arc<Pool>, ProxyError> {
         let mut pools = match self.pools.lock() {
             Ok(p) => p,
             Err(p) => p.into_inner(),
         };
-        pools
-            .entry(PoolKey {
-                host: host.to_owned(),
-                proto,
-                sharing,
-            })
+        let key = PoolKey {
+            host: host.to_owned(),
+            proto,
+            sharing,
+        };
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        let limit = &self.breakers.for_priority(high).pools;
+        if pools.len() as u64 >= limit.max() {
+            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_idle());
+            if pools.len() as u64 >= limit.max() {
+                limit.set_count(pools.len() as u64);
+                self.stats.cx_pool_overflow.inc();
+                return Err(ProxyError::Overflow(format!(
+                    "{}: max_connection_pools",
+                    self.cluster.name
+                )));
+            }
+        }
+        let pool = pools
+            .entry(key)
             .or_insert_with(|| {
                 let http = self.cluster.http.as_ref();
                 let h2 = match http.map(|h| &h.protocol) {
@@ -148,7 +257,9 @@ impl ClusterRt {
                     },
                 ))
             })
-            .clone()
+            .clone();
+        limit.set_count(pools.len() as u64);
+        Ok(pool)
     }
 
     /// Which protocol to speak upstream for a downstream request of `downstream` version.
@@ -300,22 +411,49 @@ impl ClusterManager {
         } else {
             cluster.raw.alt_stat_name.as_str()
         };
+        let stats = &dp.server.stats;
+        // The host set, breakers and detector carry over: unchanged hosts keep their identity,
+        // live counters (least request needs them) and ejections; counts in use stay counted.
+        let hosts = match previous {
+            Some(p) => {
+                p.hosts.update(la, cluster.lb_policy, &cluster.common_lb);
+                p.hosts.clone()
+            }
+            None => Arc::new(Hosts::new(la, cluster.lb_policy, &cluster.common_lb)),
+        };
+        let breakers = previous
+            .map(|p| p.breakers.clone())
+            .unwrap_or_else(|| Arc::new(Breakers::new(stats, stat_name)));
+        breakers.configure(stats, &cluster.circuit_breakers);
+        let outlier = match (
+            &cluster.outlier_detection,
+            previous.and_then(|p| p.outlier.clone()),
+        ) {
+            (Some(cfg), Some(d)) => {
+                d.configure(cfg);
+                Some(d)
+            }
+            (Some(cfg), None) => Some(OutlierDetector::new(cfg, hosts.clone(), stats, stat_name)),
+            (None, Some(d)) => {
+                d.uneject_all();
+                None
+            }
+            (None, None) => None,
+        };
+        if previous.is_none_or(|p| !Arc::ptr_eq(&p.hosts, &hosts)) {
+            register(stats, name, &hosts);
+        }
         let rt = Arc::new(ClusterRt {
             cluster: cluster.clone(),
             assignment: assignment.clone(),
-            // Unchanged hosts keep their identity and live counters (least request needs them).
-            hosts: match previous {
-                Some(p) => p.hosts.rebuild(la, cluster.lb_policy, &cluster.common_lb),
-                None => HostSet::new(la, cluster.lb_policy, &cluster.common_lb),
-            },
+            hosts,
             pools: previous.map(|p| p.pools.clone()).unwrap_or_default(),
             hbone: previous.map(|p| p.hbone.clone()).unwrap_or_default(),
             stats: previous
                 .map(|p| p.stats.clone())
-                .unwrap_or_else(|| Arc::new(ClusterStats::new(dp, stat_name))),
-            retries_active: previous
-                .map(|p| p.retries_active.clone())
-                .unwrap_or_default(),
+                .unwrap_or_else(|| Arc::new(ClusterStats::new(stats, stat_name))),
+            breakers,
+            outlier,
         });
         let mut next: HashMap<String, Arc<ClusterRt>> = current
             .iter()
@@ -325,5 +463,142 @@ impl ClusterManager {
         next.insert(name.to_owned(), rt.clone());
         self.runtimes.store(Arc::new(next));
         Some(rt)
+    }
+}
+
+/// Live host sets by (stats store, cluster name), for `/clusters` (ejections, success rates).
+///
+/// The admin API holds the [`Server`](crate::server::Server) but not the data plane, so the
+/// cluster manager publishes its host sets here, keyed by the server's stats store (one per
+/// proxy, also when tests run several proxies in one process). Entries are weak: a dropped
+/// cluster or server leaves nothing behind.
+type LiveEntry = (Weak<Stats>, String, Weak<Hosts>);
+static LIVE: Mutex<Vec<LiveEntry>> = Mutex::new(Vec::new());
+
+fn register(stats: &Arc<Stats>, name: &str, hosts: &Arc<Hosts>) {
+    let mut live = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    live.retain(|(s, n, h)| {
+        s.strong_count() > 0
+            && h.strong_count() > 0
+            && !(std::ptr::eq(s.as_ptr(), Arc::as_ptr(stats)) && n == name)
+    });
+    live.push((
+        Arc::downgrade(stats),
+        name.to_owned(),
+        Arc::downgrade(hosts),
+    ));
+}
+
+/// The live host set of cluster `name` of the proxy whose stats store is `stats`, once a
+/// request has used the cluster.
+pub fn live_hosts(stats: &Arc<Stats>, name: &str) -> Option<Arc<Hosts>> {
+    let live = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    live.iter()
+        .rev()
+        .find(|(s, n, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(stats)) && n == name)
+        .and_then(|(_, _, h)| h.upgrade())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::cluster::LbPolicy;
+
+    fn runtime(stats: &Arc<Stats>, cluster: serde_json::Value) -> ClusterRt {
+        let raw: waypoint_proto::envoy::config::cluster::v3::Cluster =
+            waypoint_proto::json::from_json(&cluster).expect("decodes");
+        let cluster = Arc::new(Cluster::compile(raw, "").expect("compiles"));
+        let la = LoadAssignment {
+            cluster_name: cluster.name.clone(),
+            localities: vec![],
+            overprovisioning_factor: 140,
+        };
+        let breakers = Arc::new(Breakers::new(stats, &cluster.name));
+        breakers.configure(stats, &cluster.circuit_breakers);
+        ClusterRt {
+            assignment: None,
+            hosts: Arc::new(Hosts::new(&la, LbPolicy::RoundRobin, &Default::default())),
+            pools: Arc::default(),
+            hbone: Arc::default(),
+            stats: Arc::new(ClusterStats::new(stats, &cluster.name)),
+            breakers,
+            outlier: None,
+            cluster,
+        }
+    }
+
+    #[test]
+    fn max_connection_pools_overflows_after_forgetting_unused_pools() {
+        let stats = Arc::new(Stats::default());
+        let rt = runtime(
+            &stats,
+            serde_json::json!({"name": "c", "type": "STATIC", "circuit_breakers":
+                {"thresholds": [{"max_connection_pools": 2}]}}),
+        );
+        let a = rt.pool("a", Proto::Http1, 0, false).expect("a");
+        let b = rt.pool("b", Proto::Http1, 0, false).expect("b");
+        assert!(Arc::ptr_eq(
+            &a,
+            &rt.pool("a", Proto::Http1, 0, false).expect("a again")
+        ));
+        assert_eq!(
+            stats
+                .gauge("cluster.c.circuit_breakers.default.cx_pool_open")
+                .get(),
+            1
+        );
+        // Both pools are in use (held): a third overflows.
+        let over = rt.pool("c", Proto::Http1, 0, false);
+        assert!(matches!(over, Err(ProxyError::Overflow(_))));
+        assert_eq!(rt.stats.cx_pool_overflow.get(), 1);
+        // `b` is no longer used and has no connection: it makes room.
+        drop(b);
+        assert!(rt.pool("c", Proto::Http1, 0, false).is_ok());
+        // HIGH priority keeps Envoy's default (unlimited).
+        assert!(rt.pool("d", Proto::Http1, 0, true).is_ok());
+        drop(a);
+    }
+
+    #[test]
+    fn tcp_connections_count_against_max_connections() {
+        let stats = Arc::new(Stats::default());
+        let rt = runtime(
+            &stats,
+            serde_json::json!({"name": "c", "type": "STATIC", "circuit_breakers":
+                {"thresholds": [{"max_connections": 1}]}}),
+        );
+        let first = rt.tcp_connection_slot().expect("first");
+        assert!(matches!(
+            rt.tcp_connection_slot(),
+            Err(ProxyError::Overflow(_))
+        ));
+        assert_eq!(rt.stats.cx_overflow.get(), 1);
+        drop(first);
+        assert!(rt.tcp_connection_slot().is_ok());
+    }
+
+    #[test]
+    fn retry_slots_follow_max_retries() {
+        let stats = Arc::new(Stats::default());
+        let rt = runtime(
+            &stats,
+            serde_json::json!({"name": "c", "type": "STATIC", "circuit_breakers":
+                {"thresholds": [{"max_retries": 1}, {"priority": "HIGH", "max_retries": 0}]}}),
+        );
+        let r = rt.retry_slot(false).expect("one retry");
+        assert!(rt.retry_slot(false).is_none());
+        assert!(rt.retry_slot(true).is_none(), "HIGH allows none");
+        drop(r);
+        assert!(rt.retry_slot(false).is_some());
+        assert_eq!(
+            stats
+                .gauge("cluster.c.circuit_breakers.default.rq_retry_open")
+                .get(),
+            0
+        );
     }
 }

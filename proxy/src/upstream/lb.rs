@@ -10,7 +10,8 @@
 //!
 //! * **Health.** `HEALTHY` and `UNKNOWN` endpoints are healthy, `DEGRADED` ones are used only for the
 //!   share of traffic the healthy ones cannot take, `UNHEALTHY`, `DRAINING` and `TIMEOUT` ones are
-//!   left out (except in panic).
+//!   left out (except in panic). A host ejected by outlier detection counts as unhealthy
+//!   ([`Host::lb_health`]); [`Hosts`] swaps in a rebuilt set on every ejection and return.
 //! * **Priority levels.** Each level's health is `min(100, overprovisioning_factor * healthy /
 //!   hosts)` (integer percent, as Envoy computes it), likewise for degraded hosts; the levels' loads
 //!   are distributed from P=0 down, first to healthy and then to degraded hosts, normalised by the
@@ -57,6 +58,9 @@ use std::{
 
 use serde_json::Value as Json;
 
+use arc_swap::ArcSwap;
+
+use super::outlier::HostMonitor;
 use crate::config::{
     cluster::{CommonLb, LbPolicy},
     endpoint::{Endpoint, EndpointAddress, Health, LoadAssignment},
@@ -105,6 +109,8 @@ pub struct Host {
     pub active_requests: AtomicU64,
     /// Connections open to this host; moved by [`ConnectionGuard`]s.
     pub active_connections: AtomicU64,
+    /// Outlier detection state (ejection), kept across host set rebuilds.
+    pub outlier: Arc<HostMonitor>,
 }
 
 impl Host {
@@ -122,6 +128,7 @@ impl Host {
             locality: locality.cloned(),
             active_requests: AtomicU64::new(0),
             active_connections: AtomicU64::new(0),
+            outlier: Arc::default(),
         }
     }
 
@@ -150,7 +157,17 @@ impl Host {
 
     /// Whether the host takes traffic outside panic.
     pub fn is_healthy(&self) -> bool {
-        self.health.is_healthy()
+        self.lb_health().is_healthy()
+    }
+
+    /// The health the load balancer goes by: EDS health, except that a host ejected by outlier
+    /// detection is unhealthy (Envoy's `FAILED_OUTLIER_CHECK`).
+    pub fn lb_health(&self) -> Health {
+        if self.outlier.is_ejected() {
+            Health::Unhealthy
+        } else {
+            self.health
+        }
     }
 
     /// The key ring hash and Maglev place this host by: the `envoy.lb` `hash_key` metadata when
@@ -407,8 +424,17 @@ impl HostSet {
                             .position(|h| h.is_endpoint(ep, loc.priority, locality))?;
                         Some(candidates.swap_remove(i))
                     });
-                let host = kept
-                    .unwrap_or_else(|| Arc::new(Host::from_endpoint(ep, loc.priority, locality)));
+                let host = kept.unwrap_or_else(|| {
+                    let mut h = Host::from_endpoint(ep, loc.priority, locality);
+                    // An endpoint whose other fields changed keeps its outlier state.
+                    if let Some(prev) = reusable
+                        .get(&address_hash(&ep.address))
+                        .and_then(|c| c.iter().find(|p| p.address == ep.address))
+                    {
+                        h.outlier = prev.outlier.clone();
+                    }
+                    Arc::new(h)
+                });
                 hosts.push(host.clone());
                 group.hosts.push(host);
             }
@@ -423,7 +449,7 @@ impl HostSet {
                 let mut c = Counts::default();
                 for h in groups.iter().flat_map(|g| &g.hosts) {
                     c.total += 1;
-                    match h.health {
+                    match h.lb_health() {
                         Health::Healthy | Health::Unknown => c.healthy += 1,
                         Health::Degraded => c.degraded += 1,
                         Health::Unhealthy | Health::Draining | Health::Timeout => {}
@@ -493,6 +519,61 @@ impl HostSet {
             hosts,
             levels,
         }
+    }
+}
+
+/// A cluster's current [`HostSet`], replaced whole when endpoints change or a host is ejected
+/// or returns (Envoy recomputes the healthy host lists and priority loads on either), so a pick
+/// reads one consistent set without locking.
+pub struct Hosts {
+    current: ArcSwap<HostSet>,
+    source: Mutex<(LoadAssignment, LbPolicy, CommonLb)>,
+}
+
+impl fmt::Debug for Hosts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.current.load().fmt(f)
+    }
+}
+
+impl Hosts {
+    /// The hosts of `la` balanced by `policy`.
+    pub fn new(la: &LoadAssignment, policy: LbPolicy, common: &CommonLb) -> Hosts {
+        Hosts {
+            current: ArcSwap::from_pointee(HostSet::new(la, policy, common)),
+            source: Mutex::new((la.clone(), policy, *common)),
+        }
+    }
+
+    /// Picks a host (see [`HostSet::pick`]).
+    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Host>> {
+        self.current.load().pick(ctx)
+    }
+
+    /// The current set.
+    pub fn load(&self) -> Arc<HostSet> {
+        self.current.load_full()
+    }
+
+    /// Every host of the current set.
+    pub fn hosts(&self) -> Vec<Arc<Host>> {
+        self.current.load().hosts().to_vec()
+    }
+
+    /// Rebuilds the set from new endpoints or settings (unchanged hosts are kept).
+    pub fn update(&self, la: &LoadAssignment, policy: LbPolicy, common: &CommonLb) {
+        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = self.current.load().rebuild(la, policy, common);
+        self.current.store(Arc::new(next));
+        *source = (la.clone(), policy, *common);
+    }
+
+    /// Rebuilds the set from the same endpoints, after an ejection or a return.
+    pub fn refresh(&self) {
+        let source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        let (la, policy, common) = &*source;
+        let next = self.current.load().rebuild(la, *policy, common);
+        self.current.store(Arc::new(next));
     }
 }
 
@@ -706,7 +787,7 @@ impl Source {
                 let hosts: Vec<Arc<Host>> = g
                     .hosts
                     .iter()
-                    .filter(|h| availability.admits(h.health))
+                    .filter(|h| availability.admits(h.lb_health()))
                     .cloned()
                     .collect();
                 (g.weight, g.hosts.len(), hosts)

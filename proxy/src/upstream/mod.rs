@@ -1,6 +1,9 @@
-//! Upstreams: clusters at run time (hosts, load balancing, pools), connecting to hosts.
+//! Upstreams: clusters at run time (hosts, load balancing, pools, circuit breakers, outlier
+//! detection), connecting to hosts.
 
+pub mod breaker;
 pub mod cluster_manager;
 pub mod connect;
 pub mod lb;
+pub mod outlier;
 pub mod pool;

@@ -2,10 +2,22 @@
 //! connections and hands each one to one request at a time (a connection goes back to the pool
 //! when its response body ends); HTTP/2 multiplexes every request over one connection, reopened
 //! when it breaks. Idle connections older than the cluster's `idle_timeout` are closed.
+//!
+//! Circuit breakers apply as in Envoy's connection pools: a request first takes a
+//! `max_requests` slot (held until its response ends); one that needs a new connection is
+//! pending (`max_pending_requests`) until it has one; a new connection takes a
+//! `max_connections` slot (held while it is open), except that a pool without any connection
+//! opens one regardless, so its requests can be served at all. Without a slot the request waits
+//! for a connection to come back to the pool or for a slot to free up. Overflows fail the
+//! request with [`ProxyError::Overflow`] (503 `UO`) and are counted in the cluster's
+//! `upstream_rq_pending_overflow` / `upstream_cx_overflow`.
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -18,11 +30,87 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::{
+    breaker::{Breakers, Holding, ResourceManager, Slot},
+    cluster_manager::ClusterStats,
+};
 use crate::{
     flags::ProxyError,
     http::{Body, BoxError},
     listener::conn::BoxIo,
+    stats::Stat,
 };
+
+/// The circuit breakers (of one routing priority) and counters a request goes through.
+#[derive(Clone)]
+pub struct Limits {
+    /// The cluster's breakers.
+    pub manager: Arc<Breakers>,
+    /// HIGH routing priority.
+    pub high: bool,
+    /// The cluster's counters.
+    pub stats: Arc<ClusterStats>,
+}
+
+impl Limits {
+    fn resources(&self) -> &ResourceManager {
+        self.manager.for_priority(self.high)
+    }
+
+    /// A `max_requests` slot, or the overflow (counted in `upstream_rq_pending_overflow`, as
+    /// Envoy counts it).
+    fn request(&self) -> Result<Slot, ProxyError> {
+        self.resources().requests.try_acquire().ok_or_else(|| {
+            self.stats.rq_pending_overflow.inc();
+            ProxyError::Overflow("max_requests".into())
+        })
+    }
+
+    /// A `max_pending_requests` slot, counted in `upstream_rq_pending_*`.
+    fn pending(&self) -> Result<Pending, ProxyError> {
+        match self.resources().pending.try_acquire() {
+            Some(slot) => {
+                self.stats.rq_pending_total.inc();
+                self.stats.rq_pending_active.inc();
+                Ok(Pending {
+                    _slot: slot,
+                    active: self.stats.rq_pending_active.clone(),
+                })
+            }
+            None => {
+                self.stats.rq_pending_overflow.inc();
+                Err(ProxyError::Overflow("max_pending_requests".into()))
+            }
+        }
+    }
+}
+
+/// A request waiting for a connection.
+struct Pending {
+    _slot: Slot,
+    active: Arc<Stat>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// One open (or opening) connection: its `max_connections` slot and its place in the pool's
+/// and the cluster's counts, given back when the connection ends.
+struct Connection {
+    _slot: Slot,
+    open: Arc<AtomicU64>,
+    active: Arc<Stat>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.active.dec();
+    }
+}
 
 /// Upstream protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,6 +152,10 @@ pub struct Pool {
     h2_settings: H2ClientSettings,
     idle: Mutex<Vec<Idle>>,
     h2: tokio::sync::Mutex<Option<conn::http2::SendRequest<Body>>>,
+    /// Connections open or opening.
+    open: Arc<AtomicU64>,
+    /// Woken when an HTTP/1.1 connection comes back idle.
+    returned: tokio::sync::Notify,
 }
 
 /// How a new connection is opened (the pool does not know hosts or transports).
@@ -87,6 +179,58 @@ impl Pool {
             h2_settings,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            open: Arc::new(AtomicU64::new(0)),
+            returned: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether the pool has no connection open (it can be forgotten).
+    pub fn is_idle(&self) -> bool {
+        self.open.load(Ordering::Acquire) == 0
+    }
+
+    /// Connections open or opening.
+    pub fn connections(&self) -> u64 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// A slot for a new connection: within `max_connections` and the per-host limit, or over
+    /// them when this pool has no connection at all (Envoy's rule, so that pending requests
+    /// are not stranded). `None`: wait for a connection or a slot.
+    fn connection(&self, limits: &Limits, overflow_counted: &mut bool) -> Option<Connection> {
+        let res = limits.resources();
+        let open = self.open.load(Ordering::Acquire);
+        let slot = if open < res.per_host_connections() {
+            res.connections.try_acquire()
+        } else {
+            None
+        };
+        let slot = match slot {
+            Some(s) => s,
+            None => {
+                if !std::mem::replace(overflow_counted, true) {
+                    limits.stats.cx_overflow.inc();
+                }
+                if open > 0 {
+                    return None;
+                }
+                res.connections.force()
+            }
+        };
+        self.open.fetch_add(1, Ordering::AcqRel);
+        limits.stats.cx_total.inc();
+        limits.stats.cx_active.inc();
+        Some(Connection {
+            _slot: slot,
+            open: self.open.clone(),
+            active: limits.stats.cx_active.clone(),
+        })
+    }
+
+    fn has_idle(&self) -> bool {
+        match self.idle.lock() {
+            Ok(g) => !g.is_empty(),
+            Err(p) => !p.into_inner().is_empty(),
         }
     }
 
@@ -119,21 +263,30 @@ impl Pool {
             send,
             since: Instant::now(),
         });
+        drop(idle);
+        self.returned.notify_waiters();
     }
 
     /// Sends `req` on a pooled or new connection (opened with `dial`). `upgrade` keeps the
     /// connection out of the pool (it becomes the upgraded tunnel). A request that never left
     /// (the connection could not be opened, or a pooled one was found closed) comes back in the
     /// error, so it can be retried without replaying its body.
+    ///
+    /// `limits` are the cluster's circuit breakers: see the module documentation.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
         upgrade: bool,
+        limits: &Limits,
     ) -> Result<Response<Body>, SendError> {
+        let rq = match limits.request() {
+            Ok(s) => s,
+            Err(e) => return Err(SendError::unsent(e, req)),
+        };
         match self.proto {
-            Proto::Http1 => self.send_h1(req, dial, upgrade).await,
-            Proto::Http2 => self.send_h2(req, dial).await,
+            Proto::Http1 => self.send_h1(req, dial, upgrade, limits, rq).await,
+            Proto::Http2 => self.send_h2(req, dial, limits, rq).await,
         }
     }
 
@@ -142,18 +295,46 @@ impl Pool {
         mut req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
         upgrade: bool,
+        limits: &Limits,
+        rq: Slot,
     ) -> Result<Response<Body>, SendError> {
-        // A reused connection may have been closed by the server while idle: the request comes
-        // back unsent and goes out on a new connection.
-        while let Some(mut send) = self.take_idle() {
-            match send.try_send_request(req).await {
-                Ok(resp) => return Ok(self.finish_h1(resp, send, upgrade)),
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(SendError::sent(upstream_error(e.into_error()))),
-                },
+        let mut pending: Option<Pending> = None;
+        let mut overflow_counted = false;
+        let cx = loop {
+            // A reused connection may have been closed by the server while idle: the request
+            // comes back unsent and goes out on another one.
+            while let Some(mut send) = self.take_idle() {
+                match send.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.finish_h1(resp, send, upgrade, rq)),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) => req = r,
+                        None => return Err(SendError::sent(upstream_error(e.into_error()))),
+                    },
+                }
             }
-        }
+            if pending.is_none() {
+                match limits.pending() {
+                    Ok(p) => pending = Some(p),
+                    Err(e) => return Err(SendError::unsent(e, req)),
+                }
+            }
+            // Registered before the checks, so that a release between them is not missed.
+            let released = limits.resources().connections.released();
+            let returned = self.returned.notified();
+            tokio::pin!(released, returned);
+            released.as_mut().enable();
+            returned.as_mut().enable();
+            if let Some(cx) = self.connection(limits, &mut overflow_counted) {
+                break cx;
+            }
+            if self.has_idle() {
+                continue;
+            }
+            tokio::select! {
+                _ = released => {}
+                _ = returned => {}
+            }
+        };
         let io = match dial().await {
             Ok(io) => io,
             Err(e) => return Err(SendError::unsent(e, req)),
@@ -171,15 +352,17 @@ impl Pool {
             }
         };
         tokio::spawn(async move {
+            let _cx = cx;
             if let Err(e) = connection.with_upgrades().await {
                 tracing::trace!(target: "upstream", "HTTP/1.1 connection ended: {e}");
             }
         });
+        drop(pending);
         let resp = send
             .send_request(req)
             .await
             .map_err(|e| SendError::sent(upstream_error(e)))?;
-        Ok(self.finish_h1(resp, send, upgrade))
+        Ok(self.finish_h1(resp, send, upgrade, rq))
     }
 
     fn finish_h1(
@@ -187,6 +370,7 @@ impl Pool {
         resp: Response<Incoming>,
         send: conn::http1::SendRequest<Body>,
         upgrade: bool,
+        rq: Slot,
     ) -> Response<Body> {
         let back = if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             None
@@ -194,7 +378,11 @@ impl Pool {
             Some((self.clone(), send))
         };
         resp.map(|b| {
-            let body = Returning { inner: b, back };
+            let body = Returning {
+                inner: b,
+                back,
+                rq: Some(rq),
+            };
             http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(body, |e| {
                 Box::new(e) as BoxError
             }))
@@ -205,12 +393,35 @@ impl Pool {
         self: &Arc<Self>,
         req: Request<Body>,
         dial: impl FnOnce() -> Dial<'static>,
+        limits: &Limits,
+        rq: Slot,
     ) -> Result<Response<Body>, SendError> {
         let mut send = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
+                    // The request that opens the connection is pending until it is up; the
+                    // pool's one connection is opened even over `max_connections`.
+                    let pending = match limits.pending() {
+                        Ok(p) => p,
+                        Err(e) => return Err(SendError::unsent(e, req)),
+                    };
+                    let mut overflow_counted = false;
+                    let cx = match self.connection(limits, &mut overflow_counted) {
+                        Some(cx) => cx,
+                        None => {
+                            let res = limits.resources();
+                            self.open.fetch_add(1, Ordering::AcqRel);
+                            limits.stats.cx_total.inc();
+                            limits.stats.cx_active.inc();
+                            Connection {
+                                _slot: res.connections.force(),
+                                open: self.open.clone(),
+                                active: limits.stats.cx_active.clone(),
+                            }
+                        }
+                    };
                     let io = match dial().await {
                         Ok(io) => io,
                         Err(e) => return Err(SendError::unsent(e, req)),
@@ -239,10 +450,12 @@ impl Pool {
                         }
                     };
                     tokio::spawn(async move {
+                        let _cx = cx;
                         if let Err(e) = connection.await {
                             tracing::trace!(target: "upstream", "HTTP/2 connection ended: {e}");
                         }
                     });
+                    drop(pending);
                     *slot = Some(send.clone());
                     send
                 }
@@ -256,9 +469,10 @@ impl Pool {
             .await
             .map_err(|e| SendError::sent(upstream_error(e)))?;
         Ok(resp.map(|b| {
-            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, |e| {
-                Box::new(e) as BoxError
-            }))
+            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                Holding::new(b, Some(rq)),
+                |e| Box::new(e) as BoxError,
+            ))
         }))
     }
 }
@@ -312,13 +526,16 @@ fn upstream_error(e: hyper::Error) -> ProxyError {
 }
 
 /// A response body that puts its HTTP/1.1 connection back into the pool when it ends.
+/// It also holds the request's `max_requests` slot until the response ends.
 struct Returning {
     inner: Incoming,
     back: Option<(Arc<Pool>, conn::http1::SendRequest<Body>)>,
+    rq: Option<Slot>,
 }
 
 impl Returning {
     fn give_back(&mut self) {
+        self.rq = None;
         if let Some((pool, send)) = self.back.take() {
             pool.put_idle(send);
         }
@@ -346,7 +563,10 @@ impl HttpBody for Returning {
         match &polled {
             Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => {
+                self.back = None;
+                self.rq = None;
+            }
             _ => {}
         }
         polled
@@ -358,5 +578,235 @@ impl HttpBody for Returning {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt as _;
+    use tokio::sync::Semaphore;
+
+    use http::Uri;
+
+    use super::*;
+    use crate::{config::cluster::CircuitBreakers, stats::Stats};
+
+    /// An HTTP/1.1 server on loopback that answers each request once `gate` gives a permit.
+    async fn gated_server(gate: Arc<Semaphore>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let gate = gate.clone();
+                        async move {
+                            if let Ok(p) = gate.acquire().await {
+                                p.forget();
+                            }
+                            Response::builder()
+                                .status(200)
+                                .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn dialer(addr: SocketAddr) -> impl FnOnce() -> Dial<'static> {
+        move || {
+            Box::pin(async move {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| ProxyError::ConnectFailure(e.to_string()))?;
+                Ok(Box::new(tcp) as BoxIo)
+            })
+        }
+    }
+
+    fn limits(stats: &Stats, f: impl FnOnce(&mut CircuitBreakers)) -> Limits {
+        let mut cb = CircuitBreakers::default();
+        f(&mut cb);
+        let manager = Arc::new(Breakers::new(stats, "c"));
+        manager.configure(stats, &cb);
+        Limits {
+            manager,
+            high: false,
+            stats: Arc::new(ClusterStats::new(stats, "c")),
+        }
+    }
+
+    fn request() -> Request<Body> {
+        let mut r = Request::new(crate::http::empty());
+        *r.uri_mut() = Uri::from_static("/");
+        r.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("test"));
+        r
+    }
+
+    async fn body(r: Response<Body>) -> Bytes {
+        r.into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn max_connections_queues_requests_as_pending_then_overflows() {
+        let gate = Arc::new(Semaphore::new(0));
+        let addr = gated_server(gate.clone()).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |cb| {
+            cb.default.max_connections = 1;
+            cb.default.max_pending_requests = 1;
+        });
+        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let first = {
+            let (pool, limits) = (pool.clone(), limits.clone());
+            tokio::spawn(async move { pool.send(request(), dialer(addr), false, &limits).await })
+        };
+        // Wait (bounded) for the first request to hold the connection and leave pending.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while limits.stats.rq_pending_active.get() != 0 || pool.connections() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "first request stuck"
+            );
+            tokio::task::yield_now().await;
+        }
+        // The second waits for the one connection: pending.
+        let second = {
+            let (pool, limits) = (pool.clone(), limits.clone());
+            tokio::spawn(async move { pool.send(request(), dialer(addr), false, &limits).await })
+        };
+        while limits.stats.rq_pending_active.get() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "second not pending");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(limits.stats.cx_overflow.get(), 1);
+        // The third finds the pending queue full.
+        let third = pool.send(request(), dialer(addr), false, &limits).await;
+        let Err(SendError {
+            error: ProxyError::Overflow(what),
+            request: Some(_),
+        }) = third
+        else {
+            panic!("expected an unsent overflow");
+        };
+        assert_eq!(what, "max_pending_requests");
+        assert_eq!(limits.stats.rq_pending_overflow.get(), 1);
+        // The first answers; its connection serves the second.
+        gate.add_permits(2);
+        for task in [first, second] {
+            let resp = match task.await.expect("joined") {
+                Ok(r) => r,
+                Err(e) => panic!("send failed: {}", e.error),
+            };
+            assert_eq!(resp.status(), 200);
+            assert_eq!(body(resp).await, "ok");
+        }
+        assert_eq!(limits.stats.cx_total.get(), 1, "one connection served both");
+        assert_eq!(limits.stats.rq_pending_total.get(), 2);
+        assert_eq!(limits.stats.rq_pending_active.get(), 0);
+        assert_eq!(limits.manager.default.requests.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn max_requests_holds_until_the_response_ends() {
+        let gate = Arc::new(Semaphore::new(10));
+        let addr = gated_server(gate).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |cb| cb.default.max_requests = 1);
+        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let resp = match pool.send(request(), dialer(addr), false, &limits).await {
+            Ok(r) => r,
+            Err(e) => panic!("send failed: {}", e.error),
+        };
+        // Headers are in, the body is not read: the request still counts.
+        assert_eq!(limits.manager.default.requests.count(), 1);
+        let over = pool.send(request(), dialer(addr), false, &limits).await;
+        assert!(matches!(
+            over,
+            Err(SendError {
+                error: ProxyError::Overflow(_),
+                ..
+            })
+        ));
+        assert_eq!(limits.stats.rq_pending_overflow.get(), 1);
+        assert_eq!(body(resp).await, "ok");
+        assert_eq!(limits.manager.default.requests.count(), 0);
+        assert!(
+            pool.send(request(), dialer(addr), false, &limits)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pool_opens_its_first_connection_over_the_cluster_limit() {
+        let gate = Arc::new(Semaphore::new(10));
+        let addr = gated_server(gate).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |cb| cb.default.max_connections = 1);
+        // Another pool of the cluster holds the only connection slot.
+        let held = limits
+            .manager
+            .default
+            .connections
+            .try_acquire()
+            .expect("slot");
+        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let resp = match pool.send(request(), dialer(addr), false, &limits).await {
+            Ok(r) => r,
+            Err(e) => panic!("send failed: {}", e.error),
+        };
+        assert_eq!(body(resp).await, "ok");
+        assert_eq!(
+            limits.stats.cx_overflow.get(),
+            1,
+            "counted, then opened anyway"
+        );
+        assert_eq!(limits.manager.default.connections.count(), 2);
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_failed_dial_gives_every_slot_back() {
+        let stats = Stats::default();
+        let limits = limits(&stats, |_| {});
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        for proto in [Proto::Http1, Proto::Http2] {
+            let pool = Arc::new(Pool::new(proto, None, H2ClientSettings::default()));
+            let r = pool.send(request(), dialer(dead), false, &limits).await;
+            assert!(matches!(
+                r,
+                Err(SendError {
+                    error: ProxyError::ConnectFailure(_),
+                    request: Some(_),
+                })
+            ));
+            assert!(pool.is_idle());
+        }
+        let m = &limits.manager.default;
+        assert_eq!(
+            (m.connections.count(), m.pending.count(), m.requests.count()),
+            (0, 0, 0)
+        );
+        assert_eq!(limits.stats.cx_active.get(), 0);
+        assert_eq!(limits.stats.rq_pending_active.get(), 0);
     }
 }

@@ -1,8 +1,12 @@
-//! xDS clients (ADS; SDS comes with the TLS work) and the record of what was received, for
-//! `/config_dump`: per resource its version, when it was last updated, and the last error.
+//! xDS clients (ADS over delta or state-of-the-world framing, SDS), the record of what was
+//! received, for `/config_dump` (per resource its version, when it was last updated, and the last
+//! error), and the listeners warming on SDS secrets.
 
 pub mod ads;
+pub(crate) mod delta;
 pub mod sds;
+pub(crate) mod sotw;
+pub mod warming;
 
 use std::{collections::BTreeMap, sync::RwLock, time::SystemTime};
 

@@ -2,12 +2,17 @@
 //! metadata discovery (`io.istio.http.peer_metadata.Config`, TypedStruct only),
 //! `istio.metadata_exchange` and the network peer metadata filter of baggage mode.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use crate::telemetry::{
+    expr::Expr,
+    istio::{Metric, Plan, tag_index},
+};
 
 use serde_json::Value as Json;
 use waypoint_proto::istio::stats::{PluginConfig, Reporter};
 
-use crate::config::{CompileResult, ConfigError, field, index, opt_duration, typed::Typed};
+use crate::config::{CompileResult, ConfigError, field, index, key, opt_duration, typed::Typed};
 
 /// Who reports the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +51,8 @@ pub struct StatsConfig {
     pub graceful_deletion_interval: Option<Duration>,
     /// `metrics`.
     pub metrics: Vec<MetricOverride>,
+    /// What the reporter and `metrics` make of the standard metrics.
+    pub plan: Arc<Plan>,
 }
 
 impl StatsConfig {
@@ -55,7 +62,14 @@ impl StatsConfig {
         let ipath = t.inner_path(path);
         let reporter = match Reporter::try_from(c.reporter) {
             Ok(Reporter::ServerGateway) => StatsReporter::ServerGateway,
-            Ok(Reporter::Unspecified) => StatsReporter::Unspecified,
+            // Sidecar reporting fills one side's labels from the node's own metadata; this proxy
+            // is a waypoint and reports as one.
+            Ok(Reporter::Unspecified) => {
+                return Err(ConfigError::new(
+                    field(&ipath, "reporter"),
+                    "reporter UNSPECIFIED (sidecar reporting) is not supported; a waypoint reports as SERVER_GATEWAY",
+                ));
+            }
             Err(_) => {
                 return Err(ConfigError::new(
                     field(&ipath, "reporter"),
@@ -64,20 +78,73 @@ impl StatsConfig {
             }
         };
         let mut metrics = Vec::new();
+        let mut plan = Plan::standard("waypoint");
         for (i, m) in c.metrics.iter().enumerate() {
             let mpath = index(&ipath, "metrics", i);
-            // Dimensions and match are CEL expressions, which we do not evaluate.
-            if !m.dimensions.is_empty() {
-                return Err(ConfigError::new(
-                    field(&mpath, "dimensions"),
-                    "CEL dimensions are not supported",
-                ));
-            }
+            // `match` is a CEL predicate over the stream, which we do not evaluate.
             if !m.r#match.is_empty() {
                 return Err(ConfigError::new(
                     field(&mpath, "match"),
                     "CEL match expressions are not supported",
                 ));
+            }
+            let targets: Vec<usize> = if m.name.is_empty() {
+                (0..Metric::ALL.len()).collect()
+            } else if let Some(metric) = Metric::from_config_name(&m.name) {
+                vec![metric as usize]
+            } else if GRPC_MESSAGE_METRICS.contains(&m.name.as_str()) {
+                // Standard in Istio, not emitted here (no gRPC message counting yet): an override
+                // of a metric that is never written changes nothing.
+                Vec::new()
+            } else {
+                return Err(ConfigError::new(
+                    field(&mpath, "name"),
+                    format!(
+                        "unknown metric '{}'; custom metric definitions are not supported",
+                        m.name
+                    ),
+                ));
+            };
+            for t in &targets {
+                if m.drop {
+                    if !m.name.is_empty() {
+                        plan.drop[*t] = true;
+                    }
+                    continue;
+                }
+                for tag in &m.tags_to_remove {
+                    // A tag that is not a standard label is not there to remove (Envoy logs and
+                    // goes on).
+                    if let Some(ti) = tag_index(tag) {
+                        plan.overrides[*t].insert(ti, None);
+                    }
+                }
+            }
+            if m.drop {
+                continue;
+            }
+            // Dimensions in tag-name order (Envoy sorts them): a standard tag's value is
+            // replaced, another tag is added after the standard ones.
+            let mut dims: Vec<(&String, &String)> = m.dimensions.iter().collect();
+            dims.sort();
+            for (tag, text) in dims {
+                let expr = Expr::parse(text)
+                    .map_err(|e| ConfigError::new(key(&mpath, "dimensions", tag), e.to_string()))?;
+                let slot = match plan.dimensions.iter().position(|d| *d == expr) {
+                    Some(i) => i,
+                    None => {
+                        plan.dimensions.push(expr);
+                        plan.dimensions.len() - 1
+                    }
+                };
+                for t in &targets {
+                    match tag_index(tag) {
+                        Some(ti) => {
+                            plan.overrides[*t].insert(ti, Some(slot));
+                        }
+                        None => plan.additions[*t].push((tag.clone(), slot)),
+                    }
+                }
             }
             metrics.push(MetricOverride {
                 name: m.name.clone(),
@@ -102,9 +169,13 @@ impl StatsConfig {
                 &field(&ipath, "graceful_deletion_interval"),
             )?,
             metrics,
+            plan: Arc::new(plan),
         })
     }
 }
+
+/// Istio's gRPC message counters, standard names this proxy does not emit.
+const GRPC_MESSAGE_METRICS: &[&str] = &["request_messages_total", "response_messages_total"];
 
 /// How peer metadata is found.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,837 @@
+//! What one stream did, for Istio's metrics and access logs: when it started, the bytes both
+//! ways, the upstream that served it, how the response ended and (for access logs) the request
+//! head, route and reply details. The router and the TCP proxy
+//! fill the upstream part as they pick hosts; the connection manager wraps the response body and
+//! reports once it ends (or is dropped: the downstream went away).
+
+use std::{
+    borrow::Cow,
+    net::IpAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use super::{Body, BoxError};
+use crate::{
+    access_log::{HttpValues, LogValues},
+    config::{
+        Snapshot,
+        access_log::AccessLog,
+        cluster::Cluster,
+        endpoint::EndpointAddress,
+        filters::{
+            hcm::HttpConnectionManager,
+            http::HttpFilterKind,
+            istio::{Discovery, StatsConfig},
+        },
+    },
+    flags::{ProxyError, ResponseFlags},
+    listener::conn::{ConnContext, ConnValues, FilterState},
+    telemetry::istio::{HttpSample, PeerLabels, Protocol, SeriesKey},
+    upstream::lb::Host,
+};
+
+/// The upstream side of a stream, as far as it got.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamInfo {
+    /// The cluster routed to.
+    pub cluster: Option<Arc<Cluster>>,
+    /// The host of the last attempt (EDS/static clusters).
+    pub host: Option<Arc<Host>>,
+    /// The address of the last attempt.
+    pub address: Option<EndpointAddress>,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+impl UpstreamInfo {
+    /// The IP of the workload behind the upstream: a tunnelled endpoint's `original_dst`
+    /// (`podIP:port`), else the host's socket address, else an internal endpoint id.
+    pub fn workload_ip(&self) -> Option<IpAddr> {
+        if let Some(a) = self.host.as_ref().and_then(|h| h.original_dst) {
+            return Some(a.ip());
+        }
+        match &self.address {
+            Some(EndpointAddress::Socket(a)) => Some(a.ip()),
+            Some(EndpointAddress::Internal {
+                endpoint_id: Some(id),
+                ..
+            }) => id
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .ok()
+                .or_else(|| id.parse().ok()),
+            _ => None,
+        }
+    }
+}
+
+/// Where the upstream part of a stream is written.
+#[derive(Debug, Default)]
+pub struct UpstreamSlot(Mutex<UpstreamInfo>);
+
+impl UpstreamSlot {
+    fn with(&self, f: impl FnOnce(&mut UpstreamInfo)) {
+        match self.0.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// The cluster chosen.
+    pub fn set_cluster(&self, cluster: &Arc<Cluster>) {
+        self.with(|u| u.cluster = Some(cluster.clone()));
+    }
+
+    /// One more attempt, to `address` (`host` for EDS/static clusters).
+    pub fn attempt(&self, host: Option<&Arc<Host>>, address: &EndpointAddress) {
+        self.with(|u| {
+            u.host = host.cloned();
+            u.address = Some(address.clone());
+            u.attempts += 1;
+        });
+    }
+
+    /// What is known so far.
+    pub fn get(&self) -> UpstreamInfo {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// What a stream records beyond metrics, chosen per HCM when the stream starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Observe {
+    /// Record the route name, why the response is what it is (local reply details, transport
+    /// failure, body) and the stream's filter state: access logs read them.
+    pub details: bool,
+    /// Keep a copy of the request head (after the HCM's own header changes: `x-request-id`,
+    /// `x-forwarded-for`), for access logs' `%REQ(..)%` and metric dimensions on request headers.
+    pub request_headers: bool,
+}
+
+/// What the connection manager learnt about a stream, for access logs.
+#[derive(Debug, Default)]
+pub struct StreamDetails {
+    /// The request head ([`Observe::request_headers`]).
+    pub request: Option<http::request::Parts>,
+    /// The stream's filter state after the request filters.
+    pub filter_state: Option<FilterState>,
+    /// The matched route's name.
+    pub route_name: Option<String>,
+    /// `%RESPONSE_CODE_DETAILS%` (`via_upstream`, `route_not_found`, …).
+    pub code_details: Option<Cow<'static, str>>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub transport_failure: Option<String>,
+    /// The body of a local reply.
+    pub local_reply_body: Option<String>,
+    /// Start → the upstream response's headers.
+    pub upstream_response: Option<Duration>,
+}
+
+/// One HTTP stream.
+#[derive(Debug)]
+pub struct StreamInfo {
+    /// When the request arrived.
+    pub started: Instant,
+    /// The same, wall clock (`%START_TIME%`).
+    pub started_at: SystemTime,
+    /// The upstream side.
+    pub upstream: UpstreamSlot,
+    request_body_bytes: AtomicU64,
+    /// Nanoseconds from `started` to the request's last byte, plus one (0: not yet).
+    request_done: AtomicU64,
+    observe: Observe,
+    details: Mutex<StreamDetails>,
+}
+
+impl StreamInfo {
+    /// A stream starting now, recording what `observe` asks for.
+    pub fn new(observe: Observe) -> Arc<StreamInfo> {
+        Arc::new(StreamInfo {
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            upstream: UpstreamSlot::default(),
+            request_body_bytes: AtomicU64::new(0),
+            request_done: AtomicU64::new(0),
+            observe,
+            details: Mutex::new(StreamDetails::default()),
+        })
+    }
+
+    /// What this stream records.
+    pub fn observe(&self) -> Observe {
+        self.observe
+    }
+
+    /// Request body bytes received so far.
+    pub fn request_body_bytes(&self) -> u64 {
+        self.request_body_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The request's last byte arrived now (the first call counts; recorded only with
+    /// [`Observe::details`], for `%REQUEST_DURATION%`).
+    pub fn request_done(&self) {
+        if !self.observe.details {
+            return;
+        }
+        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = self
+            .request_done
+            .compare_exchange(0, nanos, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Start → the request's last byte, once it arrived.
+    pub fn request_duration(&self) -> Option<Duration> {
+        match self.request_done.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Reads the details recorded so far.
+    pub fn with_details<T>(&self, f: impl FnOnce(&StreamDetails) -> T) -> T {
+        match self.details.lock() {
+            Ok(g) => f(&g),
+            Err(p) => f(&p.into_inner()),
+        }
+    }
+
+    /// Records details, when this stream records them ([`Observe::details`]).
+    pub fn note(&self, f: impl FnOnce(&mut StreamDetails)) {
+        if !self.observe.details {
+            return;
+        }
+        match self.details.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// Keeps a copy of the request head, when asked to ([`Observe::request_headers`]).
+    pub fn capture_request(&self, parts: &http::request::Parts) {
+        if !self.observe.request_headers {
+            return;
+        }
+        let (mut head, ()) = http::Request::new(()).into_parts();
+        head.method = parts.method.clone();
+        head.uri = parts.uri.clone();
+        head.version = parts.version;
+        head.headers = parts.headers.clone();
+        match self.details.lock() {
+            Ok(mut g) => g.request = Some(head),
+            Err(p) => p.into_inner().request = Some(head),
+        }
+    }
+
+    /// Records why the stream got the local reply for `e`.
+    pub fn local_reply(&self, e: &ProxyError) {
+        self.note(|d| {
+            d.code_details = Some(code_details(e));
+            if let ProxyError::ConnectFailure(reason) = e {
+                d.transport_failure = Some(no_spaces(reason));
+            }
+            let body = e.body();
+            d.local_reply_body = (!body.is_empty()).then_some(body);
+        });
+    }
+
+    /// Records that the response came from `details` (`via_upstream`, `direct_response`, …).
+    pub fn responded(&self, details: &'static str) {
+        self.note(|d| {
+            d.code_details = Some(Cow::Borrowed(details));
+            if details == VIA_UPSTREAM {
+                d.upstream_response = Some(self.started.elapsed());
+            }
+        });
+    }
+}
+
+/// `%RESPONSE_CODE_DETAILS%` of a response proxied from the upstream.
+pub const VIA_UPSTREAM: &str = "via_upstream";
+
+/// Envoy keeps response code details free of whitespace.
+fn no_spaces(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` for a local reply.
+pub fn code_details(e: &ProxyError) -> Cow<'static, str> {
+    let s: &'static str = match e {
+        ProxyError::NoRoute => "route_not_found",
+        ProxyError::NoFilterChain => "filter_chain_not_found",
+        ProxyError::NoCluster(_) => "cluster_not_found",
+        ProxyError::NoHealthyUpstream(_) => "no_healthy_upstream",
+        ProxyError::ConnectFailure(_) => {
+            "upstream_reset_before_response_started{connection_failure}"
+        }
+        ProxyError::RetriesExhausted(last) => {
+            // The last attempt's failure, as Envoy reports it.
+            if last.starts_with("no_healthy_upstream") {
+                "no_healthy_upstream"
+            } else if last.starts_with("upstream_response_timeout") {
+                "upstream_response_timeout"
+            } else if last.contains("connection_failure") {
+                "upstream_reset_before_response_started{connection_failure}"
+            } else {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+        }
+        ProxyError::UpstreamReset(_) => {
+            "upstream_reset_before_response_started{connection_termination}"
+        }
+        ProxyError::UpstreamProtocol(_) => "upstream_reset_before_response_started{protocol_error}",
+        ProxyError::Timeout => "upstream_response_timeout",
+        ProxyError::BadRequest(_) => "codec_error",
+        ProxyError::Overflow(_) => "upstream_reset_before_response_started{overflow}",
+        ProxyError::Redirect(_) => "path_normalization_redirect",
+        ProxyError::Unauthorized(_) => "jwt_authn_access_denied{Jwt_verification_fails}",
+        ProxyError::RbacDenied(why) => {
+            // `filter 'x' policy NAME` / `... policy (none matched)`.
+            let policy = why
+                .rsplit_once(" policy ")
+                .map(|(_, p)| p)
+                .filter(|p| !p.starts_with('('))
+                .unwrap_or("none");
+            return Cow::Owned(format!(
+                "rbac_access_denied_matched_policy[{}]",
+                no_spaces(policy)
+            ));
+        }
+        ProxyError::Unsupported(_) => "local_reset",
+    };
+    Cow::Borrowed(s)
+}
+
+/// Bytes a header block takes on an HTTP/1.1 wire (`name: value\r\n` each, plus the blank line);
+/// Envoy's wire meter counts what the codec read or wrote, this is the uncompressed equivalent.
+pub fn header_bytes(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum::<u64>()
+        + 2
+}
+
+/// Counts request body bytes into `info` as they are read, and notes when the body ends.
+pub fn count_request_body(body: Body, info: &Arc<StreamInfo>) -> Body {
+    if body.is_end_stream() {
+        info.request_done();
+        return body;
+    }
+    http_body_util::combinators::BoxBody::new(CountedBody {
+        inner: body,
+        info: info.clone(),
+    })
+}
+
+/// A request body counted into its stream.
+struct CountedBody {
+    inner: Body,
+    info: Arc<StreamInfo>,
+}
+
+impl HttpBody for CountedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.info
+                        .request_body_bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.info.request_done();
+                }
+            }
+            Poll::Ready(None) => self.info.request_done(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc[+proto|…]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `istio.stats` filter an HCM runs, if any, and whether its peer-metadata filter discovers
+/// the upstream peer through WDS.
+pub fn stats_filters(hcm: &HttpConnectionManager) -> Option<(&StatsConfig, bool)> {
+    let mut upstream_wds = false;
+    for f in &hcm.http_filters {
+        match &f.kind {
+            HttpFilterKind::PeerMetadata(p) if !f.disabled => {
+                upstream_wds |= p.upstream_discovery.contains(&Discovery::WorkloadDiscovery);
+            }
+            HttpFilterKind::IstioStats(s) if !f.disabled => return Some((s, upstream_wds)),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The peer found by the `peer_metadata` filters (`downstream_peer` filter state).
+pub const DOWNSTREAM_PEER: &str = "downstream_peer";
+
+/// The labels Istio's metrics need that are known when the stream starts.
+#[derive(Debug, Clone)]
+pub struct StreamLabels {
+    /// The `istio.stats` config's plan.
+    pub plan: Arc<crate::telemetry::istio::Plan>,
+    /// Look the upstream peer up in WDS.
+    pub upstream_wds: bool,
+    /// Source workload.
+    pub source: Option<Arc<PeerLabels>>,
+    /// Source principal.
+    pub source_principal: Option<Arc<str>>,
+    /// `mutual_tls` when both principals are known.
+    pub mutual_tls: bool,
+}
+
+impl StreamLabels {
+    /// The connection-level labels for a stream on `ctx` (the peer principals from the filter
+    /// state `connect_authority` shared, else the connection's own TLS).
+    pub fn new(stats: &StatsConfig, upstream_wds: bool, ctx: &ConnContext) -> StreamLabels {
+        let fs = |k: &str| ctx.filter_state.get(k).filter(|v| !v.is_empty());
+        let mut peer = fs("io.istio.peer_principal").map(str::to_owned);
+        let mut local = fs("io.istio.local_principal").map(str::to_owned);
+        if peer.is_none() && local.is_none() {
+            peer = ctx.tls.as_ref().and_then(|t| t.peer_uri_san.clone());
+            local = ctx.tls.as_ref().and_then(|t| t.local_uri_san.clone());
+        }
+        StreamLabels {
+            plan: stats.plan.clone(),
+            upstream_wds,
+            source: ctx.filter_state.peer(DOWNSTREAM_PEER),
+            mutual_tls: peer.is_some() && local.is_some(),
+            source_principal: peer.map(Arc::from),
+        }
+    }
+
+    /// The series key once the upstream and the response are known.
+    #[allow(clippy::too_many_arguments)]
+    pub fn key(
+        &self,
+        snapshot: &Snapshot,
+        upstream: &UpstreamInfo,
+        protocol: Protocol,
+        response_code: u16,
+        grpc_status: Option<u32>,
+        flags: ResponseFlags,
+        wds: bool,
+    ) -> SeriesKey {
+        let destination = if wds {
+            upstream
+                .workload_ip()
+                .and_then(|ip| snapshot.workload_at(ip))
+                .map(|w| w.peer_labels.clone())
+        } else {
+            None
+        };
+        SeriesKey {
+            plan: self.plan.clone(),
+            source: self.source.clone(),
+            source_principal: self.source_principal.clone(),
+            destination,
+            service: upstream.cluster.as_ref().map(|c| c.service_labels.clone()),
+            protocol,
+            response_code,
+            grpc_status,
+            flags,
+            mutual_tls: Some(self.mutual_tls),
+            extra: Arc::from(Vec::new()),
+        }
+    }
+}
+
+/// What the end of a stream reports to: Istio's metrics (with `istio.stats`) and the HCM's
+/// access logs.
+#[derive(Debug)]
+pub struct Reporter {
+    /// The stream.
+    pub info: Arc<StreamInfo>,
+    /// Its connection.
+    pub ctx: Arc<ConnContext>,
+    /// The metrics registry.
+    pub stats: Arc<crate::stats::Stats>,
+    /// Stream-start labels (`None`: the HCM runs no `istio.stats`).
+    pub labels: Option<StreamLabels>,
+    /// gRPC request.
+    pub grpc: bool,
+    /// Request header bytes.
+    pub request_header_bytes: u64,
+    /// The HCM whose `access_log` is written at the end (`None`: it has none).
+    pub access_log: Option<Arc<HttpConnectionManager>>,
+}
+
+/// How a response ended.
+#[derive(Debug)]
+struct Ending {
+    code: u16,
+    flags: ResponseFlags,
+    grpc_status: Option<u32>,
+    /// Headers, body and trailers (Istio's `response_bytes`).
+    response_bytes: u64,
+    /// Body only (`%BYTES_SENT%`).
+    body_bytes: u64,
+    headers: Option<HeaderMap>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Reporter {
+    fn report(&self, end: &Ending) {
+        let upstream = self.info.upstream.get();
+        if let Some(labels) = &self.labels {
+            let protocol = if self.grpc {
+                Protocol::Grpc
+            } else {
+                Protocol::Http
+            };
+            let mut key = labels.key(
+                &self.ctx.snapshot,
+                &upstream,
+                protocol,
+                end.code,
+                end.grpc_status,
+                end.flags,
+                labels.upstream_wds,
+            );
+            if !labels.plan.dimensions.is_empty() {
+                key.extra = self.info.with_details(|d| {
+                    labels
+                        .plan
+                        .evaluate(&crate::telemetry::attributes::StreamAttributes {
+                            conn: &self.ctx,
+                            request: d.request.as_ref(),
+                            response_headers: end.headers.as_ref(),
+                            response_code: end.code,
+                            grpc_status: end.grpc_status,
+                            cluster: upstream.cluster.as_ref().map(|c| c.name.as_str()),
+                            route: d.route_name.as_deref(),
+                            mtls: labels.mutual_tls,
+                            source: key.source.as_deref(),
+                            destination: key.destination.as_deref(),
+                            stream_state: d.filter_state.as_ref(),
+                        })
+                });
+            }
+            self.stats.istio.record_http(
+                key,
+                HttpSample {
+                    duration_ms: self.info.started.elapsed().as_millis() as u64,
+                    request_bytes: self.request_header_bytes + self.info.request_body_bytes(),
+                    response_bytes: end.response_bytes,
+                },
+            );
+        }
+        if let Some(hcm) = &self.access_log {
+            self.log(&hcm.access_log, &upstream, end);
+        }
+    }
+
+    fn log(&self, logs: &[AccessLog], upstream: &UpstreamInfo, end: &Ending) {
+        let info = &self.info;
+        info.with_details(|d| {
+            let values = LogValues {
+                conn: ConnValues {
+                    conn: &self.ctx,
+                    stream_state: d.filter_state.as_ref(),
+                    request: d.request.as_ref(),
+                },
+                started_at: info.started_at,
+                duration: info.started.elapsed(),
+                flags: end.flags,
+                bytes_received: info.request_body_bytes(),
+                bytes_sent: end.body_bytes,
+                upstream: Some(upstream),
+                http: Some(HttpValues {
+                    response_code: end.code,
+                    response_headers: end.headers.as_ref(),
+                    trailers: end.trailers.as_ref(),
+                    request_duration: info.request_duration(),
+                    response_duration: d.upstream_response,
+                    code_details: d.code_details.as_deref(),
+                    transport_failure: d.transport_failure.as_deref(),
+                    route_name: d.route_name.as_deref(),
+                    local_reply_body: d.local_reply_body.as_deref(),
+                }),
+            };
+            crate::access_log::write(logs, &values);
+        });
+    }
+}
+
+/// A response body that reports the stream when it ends or is dropped.
+pub struct ObservedBody {
+    inner: Body,
+    reporter: Option<Reporter>,
+    code: u16,
+    flags: ResponseFlags,
+    grpc_status: Option<u32>,
+    sent: u64,
+    body_sent: u64,
+    /// Kept for access logs only.
+    headers: Option<HeaderMap>,
+    trailers: Option<HeaderMap>,
+}
+
+impl ObservedBody {
+    /// Wraps `resp`'s body; the stream is reported to `reporter` at its end.
+    pub fn wrap(resp: http::Response<Body>, reporter: Reporter) -> http::Response<Body> {
+        let code = resp.status().as_u16();
+        let flags = ResponseFlags::of_response(&resp);
+        let grpc_status = grpc_status(resp.headers());
+        let head = header_bytes(resp.headers()) + 17;
+        let headers = (reporter.access_log.is_some()
+            || reporter
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.plan.reads_response_headers()))
+        .then(|| resp.headers().clone());
+        let (parts, inner) = resp.into_parts();
+        let body = ObservedBody {
+            inner,
+            reporter: Some(reporter),
+            code,
+            flags,
+            grpc_status,
+            sent: head,
+            body_sent: 0,
+            headers,
+            trailers: None,
+        };
+        http::Response::from_parts(parts, http_body_util::combinators::BoxBody::new(body))
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(r) = self.reporter.take() {
+            let mut flags = self.flags;
+            if !complete {
+                flags.insert(crate::flags::ResponseFlag::DownstreamConnectionTermination);
+            }
+            r.report(&Ending {
+                code: self.code,
+                flags,
+                grpc_status: self.grpc_status,
+                response_bytes: self.sent,
+                body_bytes: self.body_sent,
+                headers: self.headers.take(),
+                trailers: self.trailers.take(),
+            });
+        }
+    }
+}
+
+impl HttpBody for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.sent += d.len() as u64;
+                    self.body_sent += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    self.sent += header_bytes(t);
+                    if let Some(s) = grpc_status(t) {
+                        self.grpc_status = Some(s);
+                    }
+                    if self.headers.is_some() {
+                        self.trailers = Some(t.clone());
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => {
+                self.flags
+                    .insert(crate::flags::ResponseFlag::UpstreamRemoteReset);
+                self.finish(true);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+impl std::fmt::Debug for ObservedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedBody")
+            .field("code", &self.code)
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_are_recorded_only_when_observed() {
+        let parts = http::Request::builder()
+            .uri("/x")
+            .header("x-a", "1")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let off = StreamInfo::new(Observe::default());
+        off.note(|d| d.route_name = Some("r".into()));
+        off.capture_request(&parts);
+        off.local_reply(&ProxyError::NoRoute);
+        off.with_details(|d| {
+            assert!(d.route_name.is_none() && d.request.is_none() && d.code_details.is_none())
+        });
+        // Request headers alone (metric dimensions) without the other details.
+        let headers_only = StreamInfo::new(Observe {
+            details: false,
+            request_headers: true,
+        });
+        headers_only.capture_request(&parts);
+        headers_only.note(|d| d.route_name = Some("r".into()));
+        headers_only.with_details(|d| {
+            assert_eq!(
+                d.request.as_ref().map(|r| r.headers["x-a"].clone()),
+                Some(http::HeaderValue::from_static("1"))
+            );
+            assert!(d.route_name.is_none());
+        });
+        let on = StreamInfo::new(Observe {
+            details: true,
+            request_headers: true,
+        });
+        on.local_reply(&ProxyError::ConnectFailure("connection refused".into()));
+        on.with_details(|d| {
+            assert_eq!(
+                d.code_details.as_deref(),
+                Some("upstream_reset_before_response_started{connection_failure}")
+            );
+            assert_eq!(d.transport_failure.as_deref(), Some("connection_refused"));
+            assert!(
+                d.local_reply_body
+                    .as_deref()
+                    .is_some_and(|b| b.starts_with("upstream connect error"))
+            );
+            assert!(d.upstream_response.is_none());
+        });
+        on.responded(VIA_UPSTREAM);
+        on.with_details(|d| {
+            assert_eq!(d.code_details.as_deref(), Some("via_upstream"));
+            assert!(d.upstream_response.is_some());
+        });
+    }
+
+    #[test]
+    fn request_duration_is_the_first_end() {
+        let off = StreamInfo::new(Observe::default());
+        off.request_done();
+        assert_eq!(off.request_duration(), None);
+        let i = StreamInfo::new(Observe {
+            details: true,
+            request_headers: false,
+        });
+        assert_eq!(i.request_duration(), None);
+        i.request_done();
+        let first = i.request_duration().expect("done");
+        std::thread::yield_now();
+        i.request_done();
+        assert_eq!(i.request_duration(), Some(first));
+    }
+
+    #[test]
+    fn local_reply_details_are_envoys() {
+        let cases = [
+            (ProxyError::NoRoute, "route_not_found"),
+            (ProxyError::NoCluster("c".into()), "cluster_not_found"),
+            (
+                ProxyError::NoHealthyUpstream("c".into()),
+                "no_healthy_upstream",
+            ),
+            (ProxyError::Timeout, "upstream_response_timeout"),
+            (
+                ProxyError::RetriesExhausted(
+                    ProxyError::ConnectFailure("refused".into()).to_string(),
+                ),
+                "upstream_reset_before_response_started{connection_failure}",
+            ),
+            (
+                ProxyError::Overflow("c".into()),
+                "upstream_reset_before_response_started{overflow}",
+            ),
+            (
+                ProxyError::RbacDenied("filter 'rbac' policy ns[a]-policy[deny]".into()),
+                "rbac_access_denied_matched_policy[ns[a]-policy[deny]]",
+            ),
+            (
+                ProxyError::RbacDenied("filter 'rbac' policy (none matched)".into()),
+                "rbac_access_denied_matched_policy[none]",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(code_details(&e), want, "{e}");
+        }
+    }
+}

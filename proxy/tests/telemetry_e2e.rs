@@ -1,0 +1,565 @@
+//! Istio's standard metrics through the real waypoint (agent + proxy, istiod-lite's reference
+//! config, the sleep client's HBONE forwarder from the sleep pod's IP, the echo standing in for
+//! httpbin): after N requests, `istio_requests_total` with all 25 labels in Istio's order and a
+//! waypoint's values, the duration/size histograms, a 503 series with its response code, TCP
+//! counters from the TCP service port, on the proxy's admin, its `:15090` listener and the
+//! agent's merged `:15020` — and `promtool check metrics` accepts each exposition.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+mod common;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use waypoint_proto::resource::ResourceKind;
+use waypoint_testbed::{
+    hbone::{ForwarderConfig, HboneForwarder, PeerMatch},
+    istiod_lite::store::Resource,
+    waypoint::{MeshOptions, WAYPOINT_IDENTITY, WaypointMesh, http_get},
+};
+
+/// Requests sent for the 200 series.
+const N: usize = 5;
+/// Bound for metrics to show what was sent.
+const SCRAPE: Duration = Duration::from_secs(20);
+/// The TCP service port of the fixture.
+const TCP_PORT: u16 = 9000;
+
+const SOURCE: &str = "reporter=\"waypoint\",source_workload=\"sleep\",source_canonical_service=\"sleep\",\
+source_canonical_revision=\"latest\",source_workload_namespace=\"default\",\
+source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\",source_app=\"sleep\",\
+source_version=\"latest\",source_cluster=\"Kubernetes\"";
+const DESTINATION: &str = "destination_workload=\"httpbin\",destination_workload_namespace=\"default\",\
+destination_principal=\"spiffe://cluster.local/ns/default/sa/httpbin\",destination_app=\"httpbin\",\
+destination_version=\"v1\",destination_service=\"httpbin.default.svc.cluster.local\",\
+destination_canonical_service=\"httpbin\",destination_canonical_revision=\"v1\",\
+destination_service_name=\"httpbin\",destination_service_namespace=\"default\",\
+destination_cluster=\"Kubernetes\"";
+
+fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_BIN_EXE_proxy")).with_file_name("agent");
+    assert!(
+        p.is_file(),
+        "agent binary not found at {}: build it with `cargo build -p agent` or set AGENT_BIN",
+        p.display()
+    );
+    p
+}
+
+fn http_series(code: u16) -> String {
+    format!(
+        "{{{SOURCE},{DESTINATION},request_protocol=\"http\",response_code=\"{code}\",\
+grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"}}"
+    )
+}
+
+fn tcp_series() -> String {
+    format!(
+        "{{{SOURCE},{DESTINATION},request_protocol=\"tcp\",response_flags=\"-\",\
+connection_security_policy=\"mutual_tls\"}}"
+    )
+}
+
+/// The value of the sample `name{labels}` in an exposition.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn scrape(addr: SocketAddr, path: &str) -> String {
+    match http_get(addr, path).await {
+        Ok((200, body)) => body,
+        Ok((status, body)) => panic!("GET {addr}{path}: {status} {body}"),
+        Err(e) => panic!("GET {addr}{path}: {e}"),
+    }
+}
+
+/// Scrapes `addr` until `check` holds (bounded), returning the last body.
+async fn scrape_until(addr: SocketAddr, path: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + SCRAPE;
+    loop {
+        let body = scrape(addr, path).await;
+        if check(&body) || Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `promtool check metrics` on `text` (Debian's prometheus package; `.ci/run` installs it).
+fn promtool(what: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("promtool (apt install prometheus) is needed: {e}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(text.as_bytes()).expect("promtool stdin");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Naming-convention lints about names Envoy and Istio fixed (Envoy counters without
+    // `_total`, `istio_request_duration_milliseconds`, `envoy_server_days_until_first_cert_expiring`)
+    // are what dashboards query, so they stay; anything else (syntax, duplicate or missing TYPE,
+    // histogram shape, label problems) fails.
+    const NAMING_LINTS: &[&str] = &[
+        "counter metrics should have \"_total\" suffix",
+        "use base unit \"seconds\" instead of",
+    ];
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !NAMING_LINTS.iter().any(|n| l.contains(n)))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "promtool check metrics on {what}:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_metrics_through_the_waypoint() {
+    let options = MeshOptions::new(
+        "telemetry",
+        Path::new(env!("CARGO_BIN_EXE_proxy")),
+        &agent_bin(),
+    );
+    let mesh = match WaypointMesh::start(options).await {
+        Ok(m) => m,
+        Err(e) => panic!("the mesh did not start: {e}"),
+    };
+    if let Err(e) = mesh.wait_hbone_ready(Duration::from_secs(30)).await {
+        panic!("{e}");
+    }
+
+    // N successful requests and one 503 from the backend, over HTTP/1.1 through the forwarder.
+    for i in 0..N {
+        match http_get(mesh.client_addr(), "/get").await {
+            Ok((200, _)) => {}
+            other => panic!("request {i} through the waypoint: {other:?}"),
+        }
+    }
+    match http_get(mesh.client_addr(), "/status?x-echo-status=503").await {
+        Ok((503, _)) => {}
+        other => panic!("503 request through the waypoint: {other:?}"),
+    }
+
+    // A TCP connection through the TCP service port: an HTTP exchange carried as bytes.
+    let mut tcp = ForwarderConfig::new(
+        SocketAddr::V4(SocketAddrV4::new(mesh.addrs.client_ip, 0)),
+        mesh.addrs.waypoint_hbone(),
+        format!("{}:{TCP_PORT}", mesh.addrs.vip),
+        mesh.sleep.clone(),
+    );
+    tcp.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
+    tcp.pool.source_ip = Some(mesh.addrs.client_ip.into());
+    let forwarder = HboneForwarder::start(tcp).await.expect("TCP forwarder");
+    let request = b"GET /tcp HTTP/1.1\r\nhost: httpbin\r\nconnection: close\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(forwarder.addr)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+        .await
+        .expect("TCP exchange in time")
+        .expect("read");
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "TCP service port: {}",
+        String::from_utf8_lossy(&reply[..reply.len().min(200)])
+    );
+    drop(s);
+
+    let ok = http_series(200);
+    let failed = http_series(503);
+    let tcp_labels = tcp_series();
+    let admin = mesh.admin_addr();
+    let text = scrape_until(admin, "/stats/prometheus", |t| {
+        sample(t, "istio_requests_total", &ok) == Some(N as f64)
+            && sample(t, "istio_tcp_connections_closed_total", &tcp_labels) == Some(1.0)
+    })
+    .await;
+    let rq = |labels: &str| sample(&text, "istio_requests_total", labels);
+    assert_eq!(
+        rq(&ok),
+        Some(N as f64),
+        "istio_requests_total{ok} after {N} requests:\n{}",
+        istio_lines(&text)
+    );
+    assert_eq!(rq(&failed), Some(1.0), "{}", istio_lines(&text));
+    // Histograms: _count and the +Inf bucket equal N; buckets are cumulative.
+    let count = sample(&text, "istio_request_duration_milliseconds_count", &ok);
+    assert_eq!(count, Some(N as f64), "{}", istio_lines(&text));
+    let inf = ok.replacen('}', ",le=\"+Inf\"}", 1);
+    for h in [
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+    ] {
+        assert_eq!(
+            sample(&text, &format!("{h}_bucket"), &inf),
+            Some(N as f64),
+            "{h}: {}",
+            istio_lines(&text)
+        );
+        let sum = sample(&text, &format!("{h}_sum"), &ok).unwrap_or(-1.0);
+        assert!(sum >= 0.0, "{h}_sum missing");
+    }
+    // Each request carried at least its request line and Host header; each response a body.
+    assert!(sample(&text, "istio_request_bytes_sum", &ok).unwrap_or(0.0) >= (N * 30) as f64);
+    assert!(sample(&text, "istio_response_bytes_sum", &ok).unwrap_or(0.0) >= (N * 100) as f64);
+    // TCP: one connection opened and closed, bytes both ways.
+    for (m, at_least) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_connections_closed_total", 1.0),
+        ("istio_tcp_received_bytes_total", request.len() as f64),
+        ("istio_tcp_sent_bytes_total", reply.len() as f64),
+    ] {
+        let v = sample(&text, m, &tcp_labels).unwrap_or(-1.0);
+        assert!(
+            v >= at_least,
+            "{m}{tcp_labels} = {v}:\n{}",
+            istio_lines(&text)
+        );
+    }
+    assert!(
+        text.contains("istio_build{component=\"proxy\",tag=\""),
+        "istio_build missing"
+    );
+    promtool("the proxy's /stats/prometheus", &text);
+
+    // The same through the :15090 listener and the agent's merged :15020 scrape.
+    for (what, addr) in [
+        (
+            "the proxy's :15090",
+            SocketAddr::from(([127, 0, 0, 1], mesh.ports.prometheus)),
+        ),
+        (
+            "the agent's :15020",
+            SocketAddr::from(([127, 0, 0, 1], mesh.ports.status)),
+        ),
+    ] {
+        let body = scrape(addr, "/stats/prometheus").await;
+        assert_eq!(
+            sample(&body, "istio_requests_total", &ok),
+            Some(N as f64),
+            "{what}:\n{}",
+            istio_lines(&body)
+        );
+        promtool(what, &body);
+    }
+
+    // Telemetry API overrides, pushed by istiod as a new `main_internal`: `tagOverrides`
+    // REMOVE source_principal, and two dimensions (a new tag per expression, in tag order).
+    let dump = mesh
+        .config_dump("resource=dynamic_listeners")
+        .await
+        .expect("config_dump");
+    let mut listener = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["active_state"]["listener"].clone())
+        .find(|l| l["name"] == "main_internal")
+        .expect("main_internal in the config dump");
+    let mut patched = 0;
+    for chain in listener["filter_chains"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        for f in chain["filters"].as_array_mut().into_iter().flatten() {
+            let Some(filters) = f
+                .get_mut("typed_config")
+                .and_then(|t| t.get_mut("http_filters"))
+                .and_then(|v| v.as_array_mut())
+            else {
+                continue;
+            };
+            for hf in filters {
+                if hf["name"] == "istio.stats" {
+                    hf["typed_config"]["metrics"] = serde_json::json!([{
+                        "name": "requests_total",
+                        "tags_to_remove": ["source_principal"],
+                        "dimensions": {
+                            "request_host": "request.host",
+                            "destination_port": "string(destination.port)"
+                        }
+                    }]);
+                    patched += 1;
+                }
+            }
+        }
+    }
+    assert!(patched > 0, "no istio.stats filter in main_internal");
+    // The dump holds it as an Any; istiod-lite takes the message itself.
+    if let Some(m) = listener.as_object_mut() {
+        m.remove("@type");
+    }
+    let resource = Resource::from_json(ResourceKind::Listener, &listener).expect("resource");
+    let version = resource.version.clone();
+    mesh.istiod.store.push(resource).await;
+    // Applied: main_internal's active version is the pushed one (a NACK would leave it).
+    let deadline = Instant::now() + SCRAPE;
+    loop {
+        let dump = mesh
+            .config_dump("resource=dynamic_listeners")
+            .await
+            .expect("config_dump");
+        let entry = dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "main_internal")
+            .cloned()
+            .unwrap_or_default();
+        if entry["active_state"]["version_info"] == version.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "main_internal version {version} not applied: error_state {}",
+            entry["error_state"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        let (status, _) = raw_get(
+            mesh.client_addr(),
+            "/headers",
+            "httpbin.default.svc.cluster.local:8000",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let overridden = format!(
+        "{{{},{DESTINATION},request_protocol=\"http\",response_code=\"200\",\
+grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutual_tls\",\
+destination_port=\"8000\",request_host=\"httpbin.default.svc.cluster.local:8000\"}}",
+        SOURCE.replace(
+            ",source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+            ""
+        )
+    );
+    let text = scrape_until(admin, "/stats/prometheus", |t| {
+        sample(t, "istio_requests_total", &overridden) == Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "istio_requests_total", &overridden),
+        Some(2.0),
+        "overridden series {overridden}:\n{}",
+        istio_lines(&text)
+    );
+    // The earlier series stay as they were; the duration histogram keeps the standard labels.
+    assert_eq!(sample(&text, "istio_requests_total", &ok), Some(N as f64));
+    promtool("the proxy's /stats/prometheus with overrides", &text);
+}
+
+/// GET `path` with `Host: host` on a fresh connection: (status, body).
+async fn raw_get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+fn istio_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total") || l.starts_with("istio_tcp"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A static bootstrap: one HTTP listener (h2c) with `fault` and `istio.stats` in front of the
+/// gRPC echo (HTTP/2 upstream), with a route that aborts calls with gRPC status 14.
+fn grpc_bootstrap(listen: u16, admin: u16, grpc: u16) -> serde_json::Value {
+    serde_json::json!({
+        "node": {"id": "telemetry-grpc", "cluster": "test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "grpc_in",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "grpc_in",
+                        "codec_type": "AUTO",
+                        "route_config": {"name": "r", "virtual_hosts": [{
+                            "name": "echo", "domains": ["*"],
+                            "routes": [
+                                {"match": {"prefix": "/waypoint.echo.v1.EchoService/EchoStream"},
+                                 "route": {"cluster": "echo", "timeout": "0s"},
+                                 "typed_per_filter_config": {"envoy.filters.http.fault": {
+                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                                     "abort": {"grpc_status": 14, "percentage": {"numerator": 100}}}}},
+                                {"match": {"prefix": "/"}, "route": {"cluster": "echo", "timeout": "0s"}}
+                            ]}]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.fault", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+                            {"name": "istio.stats", "typed_config": {
+                                "@type": "type.googleapis.com/stats.PluginConfig",
+                                "disable_host_header_fallback": true, "reporter": "SERVER_GATEWAY"}},
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [{
+                "name": "echo",
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "metadata": {"filter_metadata": {"istio": {"services": [
+                    {"host": "echo.default.svc.cluster.local", "name": "echo", "namespace": "default"}]}}},
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+                "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": grpc}}}}]}]}
+            }]
+        }
+    })
+}
+
+/// One unary gRPC call over h2c: (HTTP status, grpc-status from trailers or headers).
+async fn grpc_call(addr: SocketAddr, method: &str, message: &[u8]) -> (u16, Option<String>) {
+    use http_body_util::BodyExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://echo.default.svc.cluster.local{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let header_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailer_status = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, trailer_status.or(header_status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_report_protocol_and_status() {
+    let echo = waypoint_testbed::echo::EchoServer::bind(&waypoint_testbed::echo::EchoConfig {
+        name: "grpc-echo".into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: Some("127.0.0.1:0".parse().expect("addr")),
+    })
+    .await
+    .expect("echo");
+    let grpc_port = echo.grpc_addr().expect("grpc port").port();
+    tokio::spawn(echo.run());
+    let (listen, admin) = (common::free_port(), common::free_port());
+    let dir = common::temp_dir("telemetry-grpc");
+    let proxy = common::Proxy::start(&dir, &grpc_bootstrap(listen, admin, grpc_port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], listen));
+    let deadline = Instant::now() + SCRAPE;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy not listening:\n{}",
+            proxy.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const ECHO: &str = "/waypoint.echo.v1.EchoService/Echo";
+    // OK, a status the backend fails with (EchoRequest.status_code = 5), and a fault abort.
+    assert_eq!(grpc_call(addr, ECHO, &[]).await, (200, Some("0".into())));
+    assert_eq!(
+        grpc_call(addr, ECHO, &[0x18, 5]).await,
+        (200, Some("5".into()))
+    );
+    assert_eq!(
+        grpc_call(addr, "/waypoint.echo.v1.EchoService/EchoStream", &[]).await,
+        (200, Some("14".into()))
+    );
+    let series = |grpc: &str, flags: &str| {
+        format!(
+            "{{reporter=\"waypoint\",source_workload=\"unknown\",source_canonical_service=\"unknown\",\
+source_canonical_revision=\"latest\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",\
+source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"unknown\",\
+destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",destination_app=\"unknown\",\
+destination_version=\"unknown\",destination_service=\"echo.default.svc.cluster.local\",\
+destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",\
+destination_service_name=\"echo\",destination_service_namespace=\"default\",destination_cluster=\"unknown\",\
+request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"{grpc}\",response_flags=\"{flags}\",\
+connection_security_policy=\"none\"}}"
+        )
+    };
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let text = scrape_until(admin_addr, "/stats/prometheus", |t| {
+        sample(t, "istio_requests_total", &series("14", "FI")) == Some(1.0)
+    })
+    .await;
+    for (grpc, flags) in [("0", "-"), ("5", "-"), ("14", "FI")] {
+        assert_eq!(
+            sample(&text, "istio_requests_total", &series(grpc, flags)),
+            Some(1.0),
+            "grpc-status {grpc}:\n{}\n{}",
+            istio_lines(&text),
+            proxy.log_tail()
+        );
+    }
+    promtool("the proxy's /stats/prometheus (gRPC)", &text);
+}
