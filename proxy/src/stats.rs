@@ -116,6 +116,99 @@ impl Stats {
     }
 }
 
+/// Counters by response code, as Envoy keeps them per cluster (`upstream_rq_200`,
+/// `upstream_rq_2xx`, `upstream_rq_completed`) and per HCM (`downstream_rq_2xx`): the class
+/// counters are fixed handles, an exact code's handle is made on first use and cached (a read lock
+/// of this set of codes, never the registry's, on the request path).
+pub struct CodeStats {
+    prefix: String,
+    classes: [Arc<Stat>; 5],
+    completed: Arc<Stat>,
+    exact: RwLock<BTreeMap<u16, Arc<Stat>>>,
+    /// Also count exact codes (clusters do; HCMs count classes only).
+    by_code: bool,
+}
+
+impl std::fmt::Debug for CodeStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeStats")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CodeStats {
+    /// The counters `<prefix>_<code>`, `<prefix>_<N>xx` and `<prefix>_completed` in `s`.
+    pub fn new(s: &Stats, prefix: &str) -> CodeStats {
+        let class = |n: u8| s.counter(&format!("{prefix}_{n}xx"));
+        CodeStats {
+            prefix: prefix.to_owned(),
+            classes: [class(1), class(2), class(3), class(4), class(5)],
+            completed: s.counter(&format!("{prefix}_completed")),
+            exact: RwLock::default(),
+            by_code: true,
+        }
+    }
+
+    /// Class counters and `_completed` only (Envoy's HCM `downstream_rq_<N>xx`).
+    pub fn classes_only(s: &Stats, prefix: &str) -> CodeStats {
+        CodeStats {
+            by_code: false,
+            ..CodeStats::new(s, prefix)
+        }
+    }
+
+    /// Counts one response with `code` (`registry` makes an exact code's counter the first time).
+    pub fn record(&self, registry: &Stats, code: u16) {
+        self.completed.inc();
+        if let Some(c) = (code / 100)
+            .checked_sub(1)
+            .and_then(|i| self.classes.get(usize::from(i)))
+        {
+            c.inc();
+        }
+        if !self.by_code {
+            return;
+        }
+        let cached = self.exact.read().ok().and_then(|m| m.get(&code).cloned());
+        let stat = match cached {
+            Some(s) => s,
+            None => {
+                let s = registry.counter(&format!("{}_{code}", self.prefix));
+                if let Ok(mut m) = self.exact.write() {
+                    m.insert(code, s.clone());
+                }
+                s
+            }
+        };
+        stat.inc();
+    }
+}
+
+/// An HCM's request counters (Envoy's `http.<stat_prefix>.downstream_rq_*`), looked up once per
+/// connection.
+#[derive(Debug)]
+pub struct HcmStats {
+    /// `downstream_rq_total`.
+    pub rq_total: Arc<Stat>,
+    /// `downstream_rq_active`.
+    pub rq_active: Arc<Stat>,
+    /// `downstream_rq_<N>xx`, `downstream_rq_completed`.
+    pub codes: CodeStats,
+}
+
+impl HcmStats {
+    /// The counters of the HCM with `stat_prefix` in `s`.
+    pub fn new(s: &Stats, stat_prefix: &str) -> HcmStats {
+        let p = format!("http.{stat_prefix}.downstream_rq");
+        HcmStats {
+            rq_total: s.counter(&format!("{p}_total")),
+            rq_active: s.gauge(&format!("{p}_active")),
+            codes: CodeStats::classes_only(s, &p),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +232,31 @@ mod tests {
             )
         );
         assert_eq!(snap[1], ("server.state".to_owned(), Kind::Gauge, 0, false));
+    }
+
+    #[test]
+    fn response_codes_count_by_code_class_and_total() {
+        let stats = Stats::default();
+        let codes = CodeStats::new(&stats, "cluster.c.upstream_rq");
+        for code in [200, 200, 503, 0] {
+            codes.record(&stats, code);
+        }
+        let get = |n: &str| {
+            stats
+                .snapshot()
+                .into_iter()
+                .find(|(name, ..)| name == n)
+                .map(|(_, _, v, _)| v)
+        };
+        assert_eq!(get("cluster.c.upstream_rq_200"), Some(2));
+        assert_eq!(get("cluster.c.upstream_rq_2xx"), Some(2));
+        assert_eq!(get("cluster.c.upstream_rq_503"), Some(1));
+        assert_eq!(get("cluster.c.upstream_rq_5xx"), Some(1));
+        assert_eq!(get("cluster.c.upstream_rq_completed"), Some(4));
+        assert_eq!(get("cluster.c.upstream_rq_4xx"), Some(0));
+        let hcm = CodeStats::classes_only(&stats, "http.p.downstream_rq");
+        hcm.record(&stats, 404);
+        assert_eq!(get("http.p.downstream_rq_4xx"), Some(1));
+        assert_eq!(get("http.p.downstream_rq_404"), None);
     }
 }

@@ -6,7 +6,7 @@
 //! agent's merged `:15020` — and `promtool check metrics` accepts each exposition.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -16,9 +16,8 @@ mod common;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use waypoint_proto::resource::ResourceKind;
 use waypoint_testbed::{
-    hbone::{ForwarderConfig, HboneForwarder, PeerMatch},
     istiod_lite::store::Resource,
-    waypoint::{MeshOptions, WAYPOINT_IDENTITY, WaypointMesh, http_get},
+    waypoint::{MeshOptions, WaypointMesh, http_get},
 };
 
 /// Requests sent for the 200 series.
@@ -40,16 +39,7 @@ destination_service_name=\"httpbin\",destination_service_namespace=\"default\",\
 destination_cluster=\"Kubernetes\"";
 
 fn agent_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_BIN_EXE_proxy")).with_file_name("agent");
-    assert!(
-        p.is_file(),
-        "agent binary not found at {}: build it with `cargo build -p agent` or set AGENT_BIN",
-        p.display()
-    );
-    p
+    waypoint_testbed::waypoint::agent_beside(Path::new(env!("CARGO_BIN_EXE_proxy")))
 }
 
 fn http_series(code: u16) -> String {
@@ -123,6 +113,8 @@ fn promtool(what: &str, text: &str) {
     const NAMING_LINTS: &[&str] = &[
         "counter metrics should have \"_total\" suffix",
         "use base unit \"seconds\" instead of",
+        // Envoy's `membership_total` gauge.
+        "non-counter metrics should not have \"_total\" suffix",
     ];
     let problems: Vec<&str> = report
         .lines()
@@ -164,15 +156,10 @@ async fn istio_metrics_through_the_waypoint() {
     }
 
     // A TCP connection through the TCP service port: an HTTP exchange carried as bytes.
-    let mut tcp = ForwarderConfig::new(
-        SocketAddr::V4(SocketAddrV4::new(mesh.addrs.client_ip, 0)),
-        mesh.addrs.waypoint_hbone(),
-        format!("{}:{TCP_PORT}", mesh.addrs.vip),
-        mesh.sleep.clone(),
-    );
-    tcp.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
-    tcp.pool.source_ip = Some(mesh.addrs.client_ip.into());
-    let forwarder = HboneForwarder::start(tcp).await.expect("TCP forwarder");
+    let forwarder = mesh
+        .service_forwarder(TCP_PORT)
+        .await
+        .expect("TCP forwarder");
     let request = b"GET /tcp HTTP/1.1\r\nhost: httpbin\r\nconnection: close\r\n\r\n";
     let mut s = tokio::net::TcpStream::connect(forwarder.addr)
         .await
@@ -247,6 +234,52 @@ async fn istio_metrics_through_the_waypoint() {
         "istio_build missing"
     );
     promtool("the proxy's /stats/prometheus", &text);
+
+    // Envoy's own names for the same traffic (what operators grep in /stats).
+    let (_, stats) = mesh.admin_get("/stats").await.expect("/stats");
+    let stat = |name: &str| -> Option<u64> {
+        stats.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let cluster = "cluster.inbound-vip|8000|http|httpbin.default.svc.cluster.local;";
+    for (name, want) in [
+        (format!("{cluster}.upstream_rq_200"), N as u64),
+        (format!("{cluster}.upstream_rq_2xx"), N as u64),
+        (format!("{cluster}.upstream_rq_503"), 1),
+        (format!("{cluster}.upstream_rq_completed"), N as u64 + 1),
+        (format!("{cluster}.membership_total"), 1),
+        (format!("{cluster}.membership_healthy"), 1),
+        (
+            "http.inbound_0.0.0.0_8000;.downstream_rq_2xx".to_owned(),
+            N as u64,
+        ),
+        ("http.inbound_0.0.0.0_8000;.downstream_rq_5xx".to_owned(), 1),
+        (
+            "http.inbound_0.0.0.0_8000;.downstream_rq_total".to_owned(),
+            N as u64 + 1,
+        ),
+        (
+            "http.inbound_0.0.0.0_8000;.downstream_rq_active".to_owned(),
+            0,
+        ),
+        // Every CONNECT (the HTTP requests' and the TCP connection's) got its tunnel.
+        (
+            "http.connect_terminate.downstream_rq_2xx".to_owned(),
+            N as u64 + 2,
+        ),
+    ] {
+        assert_eq!(stat(&name), Some(want), "{name}");
+    }
+    assert!(
+        stat("cluster_manager.cds.version").unwrap_or(0) > 0,
+        "cluster_manager.cds.version"
+    );
+    assert!(stat("listener_manager.lds.version").unwrap_or(0) > 0);
 
     // The same through the :15090 listener and the agent's merged :15020 scrape.
     for (what, addr) in [
@@ -424,7 +457,7 @@ fn grpc_bootstrap(listen: u16, admin: u16, grpc: u16) -> serde_json::Value {
                         "route_config": {"name": "r", "virtual_hosts": [{
                             "name": "echo", "domains": ["*"],
                             "routes": [
-                                {"match": {"prefix": "/waypoint.echo.v1.EchoService/EchoStream"},
+                                {"match": {"prefix": "/waypoint.echo.v1.EchoService/EchoBidi"},
                                  "route": {"cluster": "echo", "timeout": "0s"},
                                  "typed_per_filter_config": {"envoy.filters.http.fault": {
                                      "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
@@ -524,14 +557,19 @@ async fn grpc_calls_report_protocol_and_status() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     const ECHO: &str = "/waypoint.echo.v1.EchoService/Echo";
-    // OK, a status the backend fails with (EchoRequest.status_code = 5), and a fault abort.
+    // OK (unary, and server streaming with EchoRequest.reply_count = 3), a status the backend
+    // fails with (EchoRequest.status_code = 5), and a fault abort.
     assert_eq!(grpc_call(addr, ECHO, &[]).await, (200, Some("0".into())));
+    assert_eq!(
+        grpc_call(addr, "/waypoint.echo.v1.EchoService/EchoStream", &[0x28, 3]).await,
+        (200, Some("0".into()))
+    );
     assert_eq!(
         grpc_call(addr, ECHO, &[0x18, 5]).await,
         (200, Some("5".into()))
     );
     assert_eq!(
-        grpc_call(addr, "/waypoint.echo.v1.EchoService/EchoStream", &[]).await,
+        grpc_call(addr, "/waypoint.echo.v1.EchoService/EchoBidi", &[]).await,
         (200, Some("14".into()))
     );
     let series = |grpc: &str, flags: &str| {
@@ -552,14 +590,26 @@ connection_security_policy=\"none\"}}"
         sample(t, "istio_requests_total", &series("14", "FI")) == Some(1.0)
     })
     .await;
-    for (grpc, flags) in [("0", "-"), ("5", "-"), ("14", "FI")] {
+    for (grpc, flags, calls) in [("0", "-", 2.0), ("5", "-", 1.0), ("14", "FI", 1.0)] {
         assert_eq!(
             sample(&text, "istio_requests_total", &series(grpc, flags)),
-            Some(1.0),
+            Some(calls),
             "grpc-status {grpc}:\n{}\n{}",
             istio_lines(&text),
             proxy.log_tail()
         );
     }
+    // Messages: the two OK calls sent one request message each and got 1 + 3 replies.
+    let ok = series("0", "-");
+    assert_eq!(
+        sample(&text, "istio_request_messages_total", &ok),
+        Some(2.0),
+        "{}",
+        istio_lines(&text)
+    );
+    assert_eq!(
+        sample(&text, "istio_response_messages_total", &ok),
+        Some(4.0)
+    );
     promtool("the proxy's /stats/prometheus (gRPC)", &text);
 }

@@ -78,16 +78,7 @@ const OVERSIZED_HEADER: usize = 100 * 1024;
 const HOST: &str = "httpbin.default.svc.cluster.local:8000";
 
 fn agent_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_BIN_EXE_proxy")).with_file_name("agent");
-    assert!(
-        p.is_file(),
-        "agent binary not found at {}: build it with `cargo build -p agent` or set AGENT_BIN",
-        p.display()
-    );
-    p
+    waypoint_testbed::waypoint::agent_beside(Path::new(env!("CARGO_BIN_EXE_proxy")))
 }
 
 /// A mesh whose agent is ready.

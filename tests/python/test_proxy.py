@@ -307,6 +307,8 @@ ENVOY_NAMING_LINT = [
     re.compile(r'^envoy_server_days_until_first_cert_expiring use base unit "seconds" instead of "days"$'),
     # Istio's standard metric name (Kiali and the Grafana dashboards query it).
     re.compile(r'^istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds"$'),
+    # Envoy's cluster.<name>.membership_total is a gauge.
+    re.compile(r'^envoy_cluster_membership_total non-counter metrics should not have "_total" suffix$'),
 ]
 
 

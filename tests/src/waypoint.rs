@@ -93,6 +93,21 @@ use crate::{
     istiod_lite::{Config, IstiodLite, StartError, mint_token, store::LoadError},
 };
 
+/// The agent binary: `AGENT_BIN`, else the `agent` beside `proxy_bin` (one `cargo build` target
+/// dir). Panics with how to build it when it is missing.
+pub fn agent_beside(proxy_bin: &Path) -> PathBuf {
+    if let Ok(p) = std::env::var("AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = proxy_bin.with_file_name("agent");
+    assert!(
+        p.is_file(),
+        "agent binary not found at {}: build it with `cargo build -p agent` or set AGENT_BIN",
+        p.display()
+    );
+    p
+}
+
 /// The fixture template (placeholders `${WAYPOINT_IP}`, `${VIP}`, `${POD_IP}`, `${POD_IP_B64}`,
 /// `${CLIENT_IP_B64}`, `${CLIENT_IP}`).
 pub const FIXTURE_TEMPLATE: &str = include_str!("../fixtures/mesh/waypoint.yaml");
@@ -876,6 +891,21 @@ impl WaypointMesh {
             self.sleep.clone(),
         );
         config.expect_peer = PeerMatch::Exact(HTTPBIN_IDENTITY.to_owned());
+        Ok(HboneForwarder::start(config).await?)
+    }
+
+    /// Another client-side forwarder through the waypoint: `CLIENT_IP:<free>` → waypoint, authority
+    /// `VIP:<port>`, as sleep from the client pod's IP, accepting only the waypoint identity (a
+    /// second service port, e.g. the fixture's TCP port 9000).
+    pub async fn service_forwarder(&self, port: u16) -> Result<HboneForwarder, MeshError> {
+        let mut config = ForwarderConfig::new(
+            SocketAddr::V4(SocketAddrV4::new(self.addrs.client_ip, 0)),
+            self.addrs.waypoint_hbone(),
+            format!("{}:{port}", self.addrs.vip),
+            self.sleep.clone(),
+        );
+        config.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
+        config.pool.source_ip = Some(self.addrs.client_ip.into());
         Ok(HboneForwarder::start(config).await?)
     }
 

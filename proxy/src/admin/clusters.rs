@@ -288,6 +288,31 @@ fn thresholds(c: &Cluster, priority: RoutingPriority) -> Thresholds {
     }
 }
 
+/// Per cluster (its stat name): hosts in total, healthy (neither EDS-unhealthy nor ejected) and
+/// degraded, for Envoy's `membership_total` / `membership_healthy` / `membership_degraded`.
+pub fn membership(admin: &Admin) -> Vec<(String, u64, u64, u64)> {
+    cluster_views(admin)
+        .iter()
+        .map(|v| {
+            let mut healthy = 0;
+            let mut degraded = 0;
+            for h in &v.hosts {
+                match health_flags(h).as_str() {
+                    "healthy" => healthy += 1,
+                    "/degraded_eds_health" => degraded += 1,
+                    _ => {}
+                }
+            }
+            (
+                observability_name(&v.cluster),
+                v.hosts.len() as u64,
+                healthy,
+                degraded,
+            )
+        })
+        .collect()
+}
+
 fn observability_name(c: &Cluster) -> String {
     if c.alt_stat_name.is_empty() {
         c.name.clone()

@@ -230,6 +230,17 @@ pub fn refresh(admin: &Admin) {
             .gauge("listener_manager.total_listeners_draining")
             .set(0);
     }
+    for (name, total, healthy, degraded) in super::clusters::membership(admin) {
+        stats
+            .gauge(&format!("cluster.{name}.membership_total"))
+            .set(total);
+        stats
+            .gauge(&format!("cluster.{name}.membership_healthy"))
+            .set(healthy);
+        stats
+            .gauge(&format!("cluster.{name}.membership_degraded"))
+            .set(degraded);
+    }
     if let Some(days) = super::certs::days_until_first_expiring(&admin.secrets) {
         stats
             .gauge("server.days_until_first_cert_expiring")

@@ -42,6 +42,7 @@ use crate::{
         BoxIo, ConnContext, ConnValues, FilterState, StateObject, apply_set_filter_state,
     },
     rbac::{self, RbacInput, TlsPeer},
+    stats::HcmStats,
     upstream::connect::Origin,
 };
 
@@ -98,7 +99,13 @@ pub async fn serve(
             peer_identity: ctx.tls.as_ref().and_then(|t| t.peer_uri_san.clone()),
             local_identity: ctx.tls.as_ref().and_then(|t| t.local_uri_san.clone()),
         };
-        let handler = Arc::new(ConnectTerminate { dp, ctx, hcm });
+        let stats = Arc::new(HcmStats::new(&dp.server.stats, &hcm.stat_prefix));
+        let handler = Arc::new(ConnectTerminate {
+            dp,
+            ctx,
+            hcm,
+            stats,
+        });
         if let Err(e) = serve_connection(io, info, &settings, handler, drain).await {
             tracing::debug!(target: "http", "CONNECT connection ended: {e}");
         }
@@ -147,9 +154,17 @@ pub async fn serve(
             }
         }
     }
+    let stats = Arc::new(HcmStats::new(&dp.server.stats, &hcm.stat_prefix));
     let service = hyper::service::service_fn(move |req| {
-        let (dp, ctx, hcm) = (dp.clone(), ctx.clone(), hcm.clone());
-        async move { Ok::<_, Infallible>(handle(dp, ctx, hcm, req).await) }
+        let (dp, ctx, hcm, stats) = (dp.clone(), ctx.clone(), hcm.clone(), stats.clone());
+        async move {
+            stats.rq_total.inc();
+            let active = ActiveRequest::new(&stats.rq_active);
+            let resp = handle(dp.clone(), ctx, hcm, req).await;
+            stats.codes.record(&dp.server.stats, resp.status().as_u16());
+            drop(active);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -442,6 +457,7 @@ async fn handle(
     let info = stream_info::StreamInfo::new(stream_info::Observe {
         details: logs || dims,
         request_headers: logs || dims_read_request,
+        grpc_messages: labels.is_some() && stream_info::is_grpc(req.headers()),
     });
     if req.body().is_end_stream() {
         info.request_done();
@@ -607,20 +623,46 @@ struct ConnectTerminate {
     dp: Arc<DataPlane>,
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
+    stats: Arc<HcmStats>,
 }
 
 impl ConnectHandler for ConnectTerminate {
     fn connect(&self, req: ConnectRequest) -> Pin<Box<dyn Future<Output = Decision> + Send>> {
         let (dp, ctx, hcm) = (self.dp.clone(), self.ctx.clone(), self.hcm.clone());
+        let stats = self.stats.clone();
         Box::pin(async move {
-            match connect_stream(&dp, &ctx, &hcm, req).await {
+            stats.rq_total.inc();
+            let decision = match connect_stream(&dp, &ctx, &hcm, req).await {
                 Ok(io) => Decision::Tunnel(io),
                 Err(e) => {
                     tracing::debug!(target: "http", flag = %e.flag(), "CONNECT refused: {e}");
                     Decision::Refuse(e.status(), e.flag().short())
                 }
-            }
+            };
+            let code = match &decision {
+                Decision::Tunnel(_) => 200,
+                Decision::Refuse(status, _) => status.as_u16(),
+            };
+            stats.codes.record(&dp.server.stats, code);
+            decision
         })
+    }
+}
+
+/// Holds one count in `downstream_rq_active` while a request is handled (a guard, so a request
+/// the client abandons does not stay counted).
+struct ActiveRequest(Arc<crate::stats::Stat>);
+
+impl ActiveRequest {
+    fn new(gauge: &Arc<crate::stats::Stat>) -> Self {
+        gauge.add(1);
+        ActiveRequest(gauge.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

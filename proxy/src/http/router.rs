@@ -647,6 +647,7 @@ pub async fn forward(
         let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
         let (next_req, failure) = match outcome {
             Ok(r) => {
+                rt.stats.codes.record(&dp.server.stats, r.status().as_u16());
                 let wants =
                     policy.is_some_and(|p| retry::retriable_response(p, r.status(), r.headers()));
                 if !wants || !retry_left {

@@ -119,6 +119,8 @@ pub struct Observe {
     /// Keep a copy of the request head (after the HCM's own header changes: `x-request-id`,
     /// `x-forwarded-for`), for access logs' `%REQ(..)%` and metric dimensions on request headers.
     pub request_headers: bool,
+    /// Count gRPC messages both ways (a gRPC stream under `istio.stats`).
+    pub grpc_messages: bool,
 }
 
 /// What the connection manager learnt about a stream, for access logs.
@@ -150,6 +152,8 @@ pub struct StreamInfo {
     /// The upstream side.
     pub upstream: UpstreamSlot,
     request_body_bytes: AtomicU64,
+    /// gRPC messages received ([`Observe::grpc_messages`]).
+    request_messages: AtomicU64,
     /// Nanoseconds from `started` to the request's last byte, plus one (0: not yet).
     request_done: AtomicU64,
     observe: Observe,
@@ -164,6 +168,7 @@ impl StreamInfo {
             started_at: SystemTime::now(),
             upstream: UpstreamSlot::default(),
             request_body_bytes: AtomicU64::new(0),
+            request_messages: AtomicU64::new(0),
             request_done: AtomicU64::new(0),
             observe,
             details: Mutex::new(StreamDetails::default()),
@@ -335,6 +340,10 @@ pub fn count_request_body(body: Body, info: &Arc<StreamInfo>) -> Body {
     http_body_util::combinators::BoxBody::new(CountedBody {
         inner: body,
         info: info.clone(),
+        frames: info
+            .observe
+            .grpc_messages
+            .then(crate::telemetry::grpc::GrpcFrames::default),
     })
 }
 
@@ -342,6 +351,7 @@ pub fn count_request_body(body: Body, info: &Arc<StreamInfo>) -> Body {
 struct CountedBody {
     inner: Body,
     info: Arc<StreamInfo>,
+    frames: Option<crate::telemetry::grpc::GrpcFrames>,
 }
 
 impl HttpBody for CountedBody {
@@ -359,6 +369,10 @@ impl HttpBody for CountedBody {
                     self.info
                         .request_body_bytes
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    let counted = self.frames.as_mut().map(|g| g.feed(d));
+                    if let Some(n) = counted {
+                        self.info.request_messages.store(n, Ordering::Relaxed);
+                    }
                 }
                 if self.inner.is_end_stream() {
                     self.info.request_done();
@@ -516,6 +530,8 @@ struct Ending {
     body_bytes: u64,
     headers: Option<HeaderMap>,
     trailers: Option<HeaderMap>,
+    /// gRPC messages sent, when counted.
+    response_messages: Option<u64>,
 }
 
 impl Reporter {
@@ -561,6 +577,9 @@ impl Reporter {
                     duration_ms: self.info.started.elapsed().as_millis() as u64,
                     request_bytes: self.request_header_bytes + self.info.request_body_bytes(),
                     response_bytes: end.response_bytes,
+                    messages: end
+                        .response_messages
+                        .map(|rs| (self.info.request_messages.load(Ordering::Relaxed), rs)),
                 },
             );
         }
@@ -613,6 +632,8 @@ pub struct ObservedBody {
     /// Kept for access logs only.
     headers: Option<HeaderMap>,
     trailers: Option<HeaderMap>,
+    /// gRPC messages sent, for a gRPC stream under `istio.stats`.
+    frames: Option<crate::telemetry::grpc::GrpcFrames>,
 }
 
 impl ObservedBody {
@@ -629,7 +650,13 @@ impl ObservedBody {
                 .is_some_and(|l| l.plan.reads_response_headers()))
         .then(|| resp.headers().clone());
         let (parts, inner) = resp.into_parts();
+        let frames = reporter
+            .info
+            .observe
+            .grpc_messages
+            .then(crate::telemetry::grpc::GrpcFrames::default);
         let body = ObservedBody {
+            frames,
             inner,
             reporter: Some(reporter),
             code,
@@ -657,6 +684,7 @@ impl ObservedBody {
                 body_bytes: self.body_sent,
                 headers: self.headers.take(),
                 trailers: self.trailers.take(),
+                response_messages: self.frames.as_ref().map(|g| g.count()),
             });
         }
     }
@@ -676,6 +704,9 @@ impl HttpBody for ObservedBody {
                 if let Some(d) = f.data_ref() {
                     self.sent += d.len() as u64;
                     self.body_sent += d.len() as u64;
+                    if let Some(g) = self.frames.as_mut() {
+                        g.feed(d);
+                    }
                 } else if let Some(t) = f.trailers_ref() {
                     self.sent += header_bytes(t);
                     if let Some(s) = grpc_status(t) {
@@ -749,6 +780,7 @@ mod tests {
         let headers_only = StreamInfo::new(Observe {
             details: false,
             request_headers: true,
+            grpc_messages: false,
         });
         headers_only.capture_request(&parts);
         headers_only.note(|d| d.route_name = Some("r".into()));
@@ -762,6 +794,7 @@ mod tests {
         let on = StreamInfo::new(Observe {
             details: true,
             request_headers: true,
+            grpc_messages: false,
         });
         on.local_reply(&ProxyError::ConnectFailure("connection refused".into()));
         on.with_details(|d| {
@@ -792,6 +825,7 @@ mod tests {
         let i = StreamInfo::new(Observe {
             details: true,
             request_headers: false,
+            grpc_messages: false,
         });
         assert_eq!(i.request_duration(), None);
         i.request_done();

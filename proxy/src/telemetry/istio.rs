@@ -112,6 +112,9 @@ impl ServiceLabels {
     }
 }
 
+/// Number of [`Metric`]s.
+pub const METRICS: usize = 10;
+
 /// The metrics `istio.stats` emits, in Istio's naming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Metric {
@@ -131,6 +134,10 @@ pub enum Metric {
     TcpSent,
     /// `istio_tcp_received_bytes_total`.
     TcpReceived,
+    /// `istio_request_messages_total` (gRPC).
+    RequestMessages,
+    /// `istio_response_messages_total` (gRPC).
+    ResponseMessages,
 }
 
 impl Metric {
@@ -142,7 +149,7 @@ impl Metric {
     ];
 
     /// Every metric.
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; METRICS] = [
         Metric::RequestsTotal,
         Metric::RequestDuration,
         Metric::RequestBytes,
@@ -151,6 +158,8 @@ impl Metric {
         Metric::TcpClosed,
         Metric::TcpSent,
         Metric::TcpReceived,
+        Metric::RequestMessages,
+        Metric::ResponseMessages,
     ];
 
     /// The name in `stats.PluginConfig.metrics[].name` (Istio's without the `istio_` prefix).
@@ -164,6 +173,8 @@ impl Metric {
             Metric::TcpClosed => "tcp_connections_closed_total",
             Metric::TcpSent => "tcp_sent_bytes_total",
             Metric::TcpReceived => "tcp_received_bytes_total",
+            Metric::RequestMessages => "request_messages_total",
+            Metric::ResponseMessages => "response_messages_total",
         }
     }
 
@@ -188,6 +199,8 @@ impl Metric {
             Metric::TcpClosed => "TCP connections closed.",
             Metric::TcpSent => "Bytes sent to the downstream on TCP connections.",
             Metric::TcpReceived => "Bytes received from the downstream on TCP connections.",
+            Metric::RequestMessages => "gRPC messages received from the downstream.",
+            Metric::ResponseMessages => "gRPC messages sent to the downstream.",
         }
     }
 
@@ -241,11 +254,11 @@ const TAG_GRPC_STATUS: usize = 22;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Per metric ([`Metric`] order): dropped.
-    pub drop: [bool; 8],
+    pub drop: [bool; METRICS],
     /// Per metric: standard tag index → `None` (removed) or `Some(dimension index)` (replaced).
-    pub overrides: [BTreeMap<usize, Option<usize>>; 8],
+    pub overrides: [BTreeMap<usize, Option<usize>>; METRICS],
     /// Per metric: added tags (name, dimension index), in order.
-    pub additions: [Vec<(String, usize)>; 8],
+    pub additions: [Vec<(String, usize)>; METRICS],
     /// The dimension expressions, one value slot each (evaluated per stream into
     /// [`SeriesKey::extra`]).
     pub dimensions: Vec<super::expr::Expr>,
@@ -427,6 +440,8 @@ impl SeriesKey {
 #[derive(Debug)]
 struct HttpSeries {
     requests: AtomicU64,
+    request_messages: AtomicU64,
+    response_messages: AtomicU64,
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
@@ -454,6 +469,8 @@ pub struct HttpSample {
     pub request_bytes: u64,
     /// Bytes sent to the downstream (headers and body).
     pub response_bytes: u64,
+    /// gRPC messages (request, response), for gRPC streams.
+    pub messages: Option<(u64, u64)>,
 }
 
 /// Series of one shard by key hash (computed once per record; collisions share a bucket).
@@ -573,6 +590,8 @@ impl IstioMetrics {
         let plan = key.plan.clone();
         let Some(series) = self.series(&self.http, key, || HttpSeries {
             requests: AtomicU64::new(0),
+            request_messages: AtomicU64::new(0),
+            response_messages: AtomicU64::new(0),
             duration: Histogram::new(self.bounds(Metric::RequestDuration)),
             request_bytes: Histogram::new(self.bounds(Metric::RequestBytes)),
             response_bytes: Histogram::new(self.bounds(Metric::ResponseBytes)),
@@ -590,6 +609,10 @@ impl IstioMetrics {
         }
         if !plan.drop[Metric::ResponseBytes.index()] {
             series.response_bytes.record(sample.response_bytes);
+        }
+        if let Some((rq, rs)) = sample.messages {
+            series.request_messages.fetch_add(rq, Ordering::Relaxed);
+            series.response_messages.fetch_add(rs, Ordering::Relaxed);
         }
     }
 
@@ -633,6 +656,18 @@ impl IstioMetrics {
                     key,
                     s.requests.load(Ordering::Relaxed),
                 );
+                if key.protocol == Protocol::Grpc {
+                    add_counter(
+                        Metric::RequestMessages,
+                        key,
+                        s.request_messages.load(Ordering::Relaxed),
+                    );
+                    add_counter(
+                        Metric::ResponseMessages,
+                        key,
+                        s.response_messages.load(Ordering::Relaxed),
+                    );
+                }
                 for (m, h) in [
                     (Metric::RequestDuration, &s.duration),
                     (Metric::RequestBytes, &s.request_bytes),
@@ -777,6 +812,7 @@ mod tests {
             duration_ms: 3,
             request_bytes: 120,
             response_bytes: 2000,
+            messages: None,
         };
         m.record_http(key(plan.clone()), sample);
         m.record_http(key(plan.clone()), sample);
@@ -862,6 +898,7 @@ mod tests {
             duration_ms: 1,
             request_bytes: 1,
             response_bytes: 1,
+            messages: None,
         };
         let mut a = key(plan.clone());
         a.extra = Arc::from(vec![Arc::from("fixed"), Arc::from("alice")]);
@@ -897,6 +934,7 @@ mod tests {
                 duration_ms: 2,
                 request_bytes: 5,
                 response_bytes: 5,
+                messages: None,
             },
         );
         let mut out = String::new();

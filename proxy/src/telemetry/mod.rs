@@ -2,6 +2,7 @@
 
 pub mod attributes;
 pub mod expr;
+pub mod grpc;
 pub mod histogram;
 pub mod istio;
 

@@ -78,6 +78,9 @@ pub struct ClusterStats {
     pub rq_pending_active: Arc<Stat>,
     /// `upstream_rq_pending_overflow`: `max_pending_requests` or `max_requests` overflowed.
     pub rq_pending_overflow: Arc<Stat>,
+    /// Upstream responses by code (`upstream_rq_<code>`, `upstream_rq_<N>xx`,
+    /// `upstream_rq_completed`).
+    pub codes: crate::stats::CodeStats,
 }
 
 impl ClusterStats {
@@ -101,6 +104,7 @@ impl ClusterStats {
             rq_pending_total: c("upstream_rq_pending_total"),
             rq_pending_active: s.gauge(&format!("cluster.{name}.upstream_rq_pending_active")),
             rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            codes: crate::stats::CodeStats::new(s, &format!("cluster.{name}.upstream_rq")),
         }
     }
 }

@@ -449,6 +449,10 @@ pub(crate) fn apply(server: &Server, kind: ResourceKind, received: Received) -> 
     }
     if errors.is_empty() && invalid.is_empty() {
         stats.counter(&format!("{prefix}.update_success")).inc();
+        // Envoy's `version` gauge: a hash of the last accepted version_info.
+        stats
+            .gauge(&format!("{prefix}.version"))
+            .set(version_hash(&version_info));
         tracing::debug!(target: "xds", kind = kind.short_name(), updated = updates.len(), removed = removed.len(), "ACK");
         return None;
     }
@@ -560,6 +564,13 @@ impl<W: Wire> Session<W> {
             }
         }
     }
+}
+
+/// A 64-bit FNV-1a hash of a `version_info` (the `version` gauge).
+fn version_hash(version: &str) -> u64 {
+    version.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use waypoint_proto::{
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
-    hbone::{ForwarderConfig, HboneForwarder, HbonePool, PeerMatch, PoolSettings},
+    hbone::{HboneForwarder, HbonePool, PoolSettings},
     uds,
     waypoint::{
         AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshOptions, SLEEP_IDENTITY, WAYPOINT_IDENTITY,
@@ -529,15 +529,8 @@ async fn report(
 /// (`VIP:9000` → `tcp_proxy`): (bytes sent, bytes received).
 async fn tcp_exchange(mesh: &WaypointMesh) -> Result<(usize, usize), String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut config = ForwarderConfig::new(
-        SocketAddr::from((mesh.addrs.client_ip, 0)),
-        mesh.addrs.waypoint_hbone(),
-        format!("{}:{TCP_PORT}", mesh.addrs.vip),
-        mesh.sleep.clone(),
-    );
-    config.expect_peer = PeerMatch::Exact(WAYPOINT_IDENTITY.to_owned());
-    config.pool.source_ip = Some(mesh.addrs.client_ip.into());
-    let forwarder = HboneForwarder::start(config)
+    let forwarder = mesh
+        .service_forwarder(TCP_PORT)
         .await
         .map_err(|e| e.to_string())?;
     let request = b"GET /tcp HTTP/1.1\r\nhost: httpbin\r\nconnection: close\r\n\r\n";

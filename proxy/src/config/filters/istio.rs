@@ -92,10 +92,6 @@ impl StatsConfig {
                 (0..Metric::ALL.len()).collect()
             } else if let Some(metric) = Metric::from_config_name(&m.name) {
                 vec![metric as usize]
-            } else if GRPC_MESSAGE_METRICS.contains(&m.name.as_str()) {
-                // Standard in Istio, not emitted here (no gRPC message counting yet): an override
-                // of a metric that is never written changes nothing.
-                Vec::new()
             } else {
                 return Err(ConfigError::new(
                     field(&mpath, "name"),
@@ -173,9 +169,6 @@ impl StatsConfig {
         })
     }
 }
-
-/// Istio's gRPC message counters, standard names this proxy does not emit.
-const GRPC_MESSAGE_METRICS: &[&str] = &["request_messages_total", "response_messages_total"];
 
 /// How peer metadata is found.
 #[derive(Debug, Clone, PartialEq, Eq)]
