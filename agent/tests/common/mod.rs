@@ -24,9 +24,11 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// The `proxy` binary beside the agent. `cargo test --workspace` (and `scripts/test`'s build step)
-/// build it with the agent; when only this package is tested, `cargo build --workspace --bins` runs
-/// once here — the same feature resolution as that build step, so it is a no-op when the binaries
-/// are fresh and never leaves a differently-featured proxy behind.
+/// build it with the agent; only when it is missing (this package tested alone on a fresh
+/// checkout) does `cargo build --workspace --bins` run here. It is not rebuilt when present:
+/// `cargo test` builds the binaries with the test build's features, and rebuilding them here
+/// would only flip them back and forth (minutes on 2 cores). After changing the proxy, test with
+/// `cargo test --workspace` or build it first.
 pub fn proxy_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -34,6 +36,9 @@ pub fn proxy_bin() -> PathBuf {
             let bin = agent_bin();
             let dir = bin.parent().expect("binary folder");
             let path = dir.join("proxy");
+            if path.is_file() {
+                return path;
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "--workspace", "--bins"])
