@@ -618,6 +618,12 @@ async fn circuit_breakers_overflow_with_503_uo() {
             String::from_utf8_lossy(&r.body),
             "upstream connect error or disconnect/reset before headers. reset reason: overflow"
         );
+        // Envoy marks replies of an open circuit breaker for the client.
+        assert_eq!(
+            r.headers.get("x-envoy-overloaded").map(|v| v.as_bytes()),
+            Some(&b"true"[..]),
+            "h2 {h2}"
+        );
     }
     assert_eq!(
         proxy
@@ -664,7 +670,8 @@ async fn max_connections_queues_requests_until_max_pending_overflows() {
     let slow = |path: &'static str| {
         tokio::spawn(async move { get(listen, "svc.local", path, false).await })
     };
-    let first = slow("/queued/1?x-echo-delay-ms=600");
+    // Long enough that the waits below see the queue even on a loaded machine.
+    let first = slow("/queued/1?x-echo-delay-ms=3000");
     eventually("the first request's connection", || async {
         proxy.stat("cluster.queued.upstream_cx_active").await == 1
     })

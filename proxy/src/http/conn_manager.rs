@@ -224,6 +224,13 @@ pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body
     {
         r.headers_mut().insert(header::LOCATION, v);
     }
+    // Envoy's router marks a reply of an open circuit breaker (UO) for the client.
+    if let ProxyError::Overflow(_) = e {
+        r.headers_mut().insert(
+            "x-envoy-overloaded",
+            header::HeaderValue::from_static("true"),
+        );
+    }
     r.extensions_mut().insert(e.response_flags());
     r
 }
