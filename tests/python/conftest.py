@@ -1008,3 +1008,137 @@ def istio_stats_pb(tmp_path_factory):
     finally:
         sys.path.remove(str(out))
     return module
+
+
+# ============================================================================================
+# The local mesh around the real waypoint, for traffic tests through HBONE: appended for
+# test_grpc_waypoint.py.
+#
+# MESH_BIN overrides the binary (default target/debug/mesh); it runs the agent and proxy beside it
+# (build all three with `cargo build -p agent -p proxy -p waypoint-testbed --bins`). The mesh runs
+# with `--serve-json` (addresses as JSON once the waypoint serves HBONE, then no traffic of its
+# own) on free ports; its istiod-lite re-reads `<dir>/resources/waypoint.yaml` when it changes,
+# which is how a test pushes config.
+
+MESH_DEFAULT_BIN = REPO / "target" / "debug" / "mesh"
+MESH_READY_TIMEOUT_S = 180.0
+ISTIOD_DEBUG_RE = re.compile(r"istiod-lite\s+(http://\S+)/debug/xds")
+
+
+@pytest.fixture(scope="session")
+def mesh_bin() -> Path:
+    path = Path(os.environ.get("MESH_BIN") or MESH_DEFAULT_BIN)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(
+            f"mesh binary not found at {path}: build it with "
+            "`cargo build -p agent -p proxy -p waypoint-testbed --bins` or set MESH_BIN",
+            pytrace=False,
+        )
+    return path
+
+
+@dataclass
+class MeshRun:
+    """A running `mesh --serve-json` and what it wrote."""
+
+    proc: subprocess.Popen
+    info: dict
+    log_path: Path
+    workdir: Path
+
+    @property
+    def client_addr(self) -> str:
+        """The sleep client's HBONE forwarder (to the waypoint, authority VIP:8000)."""
+        return self.info["client_addr"]
+
+    @property
+    def pod_ip(self) -> str:
+        return self.info["pod_ip"]
+
+    @property
+    def resource_file(self) -> Path:
+        return Path(self.info["dir"]) / "resources" / "waypoint.yaml"
+
+    @property
+    def admin_port(self) -> int:
+        return urllib.parse.urlparse(self.info["admin_url"]).port
+
+    def admin(self, path: str) -> tuple[int, str]:
+        return admin_request(self.admin_port, path)
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(strip_ansi(self.log_path.read_text(errors="replace")).splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def proxy_log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(Path(self.info["log"]).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no agent/proxy log>"
+
+    def istiod_debug(self, path: str) -> Any:
+        """GET istiod-lite's debug `path` (its address is in the mesh's printed URLs)."""
+        found = wait_until(lambda: ISTIOD_DEBUG_RE.search(strip_ansi(self.log_path.read_text(errors="replace"))),
+                           10.0, "the mesh to print istiod-lite's debug URL", detail=self.log_tail)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{found.group(1)}{path}", timeout=5) as resp:
+            return json.loads(resp.read().decode())
+
+    def resources(self) -> Any:
+        """The served resource file as one document (the rendered fixture is YAML, or JSON once a
+        test has replaced it)."""
+        import yaml
+
+        return yaml.safe_load(self.resource_file.read_text())
+
+    def write_resources(self, doc: Any) -> None:
+        """Replaces the resource file atomically (JSON is YAML too), so istiod-lite pushes the
+        difference."""
+        tmp = self.resource_file.with_suffix(".tmp")  # not *.yaml: the watcher ignores it
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.resource_file)
+
+
+@pytest.fixture(scope="module")
+def waypoint_mesh(mesh_bin, tmp_path_factory):
+    """The local mesh (istiod-lite, echo + HBONE sink, the sleep forwarder, agent + proxy), serving
+    HBONE; shared by the tests of a module, stopped (SIGTERM, bounded) afterwards."""
+    out = tmp_path_factory.mktemp("mesh")
+    serve_json = out / "serve.json"
+    log_path = out / "mesh.log"
+    # Short: the agent's Unix sockets live below it. The mesh empties it first.
+    workdir = Path(tempfile.mkdtemp(prefix="wpm-py-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                str(mesh_bin),
+                "--serve-json", str(serve_json),
+                "--workdir", str(workdir),
+                "--admin-port", "0",
+                "--status-port", "0",
+                "--readiness-port", "0",
+                "--prometheus-port", "0",
+                "--ready-within", "120",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def started():
+        if proc.poll() is not None:
+            raise AssertionError(f"mesh exited (rc={proc.returncode}) before serving:\n"
+                                 f"{strip_ansi(log_path.read_text(errors='replace'))[-6000:]}")
+        return serve_json.is_file()
+
+    run = None
+    try:
+        wait_until(started, MESH_READY_TIMEOUT_S, "the mesh to serve (its --serve-json file)",
+                   interval=0.2, detail=lambda: strip_ansi(log_path.read_text(errors="replace"))[-6000:])
+        run = MeshRun(proc, json.loads(serve_json.read_text()), log_path, workdir)
+        yield run
+    finally:
+        stop_process(proc, _signal.SIGTERM, timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)

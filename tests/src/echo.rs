@@ -20,6 +20,15 @@
 //!   the body is `k % 256`.
 //! * [`RESET_HEADER`] `x-echo-reset: 1`: drop the connection (HTTP/1.1) or reset the stream
 //!   (HTTP/2) without answering.
+//! * [`KEY_HEADER`] `x-echo-key: K`: count the request under key `K` (one counter per key, shared
+//!   by every connection of the server); the answer carries the count including this request in
+//!   [`REQUEST_COUNT_HEADER`] `x-echo-request-count` and as `request_count` in the JSON. This is how
+//!   a test sees how many attempts a proxy made.
+//! * [`FAIL_FIRST_HEADER`] `x-echo-fail-first: N`: only the first N requests of the key fail — with
+//!   `x-echo-reset` if given, else with `x-echo-status` (default 503); later ones are answered
+//!   normally with 200. Without `x-echo-key` the key is the request path.
+//! * [`BODY_SHA1_HEADER`] `x-echo-body-sha1: 1`: also report the SHA-1 of the request body (hex,
+//!   `body_sha1` in the JSON), computed as the body streams by.
 //!
 //! A malformed control value gets a 400 with a JSON body `{"error": "…", "header": "<name>"}`.
 //!
@@ -75,6 +84,17 @@ pub const RESPONSE_SIZE_HEADER: &str = "x-echo-response-size";
 pub const RESET_HEADER: &str = "x-echo-reset";
 /// Response header naming the server that answered (the `name` given to [`serve_http`]).
 pub const SERVER_HEADER: &str = "x-echo-server";
+/// Request header (or query parameter): the key the request is counted under.
+pub const KEY_HEADER: &str = "x-echo-key";
+/// Request header (or query parameter): only the first N requests of the key fail.
+pub const FAIL_FIRST_HEADER: &str = "x-echo-fail-first";
+/// Response header: how many requests the key has seen, this one included.
+pub const REQUEST_COUNT_HEADER: &str = "x-echo-request-count";
+/// Request header (or query parameter): `1`/`true` adds the body's SHA-1 to the JSON.
+pub const BODY_SHA1_HEADER: &str = "x-echo-body-sha1";
+/// Most keys counted at once; a new key beyond this starts the count afresh for every key (tests
+/// use a few keys each, so only a runaway client ever gets there).
+pub const MAX_KEYS: usize = 65_536;
 
 /// Longest delay honoured, in milliseconds (HTTP and gRPC); longer ones are cut to this.
 pub const MAX_DELAY_MS: u64 = 60_000;
@@ -202,6 +222,7 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EchoError> 
 pub async fn serve_http(listener: TcpListener, name: String) -> Result<(), EchoError> {
     let listener_addr = listener.local_addr().map_err(EchoError::LocalAddr)?;
     let name: Arc<str> = name.into();
+    let counters = Arc::new(KeyCounters::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -219,6 +240,7 @@ pub async fn serve_http(listener: TcpListener, name: String) -> Result<(), EchoE
             name: name.clone(),
             local: stream.local_addr().unwrap_or(listener_addr),
             peer,
+            counters: counters.clone(),
         });
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, conn.clone()));
@@ -239,6 +261,30 @@ struct ConnInfo {
     name: Arc<str>,
     local: SocketAddr,
     peer: SocketAddr,
+    counters: Arc<KeyCounters>,
+}
+
+/// The per-key request counts of one server ([`KEY_HEADER`]).
+#[derive(Debug, Default)]
+struct KeyCounters {
+    // A std mutex: held for one map operation, never across an await.
+    counts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl KeyCounters {
+    /// Counts one more request for `key`; returns the count including it.
+    fn next(&self, key: &str) -> u64 {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counts.len() >= MAX_KEYS && !counts.contains_key(key) {
+            counts.clear();
+        }
+        let count = counts.entry(key.to_owned()).or_insert(0);
+        *count += 1;
+        *count
+    }
 }
 
 /// The JSON answer.
@@ -252,6 +298,10 @@ struct EchoJson<'a> {
     protocol: &'static str,
     headers: BTreeMap<&'a str, String>,
     body_len: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_sha1: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_count: Option<u64>,
 }
 
 /// The JSON body of a 400 for a malformed control.
@@ -268,6 +318,9 @@ struct Controls {
     status: Option<StatusCode>,
     response_size: Option<u64>,
     reset: bool,
+    key: Option<String>,
+    fail_first: Option<u64>,
+    body_sha1: bool,
 }
 
 /// A control header (or query parameter) with a value that could not be used.
@@ -279,8 +332,9 @@ struct BadControl {
 }
 
 impl Controls {
-    /// Reads the controls from the headers, falling back to query parameters of the same name.
-    fn parse(headers: &HeaderMap, query: Option<&str>) -> Result<Self, BadControl> {
+    /// Reads the controls from the headers, falling back to query parameters of the same name;
+    /// `path` is the default key of [`FAIL_FIRST_HEADER`].
+    fn parse(headers: &HeaderMap, query: Option<&str>, path: &str) -> Result<Self, BadControl> {
         let query: Vec<(&str, &str)> = query
             .unwrap_or_default()
             .split('&')
@@ -333,25 +387,34 @@ impl Controls {
             .transpose()?;
         let response_size =
             number(RESPONSE_SIZE_HEADER, "a number of bytes")?.map(|n| n.min(MAX_RESPONSE_SIZE));
-        let reset = match value(RESET_HEADER)? {
-            None => false,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => {
-                    return Err(BadControl {
-                        name: RESET_HEADER,
+        let flag = |name: &'static str| -> Result<bool, BadControl> {
+            match value(name)? {
+                None => Ok(false),
+                Some(v) => match v.to_ascii_lowercase().as_str() {
+                    "1" | "true" => Ok(true),
+                    "0" | "false" => Ok(false),
+                    _ => Err(BadControl {
+                        name,
                         value: v,
                         expected: "1, true, 0 or false",
-                    });
-                }
-            },
+                    }),
+                },
+            }
         };
+        let reset = flag(RESET_HEADER)?;
+        let body_sha1 = flag(BODY_SHA1_HEADER)?;
+        let fail_first = number(FAIL_FIRST_HEADER, "a number of requests")?;
+        let key = value(KEY_HEADER)?
+            .filter(|k| !k.is_empty())
+            .or_else(|| fail_first.map(|_| path.to_owned()));
         Ok(Self {
             delay,
             status,
             response_size,
             reset,
+            key,
+            fail_first,
+            body_sha1,
         })
     }
 }
@@ -361,10 +424,22 @@ async fn handle(
     mut req: Request<Incoming>,
     conn: Arc<ConnInfo>,
 ) -> Result<Response<EchoBody>, EchoError> {
-    let controls = match Controls::parse(req.headers(), req.uri().query()) {
+    let mut controls = match Controls::parse(req.headers(), req.uri().query(), req.uri().path()) {
         Ok(controls) => controls,
         Err(bad) => return bad_control(&bad),
     };
+    // Counted on arrival, before anything can fail, so a count is a count of attempts.
+    let request_count = controls.key.as_deref().map(|k| conn.counters.next(k));
+    if let Some(first) = controls.fail_first {
+        if request_count.is_some_and(|n| n <= first) {
+            if !controls.reset {
+                controls.status = Some(controls.status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE));
+            }
+        } else {
+            controls.reset = false;
+            controls.status = None;
+        }
+    }
     if controls.reset {
         return Err(EchoError::ResetRequested);
     }
@@ -377,9 +452,13 @@ async fn handle(
 
     let (parts, mut body) = req.into_parts();
     let mut body_len: u64 = 0;
+    let mut sha1 = controls.body_sha1.then(sha1_smol::Sha1::new);
     while let Some(frame) = body.frame().await {
         if let Some(data) = frame.map_err(EchoError::Body)?.data_ref() {
             body_len += data.len() as u64;
+            if let Some(sha1) = sha1.as_mut() {
+                sha1.update(data);
+            }
         }
     }
     if let Some(delay) = controls.delay {
@@ -387,10 +466,13 @@ async fn handle(
     }
 
     let status = controls.status.unwrap_or(StatusCode::OK);
-    let builder = Response::builder().status(status).header(
+    let mut builder = Response::builder().status(status).header(
         SERVER_HEADER,
         HeaderValue::from_str(&conn.name).unwrap_or(HeaderValue::from_static("invalid")),
     );
+    if let Some(count) = request_count {
+        builder = builder.header(REQUEST_COUNT_HEADER, count);
+    }
     let bodyless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     if let Some(size) = controls.response_size {
         let body = if bodyless {
@@ -423,6 +505,8 @@ async fn handle(
         protocol: protocol_name(parts.version),
         headers,
         body_len,
+        body_sha1: sha1.map(|s| s.digest().to_string()),
+        request_count,
     };
     let body = if bodyless {
         EchoBody::empty()

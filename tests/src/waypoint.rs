@@ -449,6 +449,12 @@ pub struct EchoSeen {
     pub headers: BTreeMap<String, String>,
     /// Request body bytes received.
     pub body_len: u64,
+    /// SHA-1 of the request body (hex), when asked for with `x-echo-body-sha1`.
+    #[serde(default)]
+    pub body_sha1: Option<String>,
+    /// Requests the `x-echo-key` has seen, this one included (absent without a key).
+    #[serde(default)]
+    pub request_count: Option<u64>,
 }
 
 impl EchoSeen {

@@ -169,6 +169,7 @@ async fn malformed_controls_get_a_400_naming_the_header() {
         ("x-echo-status", "abc"),
         ("x-echo-response-size", "-1"),
         ("x-echo-reset", "maybe"),
+        ("x-echo-fail-first", "twice"),
     ] {
         let req = Request::get("/")
             .header("host", "x")
@@ -281,6 +282,106 @@ async fn reset_drops_the_connection_or_stream() {
         .expect("request");
     let resp = sender.send_request(req).await.expect("response");
     assert_eq!(json(resp).await["path"], "/after");
+}
+
+#[tokio::test]
+async fn fail_first_fails_the_first_n_requests_of_a_key_then_answers() {
+    let (http, _) = start("echo-flaky").await;
+    let mut sender = h2(http).await;
+    let flaky = |key: &str, extra: Option<(&'static str, &'static str)>| {
+        let mut req = Request::post(format!("http://{http}/flaky"))
+            .header("x-echo-key", key)
+            .header("x-echo-fail-first", "2");
+        if let Some((name, value)) = extra {
+            req = req.header(name, value);
+        }
+        req.body(full(b"payload")).expect("request")
+    };
+    // Default failure: 503, counted per key; then 200 with the JSON.
+    for (want, count) in [(503, 1), (503, 2), (200, 3), (200, 4)] {
+        let resp = sender
+            .send_request(flaky("a", None))
+            .await
+            .expect("response");
+        assert_eq!(resp.status().as_u16(), want, "request {count} of key a");
+        assert_eq!(resp.headers()["x-echo-request-count"], count.to_string());
+        let v = json(resp).await;
+        assert_eq!(v["request_count"], count);
+        assert_eq!(v["body_len"], 7);
+    }
+    // Another key has its own count; x-echo-status picks the failure status.
+    let resp = sender
+        .send_request(flaky("b", Some(("x-echo-status", "502"))))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()["x-echo-request-count"], "1");
+    // With x-echo-reset the failure is a reset stream.
+    for _ in 0..2 {
+        assert!(
+            sender
+                .send_request(flaky("c", Some(("x-echo-reset", "1"))))
+                .await
+                .is_err()
+        );
+    }
+    let resp = sender
+        .send_request(flaky("c", Some(("x-echo-reset", "1"))))
+        .await
+        .expect("third request of key c");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-echo-request-count"], "3");
+
+    // Query form, key defaulting to the path; counts are shared by every connection.
+    for (want, count) in [(503, 1), (200, 2)] {
+        let (mut h1_sender, _) = h1(http).await;
+        let req = Request::get("/by-path?x-echo-fail-first=1")
+            .header("host", "x")
+            .body(empty())
+            .expect("request");
+        let resp = h1_sender.send_request(req).await.expect("response");
+        assert_eq!(resp.status().as_u16(), want);
+        assert_eq!(resp.headers()["x-echo-request-count"], count.to_string());
+    }
+    // Without a key nothing is counted.
+    let resp = sender
+        .send_request(
+            Request::get(format!("http://{http}/plain"))
+                .body(empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert!(resp.headers().get("x-echo-request-count").is_none());
+    assert!(json(resp).await.get("request_count").is_none());
+}
+
+#[tokio::test]
+async fn body_sha1_reports_the_digest_of_the_streamed_body() {
+    let (http, _) = start("echo-sha1").await;
+    let (mut sender, _) = h1(http).await;
+    let req = Request::post("/digest")
+        .header("host", "x")
+        .header("x-echo-body-sha1", "1")
+        .body(full(b"abc"))
+        .expect("request");
+    let v = json(sender.send_request(req).await.expect("response")).await;
+    // SHA-1("abc"), FIPS 180-2 appendix A.1.
+    assert_eq!(v["body_sha1"], "a9993e364706816aba3e25717850c26c9cd0d89d");
+    let req = Request::post("/digest")
+        .header("host", "x")
+        .body(full(b"abc"))
+        .expect("request");
+    let v = json(sender.send_request(req).await.expect("response")).await;
+    assert!(v.get("body_sha1").is_none(), "{v}");
+    let req = Request::post("/digest")
+        .header("host", "x")
+        .header("x-echo-body-sha1", "sometimes")
+        .body(empty())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(json(resp).await["header"], "x-echo-body-sha1");
 }
 
 /// Writes one masked client frame.
