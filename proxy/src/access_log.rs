@@ -124,6 +124,8 @@ fn long_name(f: ResponseFlag) -> &'static str {
         ResponseFlag::FaultInjected => "FaultInjected",
         ResponseFlag::DelayInjected => "DelayInjected",
         ResponseFlag::RateLimited => "RateLimited",
+        ResponseFlag::UpstreamMaxStreamDurationReached => "UpstreamMaxStreamDurationReached",
+        ResponseFlag::DurationTimeout => "DurationTimeout",
     }
 }
 

@@ -47,6 +47,11 @@ pub enum ResponseFlag {
     DelayInjected,
     /// `RL`: rate limited.
     RateLimited,
+    /// `UMSDR`: the upstream stream exceeded the cluster's `max_stream_duration`.
+    UpstreamMaxStreamDurationReached,
+    /// `DT`: a connection exceeded `max_connection_duration` /
+    /// `max_downstream_connection_duration`.
+    DurationTimeout,
 }
 
 impl ResponseFlag {
@@ -72,6 +77,8 @@ impl ResponseFlag {
             ResponseFlag::FaultInjected => "FI",
             ResponseFlag::DelayInjected => "DI",
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::UpstreamMaxStreamDurationReached => "UMSDR",
+            ResponseFlag::DurationTimeout => "DT",
         }
     }
 }
@@ -83,7 +90,7 @@ impl fmt::Display for ResponseFlag {
 }
 
 /// Envoy's order of the flags in `%RESPONSE_FLAGS%` (`ResponseFlagUtils`), for the ones we set.
-const ORDER: [ResponseFlag; 19] = [
+const ORDER: [ResponseFlag; 21] = [
     ResponseFlag::NoHealthyUpstream,
     ResponseFlag::UpstreamRequestTimeout,
     ResponseFlag::LocalReset,
@@ -100,6 +107,8 @@ const ORDER: [ResponseFlag; 19] = [
     ResponseFlag::UpstreamRetryLimitExceeded,
     ResponseFlag::StreamIdleTimeout,
     ResponseFlag::DownstreamProtocolError,
+    ResponseFlag::UpstreamMaxStreamDurationReached,
+    ResponseFlag::DurationTimeout,
     ResponseFlag::UpstreamProtocolError,
     ResponseFlag::NoClusterFound,
     ResponseFlag::RbacAccessDenied,
@@ -207,6 +216,15 @@ pub enum ProxyError {
     /// The route timeout fired.
     #[error("upstream_response_timeout")]
     Timeout,
+    /// A stream timer fired before the response started (HCM `stream_idle_timeout`,
+    /// `request_timeout`, `max_stream_duration`; the cluster's `max_stream_duration`).
+    #[error("{kind}")]
+    StreamTimeout {
+        /// Which timer.
+        kind: crate::http::timeout::Expired,
+        /// Whether the whole request had been received (504; else 408).
+        request_complete: bool,
+    },
     /// The downstream request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -216,12 +234,15 @@ pub enum ProxyError {
     /// Path normalization redirects (`UNESCAPE_AND_REDIRECT`) to this location.
     #[error("path normalization redirect to {0}")]
     Redirect(String),
-    /// Authentication failed or cannot be verified (jwt_authn).
+    /// jwt_authn refused the request (its status, reason and `www-authenticate`).
     #[error("jwt_authn: {0}")]
-    Unauthorized(String),
+    Unauthorized(Box<crate::http::jwt::Denial>),
     /// RBAC denied the request or connection.
     #[error("rbac_access_denied: {0}")]
     RbacDenied(String),
+    /// The local rate limit filter refused the request (its configured status).
+    #[error("local_rate_limited")]
+    RateLimited(StatusCode),
     /// The configuration asks for something this data path cannot do for this request.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -233,11 +254,16 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RbacDenied(_) => StatusCode::FORBIDDEN,
-            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized(d) => d.status,
             ProxyError::Redirect(_) => StatusCode::TEMPORARY_REDIRECT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::StreamTimeout {
+                kind,
+                request_complete,
+            } => kind.status(*request_complete),
             ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited(status) => *status,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -253,9 +279,15 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
             ProxyError::UpstreamProtocol(_) => ResponseFlag::UpstreamProtocolError,
             ProxyError::Timeout => ResponseFlag::UpstreamRequestTimeout,
+            ProxyError::StreamTimeout { kind, .. } => kind
+                .response_flags()
+                .iter()
+                .next()
+                .unwrap_or(ResponseFlag::LocalReset),
             ProxyError::BadRequest(_) => ResponseFlag::DownstreamProtocolError,
             ProxyError::Overflow(_) => ResponseFlag::UpstreamOverflow,
             ProxyError::RbacDenied(_) => ResponseFlag::RbacAccessDenied,
+            ProxyError::RateLimited(_) => ResponseFlag::RateLimited,
             ProxyError::Unauthorized(_) => ResponseFlag::UnauthorizedExternalService,
             ProxyError::Redirect(_) => ResponseFlag::LocalReset,
             ProxyError::Unsupported(_) => ResponseFlag::LocalReset,
@@ -269,6 +301,7 @@ impl ProxyError {
             ProxyError::RbacDenied(_) | ProxyError::Unauthorized(_) | ProxyError::Redirect(_) => {
                 ResponseFlags::default()
             }
+            ProxyError::StreamTimeout { kind, .. } => kind.response_flags(),
             other => ResponseFlags::of(other.flag()),
         }
     }
@@ -290,7 +323,8 @@ impl ProxyError {
             }
             ProxyError::NoRoute => String::new(),
             ProxyError::RbacDenied(_) => "RBAC: access denied".to_owned(),
-            ProxyError::Unauthorized(_) => "Jwt verification fails".to_owned(),
+            ProxyError::RateLimited(_) => "local_rate_limited".to_owned(),
+            ProxyError::Unauthorized(d) => d.body.clone(),
             other => other.to_string(),
         }
     }

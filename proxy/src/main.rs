@@ -5,6 +5,11 @@ use std::{process::ExitCode, sync::Arc};
 use proxy::{admin, bootstrap, cli, server::Server, xds, xds::sds::SecretStore};
 use waypoint_shared::logging::LogControl;
 
+// jemalloc instead of glibc's malloc: the data path allocates and frees small buffers on every
+// request from worker threads (Envoy links tcmalloc for the same reason).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let options = match cli::parse(&args) {
@@ -68,8 +73,15 @@ fn main() -> ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     };
+    // Envoy's threading: `--concurrency` workers own the connections; the main runtime (one
+    // thread) runs xDS, SDS, the admin API and config compilation.
+    if let Err(e) = proxy::workers::start(threads) {
+        eprintln!("proxy: {e}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(1)
+        .thread_name("main")
         .enable_all()
         .build()
     {

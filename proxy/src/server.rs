@@ -105,7 +105,11 @@ pub struct Server {
 impl Server {
     /// A server in `PRE_INITIALIZING`.
     pub fn new(options: Options, bootstrap: LoadedBootstrap) -> Arc<Server> {
-        let stats = Arc::new(Stats::default());
+        // A matcher that does not compile makes `config::bootstrap::compile` refuse the bootstrap
+        // (with its path) before anything is served; until then every stat is kept.
+        let matcher = crate::stats_matcher::StatsMatcher::from_bootstrap(&bootstrap.bootstrap)
+            .unwrap_or_default();
+        let stats = Arc::new(Stats::with_matcher(matcher));
         stats
             .gauge("server.state")
             .set(ServerState::PreInitializing as u64);

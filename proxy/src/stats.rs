@@ -1,6 +1,11 @@
 //! The stats store: named counters and gauges with Envoy's names (`cluster_manager.cds.update_success`,
 //! `server.state`, ...). Handles are `Arc<AtomicU64>`s: the registry lock is taken only to create or list
 //! a stat, never per request.
+//!
+//! The bootstrap's `stats_config.stats_matcher` ([`StatsMatcher`]) is applied once per stat, when it
+//! is created: a rejected stat gets a handle like any other (callers need not care) but is marked
+//! hidden, and every listing ([`Stats::snapshot`], hence `/stats` and `/stats/prometheus`) leaves it
+//! out, as Envoy never instantiates it.
 
 use std::{
     collections::BTreeMap,
@@ -9,6 +14,8 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
+
+use crate::stats_matcher::StatsMatcher;
 
 /// Counter or gauge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +33,9 @@ pub struct Stat {
     pub kind: Kind,
     value: AtomicU64,
     used: AtomicBool,
+    /// Rejected by the stats matcher: counted (code that reads a value keeps working) but never
+    /// listed.
+    hidden: bool,
 }
 
 impl Stat {
@@ -61,6 +71,11 @@ impl Stat {
     pub fn used(&self) -> bool {
         self.used.load(Ordering::Relaxed)
     }
+
+    /// Whether the stats matcher rejected it (left out of every listing).
+    pub fn hidden(&self) -> bool {
+        self.hidden
+    }
 }
 
 /// The registry.
@@ -70,9 +85,27 @@ pub struct Stats {
     map: RwLock<BTreeMap<String, Arc<Stat>>>,
     /// Istio's standard metrics (labelled series, rendered into `/stats/prometheus`).
     pub istio: crate::telemetry::istio::IstioMetrics,
+    /// Which stats exist (the bootstrap's `stats_config.stats_matcher`; all by default).
+    matcher: StatsMatcher,
 }
 
 impl Stats {
+    /// A registry whose stats are judged by `matcher` when they are created; Istio's standard
+    /// metrics are judged by their Envoy names (`istiocustom.istio_requests_total`) now.
+    pub fn with_matcher(matcher: StatsMatcher) -> Stats {
+        let stats = Stats {
+            matcher,
+            ..Stats::default()
+        };
+        stats.istio.hide(|name| stats.matcher.rejects(name));
+        stats
+    }
+
+    /// The stats matcher in force.
+    pub fn matcher(&self) -> &StatsMatcher {
+        &self.matcher
+    }
+
     /// The counter `name`, created on first use.
     pub fn counter(&self, name: &str) -> Arc<Stat> {
         self.get_or_create(name, Kind::Counter)
@@ -99,18 +132,21 @@ impl Stats {
                     kind,
                     value: AtomicU64::new(0),
                     used: AtomicBool::new(false),
+                    // The one matcher evaluation of this stat's life.
+                    hidden: self.matcher.rejects(name),
                 })
             })
             .clone()
     }
 
-    /// Every stat, sorted by name.
+    /// Every stat the stats matcher lets exist, sorted by name: (name, kind, value, used).
     pub fn snapshot(&self) -> Vec<(String, Kind, u64, bool)> {
         let map = match self.map.read() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
         map.iter()
+            .filter(|(_, s)| !s.hidden)
             .map(|(n, s)| (n.clone(), s.kind, s.get(), s.used()))
             .collect()
     }
@@ -195,16 +231,35 @@ pub struct HcmStats {
     pub rq_active: Arc<Stat>,
     /// `downstream_rq_<N>xx`, `downstream_rq_completed`.
     pub codes: CodeStats,
+    /// `downstream_rq_idle_timeout`: streams ended by `stream_idle_timeout` / route `idle_timeout`.
+    pub rq_idle_timeout: Arc<Stat>,
+    /// `downstream_rq_timeout`: streams ended by `request_timeout`.
+    pub rq_timeout: Arc<Stat>,
+    /// `downstream_rq_max_duration_reached`: streams ended by `max_stream_duration`.
+    pub rq_max_duration_reached: Arc<Stat>,
+    /// `downstream_cx_idle_timeout`: connections closed by `idle_timeout`.
+    pub cx_idle_timeout: Arc<Stat>,
+    /// `downstream_cx_max_duration_reached`: connections drained by `max_connection_duration`.
+    pub cx_max_duration_reached: Arc<Stat>,
+    /// `downstream_cx_max_requests_reached`: connections drained by `max_requests_per_connection`.
+    pub cx_max_requests_reached: Arc<Stat>,
 }
 
 impl HcmStats {
     /// The counters of the HCM with `stat_prefix` in `s`.
     pub fn new(s: &Stats, stat_prefix: &str) -> HcmStats {
         let p = format!("http.{stat_prefix}.downstream_rq");
+        let cx = |n: &str| s.counter(&format!("http.{stat_prefix}.downstream_cx_{n}"));
         HcmStats {
             rq_total: s.counter(&format!("{p}_total")),
             rq_active: s.gauge(&format!("{p}_active")),
             codes: CodeStats::classes_only(s, &p),
+            rq_idle_timeout: s.counter(&format!("{p}_idle_timeout")),
+            rq_timeout: s.counter(&format!("{p}_timeout")),
+            rq_max_duration_reached: s.counter(&format!("{p}_max_duration_reached")),
+            cx_idle_timeout: cx("idle_timeout"),
+            cx_max_duration_reached: cx("max_duration_reached"),
+            cx_max_requests_reached: cx("max_requests_reached"),
         }
     }
 }
@@ -258,5 +313,27 @@ mod tests {
         hcm.record(&stats, 404);
         assert_eq!(get("http.p.downstream_rq_4xx"), Some(1));
         assert_eq!(get("http.p.downstream_rq_404"), None);
+    }
+
+    #[test]
+    fn rejected_stats_count_but_are_never_listed() {
+        let matcher = crate::stats_matcher::StatsMatcher::compile(
+            &waypoint_proto::json::from_json(&serde_json::json!({
+                "inclusion_list": { "patterns": [{ "prefix": "server." }] }
+            }))
+            .expect("matcher decodes"),
+            "stats_matcher",
+        )
+        .expect("compiles");
+        let stats = Stats::with_matcher(matcher);
+        let hidden = stats.counter("cluster.c.upstream_rq_total");
+        hidden.inc();
+        stats.gauge("server.live").set(1);
+        // The handle still counts (code reading it keeps working) and is the same handle.
+        assert!(hidden.hidden());
+        assert_eq!(stats.counter("cluster.c.upstream_rq_total").get(), 1);
+        assert!(!stats.gauge("server.live").hidden());
+        let names: Vec<String> = stats.snapshot().into_iter().map(|s| s.0).collect();
+        assert_eq!(names, ["server.live"]);
     }
 }

@@ -3,6 +3,11 @@
 //! HTTP/2 CONNECT stream instead: on istiod's `connect_originate` that is HBONE — mutual TLS with
 //! the SDS identity to `podIP:15008` (ORIGINAL_DST with the port override) and `:authority` =
 //! `%DOWNSTREAM_LOCAL_ADDRESS%` (`podIP:targetPort`), on pooled connections.
+//!
+//! Once the upstream is connected, `idle_timeout` (Envoy's default 1 h; zero disables) closes
+//! both sides after that long without a byte either way (`tcp.<stat_prefix>.idle_timeout`, no
+//! response flag), and `max_downstream_connection_duration` closes them that long after the
+//! upstream connected (`tcp.<stat_prefix>.max_downstream_connection_duration`, flag `DT`).
 
 use std::{
     pin::Pin,
@@ -30,6 +35,7 @@ use crate::{
     http::{
         request,
         stream_info::{StreamLabels, UpstreamSlot},
+        timeout::{Activity, Expired, Watch},
     },
     listener::conn::{BoxIo, ConnContext, ConnValues},
     telemetry::istio::Protocol,
@@ -44,6 +50,29 @@ const DEFAULT_CONNECT_ATTEMPTS: u32 = 1;
 
 /// Envoy's `istio.stats` default `tcp_reporting_duration`.
 const DEFAULT_TCP_REPORTING: Duration = Duration::from_secs(5);
+
+/// Envoy's default tcp_proxy `idle_timeout`.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The connection's timers, from the moment the upstream connected.
+fn connection_watch(tp: &TcpProxy, activity: &Arc<Activity>) -> Watch {
+    let start = activity.started();
+    let mut w = Watch::new(activity.clone());
+    let idle = match tp.idle_timeout {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(d) => Some(d).filter(|d| !d.is_zero()),
+    };
+    if let Some(d) = idle {
+        w = w.idle(d, start, Expired::ConnectionIdle);
+    }
+    if let Some(d) = tp
+        .max_downstream_connection_duration
+        .filter(|d| !d.is_zero())
+    {
+        w = w.at(start + d, Expired::ConnectionDuration);
+    }
+    w
+}
 
 /// Proxies `io` per `tp` until either side closes. With a network `istio.stats` filter before it
 /// on the chain (`stats`), the connection is reported in Istio's TCP metrics: opened once the
@@ -90,9 +119,12 @@ pub async fn serve(
         }
     };
     let meter = Arc::new(Meter::default());
+    let activity = Activity::new();
+    let mut watch = connection_watch(&tp, &activity);
     let mut io = Metered {
         inner: io,
         meter: meter.clone(),
+        activity,
     };
     let every = stats
         .and_then(|s| s.tcp_reporting_duration)
@@ -106,37 +138,53 @@ pub async fn serve(
             *reported = (rx, tx);
         }
     };
-    let joined = crate::io::join(&mut io, &mut upstream);
-    tokio::pin!(joined);
-    let (up, down, error) = if series.is_some() && !every.is_zero() {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                r = &mut joined => break r,
-                _ = tick.tick() => report(&mut reported),
-            }
+    let mut joined = Box::pin(crate::io::join(&mut io, &mut upstream));
+    let mut tick = (series.is_some() && !every.is_zero())
+        .then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let ended = loop {
+        tokio::select! {
+            r = &mut joined => break Ok(r),
+            _ = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => report(&mut reported),
+            kind = watch.expired() => break Err(kind),
         }
-    } else {
-        joined.await
     };
+    // A timer closes both sides at once, as Envoy closes without flushing.
+    drop(joined);
+    drop(upstream);
+    drop(io);
     report(&mut reported);
     if let Some(s) = &series {
         s.closed.fetch_add(1, Ordering::Relaxed);
     }
-    log(
-        &tp,
-        &ctx,
-        started,
-        ResponseFlags::default(),
-        meter.get(),
-        &slot,
-    );
-    match error {
-        None => {
+    let flags = match ended {
+        Ok(_) => ResponseFlags::default(),
+        Err(kind) => kind.response_flags(),
+    };
+    log(&tp, &ctx, started, flags, meter.get(), &slot);
+    match ended {
+        Ok((up, down, None)) => {
             tracing::trace!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, up, down, "closed")
         }
-        Some(e) => {
+        Ok((up, down, Some(e))) => {
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, up, down, "ended: {e}")
+        }
+        Err(kind) => {
+            let stat = match kind {
+                Expired::ConnectionDuration => "max_downstream_connection_duration",
+                _ => "idle_timeout",
+            };
+            dp.server
+                .stats
+                .counter(&format!("tcp.{}.{stat}", tp.stat_prefix))
+                .inc();
+            tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, "closed: {kind}");
         }
     }
 }
@@ -340,10 +388,12 @@ impl Meter {
     }
 }
 
-/// The downstream connection, counting bytes both ways as they pass.
+/// The downstream connection, counting bytes both ways as they pass (and noting each as
+/// activity for the idle timeout).
 struct Metered {
     inner: BoxIo,
     meter: Arc<Meter>,
+    activity: Arc<Activity>,
 }
 
 impl AsyncRead for Metered {
@@ -355,7 +405,10 @@ impl AsyncRead for Metered {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
-        self.meter.received.fetch_add(n as u64, Ordering::Relaxed);
+        if n > 0 {
+            self.meter.received.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
         r
     }
 }
@@ -367,8 +420,11 @@ impl AsyncWrite for Metered {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
+        if let Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
             self.meter.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            self.activity.touch();
         }
         r
     }

@@ -238,6 +238,9 @@ async fn start(tag: &str) -> (IstiodLite, Pod, PathBuf) {
         "binaryPath": env!("CARGO_BIN_EXE_proxy"),
         "drainDuration": "1s",
         "terminationDrainDuration": "1s",
+        // What an Istio user does to see SDS stats: Istio's inclusion list keeps only its own
+        // prefixes (`server`, `cluster_manager`, `cluster.xds-grpc`, ...).
+        "proxyStatsMatcher": {"inclusionPrefixes": ["sds."]},
     });
     let log = dir.join("agent.log");
     let out = std::fs::File::create(&log).expect("log file");
@@ -479,6 +482,20 @@ async fn waypoint_admin_through_the_agent() {
         .await
         .expect("stats");
     assert!(sds.contains("sds.default.update_success: "), "{sds}");
+    // The agent's inclusion list reached the proxy: the service cluster's stats do not exist
+    // (no `cluster.` prefix was asked for), `cluster.xds-grpc;.*` does (Istio's required prefix).
+    let (_, all) = http(port, "GET", "/stats").await.expect("stats");
+    assert!(!all.contains(&format!("cluster.{VIP_CLUSTER}")), "{all}");
+    assert!(
+        all.lines().any(|l| l.starts_with("cluster.xds-grpc;.")),
+        "{all}"
+    );
+    assert!(all.contains("server.state: 0\n"), "{all}");
+    let (_, prom) = http(port, "GET", "/stats/prometheus")
+        .await
+        .expect("prometheus");
+    assert!(!prom.contains(VIP_CLUSTER), "{prom}");
+    assert!(prom.contains("cluster_name=\"xds-grpc\""), "{prom}");
 
     // 6. /clusters, /listeners, /server_info, /logging.
     let (_, clusters) = http(port, "GET", "/clusters").await.expect("clusters");

@@ -27,6 +27,30 @@
 //!   another SPIFFE identity with 403 `RBAC: access denied`; DENY `paths: ["/admin"]` cannot be
 //!   bypassed with `//admin`, `/./admin`, `/%61dmin` under meshConfig `pathNormalization:
 //!   MERGE_SLASHES` (HCM `normalize_path` + `merge_slashes`).
+//! * **timeouts** — VirtualService `timeout: 0.5s` (route `timeout` and `max_grpc_timeout`): a 2 s
+//!   upstream gets 504 `upstream request timeout` at 0.5 s with flag `UT`, a fast one sees
+//!   `x-envoy-expected-rq-timeout-ms: 500`; on istiod's default route (`timeout: 0s,
+//!   max_grpc_timeout: 0s`) `grpc-timeout: 300m` cuts a gRPC request at 0.3 s and `2S` is passed
+//!   on as `2000m`.
+//! * **mirroring** — VirtualService `mirror: {port: 8001}` + `mirrorPercentage: 100` (route
+//!   `request_mirror_policies` to the waypoint's `inbound-vip|8001|…` cluster, pushed with its EDS
+//!   and WDS port): 20 POSTs (HTTP/1.1 and h2c) each reach a second echo on the pod, over HBONE
+//!   as the waypoint, with authority `…svc.cluster.local-shadow:8000` and the same body (SHA-1);
+//!   with the endpoint moved to a dead port the primaries answer exactly as before.
+//! * **JWT** — RequestAuthentication (`jwt_authn` as `convertToEnvoyJwtConfig` builds it, inline
+//!   JWKS of an ES256 key made here) + AuthorizationPolicy `when: request.auth.claims[group] =
+//!   admins`: the claim (string or list) → 200, without it → 403, expired or forged → 401 with
+//!   Envoy's reason and challenge, no token → 403; the fixture's listener restored after.
+//! * **CORS** — VirtualService `corsPolicy` (per-route `CorsPolicy`): a preflight from the allowed
+//!   origin is answered by the waypoint (never reaches the echo), another origin's is forwarded
+//!   unmarked; simple requests get `Access-Control-Allow-Origin` / `-Expose-Headers` only from
+//!   the allowed origin on the route with the policy.
+//! * **local rate limit** — EnvoyFilter as in Istio's task (`TypedStruct` filter with a stat prefix
+//!   only, the route's own 5-token bucket): 5 pass, then 429 `local_rate_limited` with
+//!   `x-local-rate-limit: true` and `response_flags="RL"`; other routes pass.
+//!
+//! The pushed resources, the push-and-wait-for-ACK, token signing, the mirror's echo and the
+//! request client are `waypoint_testbed::scenarios`, shared with the `mesh` report.
 //!
 //! gRPC through the waypoint (Python grpcio client and server) is `tests/python/test_grpc_waypoint.py`.
 
@@ -40,35 +64,25 @@ use std::{
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
-use http::{Request, StatusCode, Uri, uri::PathAndQuery};
-use http_body_util::{Empty, Full};
+use http::{Request, StatusCode};
+use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::{Value as Json, json};
-use waypoint_proto::{
-    json::yaml_to_json,
-    resource::{CLUSTER_TYPE, LISTENER_TYPE, ResourceKind},
-};
+use serde_json::json;
+use waypoint_proto::resource::ResourceKind;
 use waypoint_shared::identity::SpiffeId;
 use waypoint_testbed::{
     hbone::{ForwarderConfig, HboneForwarder, PeerMatch},
-    istiod_lite::ads::{ConnStatus, TypeStatus},
-    waypoint::{
-        EchoSeen, FIXTURE_TEMPLATE, MeshOptions, SLEEP_IDENTITY, VIP_CLUSTER, WAYPOINT_IDENTITY,
-        WaypointMesh, http1_request, read_body, render_fixture,
+    scenarios::{
+        self, ALLOWED_ORIGIN, Answer, FAULT_DELAY, Fixture, HOST, Issuer, MIRROR_STATS, MirrorEcho,
+        OTHER_ORIGIN, SHADOW_HOST, ScenarioError, VIP_STATS, breaker_cluster, cors_listener,
+        jwt_claims, jwt_listener, mirror_endpoints, mirror_listener, rate_limit_listener,
+        rbac_listener, timeout_listener, tunnels_to, vs_listener,
     },
+    waypoint::{ECHO_NAME, EchoSeen, MeshOptions, WAYPOINT_IDENTITY, WaypointMesh, read_body},
 };
 
-/// The `Host` of requests sent through the forwarder.
-const HOST: &str = "httpbin.default.svc.cluster.local:8000";
-/// Prefix of the service cluster's stats (istiod sets `alt_stat_name` to `<name>;`).
-const VIP_STATS: &str = "cluster.inbound-vip|8000|http|httpbin.default.svc.cluster.local;";
-/// The Istio resources the pushed config stands for (route and cluster `metadata`).
-const VS_CONFIG: &str = "/apis/networking.istio.io/v1/namespaces/default/virtual-service/httpbin";
-const DR_CONFIG: &str = "/apis/networking.istio.io/v1/namespaces/default/destination-rule/httpbin";
 /// Bound for the waypoint to serve HBONE once the agent is ready.
 const HBONE_READY: Duration = Duration::from_secs(30);
-/// Bound for the proxy to ACK (or NACK) a pushed resource.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Bound for one request (the fault delay and the slow circuit-breaker request included).
 const REQUEST: Duration = Duration::from_secs(30);
 /// Bound for metrics to show what was sent, and for a stat to reach a value.
@@ -79,331 +93,41 @@ const BODY_LIMIT: usize = 64 * 1024;
 const ABORT_REQUESTS: usize = 2_000;
 const ABORT_CONCURRENCY: usize = 64;
 const ABORT_TOLERANCE: f64 = 0.03;
-/// The fixed fault delay, and the requests that check it.
-const FAULT_DELAY: Duration = Duration::from_secs(1);
+/// The requests that check the fault delay.
 const DELAYED_REQUESTS: usize = 3;
 /// The request that holds the circuit breaker's only slot, and the burst behind it.
 const SLOW_MS: u64 = 4_000;
 const BURST: usize = 9;
 /// The retried POST body.
 const RETRY_BODY_LEN: usize = 256 * 1024;
+/// Requests mirrored to the live mirror, and sent while the mirror is a dead endpoint.
+const MIRRORED: usize = 20;
+const DEAD_MIRRORED: usize = 6;
+/// Tokens of the rate-limited route's bucket (refilled once an hour: none come back in a run).
+const RATE_LIMIT_TOKENS: usize = 5;
+/// The VirtualService `timeout` of the `/timeout` route, and the upstream delay it cuts short.
+const ROUTE_TIMEOUT: Duration = Duration::from_millis(500);
+const SLOW_UPSTREAM_MS: &str = "2000";
 
 fn agent_bin() -> PathBuf {
     waypoint_testbed::waypoint::agent_beside(Path::new(env!("CARGO_BIN_EXE_proxy")))
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fixture, as istiod would change it
+// The shared scenarios (waypoint_testbed::scenarios), failing the test on errors
 // ---------------------------------------------------------------------------------------------
 
-/// The mesh fixture rendered for this mesh, as proto3-JSON documents.
-struct Fixture {
-    doc: Json,
+/// The value of a scenario step, or the test fails with its error.
+fn ok<T>(r: Result<T, ScenarioError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
 }
 
-impl Fixture {
-    fn of(mesh: &WaypointMesh) -> Self {
-        let text = render_fixture(FIXTURE_TEMPLATE, &mesh.addrs).expect("render the fixture");
-        Fixture {
-            doc: yaml_to_json(&text).expect("the fixture is YAML"),
-        }
-    }
-
-    fn named(&self, list: &str, field: &str, name: &str) -> Json {
-        self.doc[list]
-            .as_array()
-            .and_then(|l| l.iter().find(|r| r[field] == name))
-            .cloned()
-            .unwrap_or_else(|| panic!("{list} '{name}' in the fixture"))
-    }
-
-    fn main_internal(&self) -> Json {
-        self.named("listeners", "name", "main_internal")
-    }
-
-    fn vip_cluster(&self) -> Json {
-        self.named("clusters", "name", VIP_CLUSTER)
-    }
+/// Pushes `doc` and waits for the proxy's ACK; a NACK or no answer fails the test.
+async fn push(mesh: &WaypointMesh, kind: ResourceKind, doc: &serde_json::Value, what: &str) {
+    ok(scenarios::push(mesh, kind, doc, what).await);
 }
 
-/// The `HttpConnectionManager` of the service's HTTP filter chain of `main_internal`.
-fn service_hcm(main_internal: &mut Json) -> &mut Json {
-    let chain = main_internal["filter_chains"]
-        .as_array_mut()
-        .and_then(|c| c.iter_mut().find(|c| c["name"] == VIP_CLUSTER))
-        .expect("the service's filter chain");
-    let hcm = chain["filters"]
-        .as_array_mut()
-        .and_then(|f| {
-            f.iter_mut()
-                .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
-        })
-        .expect("the chain's HCM");
-    &mut hcm["typed_config"]
-}
-
-/// The service's single virtual host (`inbound|http|8000`).
-fn service_vhost(hcm: &mut Json) -> &mut Json {
-    &mut hcm["route_config"]["virtual_hosts"][0]
-}
-
-/// A route of a VirtualService `http` entry as `translateWaypointRoute` renders it: name, prefix
-/// match, config metadata, decorator, and the action of the default route with `retry_policy`
-/// (istiod: the VS `retries`, else the mesh default the fixture's route carries).
-fn vs_route(default_route: &Json, name: &str, prefix: &str, retry_policy: Option<Json>) -> Json {
-    let mut r = default_route.clone();
-    r["name"] = json!(name);
-    r["match"] = json!({"prefix": prefix});
-    r["metadata"] = json!({"filter_metadata": {"istio": {"config": VS_CONFIG}}});
-    if let Some(policy) = retry_policy {
-        r["route"]["retry_policy"] = policy;
-    }
-    r
-}
-
-/// `retry.ConvertPolicy` for `retries: {attempts: 2, retryOn: <retry_on>}`: the mesh default with
-/// `retry_on` and the status codes `retryOn` listed.
-fn vs_retry_policy(retry_on: &str, codes: &[u16]) -> Json {
-    let mut p = json!({
-        "retry_on": retry_on,
-        "num_retries": 2,
-        "retry_host_predicate": [{
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}
-        }],
-        "host_selection_retry_max_attempts": "5"
-    });
-    if !codes.is_empty() {
-        p["retriable_status_codes"] = json!(codes);
-    }
-    p
-}
-
-/// `istio_route.TranslateFault`: the per-route `envoy.filters.http.fault` config.
-fn fault_config(fault: Json) -> Json {
-    let mut config =
-        json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"});
-    if let (Some(c), Some(f)) = (config.as_object_mut(), fault.as_object()) {
-        c.extend(f.clone());
-    }
-    json!({"envoy.filters.http.fault": config})
-}
-
-/// Istio's percentage (`value: 50`) as the `FractionalPercent` istiod emits (per million).
-fn percent(value: f64) -> Json {
-    json!({"numerator": (value * 10_000.0).round() as u64, "denominator": "MILLION"})
-}
-
-/// `main_internal` for the VirtualService of the retry and fault cases:
-///
-/// ```yaml
-/// http:
-/// - {name: retry-5xx,   match: [{uri: {prefix: /retry/5xx}}],   retries: {attempts: 2, retryOn: 5xx}, route: [httpbin]}
-/// - {name: retry-codes, match: [{uri: {prefix: /retry/codes}}], retries: {attempts: 2, retryOn: "503"}, route: [httpbin]}
-/// - {name: abort, match: [{uri: {prefix: /fault/abort}}], fault: {abort: {percentage: {value: 50}, httpStatus: 503}}, route: [httpbin]}
-/// - {name: delay, match: [{uri: {prefix: /fault/delay}}], fault: {delay: {percentage: {value: 100}, fixedDelay: 1s}}, route: [httpbin]}
-/// - {name: default, route: [httpbin]}
-/// ```
-///
-/// istiod leaves `include_request_attempt_count` off on the waypoint's inbound virtual host (it
-/// sets it on sidecar and gateway hosts from `ProxyHeaders`); it is set here, as an EnvoyFilter
-/// would, so that the echo can report the attempt count.
-fn vs_listener(fixture: &Fixture) -> Json {
-    let mut l = fixture.main_internal();
-    let vhost = service_vhost(service_hcm(&mut l));
-    let default_route = vhost["routes"][0].clone();
-    let mut abort = vs_route(&default_route, "abort", "/fault/abort", None);
-    abort["typed_per_filter_config"] =
-        fault_config(json!({"abort": {"http_status": 503, "percentage": percent(50.0)}}));
-    let mut delay = vs_route(&default_route, "delay", "/fault/delay", None);
-    delay["typed_per_filter_config"] =
-        fault_config(json!({"delay": {"fixed_delay": "1s", "percentage": percent(100.0)}}));
-    let catch_all = vs_route(&default_route, "default", "/", None);
-    vhost["routes"] = json!([
-        vs_route(
-            &default_route,
-            "retry-5xx",
-            "/retry/5xx",
-            Some(vs_retry_policy("5xx", &[]))
-        ),
-        vs_route(
-            &default_route,
-            "retry-codes",
-            "/retry/codes",
-            Some(vs_retry_policy("retriable-status-codes", &[503]))
-        ),
-        abort,
-        delay,
-        catch_all,
-    ]);
-    vhost["include_request_attempt_count"] = json!(true);
-    l
-}
-
-/// The service cluster with DestinationRule `trafficPolicy.connectionPool.http.http2MaxRequests:
-/// 1`: istiod's thresholds with `max_requests` 1, the others at their defaults, and the DR named
-/// in the cluster metadata.
-fn breaker_cluster(fixture: &Fixture) -> Json {
-    let mut c = fixture.vip_cluster();
-    c["circuit_breakers"] = json!({"thresholds": [{
-        "max_connections": 4_294_967_295u64,
-        "max_pending_requests": 4_294_967_295u64,
-        "max_requests": 1,
-        "max_retries": 4_294_967_295u64,
-        "track_remaining": true
-    }]});
-    c["metadata"]["filter_metadata"]["istio"]["config"] = json!(DR_CONFIG);
-    c
-}
-
-/// An `envoy.filters.http.rbac` filter as istiod's authz builder renders it for a waypoint.
-fn rbac_filter(action: Option<&str>, policy: &str, permissions: Json, principals: Json) -> Json {
-    let mut rules =
-        json!({"policies": {policy: {"permissions": permissions, "principals": principals}}});
-    let shadow = match action {
-        Some(a) => {
-            rules["action"] = json!(a);
-            "istio_dry_run_deny_"
-        }
-        None => "istio_dry_run_allow_",
-    };
-    json!({
-        "name": "envoy.filters.http.rbac",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-            "rules": rules,
-            "shadow_rules_stat_prefix": shadow
-        }
-    })
-}
-
-/// `main_internal` with two AuthorizationPolicies on the service and meshConfig
-/// `pathNormalization: {normalization: MERGE_SLASHES}`:
-///
-/// ```yaml
-/// # deny-admin
-/// spec: {targetRefs: [{kind: Service, name: httpbin}], action: DENY,
-///        rules: [{to: [{operation: {paths: ["/admin"]}}]}]}
-/// # allow-sleep
-/// spec: {targetRefs: [{kind: Service, name: httpbin}], action: ALLOW,
-///        rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]}]}
-/// ```
-///
-/// DENY filters come first, then ALLOW, both ahead of the fixture's filters; the route config is
-/// the fixture's (no VirtualService).
-fn rbac_listener(fixture: &Fixture) -> Json {
-    let mut l = fixture.main_internal();
-    let hcm = service_hcm(&mut l);
-    hcm["normalize_path"] = json!(true);
-    hcm["merge_slashes"] = json!(true);
-    hcm["path_with_escaped_slashes_action"] = json!("KEEP_UNCHANGED");
-    let deny = rbac_filter(
-        Some("DENY"),
-        "ns[default]-policy[deny-admin]-rule[0]",
-        json!([{"and_rules": {"rules": [{"or_rules": {"rules": [
-            {"url_path": {"path": {"exact": "/admin"}}}
-        ]}}]}}]),
-        json!([{"and_ids": {"ids": [{"any": true}]}}]),
-    );
-    let allow = rbac_filter(
-        None,
-        "ns[default]-policy[allow-sleep]-rule[0]",
-        json!([{"and_rules": {"rules": [{"any": true}]}}]),
-        json!([{"and_ids": {"ids": [{"or_ids": {"ids": [{"filter_state": {
-            "key": "io.istio.peer_principal",
-            "string_match": {"exact": SLEEP_IDENTITY}
-        }}]}}]}}]),
-    );
-    let filters = hcm["http_filters"]
-        .as_array_mut()
-        .expect("the HCM's http_filters");
-    filters.insert(0, allow);
-    filters.insert(0, deny);
-    l
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pushing and waiting for the proxy's answer
-// ---------------------------------------------------------------------------------------------
-
-/// The state of `type_url` on the proxy's live ADS stream (the newest connected one).
-fn live_type(conns: &[ConnStatus], type_url: &str) -> Option<TypeStatus> {
-    conns
-        .iter()
-        .filter(|c| c.connected)
-        .filter_map(|c| c.types.get(type_url).map(|t| (c.id, t)))
-        .max_by_key(|(id, _)| *id)
-        .map(|(_, t)| t.clone())
-}
-
-/// Pushes `doc` as a `kind` resource and waits until the proxy ACKs the push; a NACK fails the
-/// test with its message.
-async fn push(mesh: &WaypointMesh, kind: ResourceKind, type_url: &str, doc: &Json, what: &str) {
-    let book = mesh.istiod.book.clone();
-    let before = live_type(&book.connections().await, type_url).unwrap_or_default();
-    if let Err(e) = mesh.istiod.push_json(kind, doc).await {
-        panic!("istiod-lite refused {what}: {e}");
-    }
-    let answered = book
-        .wait_until(ACK_WAIT, |conns| {
-            live_type(conns, type_url).is_some_and(|t| {
-                t.responses > before.responses
-                    && (t.nacks > before.nacks
-                        || (t.acks > before.acks && t.acked_version == t.sent_version))
-            })
-        })
-        .await;
-    let status = match answered {
-        Ok(conns) => live_type(&conns, type_url).unwrap_or_default(),
-        Err(conns) => panic!(
-            "{what}: no ACK within {ACK_WAIT:?}: {:#?}\n{}",
-            live_type(&conns, type_url),
-            mesh.log_tail(40)
-        ),
-    };
-    assert_eq!(
-        status.nacks,
-        before.nacks,
-        "{what} was NACKed: {:?}",
-        status.last_nack.map(|n| n.message)
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Traffic helpers
-// ---------------------------------------------------------------------------------------------
-
-/// What came back for one request.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn echo(&self, what: &str) -> EchoSeen {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "{what}: {:?}",
-            String::from_utf8_lossy(&self.body)
-        );
-        EchoSeen::parse(&self.body).unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One HTTP/1.1 request on a new connection to `addr` (each one a new HBONE stream through the
-/// forwarder, so it sees the config in force when it starts). `path` goes on the wire as given
-/// (`//admin` stays `//admin`).
+/// [`scenarios::send`]; a failed exchange fails the test.
 async fn send(
     addr: SocketAddr,
     method: &str,
@@ -411,82 +135,49 @@ async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Answer {
-    let pq = PathAndQuery::try_from(path).unwrap_or_else(|e| panic!("path {path}: {e}"));
-    let uri = Uri::from_parts({
-        let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(pq);
-        parts
-    })
-    .unwrap_or_else(|e| panic!("uri {path}: {e}"));
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", HOST);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(body)).expect("request");
-    let resp = http1_request(addr, req, REQUEST)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path} via {addr}: {e}"));
-    let (parts, body) = resp.into_parts();
-    let body = read_body(body, BODY_LIMIT, REQUEST)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path} via {addr}: {e}"));
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
+    ok(scenarios::send(addr, method, path, headers, body).await)
+}
+
+/// [`scenarios::send_h2`]; a failed exchange fails the test.
+async fn send_h2(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    ok(scenarios::send_h2(addr, method, path, headers, body).await)
+}
+
+/// An answer that must be the echo's 200.
+trait Echoed {
+    /// The echo's report; anything else fails the test with `what`.
+    fn echoed(&self, what: &str) -> EchoSeen;
+}
+
+impl Echoed for Answer {
+    fn echoed(&self, what: &str) -> EchoSeen {
+        self.echo().unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 }
 
 /// The value of a counter or gauge in the proxy's `/stats` (0 when absent).
 async fn stat(mesh: &WaypointMesh, name: &str) -> u64 {
-    let (status, body) = mesh.admin_get("/stats").await.expect("GET /stats");
-    assert_eq!(status, 200, "GET /stats");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    ok(scenarios::stat(mesh, name).await)
 }
 
-/// The sum of the `istio_requests_total` series whose labels contain every one of `labels`.
-fn requests_total(text: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
-        .sum()
+/// Waits until the `/stats` value `name` is at least `want`; returns it.
+async fn wait_stat(mesh: &WaypointMesh, name: &str, want: u64) -> u64 {
+    ok(scenarios::wait_stat(mesh, name, want, OBSERVE).await)
 }
 
-/// Scrapes the proxy's Prometheus stats until the `istio_requests_total` series with `labels`
-/// sum to `want` (bounded); returns the sum seen last and the exposition.
+/// Scrapes until the `istio_requests_total` series with `labels` sum to `want` (bounded).
 async fn wait_requests_total(mesh: &WaypointMesh, labels: &[&str], want: f64) -> (f64, String) {
-    let deadline = Instant::now() + OBSERVE;
-    loop {
-        let (status, text) = mesh
-            .admin_get("/stats/prometheus")
-            .await
-            .expect("GET /stats/prometheus");
-        assert_eq!(status, 200, "GET /stats/prometheus");
-        let got = requests_total(&text, labels);
-        if got == want || Instant::now() > deadline {
-            return (got, text);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ok(scenarios::wait_requests_total(mesh, labels, want, OBSERVE).await)
 }
 
 fn istio_request_lines(text: &str) -> String {
-    text.lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    scenarios::istio_request_lines(text)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +203,7 @@ async fn retries(mesh: &WaypointMesh) {
         body.clone(),
     )
     .await
-    .echo("the body sent to the echo directly");
+    .echoed("the body sent to the echo directly");
     let want_sha1 = direct.body_sha1.expect("the echo reports the digest");
 
     // retryOn 5xx: two 503s, then the 200 goes back; the echo saw exactly three attempts.
@@ -530,7 +221,7 @@ async fn retries(mesh: &WaypointMesh) {
         body.clone(),
     )
     .await;
-    let seen = a.echo("POST /retry/5xx (fails twice)");
+    let seen = a.echoed("POST /retry/5xx (fails twice)");
     assert_eq!(
         a.header("x-echo-request-count"),
         Some("3"),
@@ -601,7 +292,7 @@ async fn retries(mesh: &WaypointMesh) {
         body.clone(),
     )
     .await;
-    let seen = a.echo("POST /retry/codes (503 twice)");
+    let seen = a.echoed("POST /retry/codes (503 twice)");
     assert_eq!(seen.request_count, Some(3));
     assert_eq!(seen.body_sha1.as_deref(), Some(want_sha1.as_str()));
     let a = send(
@@ -721,7 +412,7 @@ async fn faults(mesh: &WaypointMesh) {
         }))
         .await;
     for (i, (took, a)) in delayed.iter().enumerate() {
-        let seen = a.echo(&format!("GET /fault/delay/{i}"));
+        let seen = a.echoed(&format!("GET /fault/delay/{i}"));
         assert_eq!(seen.path, format!("/fault/delay/{i}"));
         assert!(
             *took >= FAULT_DELAY,
@@ -747,7 +438,6 @@ async fn circuit_breaker(mesh: &WaypointMesh, fixture: &Fixture) {
     push(
         mesh,
         ResourceKind::Cluster,
-        CLUSTER_TYPE,
         &breaker_cluster(fixture),
         "the service cluster with max_requests 1",
     )
@@ -819,7 +509,7 @@ async fn circuit_breaker(mesh: &WaypointMesh, fixture: &Fixture) {
         started.elapsed()
     );
     let slow = slow.await.expect("the slow request's task");
-    assert_eq!(slow.echo("the slow request").path, "/cb/slow");
+    assert_eq!(slow.echoed("the slow request").path, "/cb/slow");
     let overflow = stat(mesh, &format!("{VIP_STATS}.upstream_rq_pending_overflow")).await;
     assert_eq!(
         overflow - overflow_before,
@@ -843,7 +533,6 @@ async fn circuit_breaker(mesh: &WaypointMesh, fixture: &Fixture) {
     push(
         mesh,
         ResourceKind::Cluster,
-        CLUSTER_TYPE,
         &fixture.vip_cluster(),
         "the service cluster without the DestinationRule",
     )
@@ -859,7 +548,7 @@ async fn circuit_breaker(mesh: &WaypointMesh, fixture: &Fixture) {
     }))
     .await;
     for a in &served {
-        a.echo("a request after the DestinationRule is gone");
+        a.echoed("a request after the DestinationRule is gone");
     }
 }
 
@@ -868,8 +557,7 @@ async fn rbac(mesh: &WaypointMesh, fixture: &Fixture) {
     push(
         mesh,
         ResourceKind::Listener,
-        LISTENER_TYPE,
-        &rbac_listener(fixture),
+        &ok(rbac_listener(fixture)),
         "main_internal with the AuthorizationPolicies",
     )
     .await;
@@ -877,7 +565,7 @@ async fn rbac(mesh: &WaypointMesh, fixture: &Fixture) {
 
     // The sleep principal is allowed; istiod's waypoint host adds no attempt count.
     let a = send(client, "GET", "/get", &[], Bytes::new()).await;
-    let seen = a.echo("sleep GET /get");
+    let seen = a.echoed("sleep GET /get");
     assert!(
         !seen.headers.contains_key("x-envoy-attempt-count"),
         "include_request_attempt_count is off on istiod's waypoint host: {:?}",
@@ -887,7 +575,7 @@ async fn rbac(mesh: &WaypointMesh, fixture: &Fixture) {
     for path in ["//get", "/./get", "/x/../get", "/%67et"] {
         let a = send(client, "GET", path, &[], Bytes::new()).await;
         assert_eq!(
-            a.echo(&format!("sleep GET {path}")).path,
+            a.echoed(&format!("sleep GET {path}")).path,
             "/get",
             "{path} forwarded normalised"
         );
@@ -913,7 +601,7 @@ async fn rbac(mesh: &WaypointMesh, fixture: &Fixture) {
     }
     // What does not normalise to /admin is not denied.
     let a = send(client, "GET", "/admin/x", &[], Bytes::new()).await;
-    a.echo("sleep GET /admin/x (the policy names /admin exactly)");
+    a.echoed("sleep GET /admin/x (the policy names /admin exactly)");
 
     // Another SPIFFE identity of the mesh: denied by the ALLOW policy.
     let other = mesh
@@ -940,7 +628,532 @@ async fn rbac(mesh: &WaypointMesh, fixture: &Fixture) {
     // The sleep client is still admitted on the same config.
     send(client, "GET", "/get", &[], Bytes::new())
         .await
-        .echo("sleep GET /get after the denial");
+        .echoed("sleep GET /get after the denial");
+}
+
+/// VirtualService `timeout`: a slow upstream is cut at the route timeout with 504 `upstream
+/// request timeout` and flag `UT`; on istiod's default route (`timeout: 0s, max_grpc_timeout:
+/// 0s`) a gRPC request's `grpc-timeout` is the limit, and is passed on to the upstream.
+async fn timeouts(mesh: &WaypointMesh, fixture: &Fixture) {
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &ok(timeout_listener(fixture, ROUTE_TIMEOUT)),
+        "main_internal with the timeout VirtualService",
+    )
+    .await;
+    let client = mesh.client_addr();
+    let ut = ["response_code=\"504\"", "response_flags=\"UT\""];
+    let (ut_before, _) = wait_requests_total(mesh, &ut, 0.0).await;
+    let grpc = ("content-type", "application/grpc");
+
+    let a = send(
+        client,
+        "GET",
+        "/timeout/slow",
+        &[("x-echo-delay-ms", SLOW_UPSTREAM_MS)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.text().as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        "a 2 s upstream on the route with the timeout"
+    );
+    assert!(
+        a.took >= ROUTE_TIMEOUT && a.took < Duration::from_millis(1_500),
+        "answered at the route timeout, not the upstream's: {:?}",
+        a.took
+    );
+    let seen = send(client, "GET", "/timeout/fast", &[], Bytes::new())
+        .await
+        .echoed("a fast upstream on the route with the timeout");
+    assert_eq!(
+        seen.headers
+            .get("x-envoy-expected-rq-timeout-ms")
+            .map(String::as_str),
+        Some("500"),
+        "{:?}",
+        seen.headers
+    );
+
+    // The default route: grpc-timeout is the route timeout.
+    let a = send(
+        client,
+        "POST",
+        "/grpc/slow",
+        &[
+            grpc,
+            ("grpc-timeout", "300m"),
+            ("x-echo-delay-ms", SLOW_UPSTREAM_MS),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
+    assert!(
+        a.took >= Duration::from_millis(300) && a.took < Duration::from_millis(1_500),
+        "answered at the grpc-timeout: {:?}",
+        a.took
+    );
+    let seen = send(
+        client,
+        "POST",
+        "/grpc/fast",
+        &[grpc, ("grpc-timeout", "2S")],
+        Bytes::new(),
+    )
+    .await
+    .echoed("a gRPC request within its grpc-timeout");
+    assert_eq!(
+        seen.headers.get("grpc-timeout").map(String::as_str),
+        Some("2000m"),
+        "{:?}",
+        seen.headers
+    );
+    let (flagged, text) = wait_requests_total(mesh, &ut, ut_before + 2.0).await;
+    assert_eq!(
+        flagged,
+        ut_before + 2.0,
+        "istio_requests_total{{response_flags=\"UT\"}}:\n{}",
+        istio_request_lines(&text)
+    );
+
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await;
+}
+
+/// VirtualService `mirror` + `mirrorPercentage: 100`: every request reaches a second echo on the
+/// pod (port 8001 → its own target port, through the sink like any waypoint upstream) with the
+/// `-shadow` host and the same body; with the mirror pointed at a dead endpoint the primary
+/// answers stay the same.
+async fn mirroring(mesh: &WaypointMesh, fixture: &Fixture) {
+    let mirror = ok(MirrorEcho::start(mesh).await);
+    let (mirror_addr, journal) = (mirror.addr, mirror.journal.clone());
+    let dead = ok(scenarios::dead_pod_port(mesh));
+
+    // The port as istiod pushes it (WDS, EDS, CDS), then the VirtualService's routes.
+    ok(scenarios::add_mirror_port(mesh, fixture, mirror_addr).await);
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &ok(mirror_listener(fixture)),
+        "main_internal with the mirroring VirtualService",
+    )
+    .await;
+    let client = mesh.client_addr();
+
+    let mut primaries = Vec::new();
+    for i in 0..MIRRORED {
+        let (path, body, a) = ok(scenarios::mirrored_post(client, i).await);
+        let seen = a.echoed(&format!("primary {i}"));
+        assert_eq!(seen.server, ECHO_NAME, "primary {i} answered by httpbin");
+        assert_eq!(seen.path, path, "primary {i}");
+        assert_eq!(seen.body_len, body.len() as u64, "primary {i}");
+        assert_eq!(
+            seen.headers.get("host").map(String::as_str),
+            Some(HOST),
+            "primary {i}"
+        );
+        assert!(seen.body_sha1.is_some(), "primary {i}: the echo's digest");
+        primaries.push(seen);
+    }
+    let entries = journal.wait_for(MIRRORED, OBSERVE).await;
+    assert_eq!(
+        entries.len(),
+        MIRRORED,
+        "mirrored requests at the mirror echo\n{}",
+        mesh.log_tail(30)
+    );
+    let mut mirrored: BTreeMap<usize, EchoSeen> = BTreeMap::new();
+    for e in &entries {
+        let seen = EchoSeen::parse(e).unwrap_or_else(|e| panic!("a mirror journal entry: {e}"));
+        let seq = seen
+            .headers
+            .get("x-mirror-seq")
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("a mirrored request without its sequence: {seen:?}"));
+        assert!(
+            mirrored.insert(seq, seen).is_none(),
+            "request {seq} mirrored twice"
+        );
+    }
+    for (i, primary) in primaries.iter().enumerate() {
+        let m = mirrored
+            .get(&i)
+            .unwrap_or_else(|| panic!("request {i} was not mirrored: {mirrored:?}"));
+        assert_eq!(
+            m.headers.get("host").map(String::as_str),
+            Some(SHADOW_HOST),
+            "mirror {i}: the -shadow authority"
+        );
+        assert_eq!(m.listener, mirror_addr.to_string(), "mirror {i}");
+        assert_eq!(
+            (m.method.as_str(), m.path.as_str()),
+            ("POST", primary.path.as_str()),
+            "mirror {i}"
+        );
+        assert_eq!(m.body_len, primary.body_len, "mirror {i}: body length");
+        assert_eq!(m.body_sha1, primary.body_sha1, "mirror {i}: the same body");
+    }
+    // The mirrors took the waypoint's way to the pod: HBONE as the waypoint, counted under the
+    // mirror port's cluster.
+    let tunnels = tunnels_to(mesh, &mirror_addr.to_string());
+    assert!(!tunnels.is_empty(), "no HBONE stream to the mirror port");
+    for t in &tunnels {
+        assert_eq!(t.peer_identity, WAYPOINT_IDENTITY, "{t:?}");
+        assert_eq!(t.status, 200, "{t:?}");
+    }
+    let total = wait_stat(
+        mesh,
+        &format!("{MIRROR_STATS}.upstream_rq_total"),
+        MIRRORED as u64,
+    )
+    .await;
+    assert_eq!(total, MIRRORED as u64, "{MIRROR_STATS}.upstream_rq_total");
+
+    // The mirror port's endpoint moves to a port nothing listens on: the sink answers the
+    // waypoint's CONNECTs with 503, and the primaries are answered exactly as before.
+    push(
+        mesh,
+        ResourceKind::Endpoint,
+        &mirror_endpoints(fixture, dead),
+        "the mirror port's endpoints on a dead port",
+    )
+    .await;
+    for (i, before) in primaries.iter().enumerate().take(DEAD_MIRRORED) {
+        let (path, body, a) = ok(scenarios::mirrored_post(client, i).await);
+        let seen = a.echoed(&format!("primary {i} with a dead mirror"));
+        assert_eq!(
+            (seen.server.as_str(), seen.path.as_str(), seen.body_len),
+            (ECHO_NAME, path.as_str(), body.len() as u64),
+            "primary {i} with a dead mirror"
+        );
+        assert_eq!(
+            seen.body_sha1, before.body_sha1,
+            "primary {i}: the same body"
+        );
+    }
+    let dead_authority = dead.to_string();
+    if let Err(e) = mesh
+        .wait_for("the mirrors' CONNECTs to the dead port", OBSERVE, || {
+            let found = tunnels_to(mesh, &dead_authority);
+            async move {
+                if found.len() >= DEAD_MIRRORED {
+                    Ok(())
+                } else {
+                    Err(format!("{} CONNECTs: {found:?}", found.len()))
+                }
+            }
+        })
+        .await
+    {
+        panic!("{e}");
+    }
+    for t in tunnels_to(mesh, &dead_authority) {
+        assert_eq!(t.status, 503, "the sink cannot reach a dead port: {t:?}");
+    }
+    assert_eq!(
+        journal.len(),
+        MIRRORED,
+        "nothing more reached the live mirror"
+    );
+    drop(mirror);
+}
+
+/// RequestAuthentication + AuthorizationPolicy `request.auth.claims[group] = admins`: a valid
+/// token with the claim passes, one without is denied by RBAC, an expired or forged token is
+/// refused by jwt_authn, no token is denied by RBAC; then the original listener comes back.
+async fn request_authentication(mesh: &WaypointMesh, fixture: &Fixture) {
+    let issuer = ok(Issuer::new());
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &ok(jwt_listener(fixture, &issuer.jwks())),
+        "main_internal with the RequestAuthentication and the claim policy",
+    )
+    .await;
+    let client = mesh.client_addr();
+    let get = |path: &'static str, token: Option<String>| async move {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        send(client, "GET", path, &headers, Bytes::new()).await
+    };
+
+    // The claim as a string and as a list holding it: admitted; the token is not sent on
+    // (istiod leaves `forward` off unless forwardOriginalToken).
+    for group in [json!("admins"), json!(["dev", "admins"])] {
+        let t = ok(issuer.token(&jwt_claims(Some(group.clone()), 600), false));
+        let seen = get("/jwt/admins", Some(t))
+            .await
+            .echoed(&format!("a valid token with group {group}"));
+        assert_eq!(seen.path, "/jwt/admins");
+        assert!(
+            !seen.headers.contains_key("authorization"),
+            "the token went upstream: {:?}",
+            seen.headers
+        );
+    }
+    // Valid tokens without the claim's value: authenticated, then denied by the policy.
+    for group in [None, Some(json!("dev")), Some(json!(["dev", "ops"]))] {
+        let t = ok(issuer.token(&jwt_claims(group.clone(), 600), false));
+        let a = get("/jwt/others", Some(t)).await;
+        assert_eq!(
+            (a.status, a.text().as_str()),
+            (StatusCode::FORBIDDEN, "RBAC: access denied"),
+            "a valid token with group {group:?}"
+        );
+    }
+    // Tokens jwt_authn refuses: 401 with Envoy's reason and challenge.
+    let expired = ok(issuer.token(&jwt_claims(Some(json!("admins")), -3_600), false));
+    let forged = ok(issuer.token(&jwt_claims(Some(json!("admins")), 600), true));
+    for (what, path, token, reason) in [
+        ("expired", "/jwt/expired", expired, "Jwt is expired"),
+        ("forged", "/jwt/forged", forged, "Jwt verification fails"),
+    ] {
+        let a = get(path, Some(token)).await;
+        assert_eq!(
+            (a.status, a.text().as_str()),
+            (StatusCode::UNAUTHORIZED, reason),
+            "an {what} token"
+        );
+        let challenge = format!(r#"Bearer realm="http://{HOST}{path}", error="invalid_token""#);
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some(challenge.as_str()),
+            "an {what} token"
+        );
+    }
+    // No token: allowed by jwt_authn (allow_missing), denied by the claim policy.
+    let a = get("/jwt/anonymous", None).await;
+    assert_eq!(
+        (a.status, a.text().as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied"),
+        "no token"
+    );
+
+    // The policies removed: the fixture's listener again, where no token is looked at.
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await;
+    let a = send(
+        client,
+        "GET",
+        "/jwt/after",
+        &[("authorization", "Bearer not-a-jwt")],
+        Bytes::new(),
+    )
+    .await;
+    let seen = a.echoed("a broken token once the RequestAuthentication is gone");
+    assert_eq!(
+        seen.headers.get("authorization").map(String::as_str),
+        Some("Bearer not-a-jwt"),
+        "sent on untouched"
+    );
+    get("/jwt/after", None)
+        .await
+        .echoed("no token once the policies are gone");
+}
+
+/// VirtualService `corsPolicy`: a preflight from the allowed origin is answered by the
+/// waypoint, one from another origin goes to the echo unmarked; simple requests from the allowed
+/// origin get the CORS response headers, others do not.
+async fn cors(mesh: &WaypointMesh, fixture: &Fixture) {
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &ok(cors_listener(fixture)),
+        "main_internal with the CORS VirtualService",
+    )
+    .await;
+    let client = mesh.client_addr();
+    let preflight = |origin: &'static str, key: &'static str| async move {
+        send(
+            client,
+            "OPTIONS",
+            "/cors/items",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "x-custom"),
+                ("x-echo-key", key),
+            ],
+            Bytes::new(),
+        )
+        .await
+    };
+    let echo_count = |key: &'static str| async move {
+        send(
+            mesh.addrs.pod_app(),
+            "GET",
+            "/count",
+            &[("x-echo-key", key)],
+            Bytes::new(),
+        )
+        .await
+        .header("x-echo-request-count")
+        .map(str::to_owned)
+    };
+
+    let a = preflight(ALLOWED_ORIGIN, "cors-preflight-allowed").await;
+    assert_eq!(a.status, StatusCode::OK, "allowed preflight: {}", a.text());
+    assert!(a.body.is_empty(), "answered by the waypoint: {}", a.text());
+    for (name, want) in [
+        ("access-control-allow-origin", ALLOWED_ORIGIN),
+        ("access-control-allow-methods", "GET,POST"),
+        ("access-control-allow-headers", "x-custom"),
+        ("access-control-max-age", "86400"),
+        ("access-control-allow-credentials", "true"),
+    ] {
+        assert_eq!(
+            a.header(name),
+            Some(want),
+            "allowed preflight: {:?}",
+            a.headers
+        );
+    }
+    assert_eq!(
+        echo_count("cors-preflight-allowed").await.as_deref(),
+        Some("1"),
+        "the allowed preflight never reached the echo (only the count request did)"
+    );
+
+    let a = preflight(OTHER_ORIGIN, "cors-preflight-other").await;
+    let seen = a.echoed("a preflight from another origin (forward_not_matching_preflights)");
+    assert_eq!(seen.method, "OPTIONS");
+    assert!(
+        a.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("access-control-")),
+        "another origin gets no CORS headers: {:?}",
+        a.headers
+    );
+    assert_eq!(
+        echo_count("cors-preflight-other").await.as_deref(),
+        Some("2"),
+        "the other origin's preflight was forwarded"
+    );
+
+    for h2 in [false, true] {
+        let headers = [("origin", ALLOWED_ORIGIN)];
+        let a = if h2 {
+            send_h2(client, "GET", "/cors/items", &headers, Bytes::new()).await
+        } else {
+            send(client, "GET", "/cors/items", &headers, Bytes::new()).await
+        };
+        a.echoed(&format!(
+            "a simple request from the allowed origin (h2c: {h2})"
+        ));
+        assert_eq!(
+            a.header("access-control-allow-origin"),
+            Some(ALLOWED_ORIGIN),
+            "h2c: {h2}"
+        );
+        assert_eq!(
+            a.header("access-control-expose-headers"),
+            Some("x-echo-server"),
+            "h2c: {h2}"
+        );
+        assert_eq!(
+            a.header("access-control-allow-credentials"),
+            Some("true"),
+            "h2c: {h2}"
+        );
+    }
+    for (what, path, origin) in [
+        ("another origin", "/cors/items", OTHER_ORIGIN),
+        ("a route without a policy", "/other", ALLOWED_ORIGIN),
+    ] {
+        let a = send(client, "GET", path, &[("origin", origin)], Bytes::new()).await;
+        a.echoed(what);
+        assert!(
+            a.headers
+                .keys()
+                .all(|k| !k.as_str().starts_with("access-control-")),
+            "{what}: no CORS headers: {:?}",
+            a.headers
+        );
+    }
+}
+
+/// A local rate limit on one route (EnvoyFilter, as in Istio's task): the bucket's tokens pass,
+/// the next requests get 429 `local_rate_limited` with flag `RL`; other routes are not limited.
+async fn local_rate_limit(mesh: &WaypointMesh, fixture: &Fixture) {
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &ok(rate_limit_listener(fixture, RATE_LIMIT_TOKENS)),
+        "main_internal with the local rate limit",
+    )
+    .await;
+    let client = mesh.client_addr();
+    for i in 0..RATE_LIMIT_TOKENS {
+        let a = send(client, "GET", &format!("/ratelimit/{i}"), &[], Bytes::new()).await;
+        a.echoed(&format!("request {i} within the bucket"));
+        assert_eq!(a.header("x-local-rate-limit"), None, "request {i}");
+    }
+    let limited = [
+        send(client, "GET", "/ratelimit/over", &[], Bytes::new()).await,
+        send_h2(client, "GET", "/ratelimit/over-h2", &[], Bytes::new()).await,
+    ];
+    for a in &limited {
+        assert_eq!(
+            (a.status, a.text().as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "local_rate_limited"),
+            "beyond the bucket"
+        );
+        assert_eq!(
+            a.header("x-local-rate-limit"),
+            Some("true"),
+            "response_headers_to_add: {:?}",
+            a.headers
+        );
+        // Envoy's local_ratelimit filter sends only its configured headers (its docs mention
+        // x-envoy-ratelimited, which only the global ratelimit filter sets).
+        assert_eq!(a.header("x-envoy-ratelimited"), None, "{:?}", a.headers);
+    }
+    // The route's bucket is its own: the other routes pass.
+    for i in 0..3 {
+        send(client, "GET", &format!("/unlimited/{i}"), &[], Bytes::new())
+            .await
+            .echoed("a route without a rate limit");
+    }
+    let want = limited.len() as f64;
+    let (flagged, text) = wait_requests_total(
+        mesh,
+        &["response_code=\"429\"", "response_flags=\"RL\""],
+        want,
+    )
+    .await;
+    assert_eq!(
+        flagged,
+        want,
+        "istio_requests_total{{response_flags=\"RL\"}}:\n{}",
+        istio_request_lines(&text)
+    );
+
+    push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await;
+    send(client, "GET", "/ratelimit/after", &[], Bytes::new())
+        .await
+        .echoed("the route once the EnvoyFilter is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -957,14 +1170,13 @@ async fn traffic_management_through_the_waypoint() {
     if let Err(e) = mesh.wait_hbone_ready(HBONE_READY).await {
         panic!("{e}");
     }
-    let fixture = Fixture::of(&mesh);
+    let fixture = ok(Fixture::of(&mesh));
     let started = Instant::now();
 
     push(
         &mesh,
         ResourceKind::Listener,
-        LISTENER_TYPE,
-        &vs_listener(&fixture),
+        &ok(vs_listener(&fixture)),
         "main_internal with the VirtualService",
     )
     .await;
@@ -976,6 +1188,16 @@ async fn traffic_management_through_the_waypoint() {
     eprintln!("circuit breaker done after {:?}", started.elapsed());
     rbac(&mesh, &fixture).await;
     eprintln!("RBAC done after {:?}", started.elapsed());
+    timeouts(&mesh, &fixture).await;
+    eprintln!("timeouts done after {:?}", started.elapsed());
+    mirroring(&mesh, &fixture).await;
+    eprintln!("mirroring done after {:?}", started.elapsed());
+    request_authentication(&mesh, &fixture).await;
+    eprintln!("JWT done after {:?}", started.elapsed());
+    cors(&mesh, &fixture).await;
+    eprintln!("CORS done after {:?}", started.elapsed());
+    local_rate_limit(&mesh, &fixture).await;
+    eprintln!("local rate limit done after {:?}", started.elapsed());
 
     let nacks = mesh.nacks().await;
     assert!(nacks.is_empty(), "NACKs: {nacks:?}");

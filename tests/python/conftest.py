@@ -965,6 +965,9 @@ def proxy_pod(istiod_site, start_agent, proxy_bin):
             "binaryPath": str(proxy_bin),
             "drainDuration": "1s",
             "terminationDrainDuration": "1s",
+            # Istio's inclusion list keeps only its own prefixes; the tests read per-cluster and
+            # SDS stats, so they ask for them as an Istio user would.
+            "proxyStatsMatcher": {"inclusionPrefixes": ["cluster.", "sds."]},
         })
         pod = start_agent(env, token=site.tokens["default/waypoint"], root_pem=site.root_pem, name="proxy-pod")
         pod.wait_ready()

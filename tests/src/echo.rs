@@ -32,6 +32,9 @@
 //!
 //! A malformed control value gets a 400 with a JSON body `{"error": "…", "header": "<name>"}`.
 //!
+//! [`EchoServer::with_journal`] also records every JSON answer in an [`EchoJournal`], for tests
+//! that never see the answers (a proxy's mirrored requests).
+//!
 //! `GET /ws` with `Upgrade: websocket` (HTTP/1.1) is a WebSocket echo: text and binary frames are
 //! sent back as they are, pings are answered with pongs, and a close is answered with a close
 //! carrying the same status code. Frames over [`WS_MAX_PAYLOAD`] bytes close the connection with 1009.
@@ -161,6 +164,7 @@ pub struct EchoServer {
     http: TcpListener,
     http_addr: SocketAddr,
     grpc: Option<(TcpListener, SocketAddr)>,
+    journal: Option<Arc<EchoJournal>>,
 }
 
 impl EchoServer {
@@ -176,7 +180,14 @@ impl EchoServer {
             http,
             http_addr,
             grpc,
+            journal: None,
         })
+    }
+
+    /// Also records every JSON answer of the HTTP listener in `journal` (see [`EchoJournal`]).
+    pub fn with_journal(mut self, journal: Arc<EchoJournal>) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// The bound address of the HTTP listener.
@@ -194,11 +205,11 @@ impl EchoServer {
         match self.grpc {
             Some((grpc, _)) => {
                 tokio::try_join!(
-                    serve_http(self.http, self.name.clone()),
+                    serve_http_journaled(self.http, self.name.clone(), self.journal),
                     serve_grpc(grpc, self.name)
                 )?;
             }
-            None => serve_http(self.http, self.name).await?,
+            None => serve_http_journaled(self.http, self.name, self.journal).await?,
         }
         Ok(())
     }
@@ -220,6 +231,15 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), EchoError> 
 /// Serves the HTTP echo (HTTP/1.1, h2c prior knowledge, WebSocket) on `listener`, answering as
 /// `name`. Runs until the task is dropped; failed accepts are logged and retried.
 pub async fn serve_http(listener: TcpListener, name: String) -> Result<(), EchoError> {
+    serve_http_journaled(listener, name, None).await
+}
+
+/// [`serve_http`], recording every JSON answer in `journal` when there is one.
+pub async fn serve_http_journaled(
+    listener: TcpListener,
+    name: String,
+    journal: Option<Arc<EchoJournal>>,
+) -> Result<(), EchoError> {
     let listener_addr = listener.local_addr().map_err(EchoError::LocalAddr)?;
     let name: Arc<str> = name.into();
     let counters = Arc::new(KeyCounters::default());
@@ -241,6 +261,7 @@ pub async fn serve_http(listener: TcpListener, name: String) -> Result<(), EchoE
             local: stream.local_addr().unwrap_or(listener_addr),
             peer,
             counters: counters.clone(),
+            journal: journal.clone(),
         });
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, conn.clone()));
@@ -262,6 +283,74 @@ struct ConnInfo {
     local: SocketAddr,
     peer: SocketAddr,
     counters: Arc<KeyCounters>,
+    journal: Option<Arc<EchoJournal>>,
+}
+
+/// Most answers an [`EchoJournal`] keeps; later ones are counted but not kept.
+pub const MAX_JOURNAL_ENTRIES: usize = 65_536;
+
+/// The JSON answers of an echo server, in the order they were made: what a test reads when
+/// nobody sees the answers themselves (a proxy's mirrored requests, whose answers it discards).
+/// Generated bodies ([`RESPONSE_SIZE_HEADER`]), resets and 400s are not JSON answers and are not
+/// recorded.
+#[derive(Debug)]
+pub struct EchoJournal {
+    // A std mutex: held for one push or copy, never across an await.
+    entries: std::sync::Mutex<Vec<Bytes>>,
+    /// How many answers were recorded (kept or not); waiters watch it.
+    recorded: tokio::sync::watch::Sender<usize>,
+}
+
+impl EchoJournal {
+    /// An empty journal, to give to [`EchoServer::with_journal`].
+    pub fn new() -> Arc<Self> {
+        Arc::new(EchoJournal {
+            entries: std::sync::Mutex::new(Vec::new()),
+            recorded: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// The answers kept so far (each one the JSON body as sent).
+    pub fn entries(&self) -> Vec<Bytes> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many answers were recorded so far.
+    pub fn len(&self) -> usize {
+        *self.recorded.borrow()
+    }
+
+    /// Whether nothing was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until at least `n` answers were recorded or `bound` passed; returns the answers
+    /// kept either way (the caller compares the count).
+    pub async fn wait_for(&self, n: usize, bound: Duration) -> Vec<Bytes> {
+        let mut seen = self.recorded.subscribe();
+        let _ = tokio::time::timeout(bound, seen.wait_for(|count| *count >= n)).await;
+        self.entries()
+    }
+
+    fn record<T: Serialize>(&self, answer: &T) {
+        let Ok(bytes) = serde_json::to_vec(answer) else {
+            return;
+        };
+        {
+            let mut entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if entries.len() < MAX_JOURNAL_ENTRIES {
+                entries.push(Bytes::from(bytes));
+            }
+        }
+        self.recorded.send_modify(|count| *count += 1);
+    }
 }
 
 /// The per-key request counts of one server ([`KEY_HEADER`]).
@@ -508,6 +597,9 @@ async fn handle(
         body_sha1: sha1.map(|s| s.digest().to_string()),
         request_count,
     };
+    if let Some(journal) = &conn.journal {
+        journal.record(&json);
+    }
     let body = if bodyless {
         EchoBody::empty()
     } else {

@@ -8,6 +8,9 @@ pub mod echo;
 /// HBONE workloads: the source-side forwarder and destination-side terminator ztunnel would be,
 /// with workload certificates from istiod-lite.
 pub mod hbone;
+/// Traffic-management scenarios (retries, faults, timeouts, circuit breaking, RBAC, mirroring,
+/// JWT, CORS, local rate limit): the resources istiod pushes for each, and what drives them.
+pub mod scenarios;
 /// gRPC over Unix sockets.
 pub mod uds;
 /// The local mesh around one waypoint on a loopback /24 ([`waypoint::WaypointMesh`]): istiod-lite,

@@ -136,6 +136,13 @@ pub const TARGET_PORT: u16 = 8080;
 pub const HBONE_PORT: u16 = crate::hbone::HBONE_PORT;
 /// The service's cluster (also its route configuration and filter chain name).
 pub const VIP_CLUSTER: &str = "inbound-vip|8000|http|httpbin.default.svc.cluster.local";
+/// The `ProxyConfig.proxyStatsMatcher.inclusionPrefixes` the harness sets by default, on top of
+/// Istio's inclusion list (which keeps only `server`, `cluster_manager`, `listener_manager`,
+/// `cluster.xds-grpc`, RBAC results, Istio's metrics ...): the per-cluster, per-HCM, per-listener,
+/// per-tcp_proxy and SDS stats the end-to-end tests and the `mesh` report read, asked for the way
+/// an Istio user asks for them.
+pub const STATS_INCLUSION_PREFIXES: &[&str] = &["cluster.", "http.", "listener.", "tcp.", "sds."];
+
 /// The waypoint pod's name.
 pub const POD_NAME: &str = "waypoint-1";
 /// Name the echo server reports (`server` in its JSON, `x-echo-server` header).
@@ -378,7 +385,9 @@ pub struct MeshOptions {
     /// the agent is spawned (for tests that watch the start-up, or run without a proxy).
     pub wait_ready: bool,
     /// `PROXY_CONFIG` fields set over the harness's (e.g. `terminationDrainDuration`,
-    /// `drainDuration`; the harness sets both to `1s`).
+    /// `drainDuration`; the harness sets both to `1s`). Later entries win. Starts with
+    /// `proxyStatsMatcher: {inclusionPrefixes: STATS_INCLUSION_PREFIXES}`; replace it (or remove
+    /// it) to see the proxy with another stats matcher.
     pub proxy_config: Vec<(String, Json)>,
     /// A command the agent runs under: `wrapper... agent proxy waypoint ...` (e.g. `unshare --pid
     /// --fork --mount-proc` to make it PID 1). [`WaypointMesh::agent_pid`] is then the wrapper's.
@@ -387,7 +396,8 @@ pub struct MeshOptions {
 
 impl MeshOptions {
     /// Defaults: the mesh fixture, proxy log level `info`, 120 s to become ready (the agent signs
-    /// its certificate and the proxy pulls xDS on a busy 2-core machine).
+    /// its certificate and the proxy pulls xDS on a busy 2-core machine), and the stats the tests
+    /// read kept ([`STATS_INCLUSION_PREFIXES`]).
     pub fn new(name: &str, proxy_bin: &Path, agent_bin: &Path) -> Self {
         MeshOptions {
             name: name.to_owned(),
@@ -402,7 +412,10 @@ impl MeshOptions {
             keep: false,
             istiod_debug: false,
             wait_ready: true,
-            proxy_config: Vec::new(),
+            proxy_config: vec![(
+                "proxyStatsMatcher".to_owned(),
+                json!({ "inclusionPrefixes": STATS_INCLUSION_PREFIXES }),
+            )],
             wrapper: Vec::new(),
         }
     }

@@ -1,7 +1,8 @@
 //! Filter-chain selection on a `main_internal` listener fronting 1,000 services: istiod's
 //! `filter_chain_matcher` (IPMatcher on the destination IP, then an exact map on the destination
 //! port) with 1,000 VIP ranges leading to 1,000 HTTP chains, each the reference snapshot's
-//! `inbound-vip` chain renamed for its service.
+//! `inbound-vip` chain renamed for its service. The same 1,000 chains are also selected by classic
+//! `filter_chain_match` (destination port + a `/32` prefix range each).
 
 use std::{hint::black_box, net::IpAddr};
 
@@ -78,6 +79,32 @@ fn listener() -> Json {
     l
 }
 
+/// The same services with classic `filter_chain_match`es instead of the matcher (only the 1,000
+/// VIP chains: the reference's other chains would all have an empty match).
+fn classic_listener() -> Json {
+    let mut l = listener();
+    if let Some(obj) = l.as_object_mut() {
+        obj.remove("filter_chain_matcher");
+    }
+    let chains: Vec<Json> = l["filter_chains"]
+        .as_array()
+        .expect("chains")
+        .iter()
+        .take(VIPS)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            c["filter_chain_match"] = json!({
+                "destination_port": PORT,
+                "prefix_ranges": [{"address_prefix": vip(i).to_string(), "prefix_len": 32}]
+            });
+            c
+        })
+        .collect();
+    l["filter_chains"] = Json::Array(chains);
+    l
+}
+
 fn no_filter_state(_: &str) -> Option<String> {
     None
 }
@@ -95,8 +122,8 @@ fn info(ip: IpAddr) -> ConnectionInfo<'static> {
 }
 
 /// `chain_select/*`: `ChainMatcher::select` for the first, middle and last VIP and an unknown IP;
-/// `listener::chain::select` (matcher + chain lookup by name) for the last VIP; the LDS push of
-/// the 1,000-chain listener.
+/// `listener::chain::select` (matcher + chain lookup) for the last VIP, with the matcher and with
+/// classic `filter_chain_match`es; the LDS push of the 1,000-chain listener.
 pub fn bench(c: &mut Criterion) {
     let doc = listener();
     let store = fixture::applied(ResourceKind::Listener, std::slice::from_ref(&doc));
@@ -135,6 +162,20 @@ pub fn bench(c: &mut Criterion) {
     );
     group.bench_function("listener_select_last_of_1k_vips", |b| {
         b.iter(|| select(black_box(l), black_box(&selector)).is_some())
+    });
+    let classic = fixture::applied(ResourceKind::Listener, &[classic_listener()]);
+    let classic_snap = classic.snapshot();
+    let cl = classic_snap
+        .listeners
+        .get("main_internal")
+        .expect("main_internal");
+    assert!(cl.chain_matcher.is_none());
+    assert_eq!(
+        select(cl, &selector).map(|c| c.name.clone()),
+        Some(chain_name(VIPS - 1))
+    );
+    group.bench_function("classic_select_last_of_1k_vips", |b| {
+        b.iter(|| select(black_box(cl), black_box(&selector)).is_some())
     });
     // The whole LDS resource: allowlist walk + compile of 1,000 HCM chains and the matcher.
     let update = fixture::update(ResourceKind::Listener, &doc);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
+mod alloc_count;
 mod chain_select;
 mod fixture;
 mod hbone;
@@ -26,6 +27,10 @@ fn config() -> Criterion {
         .sample_size(50)
         .nresamples(20_000)
 }
+
+/// Counts allocations (see `alloc_count`): the render bench reports its bytes.
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 criterion_group! {
     name = micro;

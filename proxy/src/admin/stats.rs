@@ -1,9 +1,15 @@
 //! `/stats` (text, JSON) and `/stats/prometheus`, with Envoy's tag extraction (the bootstrap's
 //! `stats_config.stats_tags`, then Envoy's default extractors unless `use_all_default_tags: false`),
 //! and the server gauges Envoy refreshes on every stats flush (`server.uptime`, `server.live`,
-//! `server.memory_allocated`, `cluster_manager.active_clusters`, ...).
+//! `server.memory_allocated`, `cluster_manager.active_clusters`, ...). Stats the bootstrap's
+//! `stats_config.stats_matcher` rejects are absent from every format: the registry's snapshot
+//! leaves them out (see [`crate::stats_matcher`]), so `usedonly`, `filter=` and `type=` narrow
+//! what remains.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use http::{Response, StatusCode};
 use serde_json::Value as Json;
@@ -71,7 +77,21 @@ impl TagExtractors {
                     regex: None,
                     fixed_value: Some(v.clone()),
                 }),
-                None => {}
+                // A name alone selects Envoy's default extractor of that name.
+                None => match DEFAULT_TAGS.iter().find(|(n, _)| *n == spec.tag_name) {
+                    Some((_, re)) => {
+                        if let Ok(regex) = regex::Regex::new(re) {
+                            extractors.push(Extractor {
+                                name: spec.tag_name.clone(),
+                                regex: Some(regex),
+                                fixed_value: None,
+                            });
+                        }
+                    }
+                    None => {
+                        tracing::warn!(target: "admin", tag = %spec.tag_name, "stats tag without a regex names no default extractor we produce; tag not extracted")
+                    }
+                },
             }
         }
         let use_defaults = config
@@ -427,10 +447,17 @@ pub fn prometheus_text(
         }
         let mut sorted = tags;
         sorted.sort();
-        let labels: Vec<String> = sorted
-            .iter()
-            .map(|(k, v)| format!("{}=\"{}\"", sanitize(k), escape_label(v)))
-            .collect();
+        // `k="v",...` built in one string (the key of the family's series map).
+        let mut labels = String::new();
+        for (i, (k, v)) in sorted.iter().enumerate() {
+            if i > 0 {
+                labels.push(',');
+            }
+            labels.push_str(&sanitize(k));
+            labels.push_str("=\"");
+            labels.push_str(&escape_label(v));
+            labels.push('"');
+        }
         let order = match kind {
             Kind::Counter => 0,
             Kind::Gauge => 1,
@@ -439,16 +466,32 @@ pub fn prometheus_text(
             .entry((order, family))
             .or_insert_with(|| (base, BTreeMap::new()))
             .1
-            .entry(labels.join(","))
+            .entry(labels)
             .or_insert(value);
     }
-    let mut body = String::new();
+    // The text is written into one buffer sized up front (values are at most 20 digits).
+    let size: usize = families
+        .iter()
+        .map(|((_, family), (base, series))| {
+            let lines: usize = series
+                .keys()
+                .map(|labels| family.len() + labels.len() + 25)
+                .sum();
+            2 * family.len() + base.len() + 24 + lines
+        })
+        .sum();
+    let mut body = String::with_capacity(size);
     for ((order, family), (base, series)) in families {
         let t = if order == 0 { "counter" } else { "gauge" };
         // Envoy writes no HELP; ours names the Envoy stat, which keeps `promtool` quiet about it.
-        body.push_str(&format!("# HELP {family} {base}\n# TYPE {family} {t}\n"));
+        let _ = write!(body, "# HELP {family} {base}\n# TYPE {family} {t}\n");
         for (labels, value) in series {
-            body.push_str(&format!("{family}{{{labels}}} {value}\n"));
+            body.push_str(&family);
+            body.push('{');
+            body.push_str(&labels);
+            body.push_str("} ");
+            let _ = write!(body, "{value}");
+            body.push('\n');
         }
     }
     // Istio's standard metrics (Envoy's `istiocustom` namespace, which Prometheus output shows
@@ -534,6 +577,21 @@ mod tests {
             )
         );
         assert_eq!(sanitize("cluster.a-b|c"), "cluster_a_b_c");
+        // A specifier with a name only selects Envoy's default extractor of that name.
+        let named: Bootstrap = waypoint_proto::json::from_json(&serde_json::json!({
+            "stats_config": {
+                "use_all_default_tags": false,
+                "stats_tags": [{"tag_name": "cluster_name"}]
+            }
+        }))
+        .expect("bootstrap");
+        assert_eq!(
+            TagExtractors::from_bootstrap(&named).extract("cluster.foo.upstream_rq_503", &none),
+            (
+                "cluster.upstream_rq_503".to_owned(),
+                vec![("cluster_name".to_owned(), "foo".to_owned())]
+            )
+        );
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -140,6 +140,17 @@ pub fn compile(b: &Bootstrap) -> Result<CompiledBootstrap, Vec<ConfigError>> {
         }
     }
 
+    // `stats_config`: the stats matcher and histogram bucket rules (the server compiles them
+    // again from the same message; here a bad one refuses the bootstrap with its path).
+    if !has_problem_under(&problems, "stats_config") {
+        if let Err(e) = crate::stats_matcher::StatsMatcher::from_bootstrap(b) {
+            problems.push(e);
+        }
+        if let Err(e) = crate::telemetry::bucket_rules(b) {
+            problems.push(e);
+        }
+    }
+
     if let Some(admin) = &b.admin
         && let Some(a) = &admin.address
         && let Err(e) = socket_address(a, "admin.address")

@@ -24,7 +24,7 @@ use super::{
     field,
     filters::{ListenerFilter, NetworkFilter, compile_network_filters},
     index,
-    matcher::ChainMatcher,
+    matcher::{ChainMatcher, ClassicIndex},
     matchers::{Cidr, cidrs},
     opt_duration,
     tls::{Side, TransportSocket},
@@ -244,6 +244,9 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
     /// `filter_chain_matcher`.
     pub chain_matcher: Option<ChainMatcher>,
+    /// `filter_chains` indexed by destination port and IP for classic `filter_chain_match`
+    /// selection (`listener::chain`).
+    pub chain_index: ClassicIndex,
     /// `per_connection_buffer_limit_bytes`.
     pub per_connection_buffer_limit_bytes: Option<u32>,
     /// `access_log`.
@@ -374,7 +377,7 @@ impl Listener {
                         "filter_chain_match would be ignored next to filter_chain_matcher; use one of them",
                     ));
                 }
-                let (matcher, referenced) = ChainMatcher::compile(m, &mpath)?;
+                let (mut matcher, referenced) = ChainMatcher::compile(m, &mpath)?;
                 for (chain, apath) in referenced {
                     if !names.contains_key(chain.as_str()) {
                         return Err(ConfigError::new(
@@ -383,9 +386,11 @@ impl Listener {
                         ));
                     }
                 }
+                matcher.resolve(&|name| names.get(name).copied());
                 Some(matcher)
             }
         };
+        let chain_index = ClassicIndex::build(&filter_chains);
         Ok(Listener {
             name: l.name.clone(),
             bind,
@@ -400,6 +405,7 @@ impl Listener {
             filter_chains,
             default_filter_chain,
             chain_matcher,
+            chain_index,
             per_connection_buffer_limit_bytes: l.per_connection_buffer_limit_bytes.map(|v| v.value),
             access_log: access_log::compile_all(&l.access_log, path)?,
             ignore_global_conn_limit: l.ignore_global_conn_limit,

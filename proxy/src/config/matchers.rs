@@ -2,7 +2,7 @@
 //! compiled once by the `regex` crate, whose syntax is RE2's), header and query-parameter matchers,
 //! IP ranges, metadata matchers and fractional percents.
 
-use std::net::IpAddr;
+use std::{cell::RefCell, collections::HashMap, net::IpAddr};
 
 use regex::Regex;
 use waypoint_proto::envoy::{
@@ -25,10 +25,63 @@ use waypoint_proto::envoy::{
 
 use super::{CompileResult, ConfigError, field, index};
 
+thread_local! {
+    /// Full-match regexes compiled inside the current [`share_regexes`] scope, by pattern.
+    static SHARED_REGEXES: RefCell<Option<HashMap<String, Regex>>> = const { RefCell::new(None) };
+}
+
+#[cfg(test)]
+thread_local! {
+    static COMPILED_REGEXES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Full-match regexes compiled on this thread so far (tests of [`share_regexes`]).
+#[cfg(test)]
+pub(crate) fn compiled_regexes() -> usize {
+    COMPILED_REGEXES.with(|c| c.get())
+}
+
+/// Ends a [`share_regexes`] scope, also when the compile inside it panics.
+struct SharedRegexScope;
+
+impl Drop for SharedRegexScope {
+    fn drop(&mut self) {
+        SHARED_REGEXES.with(|s| s.borrow_mut().take());
+    }
+}
+
+/// Runs `f` (a compile) with identical full-match regexes compiled once: a `Regex` clone shares the
+/// compiled automaton, so a pattern repeated on thousands of routes costs one compile and one
+/// program. Nested scopes join the outermost one.
+pub fn share_regexes<R>(f: impl FnOnce() -> R) -> R {
+    let outermost = SHARED_REGEXES.with(|s| {
+        let mut s = s.borrow_mut();
+        let fresh = s.is_none();
+        if fresh {
+            *s = Some(HashMap::new());
+        }
+        fresh
+    });
+    let _scope = outermost.then_some(SharedRegexScope);
+    f()
+}
+
 /// Envoy's safe_regex matches the whole input (RE2 `FullMatch`).
 pub fn full_regex(pattern: &str, path: &str) -> CompileResult<Regex> {
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| ConfigError::new(path, format!("invalid regex '{pattern}': {e}")))
+    let shared = SHARED_REGEXES.with(|s| s.borrow().as_ref().and_then(|m| m.get(pattern).cloned()));
+    if let Some(re) = shared {
+        return Ok(re);
+    }
+    let re = Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| ConfigError::new(path, format!("invalid regex '{pattern}': {e}")))?;
+    #[cfg(test)]
+    COMPILED_REGEXES.with(|c| c.set(c.get() + 1));
+    SHARED_REGEXES.with(|s| {
+        if let Some(m) = s.borrow_mut().as_mut() {
+            m.insert(pattern.to_owned(), re.clone());
+        }
+    });
+    Ok(re)
 }
 
 /// A regex used for searching and substitution (not anchored).
@@ -486,6 +539,12 @@ impl Fraction {
     /// Whether a uniformly random `draw` in `[0, denominator)` falls inside.
     pub fn hit(&self, draw: u32) -> bool {
         draw < self.numerator
+    }
+
+    /// Whether a uniformly random `random` (any `u64`) falls inside: the draw is `random` modulo
+    /// the denominator, as Envoy's `featureEnabled` takes it.
+    pub fn sample(&self, random: u64) -> bool {
+        self.denominator > 0 && self.hit((random % u64::from(self.denominator)) as u32)
     }
 }
 

@@ -1,6 +1,11 @@
 //! Route tables: virtual hosts (domain matching), routes (path/header/query matchers compiled once)
 //! and their actions — forwarding with retries, timeouts, mirrors, weighted clusters, hash policies,
-//! header operations and rewrites; redirects; direct responses.
+//! header operations and rewrites; redirects; direct responses. Each virtual host carries a
+//! [`RouteIndex`] and each table a [`DomainIndex`] (`lookup`), so selection does not scan.
+
+mod lookup;
+
+pub use lookup::{DomainIndex, RouteIndex};
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -24,11 +29,12 @@ use waypoint_proto::envoy::config::{
 
 use super::{
     CompileResult, ConfigError, duration, field,
-    filters::http::PerFilterConfig,
+    filters::{cors::CorsPolicy, http::PerFilterConfig},
     headers::HeaderPolicy,
     index, inline_text, key,
     matchers::{
-        Fraction, HeaderMatch, QueryMatch, RegexRewrite, header_matches, header_name, regex_matcher,
+        Fraction, HeaderMatch, QueryMatch, RegexRewrite, header_matches, header_name,
+        regex_matcher, share_regexes,
     },
     opt_duration,
     supported::ExtensionKind,
@@ -504,6 +510,9 @@ pub struct RouteUpgrade {
 /// `max_stream_duration`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamDuration {
+    /// The route sets `max_stream_duration` at all (Envoy's "new timeouts": the route `timeout`
+    /// and the legacy `max_grpc_timeout`/`grpc_timeout_offset` then no longer apply).
+    pub present: bool,
     /// `max_stream_duration`.
     pub max: Option<Duration>,
     /// `grpc_timeout_header_max`.
@@ -535,6 +544,8 @@ pub struct Forward {
     pub retry_policy: Option<RetryPolicy>,
     /// `request_mirror_policies`.
     pub mirrors: Vec<Mirror>,
+    /// The deprecated `cors` (used when no `typed_per_filter_config` CORS policy applies).
+    pub cors: Option<CorsPolicy>,
     /// `priority` HIGH (circuit breaker set).
     pub high_priority: bool,
     /// `hash_policy`.
@@ -800,10 +811,17 @@ impl Forward {
                 .map(|r| RetryPolicy::compile(r, &field(path, "retry_policy")))
                 .transpose()?,
             mirrors: mirrors(&a.request_mirror_policies, path)?,
+            #[allow(deprecated)]
+            cors: a
+                .cors
+                .as_ref()
+                .map(|c| CorsPolicy::compile_route(c, &field(path, "cors")))
+                .transpose()?,
             high_priority: RoutingPriority::try_from(a.priority) == Ok(RoutingPriority::High),
             hash_policy,
             upgrades,
             max_stream_duration: StreamDuration {
+                present: msd.is_some(),
                 max: opt_duration(
                     msd.and_then(|m| m.max_stream_duration.as_ref()),
                     &field(&mpath, "max_stream_duration"),
@@ -1005,12 +1023,16 @@ pub struct VirtualHost {
     pub domains: Vec<Domain>,
     /// `routes`, first match wins.
     pub routes: Vec<Route>,
+    /// Which `routes` can match a path (built from `routes`; selection goes through it).
+    pub route_index: RouteIndex,
     /// Header operations.
     pub headers: HeaderPolicy,
     /// `retry_policy` (routes without their own use it).
     pub retry_policy: Option<RetryPolicy>,
     /// `request_mirror_policies`.
     pub mirrors: Vec<Mirror>,
+    /// The deprecated `cors` (used when no `typed_per_filter_config` CORS policy applies).
+    pub cors: Option<CorsPolicy>,
     /// `include_request_attempt_count`.
     pub include_request_attempt_count: bool,
     /// `include_attempt_count_in_response`.
@@ -1030,6 +1052,12 @@ impl VirtualHost {
                 "at least one domain is required",
             ));
         }
+        let routes: Vec<Route> = v
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route::compile(r, max_body, &index(path, "routes", i)))
+            .collect::<CompileResult<_>>()?;
         Ok(VirtualHost {
             name: v.name.clone(),
             domains: v
@@ -1038,12 +1066,8 @@ impl VirtualHost {
                 .enumerate()
                 .map(|(i, d)| Domain::parse(d, &index(path, "domains", i)))
                 .collect::<CompileResult<_>>()?,
-            routes: v
-                .routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| Route::compile(r, max_body, &index(path, "routes", i)))
-                .collect::<CompileResult<_>>()?,
+            route_index: RouteIndex::build(&routes),
+            routes,
             headers: HeaderPolicy::compile(
                 &v.request_headers_to_add,
                 &v.request_headers_to_remove,
@@ -1057,6 +1081,12 @@ impl VirtualHost {
                 .map(|r| RetryPolicy::compile(r, &field(path, "retry_policy")))
                 .transpose()?,
             mirrors: mirrors(&v.request_mirror_policies, path)?,
+            #[allow(deprecated)]
+            cors: v
+                .cors
+                .as_ref()
+                .map(|c| CorsPolicy::compile_route(c, &field(path, "cors")))
+                .transpose()?,
             include_request_attempt_count: v.include_request_attempt_count,
             include_attempt_count_in_response: v.include_attempt_count_in_response,
             per_filter: per_filter(&v.typed_per_filter_config, path)?,
@@ -1089,11 +1119,18 @@ pub struct RouteConfig {
     pub ignore_path_parameters_in_path_matching: bool,
     /// `typed_per_filter_config`.
     pub per_filter: PerFilter,
+    /// `virtual_hosts` by domain (built from them; selection goes through it).
+    pub domain_index: DomainIndex,
 }
 
 impl RouteConfig {
-    /// Compiles `r` (at `path`).
+    /// Compiles `r` (at `path`). Identical regexes in the table are compiled once and shared: istiod
+    /// repeats a VirtualService's header regex on every route it generates from the rule.
     pub fn compile(r: &RouteConfiguration, path: &str) -> CompileResult<Self> {
+        share_regexes(|| Self::compile_shared(r, path))
+    }
+
+    fn compile_shared(r: &RouteConfiguration, path: &str) -> CompileResult<Self> {
         let max_body = r
             .max_direct_response_body_size_bytes
             .as_ref()
@@ -1128,6 +1165,7 @@ impl RouteConfig {
         }
         Ok(RouteConfig {
             name: r.name.clone(),
+            domain_index: DomainIndex::build(&virtual_hosts),
             virtual_hosts,
             internal_only_headers: r
                 .internal_only_headers
@@ -1154,24 +1192,15 @@ impl RouteConfig {
 
     /// The virtual host for `host` (Envoy's order: exact, longest suffix, longest prefix, `*`).
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        let host = host.to_ascii_lowercase();
-        let mut best: Option<(u8, usize, &VirtualHost)> = None;
-        for vh in &self.virtual_hosts {
-            for d in &vh.domains {
-                if !d.matches(&host) {
-                    continue;
-                }
-                let rank = match d {
-                    Domain::Exact(_) => (3, usize::MAX),
-                    Domain::Suffix(s) => (2, s.len()),
-                    Domain::Prefix(p) => (1, p.len()),
-                    Domain::Any => (0, 0),
-                };
-                if best.is_none_or(|(r, l, _)| (rank.0, rank.1) > (r, l)) {
-                    best = Some((rank.0, rank.1, vh));
-                }
-            }
-        }
-        best.map(|(_, _, vh)| vh)
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        self.domain_index
+            .find(host)
+            .and_then(|i| self.virtual_hosts.get(i))
     }
 }

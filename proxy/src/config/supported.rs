@@ -174,6 +174,8 @@ const NO_RUNTIME: &str = "names a runtime key; there is no runtime layer, so the
                           value always applies";
 const NO_TRACING: &str = "tracing spans are not emitted (not implemented); requests are proxied \
                           the same and trace headers pass through untouched";
+const ENVOY_UNIMPLEMENTED: &str = "marked [#not-implemented-hide:] in Envoy's API: Envoy accepts \
+                                   and ignores it too";
 const NO_ACTIVE_HC: &str = "only consulted by active health checking, which no cluster can enable (health_checks is rejected)";
 
 /// Per message: the fields we accept.
@@ -538,7 +540,9 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("common_http_protocol_options"),
             imp("server_name"),
             imp("server_header_transformation"),
-            imp("drain_timeout"),
+            // `drain_timeout` and `delayed_close_timeout` are not accepted: hyper's graceful
+            // shutdown sends its final GOAWAY one PING round trip after the first (not after
+            // `drain_timeout`), and closes the socket without waiting for the peer's FIN.
             imp("access_log"),
             imp("use_remote_address"),
             imp("xff_num_trusted_hops"),
@@ -556,7 +560,6 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("stream_idle_timeout"),
             imp("request_timeout"),
             imp("request_headers_timeout"),
-            imp("delayed_close_timeout"),
             imp("max_request_headers_kb"),
             imp("normalize_path"),
             imp("merge_slashes"),
@@ -689,6 +692,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("ignore_port_in_host_matching"),
             imp("ignore_path_parameters_in_path_matching"),
             imp("typed_per_filter_config"),
+            imp("request_mirror_policies"),
             ok("metadata", OPAQUE_METADATA),
         ],
     ),
@@ -706,6 +710,8 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("include_attempt_count_in_response"),
             imp("typed_per_filter_config"),
             imp("retry_policy"),
+            imp("request_mirror_policies"),
+            imp("cors"),
             ok("metadata", OPAQUE_METADATA),
         ],
     ),
@@ -774,6 +780,23 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("max_stream_duration"),
             imp("max_grpc_timeout"),
             imp("grpc_timeout_offset"),
+            imp("request_mirror_policies"),
+            imp("cors"),
+        ],
+    ),
+    msg(
+        "envoy.config.route.v3.CorsPolicy",
+        &[
+            imp("allow_origin_string_match"),
+            imp("allow_methods"),
+            imp("allow_headers"),
+            imp("expose_headers"),
+            imp("max_age"),
+            imp("allow_credentials"),
+            imp("filter_enabled"),
+            imp("shadow_enabled"),
+            imp("allow_private_network_access"),
+            imp("forward_not_matching_preflights"),
         ],
     ),
     msg(
@@ -910,8 +933,8 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("cluster"),
             imp("weighted_clusters"),
             imp("idle_timeout"),
-            imp("downstream_idle_timeout"),
-            imp("upstream_idle_timeout"),
+            ok("downstream_idle_timeout", ENVOY_UNIMPLEMENTED),
+            ok("upstream_idle_timeout", ENVOY_UNIMPLEMENTED),
             imp("access_log"),
             imp("max_connect_attempts"),
             imp("hash_policy"),
@@ -1153,10 +1176,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("filter_enabled"),
             imp("allow_private_network_access"),
             imp("forward_not_matching_preflights"),
-            ok(
-                "shadow_enabled",
-                "shadow CORS evaluation only records stats; it never changes a response",
-            ),
+            imp("shadow_enabled"),
         ],
     ),
     msg(
@@ -1171,6 +1191,12 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("response_headers_to_add"),
             imp("local_rate_limit_per_downstream_connection"),
             imp("enable_x_ratelimit_headers"),
+            imp("enable_retry_after_header"),
+            ok(
+                "always_consume_default_token_bucket",
+                "chooses between descriptor buckets and the default one; descriptors are \
+                 rejected, so the default bucket is always the one consumed",
+            ),
         ],
     ),
     msg(
@@ -1181,8 +1207,12 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("requirement_map"),
             imp("bypass_cors_preflight"),
             imp("strip_failure_response"),
-            ok("stat_prefix", STATS_ONLY),
+            imp("stat_prefix"),
         ],
+    ),
+    msg(
+        "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
+        &[imp("disabled"), imp("requirement_name")],
     ),
     msg(
         "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider",
@@ -1200,6 +1230,8 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("forward_payload_header"),
             imp("pad_forward_payload_header"),
             imp("payload_in_metadata"),
+            imp("normalize_payload_in_metadata"),
+            imp("header_in_metadata"),
             imp("clock_skew_seconds"),
             imp("claim_to_headers"),
             imp("clear_route_cache"),
@@ -1214,8 +1246,16 @@ pub static MESSAGES: &[MessageRule] = &[
         &[imp("name"), imp("value_prefix")],
     ),
     msg(
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider.NormalizePayload",
+        &[imp("space_delimited_claims")],
+    ),
+    msg(
         "envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader",
-        &[imp("header_name"), imp("claim_name")],
+        &[imp("header_name"), imp("claim_name"), imp("claim_path")],
+    ),
+    msg(
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader.PathSegment",
+        &[imp("key")],
     ),
     msg(
         "envoy.extensions.filters.http.jwt_authn.v3.RequirementRule",
@@ -1668,10 +1708,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("bootstrap_extensions"),
             imp("overload_manager"),
             imp("cluster_manager"),
-            ok(
-                "stats_config",
-                "tag extraction and inclusion lists shape Envoy's stat names; our /stats keeps its own naming",
-            ),
+            imp("stats_config"),
             ok(
                 "layered_runtime",
                 "Envoy runtime feature flags; no code path here consults a runtime key",
@@ -1689,6 +1726,34 @@ pub static MESSAGES: &[MessageRule] = &[
                 "no stats sinks are configured, so there is nothing to flush",
             ),
         ],
+    ),
+    // stats_config: tag extraction (admin/stats.rs), the stats matcher (stats_matcher.rs), bucket
+    // rules for Istio's histograms (telemetry/mod.rs). `allow_default_tag_overrides` and `bins`
+    // are not implemented, so they are refused.
+    msg(
+        "envoy.config.metrics.v3.StatsConfig",
+        &[
+            imp("stats_tags"),
+            imp("use_all_default_tags"),
+            imp("stats_matcher"),
+            imp("histogram_bucket_settings"),
+        ],
+    ),
+    msg(
+        "envoy.config.metrics.v3.TagSpecifier",
+        &[imp("tag_name"), imp("regex"), imp("fixed_value")],
+    ),
+    msg(
+        "envoy.config.metrics.v3.StatsMatcher",
+        &[
+            imp("reject_all"),
+            imp("exclusion_list"),
+            imp("inclusion_list"),
+        ],
+    ),
+    msg(
+        "envoy.config.metrics.v3.HistogramBucketSettings",
+        &[imp("match"), imp("buckets")],
     ),
     msg(
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
@@ -1846,6 +1911,11 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
         "envoy.extensions.filters.http.cors.v3.Cors",
         ExtensionKind::HttpFilter,
     ),
+    // Also a per-route config (`PerFilterConfig::compile` accepts it there).
+    ext(
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        ExtensionKind::HttpFilter,
+    ),
     ext(
         "envoy.extensions.filters.http.rbac.v3.RBAC",
         ExtensionKind::HttpFilter,
@@ -1862,7 +1932,15 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
     ),
     // per-route filter configs
     ext(
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        ExtensionKind::PerRouteFilter,
+    ),
+    ext(
         "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+        ExtensionKind::PerRouteFilter,
+    ),
+    ext(
+        "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
         ExtensionKind::PerRouteFilter,
     ),
     ext(

@@ -975,25 +975,8 @@ fn istio_policy_and_traffic_features_compile() {
         &[update(ResourceKind::Listener, &l)],
         &[],
     );
-    // Mirroring, CORS policies and local rate limits are compiled but not wired to the data path
-    // yet, so the allowlist refuses them (NACK) rather than ignoring them.
-    assert_eq!(errors.len(), 1, "{errors:#?}");
-    for part in ["request_mirror_policies", "CorsPolicy", "LocalRateLimit"] {
-        assert!(errors[0].message.contains(part), "{part}: {errors:#?}");
-    }
-    // The compile step itself (past the allowlist) produces the shapes the data path will use;
-    // a per-route CORS policy is refused there too (an extension the data path does not run).
-    let mut l = l;
-    let per_route = &mut l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
-        [0]["routes"][0]["typed_per_filter_config"];
-    per_route
-        .as_object_mut()
-        .expect("typed_per_filter_config")
-        .remove("envoy.filters.http.cors");
-    l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-        .as_array_mut()
-        .expect("http_filters")
-        .remove(2);
+    // Mirroring, CORS policies and local rate limits run on the data path: all accepted.
+    assert!(errors.is_empty(), "{errors:#?}");
     let raw: super::RawListener = waypoint_proto::json::from_json(&l).expect("decodes");
     let compiled = super::Listener::compile(raw, "").expect("compiles");
     let l = &compiled;
@@ -1049,7 +1032,14 @@ fn istio_policy_and_traffic_features_compile() {
     let rules = rbac.rules.as_ref().expect("rules");
     assert_eq!(rules.action, RbacAction::Deny);
     assert_eq!(rules.policies[0].name, "ns[default]-policy[deny]-rule[0]");
-    let HttpFilterKind::Router(router) = &hcm.http_filters[5].kind else {
+    let HttpFilterKind::LocalRateLimit(rl) = &hcm.http_filters[2].kind else {
+        panic!("local rate limit")
+    };
+    assert_eq!(rl.bucket.map(|b| b.max_tokens), Some(10));
+    assert_eq!((rl.enabled.numerator, rl.enforced.numerator), (100, 100));
+    assert_eq!(rl.response_headers.add[0].name, "x-local-rate-limit");
+    assert!(matches!(hcm.http_filters[5].kind, HttpFilterKind::Cors));
+    let HttpFilterKind::Router(router) = &hcm.http_filters[6].kind else {
         panic!("router")
     };
     assert!(router.suppress_envoy_headers);
@@ -1091,6 +1081,13 @@ fn istio_policy_and_traffic_features_compile() {
         r0.per_filter["envoy.filters.http.fault"],
         PerFilterConfig::Fault(_)
     ));
+    let PerFilterConfig::Cors(cors) = &r0.per_filter["envoy.filters.http.cors"] else {
+        panic!("cors policy")
+    };
+    assert_eq!(
+        (cors.allow_origins.len(), cors.allow_methods.as_str()),
+        (1, "GET,POST")
+    );
     assert_eq!(r0.headers.response.remove, ["x-internal"]);
     let Action::Redirect(rd) = &vh.routes[1].action else {
         panic!("redirect")
@@ -1111,6 +1108,53 @@ fn istio_policy_and_traffic_features_compile() {
         net_rbac.rules.as_ref().map(|r| r.action),
         Some(RbacAction::Allow)
     );
+}
+
+#[test]
+fn unimplemented_mirror_and_rate_limit_fields_are_refused_by_name() {
+    let hcm_path = "filter_chains[0].filters[0].typed_config";
+    // Local rate limit descriptors and route-driven `rate_limits` are not implemented.
+    for (field, value) in [
+        (
+            "descriptors",
+            json!([{"entries": [{"key": "k", "value": "v"}],
+                "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]),
+        ),
+        (
+            "rate_limits",
+            json!([{"actions": [{"remote_address": {}}]}]),
+        ),
+    ] {
+        let mut l = policy_listener();
+        l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][2]["typed_config"]
+            [field] = value;
+        let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+        assert!(
+            msg.starts_with(&format!(
+                "{hcm_path}.http_filters[2].typed_config.{field}: field '{field}' of \
+                 envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit is not supported"
+            )),
+            "{msg}"
+        );
+    }
+    // Mirror header mutations are not implemented.
+    let mut l = policy_listener();
+    l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        [0]["route"]["request_mirror_policies"][0]["request_headers_mutations"] =
+        json!([{"remove": "x-a"}]);
+    let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+    assert!(
+        msg.contains("request_mirror_policies[0].request_headers_mutations: field 'request_headers_mutations'"),
+        "{msg}"
+    );
+    // A per-route local rate limit needs its own bucket (Envoy refuses it otherwise).
+    let mut l = policy_listener();
+    l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        [0]["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"] = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "route"});
+    let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+    assert!(msg.contains("token_bucket"), "{msg}");
 }
 
 #[test]
@@ -1233,4 +1277,92 @@ fn rbac_claims_or_match_is_accepted() {
         &[],
     );
     assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn timeout_fields_we_cannot_apply_are_refused_and_envoys_unimplemented_ones_ignored() {
+    // drain_timeout / delayed_close_timeout: not applied by our codecs, so refused by name.
+    for field in ["drain_timeout", "delayed_close_timeout"] {
+        let mut l = named(ResourceKind::Listener, "connect_terminate");
+        l["filter_chains"][0]["filters"][0]["typed_config"][field] = json!("5s");
+        let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+        assert!(
+            msg.starts_with(&format!(
+                "filter_chains[0].filters[0].typed_config.{field}: field '{field}'"
+            )),
+            "{msg}"
+        );
+    }
+    // Keepalive jitter cannot be given to hyper's PINGs.
+    let mut l = named(ResourceKind::Listener, "connect_terminate");
+    l["filter_chains"][0]["filters"][0]["typed_config"]["http2_protocol_options"]["connection_keepalive"]
+        ["interval_jitter"] = json!({"value": 5});
+    let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+    assert!(
+        msg.contains("connection_keepalive.interval_jitter"),
+        "{msg}"
+    );
+    // tcp_proxy's downstream/upstream_idle_timeout are [#not-implemented-hide:] in Envoy:
+    // accepted and ignored, as Envoy does.
+    let mut l = named(ResourceKind::Listener, "main_internal");
+    let chains = l["filter_chains"].as_array_mut().expect("chains");
+    let chain = chains
+        .iter_mut()
+        .find(|c| c["name"] == "direct-tcp")
+        .expect("direct-tcp chain");
+    let tcp = chain["filters"]
+        .as_array_mut()
+        .expect("filters")
+        .iter_mut()
+        .find(|f| f["name"] == "envoy.filters.network.tcp_proxy")
+        .expect("tcp_proxy");
+    tcp["typed_config"]["downstream_idle_timeout"] = json!("10s");
+    tcp["typed_config"]["upstream_idle_timeout"] = json!("10s");
+    tcp["typed_config"]["idle_timeout"] = json!("0s");
+    tcp["typed_config"]["max_downstream_connection_duration"] = json!("60s");
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+}
+
+#[test]
+fn route_max_stream_duration_presence_is_kept() {
+    use crate::config::route::Action;
+    let mut l = named(ResourceKind::Listener, "connect_terminate");
+    let route = &mut l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+        [0]["routes"][0]["route"];
+    route["max_stream_duration"] = json!({});
+    route["idle_timeout"] = json!("0s");
+    route["retry_policy"] = json!({"retry_on": "5xx", "per_try_idle_timeout": "2s"});
+    let store = ConfigStore::default();
+    assert!(
+        store
+            .apply(
+                ResourceKind::Listener,
+                &[update(ResourceKind::Listener, &l)],
+                &[]
+            )
+            .is_empty()
+    );
+    let snap = store.snapshot();
+    let chain = &snap.listeners["connect_terminate"].filter_chains[0];
+    let NetworkFilterKind::HttpConnectionManager(hcm) = &chain.filters[0].kind else {
+        panic!("hcm expected")
+    };
+    let crate::config::filters::hcm::Routes::Inline(rc) = &hcm.routes else {
+        panic!("inline routes");
+    };
+    let Action::Forward(fwd) = &rc.virtual_hosts[0].routes[0].action else {
+        panic!("forward");
+    };
+    assert!(
+        fwd.max_stream_duration.present,
+        "an empty message still counts"
+    );
+    assert_eq!(fwd.max_stream_duration.max, None);
+    assert_eq!(fwd.idle_timeout, Some(Duration::ZERO));
+    assert_eq!(
+        fwd.retry_policy
+            .as_ref()
+            .and_then(|p| p.per_try_idle_timeout),
+        Some(Duration::from_secs(2))
+    );
 }

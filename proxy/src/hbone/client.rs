@@ -1,6 +1,9 @@
 //! The HBONE client: mTLS HTTP/2 CONNECT to `podIP:15008` with `:authority` = `podIP:targetPort`.
 //! Connections are pooled per destination address (one identity per client) and reused until they
-//! carry `max_streams_per_connection` tunnels; broken connections are evicted.
+//! carry `max_streams_per_connection` tunnels; broken connections are evicted. A connection
+//! without tunnels for the cluster's `idle_timeout` is closed, one older than its
+//! `max_connection_duration` takes no new tunnels, and keepalive PINGs (when configured) close
+//! a connection whose peer stopped answering.
 
 use std::{
     collections::HashMap,
@@ -11,17 +14,23 @@ use std::{
     },
 };
 
+use crate::http::timeout::{ConnActivity, StreamGuard};
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, sync::Mutex};
 
-use super::{H2Settings, HboneError, stream::H2Stream};
+use super::{H2Settings, HboneError, Keepalive, keepalive_dead, stream::H2Stream};
 
 /// One pooled HTTP/2 connection.
 struct PooledConn {
     send: h2::client::SendRequest<Bytes>,
-    active: Arc<AtomicUsize>,
+    activity: Arc<ConnActivity>,
+    /// After `max_connection_duration`: no new tunnels.
+    retire_at: Option<tokio::time::Instant>,
+    /// Tunnels opened on it so far (`max_requests_per_connection`).
+    served: u32,
 }
 
 /// A tunnel plus the guard that counts it against its connection.
@@ -31,22 +40,18 @@ pub struct Tunnel {
     _guard: StreamGuard,
 }
 
-struct StreamGuard(Arc<AtomicUsize>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// The pooled connections to one destination from one worker.
+type Slot = Arc<Mutex<Vec<PooledConn>>>;
 
 /// HBONE client with a connection pool.
 pub struct HboneClient {
     tls: Arc<rustls::ClientConfig>,
     settings: H2Settings,
     max_streams_per_connection: usize,
-    /// Per destination; the inner lock is held while dialing so concurrent tunnels to a new
-    /// destination share the first connection instead of each opening one.
-    pool: Mutex<HashMap<SocketAddr, Arc<Mutex<Vec<PooledConn>>>>>,
+    /// Per destination and worker thread (a tunnel and its HTTP/2 connection share a thread, as
+    /// Envoy's per-worker pools do); the inner lock is held while dialing so concurrent tunnels
+    /// to a new destination share the first connection instead of each opening one.
+    pool: Mutex<HashMap<(SocketAddr, usize), Slot>>,
     connections_opened: AtomicUsize,
 }
 
@@ -77,6 +82,9 @@ impl HboneClient {
             .map_err(|_| HboneError::Timeout("TCP connect"))?
             .map_err(|source| HboneError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        if let Some(k) = &self.settings.tcp_keepalive {
+            crate::upstream::connect::set_tcp_keepalive(&tcp, k);
+        }
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let tls = tokio::time::timeout(
             self.settings.handshake_timeout,
@@ -91,15 +99,41 @@ impl HboneClient {
             .max_header_list_size(self.settings.max_header_list_size)
             .handshake::<_, Bytes>(tls)
             .await?;
+        let mut connection = connection;
+        let mut keepalive = Keepalive::start(connection.ping_pong(), &self.settings);
+        let activity = ConnActivity::new();
+        let idle = self.settings.idle_timeout.filter(|d| !d.is_zero());
+        let watched = activity.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(target: "hbone", %addr, "HBONE client connection ended: {e}");
+            // Dropping the connection (idle, dead peer) closes the socket; the pool sees it
+            // closed at the next checkout.
+            tokio::select! {
+                r = &mut connection => {
+                    if let Err(e) = r {
+                        tracing::debug!(target: "hbone", %addr, "HBONE client connection ended: {e}");
+                    }
+                }
+                _ = async {
+                    match idle {
+                        Some(d) => watched.idle_for(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => tracing::debug!(target: "hbone", %addr, "HBONE connection idle; closing"),
+                _ = keepalive_dead(&mut keepalive) => {
+                    tracing::debug!(target: "hbone", %addr, "keepalive PING unanswered; closing");
+                }
             }
         });
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             send,
-            active: Arc::new(AtomicUsize::new(0)),
+            activity,
+            served: 0,
+            retire_at: self
+                .settings
+                .max_connection_duration
+                .filter(|d| !d.is_zero())
+                .map(|d| tokio::time::Instant::now() + d),
         })
     }
 
@@ -108,23 +142,36 @@ impl HboneClient {
         &self,
         addr: SocketAddr,
     ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), HboneError> {
-        let slot = self.pool.lock().await.entry(addr).or_default().clone();
+        let slot = self
+            .pool
+            .lock()
+            .await
+            .entry((addr, crate::workers::current()))
+            .or_default()
+            .clone();
         let mut conns = slot.lock().await;
-        // Evict connections whose HTTP/2 side is gone.
+        // Evict connections whose HTTP/2 side is gone, and those past `max_connection_duration`
+        // (their tunnels finish; the connection closes with its last one).
+        let now = tokio::time::Instant::now();
+        let max_requests = self.settings.max_requests_per_connection;
         conns.retain_mut(|c| {
-            futures::FutureExt::now_or_never(std::future::poll_fn(|cx| c.send.poll_ready(cx)))
+            c.retire_at.is_none_or(|t| t > now)
+                && max_requests.is_none_or(|m| c.served < m)
+                && futures::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+                    c.send.poll_ready(cx)
+                }))
                 .is_none_or(|r| r.is_ok())
         });
         if let Some(c) = conns
-            .iter()
-            .find(|c| c.active.load(Ordering::Relaxed) < self.max_streams_per_connection)
+            .iter_mut()
+            .find(|c| c.activity.active() < self.max_streams_per_connection)
         {
-            c.active.fetch_add(1, Ordering::Relaxed);
-            return Ok((c.send.clone(), StreamGuard(c.active.clone())));
+            c.served = c.served.saturating_add(1);
+            return Ok((c.send.clone(), c.activity.stream()));
         }
-        let conn = self.dial(addr).await?;
-        conn.active.fetch_add(1, Ordering::Relaxed);
-        let out = (conn.send.clone(), StreamGuard(conn.active.clone()));
+        let mut conn = self.dial(addr).await?;
+        conn.served = 1;
+        let out = (conn.send.clone(), conn.activity.stream());
         conns.push(conn);
         Ok(out)
     }

@@ -20,6 +20,19 @@ pub struct H2Settings {
     pub keepalive_interval: Option<Duration>,
     /// How long a PING may go unanswered before the connection is closed (istiod: 20s).
     pub keepalive_timeout: Duration,
+    /// Random extra delay before each PING, in percent of the interval (Envoy's
+    /// `interval_jitter` default: 15 %).
+    pub keepalive_jitter_percent: u32,
+    /// Close the connection after this long without streams (`common_http_protocol_options.
+    /// idle_timeout`, Envoy's default 1 h; `None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Drain the connection (GOAWAY) this long after it opened (`max_connection_duration`).
+    pub max_connection_duration: Option<Duration>,
+    /// Streams one connection carries in all (`max_requests_per_connection`): the server drains
+    /// it after that many, the client opens a new one.
+    pub max_requests_per_connection: Option<u32>,
+    /// Client: TCP keepalive on the connection's socket (`upstream_connection_options`).
+    pub tcp_keepalive: Option<crate::config::cluster::TcpKeepalive>,
     /// SETTINGS_MAX_HEADER_LIST_SIZE (Envoy default: 60 KiB of request headers).
     pub max_header_list_size: u32,
     /// Initial stream window.
@@ -40,6 +53,11 @@ impl Default for H2Settings {
             max_concurrent_streams: 100,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(20),
+            keepalive_jitter_percent: 15,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            max_requests_per_connection: None,
+            tcp_keepalive: None,
             max_header_list_size: 60 * 1024,
             initial_stream_window: 4 * 1024 * 1024,
             initial_connection_window: 16 * 1024 * 1024,
@@ -47,6 +65,73 @@ impl Default for H2Settings {
             max_local_error_reset_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// A running keepalive: HTTP/2 PINGs every interval (plus jitter), and a signal when one went
+/// unanswered for the timeout (Envoy's `connection_keepalive`). The PINGs run in their own task so
+/// that a PING in flight is never cancelled by the connection's loop; dropping this stops them.
+pub(crate) struct Keepalive {
+    task: tokio::task::JoinHandle<()>,
+    /// Taken once it resolved (a finished receiver must not be polled again).
+    dead: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Keepalive {
+    /// Starts PINGs on `ping_pong` per `s` (`None` without an interval).
+    pub(crate) fn start(ping_pong: Option<h2::PingPong>, s: &H2Settings) -> Option<Keepalive> {
+        let (interval, mut pp) = (s.keepalive_interval.filter(|i| !i.is_zero())?, ping_pong?);
+        let (timeout, jitter) = (s.keepalive_timeout, s.keepalive_jitter_percent);
+        let (tx, dead) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let spread = interval.as_millis() * u128::from(jitter) / 100;
+                let extra = match u64::try_from(spread) {
+                    Ok(0) | Err(_) => 0,
+                    Ok(n) => rand::random::<u64>() % n,
+                };
+                tokio::time::sleep(interval + Duration::from_millis(extra)).await;
+                match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    // The connection is gone; its owner notices by itself.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let _ = tx.send(());
+                        return;
+                    }
+                }
+            }
+        });
+        Some(Keepalive {
+            task,
+            dead: Some(dead),
+        })
+    }
+
+    /// Resolves when a PING went unanswered (never if the connection ended first).
+    pub(crate) async fn dead(&mut self) {
+        if let Some(rx) = self.dead.as_mut() {
+            let r = rx.await;
+            self.dead = None;
+            if r.is_ok() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Drop for Keepalive {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits on an optional keepalive (forever without one).
+pub(crate) async fn keepalive_dead(k: &mut Option<Keepalive>) {
+    match k {
+        Some(k) => k.dead().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -129,10 +214,12 @@ mod tests {
         )
     }
 
-    /// Routes `…:7` to a TCP echo server, refuses the rest with 503 (`UH`), and records peers.
+    /// Routes `…:7` to a TCP echo server, refuses the rest with 503 (`UH`), and records peers
+    /// and connection events.
     struct Router {
         echo: SocketAddr,
         seen: tokio::sync::mpsc::UnboundedSender<(String, Option<String>, Option<String>)>,
+        events: Option<tokio::sync::mpsc::UnboundedSender<super::server::ConnEvent>>,
     }
 
     impl ConnectHandler for Router {
@@ -159,6 +246,12 @@ mod tests {
                 }
             })
         }
+
+        fn event(&self, event: super::server::ConnEvent) {
+            if let Some(tx) = &self.events {
+                let _ = tx.send(event);
+            }
+        }
     }
 
     async fn tcp_echo() -> SocketAddr {
@@ -176,6 +269,14 @@ mod tests {
     }
 
     async fn hbone_server(server_id: &Identity, router: Arc<Router>) -> SocketAddr {
+        hbone_server_with(server_id, router, H2Settings::default()).await
+    }
+
+    async fn hbone_server_with(
+        server_id: &Identity,
+        router: Arc<Router>,
+        settings: H2Settings,
+    ) -> SocketAddr {
         let tls = Arc::new(
             mesh_server_config(
                 server_id,
@@ -191,7 +292,8 @@ mod tests {
             let _keep = _drain_tx;
             while let Ok((tcp, remote)) = l.accept().await {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                let (router, drain) = (router.clone(), drain_rx.clone());
+                let (router, drain, settings) =
+                    (router.clone(), drain_rx.clone(), settings.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -210,8 +312,7 @@ mod tests {
                             "spiffe://cluster.local/ns/default/sa/waypoint".into(),
                         ),
                     };
-                    let _ =
-                        serve_connection(tls, info, &H2Settings::default(), router, drain).await;
+                    let _ = serve_connection(tls, info, &settings, router, drain).await;
                 });
             }
         });
@@ -227,6 +328,7 @@ mod tests {
             Arc::new(Router {
                 echo: tcp_echo().await,
                 seen: seen_tx,
+                events: None,
             }),
         )
         .await;
@@ -297,6 +399,7 @@ mod tests {
             Arc::new(Router {
                 echo: tcp_echo().await,
                 seen: seen_tx,
+                events: None,
             }),
         )
         .await;
@@ -334,5 +437,175 @@ mod tests {
         let _d = client.connect(server, "10.0.0.1:7", &[]).await.expect("d");
         assert_eq!(client.connections_opened(), 2, "freed capacity is reused");
         drop(c);
+    }
+
+    fn tls_client(id: &Identity) -> Arc<rustls::ClientConfig> {
+        Arc::new(mesh_client_config(id, vec![], &[b"h2"]).expect("client tls"))
+    }
+
+    #[tokio::test]
+    async fn server_keepalive_pings_and_drops_a_peer_that_never_answers() {
+        let (waypoint, sleep) = identities();
+        let (seen_tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let settings = H2Settings {
+            keepalive_interval: Some(std::time::Duration::from_millis(100)),
+            keepalive_timeout: std::time::Duration::from_millis(200),
+            ..H2Settings::default()
+        };
+        let server = hbone_server_with(
+            &waypoint,
+            Arc::new(Router {
+                echo: tcp_echo().await,
+                seen: seen_tx,
+                events: Some(events_tx),
+            }),
+            settings,
+        )
+        .await;
+        // A raw HTTP/2 client over mTLS: preface, SETTINGS, an ACK of the server's SETTINGS,
+        // and then silence: PINGs are counted, never answered.
+        let tcp = TcpStream::connect(server).await.expect("tcp");
+        let mut tls = tokio_rustls::TlsConnector::from(tls_client(&sleep))
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+                tcp,
+            )
+            .await
+            .expect("tls");
+        let frame = |kind: u8, flags: u8| vec![0, 0, 0, kind, flags, 0, 0, 0, 0];
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(0x4, 0));
+        tls.write_all(&hello).await.expect("preface");
+        let (mut pings, mut head) = (0, [0u8; 9]);
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while tls.read_exact(&mut head).await.is_ok() {
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                if tls.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                match (head[3], head[4] & 1) {
+                    (0x4, 0) => {
+                        let _ = tls.write_all(&frame(0x4, 1)).await;
+                    }
+                    (0x6, 0) => pings += 1,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the silent peer was dropped");
+        assert!(pings >= 1, "PINGs were sent");
+        assert_eq!(
+            events.recv().await,
+            Some(super::server::ConnEvent::KeepaliveTimeout)
+        );
+        // A peer that answers (the h2 crate does) keeps its connection past several intervals.
+        let client = HboneClient::new(tls_client(&sleep), H2Settings::default(), 100);
+        let mut t = client
+            .connect(server, "10.0.0.1:7", &[])
+            .await
+            .expect("tunnel");
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        t.stream.write_all(b"still here").await.expect("write");
+        let mut back = [0u8; 10];
+        t.stream.read_exact(&mut back).await.expect("read");
+        assert_eq!(&back, b"still here");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_on_both_sides() {
+        let (waypoint, sleep) = identities();
+        let (seen_tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let server = hbone_server_with(
+            &waypoint,
+            Arc::new(Router {
+                echo: tcp_echo().await,
+                seen: seen_tx,
+                events: Some(events_tx),
+            }),
+            H2Settings {
+                idle_timeout: Some(std::time::Duration::from_millis(200)),
+                ..H2Settings::default()
+            },
+        )
+        .await;
+        // The server drains a connection whose last tunnel closed 200 ms ago (GOAWAY).
+        let client = HboneClient::new(
+            tls_client(&sleep),
+            H2Settings {
+                idle_timeout: None,
+                ..H2Settings::default()
+            },
+            100,
+        );
+        let t = client
+            .connect(server, "10.0.0.1:7", &[])
+            .await
+            .expect("tunnel");
+        drop(t);
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(10), events.recv())
+                .await
+                .expect("in time"),
+            Some(super::server::ConnEvent::IdleTimeout)
+        );
+        // The client notices the GOAWAY and opens a new connection.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let t = client.connect(server, "10.0.0.1:7", &[]).await;
+            if t.is_ok() && client.connections_opened() == 2 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no new connection");
+            tokio::task::yield_now().await;
+        }
+        // The client closes its own idle connections too (the server here never would).
+        let quiet = hbone_server(
+            &waypoint,
+            Arc::new(Router {
+                echo: tcp_echo().await,
+                seen: tokio::sync::mpsc::unbounded_channel().0,
+                events: None,
+            }),
+        )
+        .await;
+        let client = HboneClient::new(
+            tls_client(&sleep),
+            H2Settings {
+                idle_timeout: Some(std::time::Duration::from_millis(200)),
+                ..H2Settings::default()
+            },
+            100,
+        );
+        drop(
+            client
+                .connect(quiet, "10.0.0.1:7", &[])
+                .await
+                .expect("tunnel"),
+        );
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // Stay away longer than the idle timeout (the period under test), then come back:
+            // the pooled connection is gone and a new one opens.
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            drop(
+                client
+                    .connect(quiet, "10.0.0.1:7", &[])
+                    .await
+                    .expect("tunnel"),
+            );
+            if client.connections_opened() == 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the idle connection stayed"
+            );
+        }
     }
 }

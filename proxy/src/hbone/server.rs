@@ -11,7 +11,8 @@ use tokio::{
     sync::watch,
 };
 
-use super::{H2Settings, HboneError, stream::H2Stream};
+use super::{H2Settings, HboneError, Keepalive, keepalive_dead, stream::H2Stream};
+use crate::http::timeout::ConnActivity;
 
 /// A byte stream the tunnel is joined to.
 pub trait Tunnel: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -49,10 +50,26 @@ pub enum Decision {
     Refuse(StatusCode, &'static str),
 }
 
+/// Why the server drains or drops a connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// No stream for `idle_timeout`: GOAWAY.
+    IdleTimeout,
+    /// `max_connection_duration` reached: GOAWAY, in-flight tunnels finish.
+    MaxDuration,
+    /// `max_requests_per_connection` streams served: GOAWAY.
+    MaxRequests,
+    /// A keepalive PING went unanswered: the connection is closed.
+    KeepaliveTimeout,
+}
+
 /// Decides what to do with CONNECT requests.
 pub trait ConnectHandler: Send + Sync + 'static {
     /// Handles one request.
     fn connect(&self, req: ConnectRequest) -> Pin<Box<dyn Future<Output = Decision> + Send>>;
+
+    /// Told when the server drains or drops a connection on its own (for stats).
+    fn event(&self, _event: ConnEvent) {}
 }
 
 fn h2_builder(s: &H2Settings) -> h2::server::Builder {
@@ -67,7 +84,9 @@ fn h2_builder(s: &H2Settings) -> h2::server::Builder {
 }
 
 /// Serves HBONE on an established TLS connection until it closes or `drain` fires (then GOAWAY,
-/// and in-flight tunnels finish).
+/// and in-flight tunnels finish). The connection's own limits drain it the same way (no stream
+/// for `idle_timeout`, `max_connection_duration`, `max_requests_per_connection`); a keepalive
+/// PING left unanswered closes it at once.
 pub async fn serve_connection<IO>(
     io: IO,
     conn: ConnInfo,
@@ -78,6 +97,7 @@ pub async fn serve_connection<IO>(
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let opened = tokio::time::Instant::now();
     let mut connection = tokio::time::timeout(
         settings.handshake_timeout,
         h2_builder(settings).handshake::<_, Bytes>(io),
@@ -85,34 +105,30 @@ where
     .await
     .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
     let conn = Arc::new(conn);
-    // Keepalive: PING on an interval, close if unanswered.
-    if let (Some(interval), Some(mut ping_pong)) =
-        (settings.keepalive_interval, connection.ping_pong())
-    {
-        let timeout = settings.keepalive_timeout;
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        tracing::debug!(target: "hbone", "keepalive PING unanswered; closing");
-                        return;
-                    }
-                }
-            }
-        });
-    }
+    let mut keepalive = Keepalive::start(connection.ping_pong(), settings);
+    let activity = ConnActivity::new();
+    let (idle, max_duration) = (
+        settings.idle_timeout.filter(|d| !d.is_zero()),
+        settings.max_connection_duration.filter(|d| !d.is_zero()),
+    );
+    let mut served: u32 = 0;
     let mut draining = false;
     loop {
+        let mut drain_for = None;
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let (handler, conn) = (handler.clone(), conn.clone());
-                    tokio::spawn(async move { handle_stream(req, respond, conn, handler).await });
+                    // The stream counts for the idle timeout until its tunnel closes.
+                    let stream = activity.stream();
+                    tokio::spawn(async move {
+                        let _stream = stream;
+                        handle_stream(req, respond, conn, handler).await
+                    });
+                    served = served.saturating_add(1);
+                    if settings.max_requests_per_connection.is_some_and(|m| served >= m) {
+                        drain_for = Some(ConnEvent::MaxRequests);
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(target: "hbone", remote = %conn.remote, "connection error: {e}");
@@ -126,6 +142,32 @@ where
                     connection.graceful_shutdown();
                 }
             }
+            _ = async {
+                match idle {
+                    Some(d) => activity.idle_for(d).await,
+                    None => std::future::pending().await,
+                }
+            }, if !draining => drain_for = Some(ConnEvent::IdleTimeout),
+            _ = async {
+                match max_duration {
+                    Some(d) => tokio::time::sleep_until(opened + d).await,
+                    None => std::future::pending().await,
+                }
+            }, if !draining => drain_for = Some(ConnEvent::MaxDuration),
+            _ = keepalive_dead(&mut keepalive) => {
+                tracing::debug!(target: "hbone", remote = %conn.remote, "keepalive PING unanswered; closing");
+                handler.event(ConnEvent::KeepaliveTimeout);
+                // Dropping the connection closes the socket and ends its streams.
+                return Err(HboneError::Timeout("keepalive PING"));
+            }
+        }
+        if let Some(event) = drain_for
+            && !draining
+        {
+            tracing::debug!(target: "hbone", remote = %conn.remote, ?event, "draining the connection");
+            handler.event(event);
+            draining = true;
+            connection.graceful_shutdown();
         }
     }
 }

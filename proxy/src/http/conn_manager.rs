@@ -6,6 +6,12 @@
 //! with `connect_config` terminates the CONNECT and joins the tunnel to an in-process connection.
 //! Every other HCM runs on hyper (HTTP/1.1 and h2c by prior knowledge for codec AUTO), with the
 //! header limits turned into 431s and HTTP/2 reset budgets set.
+//!
+//! Timers as Envoy's HCM has them (see [`super::timeout`]): per stream `stream_idle_timeout` (or
+//! the route's `idle_timeout`), `request_timeout` and `max_stream_duration`; per connection
+//! `common_http_protocol_options.idle_timeout`, `max_connection_duration` and
+//! `max_requests_per_connection` (drain: GOAWAY or `Connection: close`), and HTTP/2
+//! `connection_keepalive` PINGs on both codecs.
 
 use std::{
     convert::Infallible,
@@ -20,7 +26,10 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Body, fault, full, route_select, router, stream_info};
+use super::{
+    Body, cors, fault, full, local_ratelimit, route_select, router, stream_info,
+    timeout::{self, Activity, ConnActivity, Expired, TimedBody, Watch},
+};
 use crate::{
     config::filters::set_filter_state::Sharing,
     config::{
@@ -36,7 +45,7 @@ use crate::{
     flags::ProxyError,
     hbone::{
         H2Settings,
-        server::{ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
+        server::{ConnEvent, ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
     },
     listener::conn::{
         BoxIo, ConnContext, ConnValues, FilterState, StateObject, apply_set_filter_state,
@@ -56,6 +65,10 @@ const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Envoy's default for HTTP/2 `max_concurrent_streams`.
 const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 2_147_483_647;
+/// Envoy's default `stream_idle_timeout`.
+const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Envoy's default downstream `common_http_protocol_options.idle_timeout`.
+const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Serves HTTP on `io` until it closes or the server drains.
 pub async fn serve(
@@ -87,6 +100,10 @@ pub async fn serve(
         if let Some(t) = hcm.http2.keepalive_timeout {
             settings.keepalive_timeout = t;
         }
+        let limits = ConnLimits::of(&hcm);
+        settings.idle_timeout = limits.idle;
+        settings.max_connection_duration = limits.max_duration;
+        settings.max_requests_per_connection = limits.max_requests;
         let info = ConnInfo {
             remote: ctx
                 .remote
@@ -126,9 +143,9 @@ pub async fn serve(
         h1.timer(TokioTimer::new())
             .max_buf_size(((headers_kb * 1024) as usize).max(8192))
             .max_headers(max_count);
-        if let Some(t) = hcm.request_headers_timeout.filter(|t| !t.is_zero()) {
-            h1.header_read_timeout(t);
-        }
+        // hyper's own 30 s default would close idle keep-alive connections: only the
+        // configured `request_headers_timeout` applies (the connection idle timeout is ours).
+        h1.header_read_timeout(hcm.request_headers_timeout.filter(|t| !t.is_zero()));
     }
     {
         let mut h2 = builder.http2();
@@ -155,30 +172,293 @@ pub async fn serve(
         }
     }
     let stats = Arc::new(HcmStats::new(&dp.server.stats, &hcm.stat_prefix));
-    let service = hyper::service::service_fn(move |req| {
+    let state = Arc::new(ConnState::new(ConnLimits::of(&hcm)));
+    let conn_stats = stats.clone();
+    let conn_state = state.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (dp, ctx, hcm, stats) = (dp.clone(), ctx.clone(), hcm.clone(), stats.clone());
+        let state = state.clone();
         async move {
             stats.rq_total.inc();
+            // The stream counts for the connection's idle timeout until its response ends.
+            let stream = state.activity.stream();
+            let last = state.request();
+            let h1 = req.version() < http::Version::HTTP_2;
+            req.extensions_mut().insert(stats.clone());
             let active = ActiveRequest::new(&stats.rq_active);
             let resp = handle(dp.clone(), ctx, hcm, req).await;
             stats.codes.record(&dp.server.stats, resp.status().as_u16());
             drop(active);
+            let mut resp = resp.map(|b| timeout::hold(b, stream));
+            if last {
+                // `max_requests_per_connection`: this response is the connection's last.
+                stats.cx_max_requests_reached.inc();
+                if h1 {
+                    resp.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                }
+                state.max_requests_hit.notify_one();
+            }
             Ok::<_, Infallible>(resp)
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut drain = drain;
-    tokio::select! {
+    let reason = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(target: "http", "connection ended: {e}");
             }
+            return;
         }
-        _ = async { drop(drain.wait_for(|d| *d).await) } => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        reason = conn_state.until_drain(&mut drain) => reason,
+    };
+    match reason {
+        DrainReason::Server => {}
+        DrainReason::Idle => conn_stats.cx_idle_timeout.inc(),
+        DrainReason::MaxDuration => conn_stats.cx_max_duration_reached.inc(),
+        // Counted when the last request came in.
+        DrainReason::MaxRequests => {}
+    }
+    tracing::debug!(target: "http", ?reason, "draining the connection");
+    // GOAWAY (HTTP/2) or `Connection: close` after the response in flight (HTTP/1.1); an idle
+    // connection closes at once.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// An HCM's connection limits (`common_http_protocol_options`); `None` when off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConnLimits {
+    /// `idle_timeout` (Envoy's default 1 h; zero disables).
+    idle: Option<Duration>,
+    /// `max_connection_duration`.
+    max_duration: Option<Duration>,
+    /// `max_requests_per_connection`.
+    max_requests: Option<u32>,
+}
+
+impl ConnLimits {
+    fn of(hcm: &HttpConnectionManager) -> ConnLimits {
+        ConnLimits {
+            idle: match hcm.common.idle_timeout {
+                None => Some(DEFAULT_CONNECTION_IDLE_TIMEOUT),
+                Some(d) => Some(d).filter(|d| !d.is_zero()),
+            },
+            max_duration: hcm.common.max_connection_duration.filter(|d| !d.is_zero()),
+            max_requests: hcm.common.max_requests_per_connection.filter(|n| *n > 0),
         }
+    }
+}
+
+/// Why a downstream connection drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainReason {
+    /// The server drains (`/drain_listeners`, SIGTERM).
+    Server,
+    /// `idle_timeout`: no stream for that long.
+    Idle,
+    /// `max_connection_duration`.
+    MaxDuration,
+    /// `max_requests_per_connection`.
+    MaxRequests,
+}
+
+/// One hyper connection's streams and requests, against its [`ConnLimits`].
+struct ConnState {
+    limits: ConnLimits,
+    opened: tokio::time::Instant,
+    activity: Arc<ConnActivity>,
+    served: std::sync::atomic::AtomicU32,
+    /// Signalled once the last allowed request was served (a stored permit, so a signal sent
+    /// before the connection task waits is not lost).
+    max_requests_hit: tokio::sync::Notify,
+}
+
+impl ConnState {
+    fn new(limits: ConnLimits) -> ConnState {
+        ConnState {
+            limits,
+            opened: tokio::time::Instant::now(),
+            activity: ConnActivity::new(),
+            served: std::sync::atomic::AtomicU32::new(0),
+            max_requests_hit: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts a request; `true` when it is the last one `max_requests_per_connection` allows.
+    fn request(&self) -> bool {
+        let n = self
+            .served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1);
+        self.limits.max_requests == Some(n)
+    }
+
+    /// Waits until the connection must drain: the server drains, or a limit is reached.
+    async fn until_drain(&self, drain: &mut tokio::sync::watch::Receiver<bool>) -> DrainReason {
+        let idle = async {
+            match self.limits.idle {
+                Some(d) => self.activity.idle_for(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let duration = async {
+            match self.limits.max_duration {
+                Some(d) => tokio::time::sleep_until(self.opened + d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = drain.wait_for(|d| *d) => DrainReason::Server,
+            _ = idle => DrainReason::Idle,
+            _ = duration => DrainReason::MaxDuration,
+            _ = self.max_requests_hit.notified() => DrainReason::MaxRequests,
+        }
+    }
+}
+
+/// The HCM's timers of one stream, armed once its route is known: `stream_idle_timeout` (or the
+/// route's `idle_timeout`), `request_timeout`, and `max_stream_duration` (HCM, route, or the
+/// request's `grpc-timeout`). They run until the response ends; a timer that fires before the
+/// response starts is the stream's local reply (408 while the request is arriving, else 504),
+/// after that it resets the stream.
+struct StreamTimers {
+    watch: Option<Watch>,
+    stats: Option<Arc<HcmStats>>,
+}
+
+impl StreamTimers {
+    /// The timers of a stream on `route`; a gRPC request's `grpc-timeout` may be rewritten
+    /// (the route's `max_stream_duration` with `grpc_timeout_header_max`).
+    fn arm(
+        hcm: &HttpConnectionManager,
+        route: &Route,
+        parts: &mut http::request::Parts,
+        connect: bool,
+    ) -> StreamTimers {
+        let stats = parts.extensions.get::<Arc<HcmStats>>().cloned();
+        let fwd = match &route.action {
+            Action::Forward(f) => Some(f),
+            _ => None,
+        };
+        // The route's idle timeout replaces the HCM's; zero turns both off.
+        let idle = match fwd.and_then(|f| f.idle_timeout) {
+            Some(d) => Some(d),
+            None => Some(
+                hcm.stream_idle_timeout
+                    .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT),
+            ),
+        }
+        .filter(|d| !d.is_zero());
+        // A tunnel's request never ends: `request_timeout` stops at its 200.
+        let request = hcm.request_timeout.filter(|d| !d.is_zero() && !connect);
+        let msd = fwd.map(|f| f.max_stream_duration).unwrap_or_default();
+        let grpc = stream_info::is_grpc(&parts.headers);
+        let duration = timeout::stream_duration(
+            &timeout::StreamDurationConfig {
+                present: msd.present,
+                max: msd.max,
+                grpc_timeout_header_max: msd.grpc_timeout_header_max,
+                grpc_timeout_header_offset: msd.grpc_timeout_header_offset,
+            },
+            hcm.common.max_stream_duration,
+            &mut parts.headers,
+            grpc,
+        );
+        if idle.is_none() && request.is_none() && duration.is_none() {
+            return StreamTimers { watch: None, stats };
+        }
+        let activity = Activity::new();
+        let start = activity.started();
+        let mut w = Watch::new(activity);
+        if let Some(d) = idle {
+            w = w.idle(d, start, Expired::StreamIdle);
+        }
+        if let Some(d) = request {
+            w = w.request_by(start + d);
+        }
+        if let Some(d) = duration {
+            w = w.at(start + d, Expired::StreamDuration);
+        }
+        StreamTimers {
+            watch: Some(w),
+            stats,
+        }
+    }
+
+    /// Runs `f` unless a timer fires first (then the stream's local reply is the error).
+    async fn run<F: Future>(&mut self, f: F) -> Result<F::Output, ProxyError> {
+        let Some(w) = self.watch.as_mut() else {
+            return Ok(f.await);
+        };
+        match w.run(f).await {
+            Ok(r) => Ok(r),
+            Err(kind) => {
+                count_stream_expiry(self.stats.as_deref(), kind);
+                let request_complete = w.activity().request_ended().is_some();
+                // Spent: the local reply it causes must not be cut by it again.
+                self.watch = None;
+                Err(ProxyError::StreamTimeout {
+                    kind,
+                    request_complete,
+                })
+            }
+        }
+    }
+
+    /// Counts the request body's frames as activity and hands the stream's activity to the
+    /// router (whose timers start at the request's end).
+    fn observe(&self, body: Body, parts: &mut http::request::Parts) -> Body {
+        match &self.watch {
+            Some(w) => {
+                parts.extensions.insert(w.activity().clone());
+                timeout::observe_request(body, w.activity())
+            }
+            None => body,
+        }
+    }
+
+    /// Guards the response body with the timers still running.
+    fn guard(self, resp: Response<Body>) -> Response<Body> {
+        let Some(w) = self.watch else {
+            return resp;
+        };
+        w.activity().start_response();
+        let stats = self.stats;
+        let on_expire: timeout::OnExpire =
+            Box::new(move |k| count_stream_expiry(stats.as_deref(), k));
+        let (head, body) = resp.into_parts();
+        Response::from_parts(head, TimedBody::wrap(body, w, true, Some(on_expire)))
+    }
+
+    /// Guards a CONNECT tunnel with the timers still running.
+    fn guard_tunnel(self, io: BoxIo) -> BoxIo {
+        let Some(w) = self.watch else {
+            return io;
+        };
+        w.activity().start_response();
+        let stats = self.stats;
+        let on_expire: timeout::OnExpire =
+            Box::new(move |k| count_stream_expiry(stats.as_deref(), k));
+        Box::new(timeout::WatchedIo::new(io, w, Some(on_expire)))
+    }
+}
+
+/// Counts an HCM stream timer (`downstream_rq_idle_timeout`, `downstream_rq_timeout`,
+/// `downstream_rq_max_duration_reached`).
+fn count_stream_expiry(stats: Option<&HcmStats>, kind: Expired) {
+    let Some(s) = stats else {
+        return;
+    };
+    match kind {
+        Expired::StreamIdle => s.rq_idle_timeout.inc(),
+        Expired::Request => s.rq_timeout.inc(),
+        Expired::StreamDuration => s.rq_max_duration_reached.inc(),
+        _ => {}
     }
 }
 
@@ -224,6 +504,15 @@ pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body
     {
         r.headers_mut().insert(header::LOCATION, v);
     }
+    // jwt_authn's challenge (RFC 6750), unless `strip_failure_response` left it out.
+    if let ProxyError::Unauthorized(d) = e
+        && let Some(v) = d
+            .www_authenticate
+            .as_deref()
+            .and_then(|v| header::HeaderValue::from_str(v).ok())
+    {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
     // Envoy's router marks a reply of an open circuit breaker (UO) for the client.
     if let ProxyError::Overflow(_) = e {
         r.headers_mut().insert(
@@ -249,6 +538,144 @@ fn per_filter<'a>(name: &str, matched: Option<Matched<'a>>) -> Option<&'a PerFil
         .or_else(|| rc.per_filter.get(name))
 }
 
+/// A reply a filter made itself, ending the filter chain.
+enum Stop {
+    /// Refused (local rate limit): the error's local reply with the filter's headers.
+    Refused(ProxyError, Response<Body>),
+    /// A CORS preflight answered.
+    Preflight(Response<Body>),
+}
+
+impl Stop {
+    /// The refusal of a CONNECT stream (which has no response to shape).
+    fn into_error(self) -> ProxyError {
+        match self {
+            Stop::Refused(e, _) => e,
+            Stop::Preflight(_) => ProxyError::Unsupported("CORS preflight on CONNECT".into()),
+        }
+    }
+}
+
+/// What CORS and the local rate limit leave for the response — Envoy runs their
+/// `encodeHeaders` on whatever response the stream gets — and a reply when one answered.
+#[derive(Default)]
+struct Filtered {
+    stop: Option<Stop>,
+    cors: Option<cors::ResponseHeaders>,
+    rate_limit: Option<local_ratelimit::Evaluated>,
+}
+
+impl Filtered {
+    /// Adds the CORS and `x-ratelimit-*` response headers.
+    fn encode(&self, resp: &mut Response<Body>) {
+        if let Some(c) = &self.cors {
+            c.apply(resp.headers_mut());
+        }
+        if let Some(l) = &self.rate_limit {
+            l.apply(resp.headers_mut());
+        }
+    }
+
+    /// The reply of a filter that answered, recorded for access logs and shaped.
+    fn stopped(&self, stop: Stop, info: Option<&Arc<stream_info::StreamInfo>>) -> Response<Body> {
+        let mut r = match stop {
+            Stop::Refused(e, r) => {
+                if let Some(i) = info {
+                    i.local_reply(&e);
+                }
+                r
+            }
+            Stop::Preflight(r) => {
+                if let Some(i) = info {
+                    i.responded("cors_response");
+                }
+                r
+            }
+        };
+        self.encode(&mut r);
+        r
+    }
+}
+
+/// Runs `envoy.filters.http.cors` (named `name`); `true` when it answered a preflight.
+fn cors_filter(
+    name: &str,
+    hcm: &HttpConnectionManager,
+    stats: &crate::stats::Stats,
+    parts: &http::request::Parts,
+    matched: Option<Matched<'_>>,
+    filtered: &mut Filtered,
+) -> bool {
+    let Some((rc, vh, route)) = matched else {
+        return false;
+    };
+    let policies = cors::policies(name, rc, vh, route);
+    let e = cors::evaluate(&policies, parts, hcm, (rand::random(), rand::random()));
+    cors::count(stats, &hcm.stat_prefix, e.origin_valid);
+    match e.outcome {
+        cors::Outcome::Pass => false,
+        cors::Outcome::Respond(h) => {
+            filtered.cors = Some(h);
+            false
+        }
+        cors::Outcome::Preflight(r) => {
+            filtered.stop = Some(Stop::Preflight(r));
+            true
+        }
+    }
+}
+
+/// Runs `envoy.filters.http.local_ratelimit` with `cfg` (the filter's or the route's); `true`
+/// when it refused the request.
+fn rate_limit_filter(
+    cfg: &crate::config::filters::local_ratelimit::LocalRateLimit,
+    hcm: &HttpConnectionManager,
+    ctx: &ConnContext,
+    stats: &crate::stats::Stats,
+    parts: &mut http::request::Parts,
+    state: &FilterState,
+    filtered: &mut Filtered,
+) -> bool {
+    use local_ratelimit::Verdict;
+    let random = (rand::random(), rand::random());
+    match local_ratelimit::decide(cfg, stats, &ctx.rate_limits, random) {
+        Verdict::Skipped => false,
+        Verdict::Allowed(e) => {
+            filtered.rate_limit = Some(e);
+            false
+        }
+        Verdict::NotEnforced(e) => {
+            let values = ConnValues {
+                conn: ctx,
+                stream_state: Some(state),
+                request: None,
+            };
+            super::request::apply_header_ops(
+                &mut parts.headers,
+                &cfg.request_headers_when_not_enforced,
+                &values,
+            );
+            filtered.rate_limit = Some(e);
+            false
+        }
+        Verdict::Limited(e) => {
+            let status = StatusCode::from_u16(cfg.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            let err = ProxyError::RateLimited(status);
+            let mut r = local_reply(hcm, &err);
+            let values = ConnValues {
+                conn: ctx,
+                stream_state: Some(state),
+                request: Some(parts),
+            };
+            super::request::apply_header_ops(r.headers_mut(), &cfg.response_headers, &values);
+            e.retry_after(cfg.status, r.headers_mut());
+            filtered.rate_limit = Some(e);
+            filtered.stop = Some(Stop::Refused(err, r));
+            true
+        }
+    }
+}
+
 /// Evaluates one RBAC filter for a request.
 fn rbac_check(
     rules: &HttpRbac,
@@ -256,10 +683,15 @@ fn rbac_check(
     ctx: &ConnContext,
     parts: &http::request::Parts,
     state: &FilterState,
+    metadata: &stream_info::DynamicMetadata,
 ) -> Result<(), ProxyError> {
     let fs = |k: &str| -> Option<&str> { state.get(k).or_else(|| ctx.filter_state.get(k)) };
-    let md =
-        |ns: &str, path: &[String]| -> Option<&serde_json::Value> { ctx.metadata_value(ns, path) };
+    // The stream's dynamic metadata (jwt_authn payloads), then the connection's.
+    let md = |ns: &str, path: &[String]| -> Option<&serde_json::Value> {
+        metadata
+            .value(ns, path)
+            .or_else(|| ctx.metadata_value(ns, path))
+    };
     let uri_sans: Vec<String> = ctx
         .tls
         .as_ref()
@@ -295,34 +727,60 @@ fn rbac_check(
     }
 }
 
-/// Whether a request carries a JWT where jwt_authn looks by default (`Authorization: Bearer`,
-/// `access_token` query parameter).
-fn carries_jwt(parts: &http::request::Parts) -> bool {
-    let bearer = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-    let query = parts
-        .uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("access_token=")));
-    bearer || query
+/// Runs one jwt_authn filter: verifies the request's tokens, applies what verified tokens do to
+/// the request (token removal, payload and claim headers) and puts their payloads into the
+/// stream's dynamic metadata. Returns whether the route must be picked again
+/// (`clear_route_cache` after claim headers were added).
+fn jwt_check(
+    jwt: &crate::config::filters::jwt::JwtAuthn,
+    per_route: Option<&crate::config::filters::jwt::PerRoute>,
+    hcm: &HttpConnectionManager,
+    stats: &crate::stats::Stats,
+    parts: &mut http::request::Parts,
+    metadata: &mut stream_info::DynamicMetadata,
+) -> Result<bool, ProxyError> {
+    let counters = jwt.stats.get_or_init(|| {
+        Arc::new(super::jwt::JwtStats::new(
+            stats,
+            &hcm.stat_prefix,
+            &jwt.stat_prefix,
+        ))
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match jwt.run(per_route, parts, metadata, now) {
+        Ok(passed) => {
+            counters.allowed.inc();
+            if passed.cors_preflight_bypassed {
+                counters.cors_preflight_bypassed.inc();
+            }
+            Ok(passed.clear_route_cache)
+        }
+        Err(denial) => {
+            counters.denied.inc();
+            Err(ProxyError::Unauthorized(Box::new(denial)))
+        }
+    }
 }
 
 /// Runs the request-phase HTTP filters in their configured order and returns the stream's filter
-/// state: `set_filter_state` writes it, RBAC (with per-route overrides) allows or denies. Filters
-/// whose effects belong to later work (stats, grpc_stats, peer metadata, cors, fault) pass the
-/// request on; `jwt_authn` refuses requests that carry a token (401) since tokens are not
-/// verified yet — a token is never trusted unverified, and requests without one pass as they
-/// would in Envoy when no requirement applies.
+/// state, the fault config to apply and the route (picked again when jwt_authn clears the route
+/// cache): `set_filter_state` writes the state, `jwt_authn` verifies tokens and publishes their
+/// payloads as dynamic metadata, RBAC (with per-route overrides) allows or denies on both.
+/// CORS and the local rate limit leave their response work in `filtered`, or a reply that ends
+/// the chain (a preflight, a 429). Filters whose effects belong to later work (stats,
+/// grpc_stats, peer metadata, fault) pass the request on.
 fn request_filters<'a>(
     hcm: &'a HttpConnectionManager,
-    ctx: &ConnContext,
-    parts: &http::request::Parts,
-    matched: Option<Matched<'a>>,
-) -> Result<(FilterState, Option<&'a Fault>), ProxyError> {
+    ctx: &'a ConnContext,
+    stats: &crate::stats::Stats,
+    parts: &mut http::request::Parts,
+    mut matched: Option<Matched<'a>>,
+    filtered: &mut Filtered,
+) -> Result<(FilterState, Option<&'a Fault>, Option<Matched<'a>>), ProxyError> {
     let mut state = FilterState::default();
+    let mut metadata = stream_info::DynamicMetadata::default();
     let mut fault = None;
     for f in &hcm.http_filters {
         let route_config = per_filter(&f.name, matched);
@@ -350,7 +808,7 @@ fn request_filters<'a>(
                     _ => Some(r),
                 };
                 if let Some(rules) = rules {
-                    rbac_check(rules, &f.name, ctx, parts, &state)?;
+                    rbac_check(rules, &f.name, ctx, parts, &state, &metadata)?;
                 }
             }
             HttpFilterKind::Fault(f) => {
@@ -359,11 +817,19 @@ fn request_filters<'a>(
                     _ => Some(f.as_ref()),
                 };
             }
-            HttpFilterKind::JwtAuthn(_) if carries_jwt(parts) => {
-                return Err(ProxyError::Unauthorized(format!(
-                    "filter '{}': JWT verification is not implemented; a presented token is refused",
-                    f.name
-                )));
+            HttpFilterKind::JwtAuthn(jwt) => {
+                let per_route = match route_config {
+                    Some(PerFilterConfig::JwtAuthn(p)) => Some(p),
+                    _ => None,
+                };
+                if jwt_check(jwt, per_route, hcm, stats, parts, &mut metadata)? {
+                    // Envoy's clearRouteCache: the filters after this one and the router see
+                    // the route the new headers select.
+                    matched = self::route_config(hcm, ctx).and_then(|rc| {
+                        let view = route_select::RequestView::from_parts(parts);
+                        route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
+                    });
+                }
             }
             HttpFilterKind::PeerMetadata(pm) => {
                 if let Some((value, peer)) = discover_downstream(pm, ctx, parts) {
@@ -382,11 +848,26 @@ fn request_filters<'a>(
                     );
                 }
             }
+            HttpFilterKind::Cors => {
+                let answered = cors_filter(&f.name, hcm, stats, parts, matched, filtered);
+                if answered {
+                    break;
+                }
+            }
+            HttpFilterKind::LocalRateLimit(l) => {
+                let cfg = match route_config {
+                    Some(PerFilterConfig::LocalRateLimit(over)) => over.as_ref(),
+                    _ => l.as_ref(),
+                };
+                if rate_limit_filter(cfg, hcm, ctx, stats, parts, &state, filtered) {
+                    break;
+                }
+            }
             HttpFilterKind::Router(_) => break,
             _ => {}
         }
     }
-    Ok((state, fault))
+    Ok((state, fault, matched))
 }
 
 /// The downstream peer per a `peer_metadata` filter's `downstream_discovery` (first method that
@@ -535,7 +1016,15 @@ async fn respond(
             i.upstream.set_cluster(c);
         }
     }
-    let (state, fault) = match request_filters(&hcm, &ctx, &parts, selected) {
+    let mut filtered = Filtered::default();
+    let (state, fault, selected) = match request_filters(
+        &hcm,
+        &ctx,
+        &dp.server.stats,
+        &mut parts,
+        selected,
+        &mut filtered,
+    ) {
         Ok(s) => s,
         Err(e) => return local(&e),
     };
@@ -543,8 +1032,13 @@ async fn respond(
         i.note(|d| d.filter_state = Some(state.clone()));
     }
     let Some((rc, vh, route)) = selected else {
+        // A filter that answered (rate limit) needs no route.
+        if let Some(stop) = filtered.stop.take() {
+            return filtered.stopped(stop, info);
+        }
         return local(&ProxyError::NoRoute);
     };
+    let mut timers = StreamTimers::arm(&hcm, route, &mut parts, false);
     // Fault injection (after RBAC, before the router, as istiod orders the filters).
     let mut delayed = false;
     if let Some(f) = fault {
@@ -560,7 +1054,9 @@ async fn respond(
             && let Some(_slot) = fault::Active::acquire(f.max_active_faults)
         {
             if let Some(delay) = d.delay {
-                tokio::time::sleep(delay).await;
+                if let Err(e) = timers.run(tokio::time::sleep(delay)).await {
+                    return local(&e);
+                }
                 delayed = true;
             }
             if let Some(a) = &d.abort {
@@ -571,10 +1067,14 @@ async fn respond(
             }
         }
     }
+    // A filter's own reply comes after the fault (istiod places fault before CORS).
+    if let Some(stop) = filtered.stop.take() {
+        return filtered.stopped(stop, info);
+    }
     if let (Some(i), Action::DirectResponse(_) | Action::Redirect(_)) = (info, &route.action) {
         i.responded("direct_response");
     }
-    match &route.action {
+    let mut resp = match &route.action {
         Action::DirectResponse(d) => {
             let mut r = Response::new(full(d.body.clone().unwrap_or_default()));
             *r.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
@@ -601,7 +1101,13 @@ async fn respond(
                 }
                 None => body,
             };
-            let forwarded = router::forward(call, parts, body).await;
+            let body = timers.observe(body, &mut parts);
+            // Boxed: the router's future is large, and passing it by value through the timers'
+            // `select!` copied it several times per request.
+            let forwarded = timers
+                .run(Box::pin(router::forward(call, parts, body)))
+                .await
+                .unwrap_or_else(Err);
             let mut resp = match forwarded {
                 Ok(r) => {
                     if let Some(i) = info {
@@ -622,7 +1128,9 @@ async fn respond(
             }
             resp
         }
-    }
+    };
+    filtered.encode(&mut resp);
+    timers.guard(resp)
 }
 
 /// `connect_terminate`: every CONNECT stream of an HBONE connection.
@@ -639,7 +1147,7 @@ impl ConnectHandler for ConnectTerminate {
         let stats = self.stats.clone();
         Box::pin(async move {
             stats.rq_total.inc();
-            let decision = match connect_stream(&dp, &ctx, &hcm, req).await {
+            let decision = match connect_stream(&dp, &ctx, &hcm, &stats, req).await {
                 Ok(io) => Decision::Tunnel(io),
                 Err(e) => {
                     tracing::debug!(target: "http", flag = %e.flag(), "CONNECT refused: {e}");
@@ -653,6 +1161,15 @@ impl ConnectHandler for ConnectTerminate {
             stats.codes.record(&dp.server.stats, code);
             decision
         })
+    }
+
+    fn event(&self, event: ConnEvent) {
+        match event {
+            ConnEvent::IdleTimeout => self.stats.cx_idle_timeout.inc(),
+            ConnEvent::MaxDuration => self.stats.cx_max_duration_reached.inc(),
+            ConnEvent::MaxRequests => self.stats.cx_max_requests_reached.inc(),
+            ConnEvent::KeepaliveTimeout => {}
+        }
     }
 }
 
@@ -677,6 +1194,7 @@ async fn connect_stream(
     dp: &Arc<DataPlane>,
     ctx: &Arc<ConnContext>,
     hcm: &HttpConnectionManager,
+    stats: &Arc<HcmStats>,
     req: ConnectRequest,
 ) -> Result<BoxIo, ProxyError> {
     let mut builder = Request::builder()
@@ -686,7 +1204,7 @@ async fn connect_stream(
     if let Some(h) = builder.headers_mut() {
         *h = req.headers;
     }
-    let (parts, ()) = builder
+    let (mut parts, ()) = builder
         .body(())
         .map_err(|e| ProxyError::BadRequest(format!("CONNECT {}: {e}", req.authority)))?
         .into_parts();
@@ -694,7 +1212,18 @@ async fn connect_stream(
     let view = route_select::RequestView::from_parts(&parts);
     let selected = route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r));
     // CONNECT termination: faults do not apply to tunnels (istiod configures none there).
-    let (state, _) = request_filters(hcm, ctx, &parts, selected)?;
+    let mut filtered = Filtered::default();
+    let (state, _, selected) = request_filters(
+        hcm,
+        ctx,
+        &dp.server.stats,
+        &mut parts,
+        selected,
+        &mut filtered,
+    )?;
+    if let Some(stop) = filtered.stop {
+        return Err(stop.into_error());
+    }
     let (_, _, route) = selected.ok_or(ProxyError::NoRoute)?;
     let Action::Forward(fwd) = &route.action else {
         return Err(ProxyError::Unsupported(
@@ -737,6 +1266,9 @@ async fn connect_stream(
         source: Some(ctx.remote.clone()),
     };
     rt.stats.rq_total.inc();
+    // The tunnel's stream timers (idle, max duration) run over its bytes.
+    parts.extensions.insert(stats.clone());
+    let timers = StreamTimers::arm(hcm, route, &mut parts, true);
     router::open_tcp(
         dp,
         &rt,
@@ -748,4 +1280,5 @@ async fn connect_stream(
         None,
     )
     .await
+    .map(|io| timers.guard_tunnel(io))
 }

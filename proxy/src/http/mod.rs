@@ -1,12 +1,17 @@
 //! The HTTP connection manager's data path: route selection, request/response mutation, the router.
 
 pub mod conn_manager;
+pub mod cors;
 pub mod fault;
+pub mod jwt;
+pub mod local_ratelimit;
+pub mod mirror;
 pub mod request;
 pub mod retry;
 pub mod route_select;
 pub mod router;
 pub mod stream_info;
+pub mod timeout;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};

@@ -246,47 +246,64 @@ const NOT_NOMINATABLE: &[&str] = &["host", "content-length", "te"];
 /// exactly `te: trailers` stays, as gRPC needs), and `connection`/`upgrade` — unless `upgrade`
 /// (an upgrade is being forwarded): then `upgrade` stays and `connection` becomes `upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let nominated: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !NOT_NOMINATABLE.contains(&t.as_str()))
-        .filter(|t| !(upgrade && t == "upgrade"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in nominated {
-        headers.remove(name);
+    // One pass over the names instead of a lookup per candidate: most requests carry none of
+    // them, and a lookup by `&str` parses and hashes the name each time.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let (mut connection, mut te) = (false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TE {
+            te = true;
+        } else if (!upgrade && name == header::UPGRADE) || HOP_BY_HOP.contains(&name.as_str()) {
+            doomed.push(name.clone());
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    if connection {
+        let nominated = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !NOT_NOMINATABLE.contains(&t.as_str()))
+            .filter(|t| !(upgrade && t == "upgrade"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
+        doomed.extend(nominated);
+    }
+    for name in doomed {
+        headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if connection {
         headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    } else {
-        headers.remove(header::TE);
+    if te {
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
     }
 }
 
-/// `x-forwarded-for`.
-const XFF: &str = "x-forwarded-for";
+/// `x-forwarded-for` (a parsed name: a `&str` key is parsed on every lookup).
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-envoy-external-address`.
+const EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
+/// `x-forwarded-proto`.
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// What x-forwarded-for processing decided about the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,7 +337,7 @@ fn xff_address(headers: &HeaderMap, skip: u32) -> (Option<IpAddr>, bool) {
 }
 
 /// All values of `name` joined by `,`.
-fn joined_values(headers: &HeaderMap, name: &str) -> Option<String> {
+fn joined_values(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
@@ -376,12 +393,12 @@ pub fn apply_xff(
     let internal = single && client.is_some_and(is_internal_address);
     let client = client.or(remote_ip);
     let edge = !internal && use_remote_address;
-    headers.remove("x-envoy-external-address");
+    headers.remove(EXTERNAL_ADDRESS);
     if edge
         && let Some(ip) = client
         && let Ok(v) = HeaderValue::from_str(&ip.to_string())
     {
-        headers.insert("x-envoy-external-address", v);
+        headers.insert(EXTERNAL_ADDRESS, v);
     }
     ClientAddress {
         ip: client,
@@ -397,9 +414,9 @@ pub fn set_forwarded_proto(
     downstream_tls: bool,
     use_remote_address: bool,
 ) {
-    if use_remote_address || !headers.contains_key("x-forwarded-proto") {
+    if use_remote_address || !headers.contains_key(XFP) {
         let proto = if downstream_tls { "https" } else { "http" };
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        headers.insert(XFP, HeaderValue::from_static(proto));
     }
 }
 
@@ -429,30 +446,44 @@ pub fn apply_internal_status(
     client: &ClientAddress,
     internal_only_headers: &[String],
 ) {
-    headers.remove("x-envoy-internal");
-    if client.internal {
-        headers.insert("x-envoy-internal", HeaderValue::from_static("true"));
-        return;
-    }
-    if client.edge {
-        for h in [
-            "x-envoy-decorator-operation",
-            "x-envoy-downstream-service-cluster",
-            "x-envoy-downstream-service-node",
-        ] {
-            headers.remove(h);
+    // One pass over the names (see `strip_hop_by_hop`): typically nothing is removed.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        let remove = match n.strip_prefix("x-envoy-") {
+            Some("internal") => true,
+            Some(_) if client.internal => false,
+            Some(_) => {
+                ENVOY_CONTROL_HEADERS.contains(&n)
+                    || (client.edge && EDGE_ONLY_HEADERS.contains(&n))
+            }
+            None => false,
+        } || (!client.internal
+            && internal_only_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(n)));
+        if remove {
+            doomed.push(name.clone());
         }
     }
-    for h in ENVOY_CONTROL_HEADERS {
-        headers.remove(*h);
+    for name in doomed {
+        headers.remove(name);
     }
-    for h in internal_only_headers {
-        headers.remove(h.as_str());
+    if client.internal {
+        const INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+        headers.insert(INTERNAL, HeaderValue::from_static("true"));
     }
 }
 
-/// `x-request-id`.
-const REQUEST_ID: &str = "x-request-id";
+/// What an edge request loses on top of [`ENVOY_CONTROL_HEADERS`].
+const EDGE_ONLY_HEADERS: &[&str] = &[
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+];
+
+/// `x-request-id` (a const: `HeaderName::from_static` at run time parses the name).
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Ensures `x-request-id` (a UUID v4) when `generate`: an absent or empty id is generated; an edge
 /// request's own id (`is_internal` false) is replaced unless `preserve_external`. Returns the id the
@@ -474,7 +505,12 @@ pub fn ensure_request_id(
     if !generate || (current.is_some() && !force) {
         return current;
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    // The thread's seeded generator instead of `Uuid::new_v4` (a getrandom system call per
+    // request).
+    let id = uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .hyphenated()
+        .to_string();
     // A hyphenated UUID is always a valid header value.
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(REQUEST_ID, v);
@@ -1039,7 +1075,7 @@ mod tests {
     fn use_remote_address_appends_the_peer() {
         let mut h = HeaderMap::new();
         let c = apply_xff(&mut h, Some(PEER), true, false, 0);
-        assert_eq!(one(&h, XFF).as_deref(), Some("10.0.0.9"));
+        assert_eq!(one(&h, XFF.as_str()).as_deref(), Some("10.0.0.9"));
         assert_eq!(c.ip, Some(PEER));
         assert!(c.internal && !c.edge);
         assert!(!h.contains_key("x-envoy-external-address"));
@@ -1049,7 +1085,7 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
         ]);
         let c = apply_xff(&mut h, Some(PUBLIC), true, false, 0);
-        assert_eq!(all(&h, XFF), vec!["1.1.1.1,2.2.2.2,203.0.113.7"]);
+        assert_eq!(all(&h, XFF.as_str()), vec!["1.1.1.1,2.2.2.2,203.0.113.7"]);
         assert_eq!(c.ip, Some(PUBLIC));
         assert!(!c.internal && c.edge);
         assert_eq!(
@@ -1066,7 +1102,7 @@ mod tests {
         assert_eq!(c.ip, Some(PUBLIC));
         assert!(c.edge);
         assert_eq!(
-            one(&h, XFF).as_deref(),
+            one(&h, XFF.as_str()).as_deref(),
             Some("198.51.100.1, 203.0.113.7,10.0.0.9")
         );
         // Without use_remote_address, 1 trusted hop skips the rightmost entry.
@@ -1075,7 +1111,7 @@ mod tests {
         assert_eq!(c.ip, Some("198.51.100.1".parse().expect("ip")));
         assert!(!c.internal && !c.edge);
         assert_eq!(
-            one(&h, XFF).as_deref(),
+            one(&h, XFF.as_str()).as_deref(),
             Some("198.51.100.1, 203.0.113.7"),
             "XFF untouched"
         );
@@ -1210,7 +1246,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = ensure_request_id(&mut h, true, false, true).expect("generated");
         assert!(is_uuid(&id));
-        assert_eq!(one(&h, REQUEST_ID), Some(id));
+        assert_eq!(one(&h, REQUEST_ID.as_str()), Some(id));
         // Internal: kept.
         let mut h = headers(&[("x-request-id", "abc")]);
         assert_eq!(

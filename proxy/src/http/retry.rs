@@ -83,9 +83,15 @@ pub fn retriable_error(policy: &RetryPolicy, e: &ProxyError, unsent: bool) -> bo
                 || (unsent && has(policy, "reset-before-request"))
                 || (reason.starts_with(REFUSED_STREAM) && has(policy, "refused-stream"))
         }
+        // A per-try timeout is a local reset (Envoy retries it under these three only).
         ProxyError::Timeout => {
             has(policy, "5xx") || has(policy, "gateway-error") || has(policy, "reset")
         }
+        // The cluster's `max_stream_duration` resets the upstream stream: retried as a reset.
+        ProxyError::StreamTimeout {
+            kind: super::timeout::Expired::UpstreamDuration,
+            ..
+        } => any_reset,
         _ => false,
     }
 }

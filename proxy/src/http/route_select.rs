@@ -7,12 +7,19 @@
 //!   `ignore_port_in_host_matching`;
 //! - the routes of the virtual host are tried in order and the first whose every condition holds
 //!   wins: runtime fraction, TLS context, headers, query parameters, `grpc`, then the path rule.
+//!
+//! Neither is a scan: the compiled table indexes domains ([`DomainIndex`]) and path rules
+//! ([`RouteIndex`]), and the route chosen is the first in order among those whose path rule
+//! matches and whose other conditions hold — the same route a scan in order finds.
+//!
+//! [`DomainIndex`]: crate::config::route::DomainIndex
+//! [`RouteIndex`]: crate::config::route::RouteIndex
 
 use std::borrow::Cow;
 
 use http::{HeaderMap, Method, header, request::Parts};
 
-use crate::config::route::{Domain, Route, RouteConfig, RouteMatch, VirtualHost, WeightedTarget};
+use crate::config::route::{Route, RouteConfig, RouteMatch, VirtualHost, WeightedTarget};
 
 /// What route selection reads of a request.
 #[derive(Debug, Clone, Copy)]
@@ -156,15 +163,15 @@ pub fn strip_port(authority: &str) -> &str {
 /// virtual host.
 pub fn virtual_host<'r>(rc: &'r RouteConfig, authority: &str) -> Option<&'r VirtualHost> {
     if authority.is_empty() {
-        return rc
-            .virtual_hosts
-            .iter()
-            .find(|vh| vh.domains.contains(&Domain::Any));
+        return rc.domain_index.any().and_then(|i| rc.virtual_hosts.get(i));
     }
-    rc.virtual_host(&host_for_matching(
-        authority,
-        rc.ignore_port_in_host_matching,
-    ))
+    let host = if rc.ignore_port_in_host_matching {
+        strip_port(authority)
+    } else {
+        authority
+    };
+    // `RouteConfig::virtual_host` lower-cases only when it must (hosts usually arrive lower-case).
+    rc.virtual_host(host)
 }
 
 /// Whether every condition of `m` holds for `req`; `random` decides `runtime_fraction`.
@@ -175,6 +182,19 @@ pub fn route_matches(
     random: u64,
     ignore_path_parameters: bool,
 ) -> bool {
+    if !conditions_hold(m, req, random) {
+        return false;
+    }
+    let path = if ignore_path_parameters {
+        without_path_parameters(req.path)
+    } else {
+        req.path
+    };
+    m.matches_path(path, req.is_connect)
+}
+
+/// Whether every condition of `m` but the path rule holds for `req`.
+fn conditions_hold(m: &RouteMatch, req: &RequestView<'_>, random: u64) -> bool {
     if let Some(f) = m.runtime_fraction {
         let draw = random % u64::from(f.denominator.max(1));
         // The draw is below the denominator, a u32.
@@ -203,20 +223,23 @@ pub fn route_matches(
             (Some(_), None) => true,
             (Some(v), Some(sm)) => sm.matches(v),
         });
-    if !query_ok || (m.grpc && !req.is_grpc) {
-        return false;
-    }
-    let path = if ignore_path_parameters {
-        without_path_parameters(req.path)
-    } else {
-        req.path
-    };
-    m.matches_path(path, req.is_connect)
+    query_ok && (!m.grpc || req.is_grpc)
 }
 
 /// `path` cut at its first `;` (Envoy drops path parameters this way before matching).
 fn without_path_parameters(path: &str) -> &str {
     path.split(';').next().unwrap_or(path)
+}
+
+/// The path as path rules see it: without query and fragment, and without path parameters when
+/// `ignore_path_parameters` (what [`RouteMatch::matches_path`] cuts).
+fn path_for_matching(path: &str, ignore_path_parameters: bool) -> &str {
+    let cut = if ignore_path_parameters {
+        path.find([';', '?', '#'])
+    } else {
+        path.find(['?', '#'])
+    };
+    cut.map_or(path, |i| &path[..i])
 }
 
 /// The virtual host and the first route of it that `req` matches; `random` (uniform) decides
@@ -227,15 +250,13 @@ pub fn select<'r>(
     random: u64,
 ) -> Option<(&'r VirtualHost, &'r Route)> {
     let vh = virtual_host(rc, req.authority)?;
-    let route = vh.routes.iter().find(|r| {
-        route_matches(
-            &r.matcher,
-            req,
-            random,
-            rc.ignore_path_parameters_in_path_matching,
-        )
+    let path = path_for_matching(req.path, rc.ignore_path_parameters_in_path_matching);
+    let i = vh.route_index.first_match(path, req.is_connect, |i| {
+        vh.routes
+            .get(i)
+            .is_some_and(|r| conditions_hold(&r.matcher, req, random))
     })?;
-    Some((vh, route))
+    Some((vh, vh.routes.get(i)?))
 }
 
 /// The index of the weighted cluster `random` falls on: `random % total` walks the cumulative
@@ -770,5 +791,335 @@ mod tests {
         assert_eq!(pick_name(clusters, 1).as_deref(), Some("v2"));
         assert_eq!(pick_name(clusters, 3).as_deref(), Some("v2"));
         assert_eq!(pick_name(clusters, 4).as_deref(), Some("v1"));
+    }
+
+    /// Envoy's rules applied literally: every domain of every virtual host ranked, then every
+    /// route in order. The indexed selection must agree with it.
+    fn select_by_scan<'r>(
+        rc: &'r RouteConfig,
+        req: &RequestView<'_>,
+        random: u64,
+    ) -> Option<(&'r VirtualHost, &'r Route)> {
+        use crate::config::route::Domain;
+        let vh = if req.authority.is_empty() {
+            rc.virtual_hosts
+                .iter()
+                .find(|vh| vh.domains.contains(&Domain::Any))
+        } else {
+            let host = host_for_matching(req.authority, rc.ignore_port_in_host_matching);
+            let mut best: Option<(u8, usize, &VirtualHost)> = None;
+            for vh in &rc.virtual_hosts {
+                for d in vh.domains.iter().filter(|d| d.matches(&host)) {
+                    let rank = match d {
+                        Domain::Exact(_) => (3, usize::MAX),
+                        Domain::Suffix(s) => (2, s.len()),
+                        Domain::Prefix(p) => (1, p.len()),
+                        Domain::Any => (0, 0),
+                    };
+                    if best.is_none_or(|(r, l, _)| rank > (r, l)) {
+                        best = Some((rank.0, rank.1, vh));
+                    }
+                }
+            }
+            best.map(|(_, _, vh)| vh)
+        }?;
+        let route = vh.routes.iter().find(|r| {
+            route_matches(
+                &r.matcher,
+                req,
+                random,
+                rc.ignore_path_parameters_in_path_matching,
+            )
+        })?;
+        Some((vh, route))
+    }
+
+    /// splitmix64: a fixed-seed generator, so a failure reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+    }
+
+    const SEGMENTS: &[&str] = &["a", "b", "ab", "A", "api", "v1", "Api", "é"];
+
+    fn random_path(rng: &mut Rng, max_segments: usize) -> String {
+        let mut p = String::new();
+        for _ in 0..rng.below(max_segments + 1) {
+            p.push('/');
+            let segment: &&str = rng.pick(SEGMENTS);
+            p.push_str(segment);
+        }
+        p
+    }
+
+    fn random_route(rng: &mut Rng, i: usize) -> Json {
+        let mut m = serde_json::Map::new();
+        match rng.below(6) {
+            0 => {
+                // Whole or partial segments, the empty prefix and "/" included.
+                let mut p = random_path(rng, 3);
+                if rng.chance(30) {
+                    // A partial last segment.
+                    p.pop();
+                }
+                if rng.chance(20) {
+                    p.push('/');
+                }
+                m.insert("prefix".into(), json!(p));
+            }
+            1 => {
+                let mut p = random_path(rng, 3);
+                if rng.chance(20) {
+                    p.push('/');
+                }
+                m.insert("path".into(), json!(p));
+            }
+            2 => {
+                let re = *rng.pick(&[
+                    "/a/.*",
+                    "/[ab]+",
+                    "/api/v[0-9]",
+                    "/(a|b)/b",
+                    "/A.*",
+                    "/.*/ab",
+                    "/api/v[0-9]",
+                ]);
+                m.insert("safe_regex".into(), json!({"regex": re}));
+            }
+            3 => {
+                let mut p = random_path(rng, 2);
+                if p.is_empty() {
+                    p.push('/');
+                }
+                m.insert("path_separated_prefix".into(), json!(p));
+            }
+            4 => {
+                m.insert("connect_matcher".into(), json!({}));
+            }
+            _ => {
+                m.insert("prefix".into(), json!("/"));
+            }
+        }
+        match rng.below(3) {
+            0 => {}
+            1 => {
+                m.insert("case_sensitive".into(), json!(false));
+            }
+            _ => {
+                m.insert("case_sensitive".into(), json!(true));
+            }
+        }
+        // The same path under different header rules: the header decides between them.
+        let mut headers = Vec::new();
+        for _ in 0..rng.below(3) {
+            headers.push(match rng.below(4) {
+                0 => json!({"name": "x-h", "string_match": {"exact": rng.pick(&["1", "2"])}}),
+                1 => json!({"name": "x-h", "present_match": true}),
+                2 => json!({"name": "x-h", "present_match": true, "invert_match": true}),
+                _ => json!({"name": ":method", "string_match": {"exact": "POST"}}),
+            });
+        }
+        if !headers.is_empty() {
+            m.insert("headers".into(), json!(headers));
+        }
+        if rng.chance(15) {
+            m.insert(
+                "query_parameters".into(),
+                json!([{"name": "q", "string_match": {"exact": "1"}}]),
+            );
+        }
+        if rng.chance(10) {
+            m.insert("grpc".into(), json!({}));
+        }
+        if rng.chance(10) {
+            m.insert(
+                "runtime_fraction".into(),
+                json!({"default_value": {"numerator": 50, "denominator": "HUNDRED"},
+                       "runtime_key": "k"}),
+            );
+        }
+        direct(&format!("r{i}"), Json::Object(m))
+    }
+
+    const DOMAINS: &[&str] = &[
+        "a.com", "b.a.com", "a.com:80", "*.a.com", "*a.com", "*.com", "b.a.*", "A.*", "é.com", "*",
+    ];
+
+    fn random_table(rng: &mut Rng) -> RouteConfig {
+        let mut domains: Vec<&str> = DOMAINS.to_vec();
+        let mut vhs = Vec::new();
+        let mut next_route = 0;
+        for v in 0..1 + rng.below(4) {
+            let mut mine = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                if domains.is_empty() {
+                    break;
+                }
+                let at = rng.below(domains.len());
+                mine.push(domains.remove(at));
+            }
+            if mine.is_empty() {
+                break;
+            }
+            let routes: Vec<Json> = (0..rng.below(40))
+                .map(|_| {
+                    next_route += 1;
+                    random_route(rng, next_route)
+                })
+                .collect();
+            vhs.push(json!({"name": format!("vh{v}"), "domains": mine, "routes": routes}));
+        }
+        compile(json!({"name": "r",
+            "ignore_port_in_host_matching": rng.chance(30),
+            "ignore_path_parameters_in_path_matching": rng.chance(30),
+            "virtual_hosts": vhs}))
+    }
+
+    fn random_request(rng: &mut Rng) -> Req {
+        let host = *rng.pick(&[
+            "",
+            "a.com",
+            "A.COM",
+            "b.a.com",
+            "x.b.a.com",
+            "xa.com",
+            "a.com:80",
+            "a.com:81",
+            "a.org",
+            "b.a.net",
+            "é.com",
+            "[::1]:80",
+        ]);
+        let mut path = random_path(rng, 4);
+        if rng.chance(20) {
+            path.push('/');
+        }
+        for suffix in [";p=1", "?q=1", "?q=2", "#f"] {
+            if rng.chance(15) {
+                path.push_str(suffix);
+            }
+        }
+        let mut req = Req::get(host, &path);
+        if rng.chance(10) {
+            req = req.method(Method::CONNECT);
+        } else if rng.chance(30) {
+            req = req.method(Method::POST);
+        }
+        match rng.below(3) {
+            0 => {}
+            1 => req = req.header("x-h", "1"),
+            _ => req = req.header("x-h", "2"),
+        }
+        if rng.chance(20) {
+            req = req.header("content-type", "application/grpc");
+        }
+        req
+    }
+
+    #[test]
+    fn indexed_selection_agrees_with_a_scan_in_order() {
+        let mut rng = Rng(0x5eed_0009);
+        let mut routed = 0;
+        for _ in 0..300 {
+            let rc = random_table(&mut rng);
+            for _ in 0..200 {
+                let req = random_request(&mut rng);
+                let random = rng.next();
+                let view = req.view();
+                let names = |hit: Option<(&VirtualHost, &Route)>| {
+                    hit.map(|(vh, r)| (vh.name.clone(), r.name.clone()))
+                };
+                let want = names(select_by_scan(&rc, &view, random));
+                assert_eq!(
+                    names(select(&rc, &view, random)),
+                    want,
+                    "{} {}{:?}",
+                    req.method,
+                    req.authority,
+                    req.path
+                );
+                routed += usize::from(want.is_some());
+            }
+        }
+        // The generator must exercise matches, not only misses.
+        assert!(routed > 10_000, "only {routed} of 60000 requests routed");
+    }
+
+    #[test]
+    fn same_path_routes_are_told_apart_by_headers_in_order() {
+        let rc = routes(json!([
+            direct(
+                "one",
+                json!({"path": "/p", "headers": [
+                {"name": "x-h", "string_match": {"exact": "1"}}]})
+            ),
+            direct(
+                "regex-two",
+                json!({"safe_regex": {"regex": "/p"}, "headers": [
+                {"name": "x-h", "string_match": {"exact": "2"}}]})
+            ),
+            direct(
+                "prefix-two",
+                json!({"prefix": "/p", "headers": [
+                {"name": "x-h", "string_match": {"exact": "2"}}]})
+            ),
+            direct("ci", json!({"prefix": "/P", "case_sensitive": false})),
+            direct("any", json!({"path": "/p"})),
+        ]));
+        let name = |v: Option<&'static str>| {
+            let mut req = Req::get("h", "/p");
+            if let Some(v) = v {
+                req = req.header("x-h", v);
+            }
+            route_name(&rc, &req)
+        };
+        assert_eq!(name(Some("1")).as_deref(), Some("one"));
+        assert_eq!(name(Some("2")).as_deref(), Some("regex-two"));
+        assert_eq!(name(None).as_deref(), Some("ci"));
+    }
+
+    #[test]
+    fn identical_regexes_are_compiled_once() {
+        let ua = json!([{"name": "ua", "string_match": {"safe_regex": {"regex": "grpc-go/.*"}}}]);
+        let table = json!([
+            direct(
+                "a",
+                json!({"safe_regex": {"regex": "/x/[0-9]+"}, "headers": ua})
+            ),
+            direct("b", json!({"prefix": "/", "headers": ua})),
+            direct(
+                "c",
+                json!({"safe_regex": {"regex": "/x/[0-9]+"}, "headers": ua})
+            ),
+        ]);
+        let before = crate::config::matchers::compiled_regexes();
+        let rc = routes(table.clone());
+        assert_eq!(crate::config::matchers::compiled_regexes() - before, 2);
+        // Each table compiles its own: sharing is scoped to one compile.
+        let _again = routes(table);
+        assert_eq!(crate::config::matchers::compiled_regexes() - before, 4);
+        let req = Req::get("h", "/x/1").header("ua", "grpc-go/1.2");
+        assert_eq!(route_name(&rc, &req).as_deref(), Some("a"));
+        let req = Req::get("h", "/x/1").header("ua", "curl");
+        assert_eq!(route_name(&rc, &req), None);
     }
 }

@@ -5,9 +5,12 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
-use http::{HeaderValue, Request, Response, Uri, header, request::Parts};
+use http::{HeaderName, HeaderValue, Request, Response, Uri, header, request::Parts};
 
-use super::{Body, request, retry};
+use super::{
+    Body, request, retry,
+    timeout::{self, Activity, Expired, TimedBody, Watch},
+};
 use crate::{
     config::{
         RouteConfig,
@@ -29,7 +32,7 @@ use crate::{
 };
 
 /// Envoy's route timeout when the route sets none.
-pub const DEFAULT_ROUTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+pub const DEFAULT_ROUTE_TIMEOUT: std::time::Duration = timeout::DEFAULT_ROUTE_TIMEOUT;
 
 /// Everything a routed request carries into the router.
 pub struct Call<'a> {
@@ -214,11 +217,11 @@ fn upgrade_of(parts: &Parts, hcm: &HttpConnectionManager, fwd: &Forward) -> Opti
 }
 
 /// Where a request goes: (address, host metadata, pool key, LB guard).
-struct Target {
+pub(super) struct Target {
     address: EndpointAddress,
-    metadata: BTreeMap<String, serde_json::Value>,
-    key: String,
-    host: Option<Arc<Host>>,
+    metadata: Arc<BTreeMap<String, serde_json::Value>>,
+    pub(super) key: Arc<str>,
+    pub(super) host: Option<Arc<Host>>,
     _guard: Option<crate::upstream::lb::RequestGuard>,
 }
 
@@ -242,7 +245,7 @@ impl Template {
 }
 
 /// Opens connections for a pool to `target`.
-fn dialer(
+pub(super) fn dialer(
     dp: &Arc<DataPlane>,
     rt: &ClusterRt,
     target: &Target,
@@ -267,7 +270,15 @@ fn dialer(
     }
 }
 
-fn pick_target(
+/// `x-envoy-original-dst-host` (names parsed once: a `&str` key is parsed on every lookup).
+pub(super) const ORIGINAL_DST_HOST: HeaderName =
+    HeaderName::from_static("x-envoy-original-dst-host");
+/// `x-envoy-attempt-count`.
+const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+/// `x-envoy-upstream-service-time`.
+const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+pub(super) fn pick_target(
     rt: &ClusterRt,
     ctx: &ConnContext,
     header_dst: Option<&str>,
@@ -284,8 +295,8 @@ fn pick_target(
             })?;
             Ok(Target {
                 address: EndpointAddress::Socket(a),
-                metadata: BTreeMap::new(),
-                key: a.to_string(),
+                metadata: Arc::default(),
+                key: a.to_string().into(),
                 host: None,
                 _guard: None,
             })
@@ -302,18 +313,10 @@ fn pick_target(
                     rt.stats.none_healthy.inc();
                     ProxyError::NoHealthyUpstream(rt.cluster.name.clone())
                 })?;
-            let key = match &host.address {
-                EndpointAddress::Socket(a) => a.to_string(),
-                EndpointAddress::Pipe(p) => p.display().to_string(),
-                EndpointAddress::Internal {
-                    listener,
-                    endpoint_id,
-                } => format!("{listener}/{}", endpoint_id.as_deref().unwrap_or("")),
-            };
             Ok(Target {
                 address: host.address.clone(),
-                metadata: host.metadata.as_ref().clone(),
-                key,
+                metadata: host.metadata.clone(),
+                key: host.key.clone(),
                 _guard: Some(host.start_request()),
                 host: Some(host),
             })
@@ -510,7 +513,7 @@ pub async fn forward(
     };
     let header_dst = parts
         .headers
-        .get("x-envoy-original-dst-host")
+        .get(&ORIGINAL_DST_HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let hash = request_hash(&fwd.hash_policy, &parts, ctx, &call.state);
@@ -522,6 +525,12 @@ pub async fn forward(
     let origin = Origin {
         shared,
         source: Some(ctx.remote.clone()),
+    };
+    // Mirrors copy the request as it leaves; the primary sends the tee (see `mirror`).
+    let body = if upgrade.is_none() {
+        super::mirror::start_routed(&call, &parts, &host, &pq, &origin, body)
+    } else {
+        body
     };
     // The upstream request.
     let uri: Uri = match proto {
@@ -550,11 +559,50 @@ pub async fn forward(
     {
         parts.headers.append(header::VIA, v);
     }
-    let policy = fwd
-        .retry_policy
+    let retry_config = fwd.retry_policy.as_ref().or(call.vh.retry_policy.as_ref());
+    let policy = retry_config.filter(|p| p.num_retries > 0 && upgrade.is_none());
+    // Timeouts (Envoy's `finalTimeout`, which also consumes the `x-envoy-*` timeout headers and
+    // sets `x-envoy-expected-rq-timeout-ms`); an upgraded stream has none.
+    let timeouts = if upgrade.is_some() {
+        timeout::RouteTimeouts::default()
+    } else {
+        let router_filter = router_config(hcm);
+        let grpc = super::stream_info::is_grpc(&parts.headers);
+        timeout::route_timeouts(
+            &timeout::RouteTimeoutConfig {
+                timeout: fwd.timeout,
+                new_timeouts: fwd.max_stream_duration.present,
+                max_grpc_timeout: fwd.max_grpc_timeout,
+                grpc_timeout_offset: fwd.grpc_timeout_offset,
+                per_try_timeout: retry_config.and_then(|p| p.per_try_timeout),
+                per_try_idle_timeout: retry_config.and_then(|p| p.per_try_idle_timeout),
+            },
+            &mut parts.headers,
+            grpc,
+            !router_filter.is_some_and(|r| r.suppress_envoy_headers),
+            router_filter.is_some_and(|r| r.respect_expected_rq_timeout),
+        )
+    };
+    // The cluster's `max_stream_duration`: each upstream stream's lifetime.
+    let upstream_duration = rt
+        .cluster
+        .http
         .as_ref()
-        .or(call.vh.retry_policy.as_ref())
-        .filter(|p| p.num_retries > 0 && upgrade.is_none());
+        .and_then(|h| h.common.max_stream_duration)
+        .filter(|d| !d.is_zero() && upgrade.is_none());
+    // The stream's activity: the HCM's when it watches the stream, else ours when a timer needs it.
+    let needs_activity =
+        timeouts != timeout::RouteTimeouts::default() || upstream_duration.is_some();
+    let (activity, body) = match parts.extensions.remove::<Arc<Activity>>() {
+        Some(a) => (Some(a), body),
+        None if needs_activity => {
+            let a = Activity::new();
+            let b = timeout::observe_request(body, &a);
+            (Some(a), b)
+        }
+        None => (None, body),
+    };
+    let forward_start = tokio::time::Instant::now();
     let may_retry = policy.is_some_and(|p| {
         retry::request_retriable(p, &super::route_select::RequestView::from_parts(&parts))
     });
@@ -571,16 +619,15 @@ pub async fn forward(
         headers: parts.headers.clone(),
     });
     let mut next = Some(Request::from_parts(parts, body));
-    let timeout = match fwd.timeout {
-        Some(t) if t.is_zero() => None,
-        Some(t) => Some(t),
-        None => Some(DEFAULT_ROUTE_TIMEOUT),
+    // The route timeout runs from the request's end to the response's end, across attempts;
+    // the per-try timers run per attempt (see `attempt_watch`).
+    let route_expired = |a: &Activity| {
+        timeouts.global.is_some_and(|g| {
+            a.request_ended()
+                .is_some_and(|end| end.max(forward_start) + g <= tokio::time::Instant::now())
+        })
     };
-    // The route timeout covers every attempt's wait for response headers; bodies stream
-    // unbounded in time (per-try idle and stream-duration limits come with the timeouts work).
-    let deadline = timeout
-        .filter(|_| upgrade.is_none())
-        .map(|t| tokio::time::Instant::now() + t);
+    let mut watch: Option<Watch> = None;
     let mut target = target;
     let mut tried: Vec<Arc<Host>> = Vec::new();
     let mut attempt: u32 = 1;
@@ -594,7 +641,7 @@ pub async fn forward(
         };
         if call.vh.include_request_attempt_count {
             req.headers_mut()
-                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+                .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
         }
         if let Some(h) = &target.host {
             tried.push(h.clone());
@@ -612,23 +659,31 @@ pub async fn forward(
             Err(e) => break Err(e),
         };
         let dial = dialer(dp, &rt, &target, &origin);
-        let per_try = policy.and_then(|p| p.per_try_timeout);
-        let wait = match (deadline, per_try) {
-            (Some(d), Some(p)) => Some((d - tokio::time::Instant::now()).min(p)),
-            (Some(d), None) => Some(d.saturating_duration_since(tokio::time::Instant::now())),
-            (None, p) => p,
-        };
+        watch = activity
+            .as_ref()
+            .map(|a| {
+                attempt_watch(
+                    a,
+                    &timeouts,
+                    upstream_duration,
+                    forward_start,
+                    tokio::time::Instant::now(),
+                )
+            })
+            .filter(|w| !w.is_empty());
         // Counted while the attempt waits; a guard, so a cancelled downstream request (the
         // future dropped mid-wait) still decrements.
         let active = ActiveGuard::new(&rt.stats.rq_active);
         let sent = pool.send(req, dial, upgrade.is_some(), &limits);
-        let outcome = match wait {
-            Some(w) => match tokio::time::timeout(w, sent).await {
+        let mut expired = None;
+        let outcome = match watch.as_mut() {
+            Some(w) => match w.run(sent).await {
                 Ok(r) => r,
-                Err(_) => {
-                    rt.stats.rq_timeout.inc();
+                Err(kind) => {
+                    expired = Some(kind);
+                    count_expiry(&rt.stats, kind);
                     Err(SendError {
-                        error: ProxyError::Timeout,
+                        error: expiry_error(kind, activity.as_deref()),
                         request: None,
                     })
                 }
@@ -643,7 +698,8 @@ pub async fn forward(
                 .map(|r| r.status().as_u16())
                 .map_err(|e| &e.error),
         );
-        let overall_expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let overall_expired =
+            expired == Some(Expired::Route) || activity.as_deref().is_some_and(route_expired);
         let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
         let (next_req, failure) = match outcome {
             Ok(r) => {
@@ -716,15 +772,29 @@ pub async fn forward(
                     crate::flags::ResponseFlag::UpstreamRetryLimitExceeded,
                 );
             }
+            // A per-try timeout that used up the retries stays the timeout's 504 `UT` (Envoy's
+            // `onUpstreamTimeoutAbort`), not a 503.
+            Err(ProxyError::Timeout) => {}
             Err(e) => *e = ProxyError::RetriesExhausted(e.to_string()),
         }
     } else if attempt > 1 && resp.is_ok() {
         rt.stats.retry_success.inc();
     }
     let mut resp = resp?;
+    if let Some(a) = &activity {
+        a.start_response();
+    }
+    // The last attempt's timers go on guarding the response body (the route timeout, the per-try
+    // idle timeout and the cluster's stream duration run until the response ends).
+    if let Some(w) = watch.take() {
+        let stats = rt.stats.clone();
+        let (head, body) = resp.into_parts();
+        let on_expire: timeout::OnExpire = Box::new(move |k| count_expiry(&stats, k));
+        resp = Response::from_parts(head, TimedBody::wrap(body, w, true, Some(on_expire)));
+    }
     if call.vh.include_attempt_count_in_response {
         resp.headers_mut()
-            .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+            .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
     }
     // Response shaping.
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -752,8 +822,7 @@ pub async fn forward(
     request::server_header(resp.headers_mut(), hcm.server_header, &hcm.server_name);
     let elapsed = call.started.elapsed().as_millis().to_string();
     if let Ok(v) = HeaderValue::from_str(&elapsed) {
-        resp.headers_mut()
-            .insert("x-envoy-upstream-service-time", v);
+        resp.headers_mut().insert(UPSTREAM_SERVICE_TIME, v);
     }
     if switching && let Some(down) = downstream_upgrade {
         let up = hyper::upgrade::on(&mut resp);
@@ -773,11 +842,69 @@ pub async fn forward(
     Ok(resp)
 }
 
+/// The router filter's settings (`suppress_envoy_headers`, `respect_expected_rq_timeout`).
+fn router_config(hcm: &HttpConnectionManager) -> Option<&crate::config::filters::http::Router> {
+    hcm.http_filters.iter().find_map(|f| match &f.kind {
+        crate::config::filters::http::HttpFilterKind::Router(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// The timers of one upstream attempt started at `attempt_start`: the route timeout (from the
+/// request's end, across attempts), `per_try_timeout` (from the later of the request's end and
+/// the attempt's start, until response headers), `per_try_idle_timeout` (from the attempt's
+/// start, response body included) and the cluster's `max_stream_duration`.
+fn attempt_watch(
+    activity: &Arc<Activity>,
+    t: &timeout::RouteTimeouts,
+    upstream_duration: Option<std::time::Duration>,
+    forward_start: tokio::time::Instant,
+    attempt_start: tokio::time::Instant,
+) -> Watch {
+    let mut w = Watch::new(activity.clone());
+    if let Some(g) = t.global {
+        w = w.after_request(g, forward_start, false, Expired::Route);
+    }
+    if let Some(p) = t.per_try {
+        w = w.after_request(p, attempt_start, true, Expired::PerTry);
+    }
+    if let Some(i) = t.per_try_idle {
+        w = w.idle(i, attempt_start, Expired::PerTryIdle);
+    }
+    if let Some(d) = upstream_duration {
+        w = w.at(attempt_start + d, Expired::UpstreamDuration);
+    }
+    w
+}
+
+/// Counts a router timer in the cluster's stats.
+fn count_expiry(stats: &crate::upstream::cluster_manager::ClusterStats, kind: Expired) {
+    match kind {
+        Expired::Route => stats.rq_timeout.inc(),
+        Expired::PerTry => stats.rq_per_try_timeout.inc(),
+        Expired::PerTryIdle => stats.rq_per_try_idle_timeout.inc(),
+        Expired::UpstreamDuration => stats.rq_max_duration_reached.inc(),
+        _ => {}
+    }
+}
+
+/// The failure of an attempt ended by a router timer: 504 `UT` for the route and per-try
+/// timeouts; for the cluster's stream duration Envoy's 408/504 `UMSDR`.
+fn expiry_error(kind: Expired, activity: Option<&Activity>) -> ProxyError {
+    match kind {
+        Expired::UpstreamDuration => ProxyError::StreamTimeout {
+            kind,
+            request_complete: activity.is_some_and(|a| a.request_ended().is_some()),
+        },
+        _ => ProxyError::Timeout,
+    }
+}
+
 /// Holds one count in a gauge until dropped.
-struct ActiveGuard(Arc<crate::stats::Stat>);
+pub(super) struct ActiveGuard(Arc<crate::stats::Stat>);
 
 impl ActiveGuard {
-    fn new(gauge: &Arc<crate::stats::Stat>) -> Self {
+    pub(super) fn new(gauge: &Arc<crate::stats::Stat>) -> Self {
         gauge.add(1);
         ActiveGuard(gauge.clone())
     }

@@ -123,6 +123,37 @@ pub struct Observe {
     pub grpc_messages: bool,
 }
 
+/// Dynamic metadata the HTTP filters of one stream set (Envoy's `StreamInfo::dynamicMetadata`):
+/// one Struct (a JSON object) per namespace, e.g. `envoy.filters.http.jwt_authn` → verified JWT
+/// payloads, which RBAC `metadata` matchers read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DynamicMetadata(std::collections::BTreeMap<String, serde_json::Value>);
+
+impl DynamicMetadata {
+    /// Merges `fields` into namespace `ns`: a key already there is replaced (Envoy's
+    /// `setDynamicMetadata` merges at the top level of the namespace).
+    pub fn merge(&mut self, ns: &str, fields: serde_json::Map<String, serde_json::Value>) {
+        let entry = self
+            .0
+            .entry(ns.to_owned())
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        if let serde_json::Value::Object(m) = entry {
+            m.extend(fields);
+        }
+    }
+
+    /// The value in namespace `ns` at `path` (keys into nested objects); the namespace's object
+    /// for an empty path.
+    pub fn value(&self, ns: &str, path: &[String]) -> Option<&serde_json::Value> {
+        path.iter().try_fold(self.0.get(ns)?, |v, k| v.get(k))
+    }
+
+    /// Whether no filter set anything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What the connection manager learnt about a stream, for access logs.
 #[derive(Debug, Default)]
 pub struct StreamDetails {
@@ -300,10 +331,11 @@ pub fn code_details(e: &ProxyError) -> Cow<'static, str> {
         }
         ProxyError::UpstreamProtocol(_) => "upstream_reset_before_response_started{protocol_error}",
         ProxyError::Timeout => "upstream_response_timeout",
+        ProxyError::StreamTimeout { kind, .. } => kind.code_details(),
         ProxyError::BadRequest(_) => "codec_error",
         ProxyError::Overflow(_) => "upstream_reset_before_response_started{overflow}",
         ProxyError::Redirect(_) => "path_normalization_redirect",
-        ProxyError::Unauthorized(_) => "jwt_authn_access_denied{Jwt_verification_fails}",
+        ProxyError::Unauthorized(denial) => return Cow::Owned(denial.details()),
         ProxyError::RbacDenied(why) => {
             // `filter 'x' policy NAME` / `... policy (none matched)`.
             let policy = why
@@ -317,6 +349,7 @@ pub fn code_details(e: &ProxyError) -> Cow<'static, str> {
             ));
         }
         ProxyError::Unsupported(_) => "local_reset",
+        ProxyError::RateLimited(_) => "local_rate_limited",
     };
     Cow::Borrowed(s)
 }
@@ -721,9 +754,14 @@ impl HttpBody for ObservedBody {
                 }
             }
             Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => {
-                self.flags
-                    .insert(crate::flags::ResponseFlag::UpstreamRemoteReset);
+            Poll::Ready(Some(Err(e))) => {
+                // A timer that cut the response names itself (SI, UT, …); else the upstream reset.
+                match e.downcast_ref::<crate::http::timeout::Expired>() {
+                    Some(kind) => self.flags.extend(kind.response_flags()),
+                    None => self
+                        .flags
+                        .insert(crate::flags::ResponseFlag::UpstreamRemoteReset),
+                }
                 self.finish(true);
             }
             Poll::Pending => {}

@@ -3,12 +3,17 @@
 //! (destination port, destination IP, server name, transport protocol, application protocols,
 //! direct source IP, source type, source IP, source port), at each step keeping the most specific
 //! chains and falling back to chains that leave the criterion empty; `default_filter_chain` last.
+//!
+//! Both are indexed when the listener is compiled: the matcher's IP ranges are a longest-prefix
+//! table and its actions know their chain's position; the classic search starts from the chains the
+//! [`ClassicIndex`] leaves after the destination port and IP steps (usually one), so the cost per
+//! connection does not grow with the number of services the listener fronts.
 
 use std::net::IpAddr;
 
 use crate::config::{
     listener::{FilterChain, FilterChainMatch, Listener, SourceType},
-    matcher::ConnectionInfo,
+    matcher::{ClassicIndex, ConnectionInfo},
     matchers::Cidr,
 };
 
@@ -45,33 +50,27 @@ pub fn select<'l>(listener: &'l Listener, s: &Selector<'_>) -> Option<&'l Filter
             application_protocols: s.application_protocols,
             filter_state: s.filter_state,
         };
-        return match m.select(&info) {
-            Some(name) => listener.chain(name),
+        return match m.select_chain(&info) {
+            Some(c) => match c.index {
+                Some(i) => listener.filter_chains.get(i),
+                None => listener.chain(&c.name),
+            },
             None => listener.default_filter_chain.as_ref(),
         };
     }
-    classic(&listener.filter_chains, s).or(listener.default_filter_chain.as_ref())
+    classic(&listener.filter_chains, &listener.chain_index, s)
+        .or(listener.default_filter_chain.as_ref())
 }
 
-/// Narrows `candidates` to those scoring highest; `None` scores drop out, `Some(0)` means "the
-/// criterion is empty" (the fallback), higher is more specific.
-fn narrow(
-    candidates: Vec<&FilterChain>,
-    score: impl Fn(&FilterChainMatch) -> Option<u32>,
-) -> Vec<&FilterChain> {
-    let scored: Vec<(u32, &FilterChain)> = candidates
-        .into_iter()
-        .filter_map(|c| match &c.chain_match {
-            Some(m) => score(m).map(|s| (s, c)),
-            None => Some((0, c)),
-        })
-        .collect();
-    let best = scored.iter().map(|(s, _)| *s).max();
-    scored
-        .into_iter()
-        .filter(|(s, _)| Some(*s) == best)
-        .map(|(_, c)| c)
-        .collect()
+/// Narrows `candidates` (in place, order kept) to those scoring highest; `None` scores drop out,
+/// `Some(0)` means "the criterion is empty" (the fallback), higher is more specific.
+fn narrow(candidates: &mut Vec<&FilterChain>, score: impl Fn(&FilterChainMatch) -> Option<u32>) {
+    let score_of = |c: &FilterChain| match &c.chain_match {
+        Some(m) => score(m),
+        None => Some(0),
+    };
+    let best = candidates.iter().filter_map(|c| score_of(c)).max();
+    candidates.retain(|c| best.is_some() && score_of(c) == best);
 }
 
 /// Longest-prefix score of `ip` in `ranges` (empty ranges: 0; no hit: `None`).
@@ -114,22 +113,25 @@ fn is_local(source: Option<(IpAddr, u16)>, destination: Option<(IpAddr, u16)>) -
     }
 }
 
-fn classic<'l>(chains: &'l [FilterChain], s: &Selector<'_>) -> Option<&'l FilterChain> {
-    let mut c: Vec<&FilterChain> = chains.iter().collect();
-    let dport = s.destination.map(|d| d.1);
-    c = narrow(c, |m| match m.destination_port {
-        None => Some(0),
-        Some(p) => (Some(p) == dport).then_some(1),
+fn classic<'l>(
+    chains: &'l [FilterChain],
+    index: &ClassicIndex,
+    s: &Selector<'_>,
+) -> Option<&'l FilterChain> {
+    // Destination port, then destination IP: done by the index.
+    let mut c: Vec<&FilterChain> = index
+        .candidates(s.destination)
+        .iter()
+        .filter_map(|i| chains.get(*i))
+        .collect();
+    narrow(&mut c, |m| {
+        server_name_score(&m.server_names, s.server_name)
     });
-    c = narrow(c, |m| {
-        prefix_score(&m.prefix_ranges, s.destination.map(|d| d.0))
-    });
-    c = narrow(c, |m| server_name_score(&m.server_names, s.server_name));
-    c = narrow(c, |m| match &m.transport_protocol {
+    narrow(&mut c, |m| match &m.transport_protocol {
         None => Some(0),
         Some(t) => (t == s.transport_protocol).then_some(1),
     });
-    c = narrow(c, |m| {
+    narrow(&mut c, |m| {
         if m.application_protocols.is_empty() {
             Some(0)
         } else {
@@ -139,18 +141,18 @@ fn classic<'l>(chains: &'l [FilterChain], s: &Selector<'_>) -> Option<&'l Filter
                 .then_some(1)
         }
     });
-    c = narrow(c, |m| {
+    narrow(&mut c, |m| {
         prefix_score(&m.direct_source_prefix_ranges, s.direct_source)
     });
-    c = narrow(c, |m| match m.source_type {
+    narrow(&mut c, |m| match m.source_type {
         SourceType::Any => Some(0),
         SourceType::Local => is_local(s.source, s.destination).then_some(1),
         SourceType::External => (!is_local(s.source, s.destination)).then_some(1),
     });
-    c = narrow(c, |m| {
+    narrow(&mut c, |m| {
         prefix_score(&m.source_prefix_ranges, s.source.map(|x| x.0))
     });
-    c = narrow(c, |m| {
+    narrow(&mut c, |m| {
         if m.source_ports.is_empty() {
             Some(0)
         } else {
@@ -202,7 +204,7 @@ mod tests {
             application_protocols: protos,
             filter_state: &fs,
         };
-        classic(chains, &s).map(|c| c.name.as_str())
+        classic(chains, &ClassicIndex::build(chains), &s).map(|c| c.name.as_str())
     }
 
     #[test]
@@ -241,5 +243,148 @@ mod tests {
         // Port 9000 matches only the h2c chain; without h2c the criterion fails and nothing is
         // left (Envoy does not fall back to less specific ports).
         assert_eq!(pick(&chains, "10.9.2.3:9000", &["http/1.1".into()]), None);
+    }
+
+    /// The narrowing step as first written: a new list per criterion.
+    fn narrow_owned(
+        candidates: Vec<&FilterChain>,
+        score: impl Fn(&FilterChainMatch) -> Option<u32>,
+    ) -> Vec<&FilterChain> {
+        let scored: Vec<(u32, &FilterChain)> = candidates
+            .into_iter()
+            .filter_map(|c| match &c.chain_match {
+                Some(m) => score(m).map(|s| (s, c)),
+                None => Some((0, c)),
+            })
+            .collect();
+        let best = scored.iter().map(|(s, _)| *s).max();
+        scored
+            .into_iter()
+            .filter(|(s, _)| Some(*s) == best)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// Envoy's classic search spelled out: every criterion narrows all chains, in order.
+    fn classic_by_scan<'l>(chains: &'l [FilterChain], s: &Selector<'_>) -> Option<&'l FilterChain> {
+        let mut c: Vec<&FilterChain> = chains.iter().collect();
+        let dport = s.destination.map(|d| d.1);
+        c = narrow_owned(c, |m| match m.destination_port {
+            None => Some(0),
+            Some(p) => (Some(p) == dport).then_some(1),
+        });
+        c = narrow_owned(c, |m| {
+            prefix_score(&m.prefix_ranges, s.destination.map(|d| d.0))
+        });
+        c = narrow_owned(c, |m| server_name_score(&m.server_names, s.server_name));
+        c = narrow_owned(c, |m| match &m.transport_protocol {
+            None => Some(0),
+            Some(t) => (t == s.transport_protocol).then_some(1),
+        });
+        c = narrow_owned(c, |m| {
+            if m.application_protocols.is_empty() {
+                Some(0)
+            } else {
+                m.application_protocols
+                    .iter()
+                    .any(|p| s.application_protocols.contains(p))
+                    .then_some(1)
+            }
+        });
+        c = narrow_owned(c, |m| {
+            prefix_score(&m.direct_source_prefix_ranges, s.direct_source)
+        });
+        c = narrow_owned(c, |m| match m.source_type {
+            SourceType::Any => Some(0),
+            SourceType::Local => is_local(s.source, s.destination).then_some(1),
+            SourceType::External => (!is_local(s.source, s.destination)).then_some(1),
+        });
+        c = narrow_owned(c, |m| {
+            prefix_score(&m.source_prefix_ranges, s.source.map(|x| x.0))
+        });
+        c = narrow_owned(c, |m| {
+            if m.source_ports.is_empty() {
+                Some(0)
+            } else {
+                s.source
+                    .is_some_and(|(_, p)| m.source_ports.contains(&p))
+                    .then_some(1)
+            }
+        });
+        c.into_iter().next()
+    }
+
+    #[test]
+    fn indexed_classic_search_agrees_with_a_full_scan() {
+        let cidr = |s: &str| {
+            let (a, l) = s.split_once('/').expect("a/len");
+            Cidr::parse(a, Some(l.parse().expect("len")), "").expect("cidr")
+        };
+        let pool = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3/32",
+            "10.1.2.0/24",
+            "fd00::/8",
+        ];
+        let mut state = 0xfeed_u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..1_000 {
+            let chains: Vec<FilterChain> = (0..1 + next(8))
+                .map(|i| {
+                    if next(8) == 0 {
+                        return chain(&format!("c{i}"), None);
+                    }
+                    let m = FilterChainMatch {
+                        destination_port: [None, Some(80), Some(443)][next(3)],
+                        prefix_ranges: (0..next(3)).map(|_| cidr(pool[next(pool.len())])).collect(),
+                        server_names: [vec![], vec!["a.example".to_owned()]][next(2)].clone(),
+                        transport_protocol: [None, Some("tls".to_owned())][next(2)].clone(),
+                        source_prefix_ranges: (0..next(2))
+                            .map(|_| cidr(pool[next(pool.len())]))
+                            .collect(),
+                        source_type: [SourceType::Any, SourceType::Local, SourceType::External]
+                            [next(3)],
+                        source_ports: [vec![], vec![5555], vec![1]][next(3)].clone(),
+                        ..fcm()
+                    };
+                    chain(&format!("c{i}"), Some(m))
+                })
+                .collect();
+            let index = ClassicIndex::build(&chains);
+            for dst in [
+                "10.1.2.3:80",
+                "10.1.9.9:443",
+                "10.9.0.1:8080",
+                "[fd00::1]:80",
+            ] {
+                let d: std::net::SocketAddr = dst.parse().expect("addr");
+                for destination in [Some((d.ip(), d.port())), None] {
+                    for (sni, transport) in [(None, "raw_buffer"), (Some("a.example"), "tls")] {
+                        let fs = |_: &str| None;
+                        let s = Selector {
+                            destination,
+                            source: Some(("10.1.2.3".parse().expect("ip"), 5555)),
+                            direct_source: None,
+                            server_name: sni,
+                            transport_protocol: transport,
+                            application_protocols: &[],
+                            filter_state: &fs,
+                        };
+                        assert_eq!(
+                            classic(&chains, &index, &s).map(|c| &c.name),
+                            classic_by_scan(&chains, &s).map(|c| &c.name),
+                            "{dst} {destination:?} {sni:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

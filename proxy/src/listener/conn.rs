@@ -205,6 +205,9 @@ pub struct ConnContext {
     pub metadata: BTreeMap<String, Json>,
     /// The configuration the connection runs on, fixed when it was accepted.
     pub snapshot: Arc<Snapshot>,
+    /// Local rate limit buckets of this connection
+    /// (`local_rate_limit_per_downstream_connection`).
+    pub rate_limits: crate::http::local_ratelimit::ConnBuckets,
 }
 
 impl ConnContext {
@@ -222,6 +225,7 @@ impl ConnContext {
             filter_state: FilterState::default(),
             metadata: BTreeMap::new(),
             snapshot,
+            rate_limits: Default::default(),
         }
     }
 

@@ -179,6 +179,9 @@ impl ListenerManager {
         let snapshot = dp.server.config.snapshot();
         self.settle(dp, &mut inner, &snapshot);
         let serving = std::mem::take(&mut inner.serving);
+        // Published before any accept loop starts: a worker may accept at once, and a connection
+        // whose listener it cannot find is dropped.
+        self.serving_now.store(Arc::new(serving.clone()));
         let wanted: HashMap<&str, SocketAddr> = serving
             .iter()
             .filter_map(|(name, l)| match l.bind {
@@ -217,13 +220,7 @@ impl ListenerManager {
             let (stop, stop_rx) = watch::channel(false);
             inner.active.insert(name.to_owned(), Active { addr, stop });
             tracing::info!(target: "listener", %name, %addr, "listener serving");
-            tokio::spawn(accept_loop(
-                Arc::downgrade(dp),
-                name.to_owned(),
-                addr,
-                listener,
-                stop_rx,
-            ));
+            spawn_accept_loops(dp, name, addr, listener, stop_rx);
         }
         // Warming new listeners keep their address reserved (bound, refusing connections).
         let reserved: HashSet<SocketAddr> = dp
@@ -237,7 +234,6 @@ impl ListenerManager {
             })
             .collect();
         inner.prebound.retain(|a, _| reserved.contains(a));
-        self.serving_now.store(Arc::new(serving.clone()));
         inner.serving = serving;
         drop(inner);
         dp.server.maybe_live();
@@ -314,6 +310,53 @@ impl ListenerStats {
             cx_active: s.gauge(&format!("listener.{prefix}.downstream_cx_active")),
             no_chain: s.counter(&format!("listener.{prefix}.no_filter_chain_match")),
         }
+    }
+}
+
+/// Accepts on `listener` from every worker thread (each registers its own handle of the socket;
+/// the kernel hands a connection to one of them), or from this runtime when there are no workers.
+fn spawn_accept_loops(
+    dp: &Arc<DataPlane>,
+    name: &str,
+    addr: SocketAddr,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(workers) = crate::workers::handles() else {
+        tokio::spawn(accept_loop(
+            Arc::downgrade(dp),
+            name.to_owned(),
+            addr,
+            listener,
+            stop,
+        ));
+        return;
+    };
+    // The socket leaves this runtime's reactor and joins each worker's.
+    let socket = match listener.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(target: "listener", %name, %addr, "cannot hand the socket to workers: {e}");
+            return;
+        }
+    };
+    for (i, worker) in workers.iter().enumerate() {
+        let clone = match socket.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(target: "listener", %name, %addr, worker = i, "cannot share the socket: {e}");
+                continue;
+            }
+        };
+        let (dp, name, stop) = (Arc::downgrade(dp), name.to_owned(), stop.clone());
+        worker.spawn(async move {
+            match TcpListener::from_std(clone) {
+                Ok(listener) => accept_loop(dp, name, addr, listener, stop).await,
+                Err(e) => {
+                    tracing::error!(target: "listener", %name, %addr, worker = i, "cannot register the socket: {e}");
+                }
+            }
+        });
     }
 }
 

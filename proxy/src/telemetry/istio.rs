@@ -11,15 +11,15 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
+    rc::Rc,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use super::histogram::{DEFAULT_BUCKETS, Histogram, HistogramSnapshot};
+use super::histogram::{DEFAULT_BUCKETS, Histogram, HistogramSnapshot, format_bound};
 use crate::flags::ResponseFlags;
 
 /// The value of a label nothing is known for.
@@ -244,9 +244,6 @@ pub fn tag_index(name: &str) -> Option<usize> {
     TAGS.iter().position(|t| *t == name)
 }
 
-const TAG_RESPONSE_CODE: usize = 21;
-const TAG_GRPC_STATUS: usize = 22;
-
 /// What a `stats.PluginConfig`'s `metrics[]` change, compiled: per metric, whether it is
 /// dropped, which standard tags are removed or replaced by a dimension, and which tags are added.
 /// Dimension values are evaluated per stream by the caller (in [`Plan::dimensions`] order) and
@@ -284,29 +281,33 @@ impl Plan {
         }
     }
 
-    /// The labels of `metric` for a series: standard values (in [`TAGS`] order, `None` where a
-    /// label does not apply) with overrides and additions applied.
-    fn labels(
-        &self,
+    /// The labels of `metric` for a series as (name, value) pairs: standard values (in [`TAGS`]
+    /// order, `None` where a label does not apply) with overrides and additions applied.
+    fn label_pairs<'s>(
+        &'s self,
         metric: Metric,
-        standard: &[Option<&str>; 25],
-        extra: &[Arc<str>],
-    ) -> Vec<(String, String)> {
+        standard: [Option<&'s str>; 25],
+        extra: &'s [Arc<str>],
+    ) -> impl Iterator<Item = (&'s str, &'s str)> + 's {
         let i = metric.index();
-        let value = |d: usize| extra.get(d).map(|v| v.to_string()).unwrap_or_default();
-        let mut out = Vec::with_capacity(27);
-        for (t, v) in standard.iter().enumerate() {
-            let Some(v) = v else { continue };
-            match self.overrides[i].get(&t) {
-                Some(None) => {}
-                Some(Some(d)) => out.push((TAGS[t].to_owned(), value(*d))),
-                None => out.push((TAGS[t].to_owned(), (*v).to_owned())),
-            }
-        }
-        for (name, d) in &self.additions[i] {
-            out.push((name.clone(), value(*d)));
-        }
-        out
+        let value = move |d: usize| extra.get(d).map_or("", |v| &**v);
+        let overrides = &self.overrides[i];
+        standard
+            .into_iter()
+            .enumerate()
+            .filter_map(move |(t, v)| {
+                let v = v?;
+                match overrides.get(&t) {
+                    Some(None) => None,
+                    Some(Some(d)) => Some((TAGS[t], value(*d))),
+                    None => Some((TAGS[t], v)),
+                }
+            })
+            .chain(
+                self.additions[i]
+                    .iter()
+                    .map(move |(name, d)| (name.as_str(), value(*d))),
+            )
     }
 }
 
@@ -359,12 +360,15 @@ pub struct SeriesKey {
 }
 
 impl SeriesKey {
-    /// The standard label values in [`TAGS`] order.
-    fn standard(&self, code: &str, grpc: &str) -> [Option<String>; 25] {
-        let or_unknown = |s: Option<&str>| match s {
-            Some(v) if !v.is_empty() => v.to_owned(),
-            _ => UNKNOWN.to_owned(),
-        };
+    /// The standard label values in [`TAGS`] order (`None` where a label does not apply: TCP has
+    /// no `response_code` nor `grpc_response_status`).
+    fn standard<'s>(&'s self, computed: &'s Computed) -> [Option<&'s str>; 25] {
+        fn or_unknown(s: Option<&str>) -> &str {
+            match s {
+                Some(v) if !v.is_empty() => v,
+                _ => UNKNOWN,
+            }
+        }
         let src = self.source.as_deref();
         let dst = self.destination.as_deref();
         let svc = self.service.as_deref();
@@ -377,12 +381,12 @@ impl SeriesKey {
             .or(src.map(|s| s.namespace.as_str()));
         let http = self.protocol != Protocol::Tcp;
         [
-            Some(self.plan.reporter.to_owned()),
+            Some(self.plan.reporter),
             Some(or_unknown(src.map(|s| s.workload.as_str()))),
             Some(or_unknown(src.map(|s| s.canonical_service.as_str()))),
             Some(match src.map(|s| s.canonical_revision.as_str()) {
-                Some(v) if !v.is_empty() => v.to_owned(),
-                _ => "latest".to_owned(),
+                Some(v) if !v.is_empty() => v,
+                _ => "latest",
             }),
             Some(or_unknown(src_ns)),
             Some(or_unknown(principal)),
@@ -400,39 +404,34 @@ impl SeriesKey {
             Some(or_unknown(svc.map(|s| s.name.as_str()))),
             Some(or_unknown(svc.map(|s| s.namespace.as_str()))),
             Some(or_unknown(dst.map(|d| d.cluster.as_str()))),
-            Some(self.protocol.as_str().to_owned()),
-            http.then(|| code.to_owned()),
-            http.then(|| grpc.to_owned()),
-            Some(self.flags.to_string()),
-            Some(
-                match self.mutual_tls {
-                    Some(true) => "mutual_tls",
-                    Some(false) => "none",
-                    None => UNKNOWN,
-                }
-                .to_owned(),
-            ),
+            Some(self.protocol.as_str()),
+            http.then_some(computed.code.as_str()),
+            http.then_some(computed.grpc.as_str()),
+            Some(computed.flags.as_str()),
+            Some(match self.mutual_tls {
+                Some(true) => "mutual_tls",
+                Some(false) => "none",
+                None => UNKNOWN,
+            }),
         ]
+    }
+
+    /// The labels of `metric` for this series as (name, value) pairs, overrides applied.
+    fn label_pairs<'s>(
+        &'s self,
+        metric: Metric,
+        computed: &'s Computed,
+    ) -> impl Iterator<Item = (&'s str, &'s str)> + 's {
+        self.plan
+            .label_pairs(metric, self.standard(computed), &self.extra)
     }
 
     /// The rendered labels of `metric` for this series.
     pub fn labels(&self, metric: Metric) -> Vec<(String, String)> {
-        let code = self.response_code.to_string();
-        let grpc = match (self.protocol, self.grpc_status) {
-            (Protocol::Grpc, Some(s)) => s.to_string(),
-            _ => String::new(),
-        };
-        let owned = self.standard(&code, &grpc);
-        let mut standard: [Option<&str>; 25] = [None; 25];
-        for (s, o) in standard.iter_mut().zip(&owned) {
-            *s = o.as_deref();
-        }
-        // response_code / grpc_response_status are HTTP-only.
-        if self.protocol == Protocol::Tcp {
-            standard[TAG_RESPONSE_CODE] = None;
-            standard[TAG_GRPC_STATUS] = None;
-        }
-        self.plan.labels(metric, &standard, &self.extra)
+        let computed = Computed::new(self);
+        self.label_pairs(metric, &computed)
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 }
 
@@ -494,6 +493,24 @@ impl Hasher for KeyHashed {
     }
 }
 
+/// The metrics an HTTP stream records.
+const HTTP_METRICS: [Metric; 6] = [
+    Metric::RequestsTotal,
+    Metric::RequestDuration,
+    Metric::RequestBytes,
+    Metric::ResponseBytes,
+    Metric::RequestMessages,
+    Metric::ResponseMessages,
+];
+
+/// The metrics a TCP connection records.
+const TCP_METRICS: [Metric; 4] = [
+    Metric::TcpOpened,
+    Metric::TcpClosed,
+    Metric::TcpSent,
+    Metric::TcpReceived,
+];
+
 /// The registry of Istio metrics.
 #[derive(Debug)]
 pub struct IstioMetrics {
@@ -503,6 +520,10 @@ pub struct IstioMetrics {
     buckets: RwLock<BTreeMap<Metric, Arc<[f64]>>>,
     default_buckets: Arc<[f64]>,
     build: RwLock<Option<String>>,
+    /// Metrics the bootstrap's stats matcher rejects, by [`Metric::index`] (set once at start).
+    hidden: [AtomicBool; METRICS],
+    /// `istio_build` is rejected.
+    build_hidden: AtomicBool,
 }
 
 impl Default for IstioMetrics {
@@ -514,6 +535,8 @@ impl Default for IstioMetrics {
             buckets: RwLock::default(),
             default_buckets: Arc::from(DEFAULT_BUCKETS),
             build: RwLock::default(),
+            hidden: std::array::from_fn(|_| AtomicBool::new(false)),
+            build_hidden: AtomicBool::new(false),
         }
     }
 }
@@ -549,6 +572,26 @@ impl IstioMetrics {
         } else {
             istio_version.to_owned()
         });
+    }
+
+    /// Hides the metrics `rejects` says must not exist, judged by their Envoy names
+    /// ([`crate::stats_matcher::istio_metric_name`]: `istiocustom.istio_requests_total`, ...).
+    /// Hidden metrics are not rendered; when all of a protocol's are hidden its series are not
+    /// even kept.
+    pub fn hide(&self, rejects: impl Fn(&str) -> bool) {
+        use crate::stats_matcher::istio_metric_name;
+        for m in Metric::ALL {
+            self.hidden[m.index()]
+                .store(rejects(&istio_metric_name(&m.family())), Ordering::Relaxed);
+        }
+        self.build_hidden.store(
+            rejects(&istio_metric_name("istio_build")),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn is_hidden(&self, m: Metric) -> bool {
+        self.hidden[m.index()].load(Ordering::Relaxed)
     }
 
     fn bounds(&self, metric: Metric) -> Arc<[f64]> {
@@ -587,6 +630,9 @@ impl IstioMetrics {
 
     /// Records one finished HTTP stream.
     pub fn record_http(&self, key: SeriesKey, sample: HttpSample) {
+        if HTTP_METRICS.iter().all(|m| self.is_hidden(*m)) {
+            return;
+        }
         let plan = key.plan.clone();
         let Some(series) = self.series(&self.http, key, || HttpSeries {
             requests: AtomicU64::new(0),
@@ -618,6 +664,9 @@ impl IstioMetrics {
 
     /// The counters of a TCP series (created on first use).
     pub fn tcp_series(&self, key: SeriesKey) -> Option<Arc<TcpSeries>> {
+        if TCP_METRICS.iter().all(|m| self.is_hidden(*m)) {
+            return None;
+        }
         self.series(&self.tcp, key, TcpSeries::default)
     }
 
@@ -633,137 +682,432 @@ impl IstioMetrics {
     }
 
     /// Appends the Prometheus text exposition of every Istio metric to `out`.
+    ///
+    /// Series whose labels coincide after the plan's overrides are summed; counter series keep
+    /// the order they were first seen in, histogram series are sorted by their labels. A series'
+    /// label text is built and hashed once (per distinct override set of its plan) and copied into
+    /// each of its lines — a histogram has one per bucket — and `out` grows once, to the size of
+    /// the text.
     pub fn render_prometheus(&self, out: &mut String) {
-        let mut counters: BTreeMap<Metric, BTreeMap<Vec<(String, String)>, u64>> = BTreeMap::new();
-        let mut histograms: BTreeMap<Metric, BTreeMap<Vec<(String, String)>, HistogramSnapshot>> =
-            BTreeMap::new();
-        let mut order: BTreeMap<Metric, Vec<Vec<(String, String)>>> = BTreeMap::new();
-        let mut add_counter = |m: Metric, key: &SeriesKey, v: u64| {
-            if key.plan.drop[m.index()] {
-                return;
-            }
-            let labels = key.labels(m);
-            let slot = counters.entry(m).or_default();
-            if !slot.contains_key(&labels) {
-                order.entry(m).or_default().push(labels.clone());
-            }
-            *slot.entry(labels).or_default() += v;
-        };
-        for shard in &self.http {
-            for (key, s) in read(shard).values().flatten() {
-                add_counter(
-                    Metric::RequestsTotal,
-                    key,
-                    s.requests.load(Ordering::Relaxed),
-                );
-                if key.protocol == Protocol::Grpc {
-                    add_counter(
-                        Metric::RequestMessages,
-                        key,
-                        s.request_messages.load(Ordering::Relaxed),
-                    );
-                    add_counter(
-                        Metric::ResponseMessages,
-                        key,
-                        s.response_messages.load(Ordering::Relaxed),
-                    );
+        let hidden: [bool; METRICS] =
+            std::array::from_fn(|i| self.hidden[i].load(Ordering::Relaxed));
+        // Copies of the series, so a shard's lock is held only while it is copied.
+        let http = snapshot_series(&self.http);
+        let tcp = snapshot_series(&self.tcp);
+        let keys: Vec<&SeriesKey> = http
+            .iter()
+            .map(|(k, _)| k)
+            .chain(tcp.iter().map(|(k, _)| k))
+            .collect();
+        let computed: Vec<Computed> = keys.iter().map(|k| Computed::new(k)).collect();
+        let mut texts = Texts::default();
+        let mut families: [Family; METRICS] = std::array::from_fn(|_| Family::default());
+        for (i, (key, s)) in http.iter().enumerate() {
+            let ids = texts.of_series(key, &computed[i], &HTTP_METRICS);
+            let mut add = |m: Metric, v: Value| {
+                if !key.plan.drop[m.index()] && !hidden[m.index()] {
+                    families[m.index()].add(ids[m.index()], i, v);
                 }
-                for (m, h) in [
-                    (Metric::RequestDuration, &s.duration),
-                    (Metric::RequestBytes, &s.request_bytes),
-                    (Metric::ResponseBytes, &s.response_bytes),
-                ] {
-                    if key.plan.drop[m.index()] {
-                        continue;
-                    }
-                    let snap = h.snapshot();
-                    let slot = histograms.entry(m).or_default();
-                    match slot.get_mut(&key.labels(m)) {
-                        Some(existing) => existing.merge(&snap),
-                        None => {
-                            slot.insert(key.labels(m), snap);
-                        }
-                    }
-                }
-            }
-        }
-        for shard in &self.tcp {
-            for (key, s) in read(shard).values().flatten() {
-                add_counter(Metric::TcpOpened, key, s.opened.load(Ordering::Relaxed));
-                add_counter(Metric::TcpClosed, key, s.closed.load(Ordering::Relaxed));
-                add_counter(Metric::TcpSent, key, s.sent.load(Ordering::Relaxed));
-                add_counter(Metric::TcpReceived, key, s.received.load(Ordering::Relaxed));
-            }
-        }
-        for (m, series) in &counters {
-            let family = m.family();
-            let _ = writeln!(out, "# HELP {family} {}", m.help());
-            let _ = writeln!(out, "# TYPE {family} counter");
-            for labels in order.get(m).into_iter().flatten() {
-                if let Some(v) = series.get(labels) {
-                    let _ = writeln!(out, "{family}{} {v}", render_labels(labels, None));
-                }
-            }
-        }
-        for (m, series) in &histograms {
-            let family = m.family();
-            let _ = writeln!(out, "# HELP {family} {}", m.help());
-            let _ = writeln!(out, "# TYPE {family} histogram");
-            for (labels, snap) in series {
-                for (le, c) in snap.cumulative() {
-                    let _ = writeln!(
-                        out,
-                        "{family}_bucket{} {c}",
-                        render_labels(labels, Some(&le))
-                    );
-                }
-                let l = render_labels(labels, None);
-                let _ = writeln!(out, "{family}_sum{l} {}", snap.sum);
-                let _ = writeln!(out, "{family}_count{l} {}", snap.count());
-            }
-        }
-        if let Some(tag) = read(&self.build).as_deref() {
-            let _ = writeln!(out, "# HELP istio_build Istio version of the proxy.");
-            let _ = writeln!(out, "# TYPE istio_build gauge");
-            let _ = writeln!(
-                out,
-                "istio_build{{component=\"proxy\",tag=\"{}\"}} 1",
-                escape(tag)
+            };
+            add(
+                Metric::RequestsTotal,
+                Value::Counter(s.requests.load(Ordering::Relaxed)),
             );
+            if key.protocol == Protocol::Grpc {
+                add(
+                    Metric::RequestMessages,
+                    Value::Counter(s.request_messages.load(Ordering::Relaxed)),
+                );
+                add(
+                    Metric::ResponseMessages,
+                    Value::Counter(s.response_messages.load(Ordering::Relaxed)),
+                );
+            }
+            for (m, h) in [
+                (Metric::RequestDuration, &s.duration),
+                (Metric::RequestBytes, &s.request_bytes),
+                (Metric::ResponseBytes, &s.response_bytes),
+            ] {
+                // Dropped or hidden histograms are not even read.
+                if !key.plan.drop[m.index()] && !hidden[m.index()] {
+                    add(m, Value::Histogram(h.snapshot()));
+                }
+            }
+        }
+        for (j, (key, s)) in tcp.iter().enumerate() {
+            let i = http.len() + j;
+            let ids = texts.of_series(key, &computed[i], &TCP_METRICS);
+            for (m, v) in [
+                (Metric::TcpOpened, &s.opened),
+                (Metric::TcpClosed, &s.closed),
+                (Metric::TcpSent, &s.sent),
+                (Metric::TcpReceived, &s.received),
+            ] {
+                if !key.plan.drop[m.index()] && !hidden[m.index()] {
+                    families[m.index()].add(
+                        ids[m.index()],
+                        i,
+                        Value::Counter(v.load(Ordering::Relaxed)),
+                    );
+                }
+            }
+        }
+        // Counters (in `Metric` order, series as first seen), then histograms.
+        let mut rendered: Vec<(Metric, Vec<&Slot>)> = Vec::new();
+        for m in Metric::ALL.into_iter().filter(|m| !is_histogram(*m)) {
+            rendered.push((m, families[m.index()].slots.iter().collect()));
+        }
+        for m in Metric::HISTOGRAMS {
+            let mut slots: Vec<&Slot> = families[m.index()].slots.iter().collect();
+            // Ordered by label list (as a map keyed by the lists would be): every series of a
+            // slot has the same list, so its first series stands for the slot.
+            slots.sort_by_cached_key(|s| {
+                keys.get(s.first_series)
+                    .zip(computed.get(s.first_series))
+                    .map(|(k, c)| k.label_pairs(m, c).collect::<Vec<_>>())
+            });
+            rendered.push((m, slots));
+        }
+        let size: usize = rendered
+            .iter()
+            .map(|(m, slots)| family_size(*m, slots, &texts))
+            .sum();
+        out.reserve(size + 256);
+        for (m, slots) in &rendered {
+            write_family(out, *m, slots, &texts);
+        }
+        if let Some(tag) = read(&self.build)
+            .as_deref()
+            .filter(|_| !self.build_hidden.load(Ordering::Relaxed))
+        {
+            out.push_str("# HELP istio_build Istio version of the proxy.\n");
+            out.push_str("# TYPE istio_build gauge\n");
+            out.push_str("istio_build{component=\"proxy\",tag=\"");
+            push_escaped(out, tag);
+            out.push_str("\"} 1\n");
         }
     }
 }
 
-/// `{a="b",...}` (with `le` last for histogram buckets).
-fn render_labels(labels: &[(String, String)], le: Option<&str>) -> String {
-    let mut s = String::from("{");
-    for (i, (k, v)) in labels.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(s, "{k}=\"{}\"", escape(v));
+fn is_histogram(m: Metric) -> bool {
+    Metric::HISTOGRAMS.contains(&m)
+}
+
+/// `(key, series)` pairs of every shard, in the shards' iteration order.
+fn snapshot_series<V>(shards: &[Shard<V>]) -> Vec<(SeriesKey, Arc<V>)> {
+    let mut out = Vec::new();
+    for shard in shards {
+        out.extend(read(shard).values().flatten().cloned());
     }
+    out
+}
+
+/// The label values of a series that are not stored in its key, as text.
+struct Computed {
+    code: String,
+    grpc: String,
+    flags: String,
+}
+
+impl Computed {
+    fn new(key: &SeriesKey) -> Self {
+        Computed {
+            code: key.response_code.to_string(),
+            grpc: match (key.protocol, key.grpc_status) {
+                (Protocol::Grpc, Some(s)) => s.to_string(),
+                _ => String::new(),
+            },
+            flags: key.flags.to_string(),
+        }
+    }
+}
+
+/// The label texts (`k="v",...`, no braces) of one render, each distinct text stored and hashed
+/// once, named by its index. The text is a one-to-one rendering of the label list, so equal texts
+/// are equal labels.
+#[derive(Default)]
+struct Texts {
+    ids: HashMap<Rc<str>, usize>,
+    by_id: Vec<Rc<str>>,
+    scratch: String,
+}
+
+impl Texts {
+    fn intern(&mut self, text: &str) -> usize {
+        if let Some(id) = self.ids.get(text) {
+            return *id;
+        }
+        let id = self.by_id.len();
+        let text: Rc<str> = Rc::from(text);
+        self.by_id.push(text.clone());
+        self.ids.insert(text, id);
+        id
+    }
+
+    fn get(&self, id: usize) -> &str {
+        self.by_id.get(id).map_or("", |t| &**t)
+    }
+
+    /// The text id of each of `metrics` for a series (other metrics: unset); metrics whose
+    /// overrides and additions are the same share one text.
+    fn of_series(
+        &mut self,
+        key: &SeriesKey,
+        computed: &Computed,
+        metrics: &[Metric],
+    ) -> [usize; METRICS] {
+        let plan = &key.plan;
+        let mut ids = [usize::MAX; METRICS];
+        for &m in metrics {
+            let i = m.index();
+            let same = (0..i).find(|&j| {
+                ids[j] != usize::MAX
+                    && plan.overrides[j] == plan.overrides[i]
+                    && plan.additions[j] == plan.additions[i]
+            });
+            ids[i] = match same {
+                Some(j) => ids[j],
+                None => {
+                    let mut text = std::mem::take(&mut self.scratch);
+                    text.clear();
+                    for (n, (k, v)) in key.label_pairs(m, computed).enumerate() {
+                        if n > 0 {
+                            text.push(',');
+                        }
+                        text.push_str(k);
+                        text.push_str("=\"");
+                        push_escaped(&mut text, v);
+                        text.push('"');
+                    }
+                    let id = self.intern(&text);
+                    self.scratch = text;
+                    id
+                }
+            };
+        }
+        ids
+    }
+}
+
+/// A metric's value for one series.
+enum Value {
+    Counter(u64),
+    Histogram(HistogramSnapshot),
+}
+
+impl Value {
+    fn merge(&mut self, other: Value) {
+        match (self, other) {
+            (Value::Counter(a), Value::Counter(b)) => *a += b,
+            (Value::Histogram(a), Value::Histogram(b)) => a.merge(&b),
+            _ => {}
+        }
+    }
+}
+
+/// One rendered series: the sum of the series with its labels.
+struct Slot {
+    /// The label text's id in [`Texts`].
+    text: usize,
+    /// The first series with these labels (index into the render's HTTP then TCP series).
+    first_series: usize,
+    value: Value,
+}
+
+/// The series of one metric, in order of first appearance.
+#[derive(Default)]
+struct Family {
+    slots: Vec<Slot>,
+    /// Slot index by text id (`usize::MAX`: none yet).
+    slot_of_text: Vec<usize>,
+}
+
+impl Family {
+    fn add(&mut self, text: usize, series: usize, value: Value) {
+        if let Some(slot) = self
+            .slot_of_text
+            .get(text)
+            .and_then(|s| self.slots.get_mut(*s))
+        {
+            slot.value.merge(value);
+            return;
+        }
+        if self.slot_of_text.len() <= text {
+            self.slot_of_text.resize(text + 1, usize::MAX);
+        }
+        self.slot_of_text[text] = self.slots.len();
+        self.slots.push(Slot {
+            text,
+            first_series: series,
+            value,
+        });
+    }
+}
+
+/// `le` texts of a histogram's bounds, `+Inf` last.
+fn le_texts(bounds: &[f64]) -> Vec<String> {
+    bounds
+        .iter()
+        .map(|b| format_bound(*b))
+        .chain(std::iter::once("+Inf".to_owned()))
+        .collect()
+}
+
+/// Decimal digits of a `u64` at most.
+const U64_DIGITS: usize = 20;
+
+/// An upper bound of the text [`write_family`] writes.
+fn family_size(m: Metric, slots: &[&Slot], texts: &Texts) -> usize {
+    if slots.is_empty() {
+        return 0;
+    }
+    let family = m.config_name().len() + "istio_".len();
+    let header = 2 * family + m.help().len() + "# HELP  \n# TYPE  histogram\n".len();
+    let per_series: usize = slots
+        .iter()
+        .map(|slot| {
+            let labels = texts.get(slot.text);
+            // name, `{`, labels, `} `, value, newline.
+            let line = |suffix: usize, extra: usize| {
+                family + suffix + labels.len() + extra + 4 + U64_DIGITS
+            };
+            match &slot.value {
+                Value::Counter(_) => line(0, 0),
+                Value::Histogram(h) => {
+                    let les: usize = h
+                        .bounds
+                        .iter()
+                        .map(|b| line("_bucket".len(), ",le=\"\"".len() + format_bound_len(*b)))
+                        .sum();
+                    les + line("_bucket".len(), ",le=\"+Inf\"".len())
+                        + line("_sum".len(), 0)
+                        + line("_count".len(), 0)
+                }
+            }
+        })
+        .sum();
+    header + per_series
+}
+
+/// Length of [`format_bound`]'s text, without building it for every series.
+fn format_bound_len(b: f64) -> usize {
+    // Bounds are few; a generous constant keeps this an upper bound without formatting.
+    if b.fract() == 0.0 && b.abs() < 1e15 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Writes one family: `# HELP`, `# TYPE` and its series.
+fn write_family(out: &mut String, m: Metric, slots: &[&Slot], texts: &Texts) {
+    if slots.is_empty() {
+        return;
+    }
+    let family = m.family();
+    let kind = if is_histogram(m) {
+        "histogram"
+    } else {
+        "counter"
+    };
+    out.push_str("# HELP ");
+    out.push_str(&family);
+    out.push(' ');
+    out.push_str(m.help());
+    out.push_str("\n# TYPE ");
+    out.push_str(&family);
+    out.push(' ');
+    out.push_str(kind);
+    out.push('\n');
+    // `le` texts for the bounds last seen (every series of a metric shares them in practice).
+    let mut les: Option<(Arc<[f64]>, Vec<String>)> = None;
+    for slot in slots {
+        let labels = texts.get(slot.text);
+        match &slot.value {
+            Value::Counter(v) => write_line(out, &family, "", labels, None, *v),
+            Value::Histogram(h) => {
+                let le_list = match &les {
+                    Some((bounds, list)) if *bounds == h.bounds => list,
+                    _ => {
+                        let (_, list) = les.insert((h.bounds.clone(), le_texts(&h.bounds)));
+                        list
+                    }
+                };
+                let mut total = 0u64;
+                for (c, le) in h.counts.iter().zip(le_list) {
+                    total += c;
+                    write_line(out, &family, "_bucket", labels, Some(le), total);
+                }
+                write_line(out, &family, "_sum", labels, None, h.sum);
+                write_line(out, &family, "_count", labels, None, h.count());
+            }
+        }
+    }
+}
+
+/// `family+suffix{labels[,le="le"]} value\n`.
+fn write_line(
+    out: &mut String,
+    family: &str,
+    suffix: &str,
+    labels: &str,
+    le: Option<&str>,
+    value: u64,
+) {
+    out.push_str(family);
+    out.push_str(suffix);
+    out.push('{');
+    out.push_str(labels);
     if let Some(le) = le {
         if !labels.is_empty() {
-            s.push(',');
+            out.push(',');
         }
-        let _ = write!(s, "le=\"{le}\"");
+        out.push_str("le=\"");
+        out.push_str(le);
+        out.push('"');
     }
-    s.push('}');
-    s
+    out.push_str("} ");
+    push_u64(out, value);
+    out.push('\n');
+}
+
+/// Appends `v` in decimal.
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; U64_DIGITS];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for d in &digits[at..] {
+        out.push(char::from(*d));
+    }
+}
+
+/// Appends `v` with Prometheus label-value escaping.
+fn push_escaped(out: &mut String, v: &str) {
+    if !v.contains(['\\', '"', '\n']) {
+        out.push_str(v);
+        return;
+    }
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
 }
 
 /// Prometheus label-value escaping.
 pub fn escape(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
+    push_escaped(&mut s, v);
     s
 }
 
@@ -946,5 +1290,226 @@ mod tests {
         assert_eq!(duration.len(), 3, "{out}");
         assert!(duration[1].ends_with("le=\"2\"} 1"));
         assert!(out.contains("istio_request_bytes_bucket{") && out.contains("le=\"0.5\""));
+    }
+
+    #[test]
+    fn hidden_metrics_are_not_rendered_nor_kept() {
+        let m = IstioMetrics::default();
+        // Reject the duration histogram and istio_build by their Envoy names.
+        m.hide(|name| {
+            name == "istiocustom.istio_request_duration_milliseconds"
+                || name == "istiocustom.istio_build"
+        });
+        m.set_build("1.29.2");
+        let plan = Arc::new(Plan::standard("waypoint"));
+        let sample = HttpSample {
+            duration_ms: 3,
+            request_bytes: 120,
+            response_bytes: 2000,
+            messages: None,
+        };
+        m.record_http(key(plan.clone()), sample);
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        assert!(out.contains("# TYPE istio_requests_total counter"), "{out}");
+        assert!(
+            out.contains("# TYPE istio_request_bytes histogram"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("istio_request_duration_milliseconds"),
+            "{out}"
+        );
+        assert!(!out.contains("istio_build"), "{out}");
+
+        // Everything rejected: nothing is rendered and no series is kept.
+        let none = IstioMetrics::default();
+        none.hide(|_| true);
+        none.set_build("1.29.2");
+        none.record_http(key(plan.clone()), sample);
+        let mut tcp_key = key(plan);
+        tcp_key.protocol = Protocol::Tcp;
+        assert!(none.tcp_series(tcp_key).is_none());
+        assert_eq!(none.series_count(), 0);
+        let mut out = String::new();
+        none.render_prometheus(&mut out);
+        assert_eq!(out, "");
+    }
+
+    /// The exposition built the plain way: label lists per metric, histograms in a map ordered
+    /// by them, counters in order of first appearance, every line formatted on its own.
+    fn render_plainly(m: &IstioMetrics) -> String {
+        use std::fmt::Write as _;
+        fn braces(labels: &[(String, String)], le: Option<&str>) -> String {
+            let mut parts: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            parts.extend(le.map(|le| format!("le=\"{le}\"")));
+            format!("{{{}}}", parts.join(","))
+        }
+        type Labels = Vec<(String, String)>;
+        let mut counters: BTreeMap<Metric, Vec<(Labels, u64)>> = BTreeMap::new();
+        let mut histograms: BTreeMap<Metric, BTreeMap<Labels, HistogramSnapshot>> = BTreeMap::new();
+        let shown =
+            |k: &SeriesKey, metric: Metric| !k.plan.drop[metric.index()] && !m.is_hidden(metric);
+        let mut count = |metric: Metric, k: &SeriesKey, v: u64| {
+            if !shown(k, metric) {
+                return;
+            }
+            let list = counters.entry(metric).or_default();
+            let labels = k.labels(metric);
+            match list.iter_mut().find(|(l, _)| *l == labels) {
+                Some((_, total)) => *total += v,
+                None => list.push((labels, v)),
+            }
+        };
+        for (k, s) in snapshot_series(&m.http) {
+            count(
+                Metric::RequestsTotal,
+                &k,
+                s.requests.load(Ordering::Relaxed),
+            );
+            if k.protocol == Protocol::Grpc {
+                count(
+                    Metric::RequestMessages,
+                    &k,
+                    s.request_messages.load(Ordering::Relaxed),
+                );
+                count(
+                    Metric::ResponseMessages,
+                    &k,
+                    s.response_messages.load(Ordering::Relaxed),
+                );
+            }
+            for (metric, h) in [
+                (Metric::RequestDuration, &s.duration),
+                (Metric::RequestBytes, &s.request_bytes),
+                (Metric::ResponseBytes, &s.response_bytes),
+            ] {
+                if shown(&k, metric) {
+                    let slot = histograms.entry(metric).or_default();
+                    match slot.get_mut(&k.labels(metric)) {
+                        Some(h0) => h0.merge(&h.snapshot()),
+                        None => {
+                            slot.insert(k.labels(metric), h.snapshot());
+                        }
+                    }
+                }
+            }
+        }
+        for (k, s) in snapshot_series(&m.tcp) {
+            count(Metric::TcpOpened, &k, s.opened.load(Ordering::Relaxed));
+            count(Metric::TcpClosed, &k, s.closed.load(Ordering::Relaxed));
+            count(Metric::TcpSent, &k, s.sent.load(Ordering::Relaxed));
+            count(Metric::TcpReceived, &k, s.received.load(Ordering::Relaxed));
+        }
+        let mut out = String::new();
+        for (metric, list) in &counters {
+            let f = metric.family();
+            let _ = write!(out, "# HELP {f} {}\n# TYPE {f} counter\n", metric.help());
+            for (labels, v) in list {
+                let _ = writeln!(out, "{f}{} {v}", braces(labels, None));
+            }
+        }
+        for (metric, series) in &histograms {
+            let f = metric.family();
+            let _ = write!(out, "# HELP {f} {}\n# TYPE {f} histogram\n", metric.help());
+            for (labels, h) in series {
+                for (le, c) in h.cumulative() {
+                    let _ = writeln!(out, "{f}_bucket{} {c}", braces(labels, Some(&le)));
+                }
+                let _ = writeln!(out, "{f}_sum{} {}", braces(labels, None), h.sum);
+                let _ = writeln!(out, "{f}_count{} {}", braces(labels, None), h.count());
+            }
+        }
+        if let Some(tag) = read(&m.build).as_deref() {
+            let _ = write!(
+                out,
+                "# HELP istio_build Istio version of the proxy.\n# TYPE istio_build gauge\n\
+                 istio_build{{component=\"proxy\",tag=\"{}\"}} 1\n",
+                escape(tag)
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn render_matches_the_plain_rendering_byte_for_byte() {
+        let m = IstioMetrics::default();
+        m.set_build("1.29.\"2\"");
+        let mut over = Plan::standard("waypoint");
+        let rq = Metric::RequestsTotal.index();
+        let dur = Metric::RequestDuration.index();
+        // Removing the principal merges series that differ only by it.
+        over.overrides[rq].insert(tag_index("source_principal").unwrap_or(0), None);
+        over.overrides[rq].insert(tag_index("destination_app").unwrap_or(0), Some(0));
+        over.overrides[dur].insert(tag_index("response_code").unwrap_or(0), None);
+        over.additions[rq].push(("x_user".into(), 1));
+        over.additions[dur].push(("x_missing".into(), 5));
+        over.drop[Metric::RequestBytes.index()] = true;
+        let over = Arc::new(over);
+        let standard = Arc::new(Plan::standard("waypoint"));
+        for i in 0..60u64 {
+            let mut k = key(if i % 3 == 0 {
+                over.clone()
+            } else {
+                standard.clone()
+            });
+            if i % 3 == 0 {
+                k.extra = Arc::from(vec![
+                    Arc::<str>::from("fixed"),
+                    Arc::<str>::from(format!("user \"{}\"\n\\", i % 4).as_str()),
+                ]);
+            }
+            k.destination = Some(peer(&format!("svc{}", i % 7), "default", "svc"));
+            k.source_principal = Some(Arc::from(format!("spiffe://td/ns/n{}/sa/s", i % 5)));
+            k.response_code = [200, 503, 404][(i % 3) as usize];
+            if i % 5 == 0 {
+                k.protocol = Protocol::Grpc;
+                k.grpc_status = Some((i % 3) as u32);
+            }
+            if i % 7 == 0 {
+                k.source = None;
+                k.source_principal = None;
+            }
+            if i % 4 == 0 {
+                let mut f = ResponseFlags::default();
+                f.insert(ResponseFlag::UpstreamConnectionFailure);
+                k.flags = f;
+            }
+            if i % 6 == 0 {
+                k.mutual_tls = None;
+            }
+            for r in 0..1 + i % 3 {
+                m.record_http(
+                    k.clone(),
+                    HttpSample {
+                        duration_ms: i * 37 + r * 1000,
+                        request_bytes: i * 101,
+                        response_bytes: i * 977 + r,
+                        messages: Some((i, r)),
+                    },
+                );
+            }
+            let mut t = k.clone();
+            t.protocol = Protocol::Tcp;
+            let s = m.tcp_series(t).expect("tcp series");
+            s.opened.fetch_add(i, Ordering::Relaxed);
+            s.sent.fetch_add(7 * i, Ordering::Relaxed);
+        }
+        let mut out = String::from("# kept\n");
+        m.render_prometheus(&mut out);
+        let plain = render_plainly(&m);
+        assert_eq!(out.strip_prefix("# kept\n"), Some(plain.as_str()));
+        // The fixture exercises what it should: merged, escaped, gRPC and TCP series.
+        assert!(out.contains("x_user=\"user \\\"1\\\"\\n\\\\\""), "{out}");
+        assert!(out.contains("istio_request_messages_total{"));
+        assert!(out.contains("istio_tcp_sent_bytes_total{"));
+        // Series of the plan that drops `request_bytes` have none.
+        assert!(
+            out.matches("istio_request_bytes_count{").count()
+                < out.matches("istio_response_bytes_count{").count()
+        );
     }
 }

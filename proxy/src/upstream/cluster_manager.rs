@@ -16,7 +16,7 @@ use super::{
     breaker::{Breakers, ResourceManager, Slot},
     lb::{Host, Hosts},
     outlier::{Outcome, OutlierDetector},
-    pool::{H2ClientSettings, Limits, Pool, Proto},
+    pool::{Limits, Pool, PoolSettings, Proto},
 };
 use crate::{
     config::{
@@ -39,9 +39,11 @@ const HBONE_MAX_STREAMS_PER_CONNECTION: usize = 100;
 /// Pool identity: host, protocol, and the shared filter state hash.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
-    host: String,
+    host: Arc<str>,
     proto: Proto,
     sharing: u64,
+    /// The worker thread using the pool (see `crate::workers::current`).
+    worker: usize,
 }
 
 /// Per-cluster counters (Envoy's `cluster.<name>.*`).
@@ -81,6 +83,18 @@ pub struct ClusterStats {
     /// Upstream responses by code (`upstream_rq_<code>`, `upstream_rq_<N>xx`,
     /// `upstream_rq_completed`).
     pub codes: crate::stats::CodeStats,
+    /// `upstream_rq_per_try_timeout`.
+    pub rq_per_try_timeout: Arc<Stat>,
+    /// `upstream_rq_per_try_idle_timeout`.
+    pub rq_per_try_idle_timeout: Arc<Stat>,
+    /// `upstream_rq_max_duration_reached`: the cluster's `max_stream_duration` ended a stream.
+    pub rq_max_duration_reached: Arc<Stat>,
+    /// `upstream_cx_idle_timeout`: pooled connections closed by `idle_timeout`.
+    pub cx_idle_timeout: Arc<Stat>,
+    /// `upstream_cx_max_duration_reached`: connections drained by `max_connection_duration`.
+    pub cx_max_duration_reached: Arc<Stat>,
+    /// `upstream_cx_max_requests`: connections retired by `max_requests_per_connection`.
+    pub cx_max_requests: Arc<Stat>,
 }
 
 impl ClusterStats {
@@ -105,6 +119,12 @@ impl ClusterStats {
             rq_pending_active: s.gauge(&format!("cluster.{name}.upstream_rq_pending_active")),
             rq_pending_overflow: c("upstream_rq_pending_overflow"),
             codes: crate::stats::CodeStats::new(s, &format!("cluster.{name}.upstream_rq")),
+            rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
+            rq_per_try_idle_timeout: c("upstream_rq_per_try_idle_timeout"),
+            rq_max_duration_reached: c("upstream_rq_max_duration_reached"),
+            cx_idle_timeout: c("upstream_cx_idle_timeout"),
+            cx_max_duration_reached: c("upstream_cx_max_duration_reached"),
+            cx_max_requests: c("upstream_cx_max_requests"),
         }
     }
 }
@@ -211,7 +231,7 @@ impl ClusterRt {
     /// without connections are forgotten first to make room.
     pub fn pool(
         &self,
-        host: &str,
+        host: &Arc<str>,
         proto: Proto,
         sharing: u64,
         high: bool,
@@ -221,9 +241,10 @@ impl ClusterRt {
             Err(p) => p.into_inner(),
         };
         let key = PoolKey {
-            host: host.to_owned(),
+            host: host.clone(),
             proto,
             sharing,
+            worker: crate::workers::current(),
         };
         if let Some(p) = pools.get(&key) {
             return Ok(p.clone());
@@ -242,25 +263,7 @@ impl ClusterRt {
         }
         let pool = pools
             .entry(key)
-            .or_insert_with(|| {
-                let http = self.cluster.http.as_ref();
-                let h2 = match http.map(|h| &h.protocol) {
-                    Some(UpstreamProtocol::Http2(o)) => Some(o),
-                    Some(UpstreamProtocol::UseDownstream { http2, .. }) => http2.as_ref(),
-                    _ => None,
-                };
-                Arc::new(Pool::new(
-                    proto,
-                    http.and_then(|h| h.common.idle_timeout),
-                    H2ClientSettings {
-                        initial_stream_window: h2.and_then(|o| o.initial_stream_window_size),
-                        initial_connection_window: h2
-                            .and_then(|o| o.initial_connection_window_size),
-                        keepalive_interval: h2.and_then(|o| o.keepalive_interval),
-                        keepalive_timeout: h2.and_then(|o| o.keepalive_timeout),
-                    },
-                ))
-            })
+            .or_insert_with(|| Arc::new(Pool::new(proto, PoolSettings::for_cluster(&self.cluster))))
             .clone();
         limit.set_count(pools.len() as u64);
         Ok(pool)
@@ -322,6 +325,21 @@ impl ClusterRt {
         if !self.cluster.connect_timeout.is_zero() {
             settings.handshake_timeout = self.cluster.connect_timeout;
         }
+        // Connection lifecycle as the cluster's pools have it (idle timeout, default 1 h;
+        // max connection duration) and the upstream sockets' TCP keepalive.
+        let pool = PoolSettings::for_cluster(&self.cluster);
+        settings.idle_timeout = match pool.idle_timeout {
+            None => Some(crate::upstream::pool::DEFAULT_IDLE_TIMEOUT),
+            Some(d) => Some(d).filter(|d| !d.is_zero()),
+        };
+        settings.max_connection_duration = pool.max_connection_duration;
+        settings.max_requests_per_connection = self
+            .cluster
+            .http
+            .as_ref()
+            .and_then(|h| h.common.max_requests_per_connection)
+            .filter(|n| *n > 0);
+        settings.tcp_keepalive = self.cluster.tcp_keepalive;
         let max_streams = self
             .cluster
             .max_requests_per_connection
@@ -543,11 +561,12 @@ mod tests {
             serde_json::json!({"name": "c", "type": "STATIC", "circuit_breakers":
                 {"thresholds": [{"max_connection_pools": 2}]}}),
         );
-        let a = rt.pool("a", Proto::Http1, 0, false).expect("a");
-        let b = rt.pool("b", Proto::Http1, 0, false).expect("b");
+        let a = rt.pool(&Arc::from("a"), Proto::Http1, 0, false).expect("a");
+        let b = rt.pool(&Arc::from("b"), Proto::Http1, 0, false).expect("b");
         assert!(Arc::ptr_eq(
             &a,
-            &rt.pool("a", Proto::Http1, 0, false).expect("a again")
+            &rt.pool(&Arc::from("a"), Proto::Http1, 0, false)
+                .expect("a again")
         ));
         assert_eq!(
             stats
@@ -556,14 +575,14 @@ mod tests {
             1
         );
         // Both pools are in use (held): a third overflows.
-        let over = rt.pool("c", Proto::Http1, 0, false);
+        let over = rt.pool(&Arc::from("c"), Proto::Http1, 0, false);
         assert!(matches!(over, Err(ProxyError::Overflow(_))));
         assert_eq!(rt.stats.cx_pool_overflow.get(), 1);
         // `b` is no longer used and has no connection: it makes room.
         drop(b);
-        assert!(rt.pool("c", Proto::Http1, 0, false).is_ok());
+        assert!(rt.pool(&Arc::from("c"), Proto::Http1, 0, false).is_ok());
         // HIGH priority keeps Envoy's default (unlimited).
-        assert!(rt.pool("d", Proto::Http1, 0, true).is_ok());
+        assert!(rt.pool(&Arc::from("d"), Proto::Http1, 0, true).is_ok());
         drop(a);
     }
 

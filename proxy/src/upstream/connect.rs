@@ -11,6 +11,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::{
     config::{
         Cluster,
+        cluster::TcpKeepalive,
         endpoint::EndpointAddress,
         tls::{MetadataSource, TransportSocket, UpstreamTls},
     },
@@ -55,6 +56,9 @@ pub async fn connect(
                 .map_err(|_| ProxyError::ConnectFailure(format!("connect {a}: timeout")))?
                 .map_err(|e| ProxyError::ConnectFailure(format!("connect {a}: {e}")))?;
             let _ = tcp.set_nodelay(true);
+            if let Some(k) = &cluster.tcp_keepalive {
+                set_tcp_keepalive(&tcp, k);
+            }
             (Box::new(tcp), Some(a), cluster.transport_socket.as_ref())
         }
         EndpointAddress::Pipe(p) => {
@@ -108,6 +112,26 @@ pub async fn connect(
     }
 }
 
+/// Turns on TCP keepalive on an upstream socket (`upstream_connection_options.tcp_keepalive`):
+/// `SO_KEEPALIVE`, and each of `TCP_KEEPIDLE` / `TCP_KEEPINTVL` / `TCP_KEEPCNT` that is set (the
+/// others keep the system's defaults, as in Envoy). A failure is logged, not fatal: the
+/// connection works without keepalive, as Envoy's socket options do when they cannot be set.
+pub fn set_tcp_keepalive(tcp: &TcpStream, k: &TcpKeepalive) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(std::time::Duration::from_secs(u64::from(t)));
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(std::time::Duration::from_secs(u64::from(i)));
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::warn!(target: "upstream", "tcp_keepalive: {e}");
+    }
+}
+
 /// TLS over `io` with the cluster's `UpstreamTlsContext`.
 pub async fn tls(
     dp: &Arc<DataPlane>,
@@ -131,4 +155,52 @@ pub async fn tls(
         .await
         .map_err(|e| ProxyError::ConnectFailure(format!("TLS: {e}")))?;
     Ok(Box::new(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_keepalive_sets_the_socket_options_that_are_configured() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(!sock.keepalive().expect("SO_KEEPALIVE"), "off by default");
+        // istiod's xds-grpc cluster: only keepalive_time (300 s).
+        set_tcp_keepalive(
+            &tcp,
+            &TcpKeepalive {
+                time: Some(300),
+                ..TcpKeepalive::default()
+            },
+        );
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            std::time::Duration::from_secs(300)
+        );
+        let default_interval = sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL");
+        set_tcp_keepalive(
+            &tcp,
+            &TcpKeepalive {
+                probes: Some(4),
+                time: Some(60),
+                interval: Some(7),
+            },
+        );
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            std::time::Duration::from_secs(7)
+        );
+        assert_ne!(default_interval, std::time::Duration::from_secs(7));
+        assert_eq!(sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 4);
+    }
 }

@@ -111,6 +111,21 @@ pub struct Host {
     pub active_connections: AtomicU64,
     /// Outlier detection state (ejection), kept across host set rebuilds.
     pub outlier: Arc<HostMonitor>,
+    /// The address as text, the key of this host's connection pools (formatted once here, not
+    /// per request).
+    pub key: Arc<str>,
+}
+
+/// The text of `address` that keys connection pools.
+pub fn address_key(address: &EndpointAddress) -> Arc<str> {
+    match address {
+        EndpointAddress::Socket(a) => a.to_string().into(),
+        EndpointAddress::Pipe(p) => p.display().to_string().into(),
+        EndpointAddress::Internal {
+            listener,
+            endpoint_id,
+        } => format!("{listener}/{}", endpoint_id.as_deref().unwrap_or("")).into(),
+    }
 }
 
 impl Host {
@@ -129,6 +144,7 @@ impl Host {
             active_requests: AtomicU64::new(0),
             active_connections: AtomicU64::new(0),
             outlier: Arc::default(),
+            key: address_key(&ep.address),
         }
     }
 

@@ -1,7 +1,12 @@
 //! HTTP connection pools per (cluster, host, protocol, shared filter state): HTTP/1.1 keeps idle
 //! connections and hands each one to one request at a time (a connection goes back to the pool
 //! when its response body ends); HTTP/2 multiplexes every request over one connection, reopened
-//! when it breaks. Idle connections older than the cluster's `idle_timeout` are closed.
+//! when it breaks. The cluster's `common_http_protocol_options` apply as in Envoy: a connection
+//! without streams for `idle_timeout` (default 1 h) is closed (`upstream_cx_idle_timeout`), one
+//! past `max_connection_duration` takes no new requests and closes when its streams are done
+//! (`upstream_cx_max_duration_reached`), and one that served `max_requests_per_connection`
+//! requests is retired the same way (`upstream_cx_max_requests`). HTTP/2 keepalive PINGs
+//! (`connection_keepalive`) are sent whether or not streams are open, as Envoy's are.
 //!
 //! Circuit breakers apply as in Envoy's connection pools: a request first takes a
 //! `max_requests` slot (held until its response ends); one that needs a new connection is
@@ -35,8 +40,12 @@ use super::{
     cluster_manager::ClusterStats,
 };
 use crate::{
+    config::{Cluster, protocol::UpstreamProtocol},
     flags::ProxyError,
-    http::{Body, BoxError},
+    http::{
+        Body, BoxError,
+        timeout::{self, ConnActivity},
+    },
     listener::conn::BoxIo,
     stats::Stat,
 };
@@ -140,18 +149,91 @@ pub const REFUSED_STREAM: &str = "refused_stream";
 /// Envoy's default upstream idle timeout (`common_http_protocol_options.idle_timeout`: 1h).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// A pool's connection settings, from the cluster's `HttpProtocolOptions`.
+#[derive(Debug, Clone, Default)]
+pub struct PoolSettings {
+    /// `idle_timeout` (`None`: Envoy's 1 h; zero: never).
+    pub idle_timeout: Option<Duration>,
+    /// `max_connection_duration` (`None` or zero: none).
+    pub max_connection_duration: Option<Duration>,
+    /// `max_requests_per_connection` (`None` or zero: none).
+    pub max_requests_per_connection: Option<u32>,
+    /// HTTP/2 settings.
+    pub h2: H2ClientSettings,
+}
+
+impl PoolSettings {
+    /// The settings of `cluster`'s pools (`typed_extension_protocol_options`; the deprecated
+    /// `Cluster.max_requests_per_connection` when the options do not set it).
+    pub fn for_cluster(cluster: &Cluster) -> PoolSettings {
+        let http = cluster.http.as_ref();
+        let h2 = match http.map(|h| &h.protocol) {
+            Some(UpstreamProtocol::Http2(o)) => Some(o),
+            Some(UpstreamProtocol::UseDownstream { http2, .. }) => http2.as_ref(),
+            _ => None,
+        };
+        PoolSettings {
+            idle_timeout: http.and_then(|h| h.common.idle_timeout),
+            max_connection_duration: http.and_then(|h| h.common.max_connection_duration),
+            max_requests_per_connection: http
+                .and_then(|h| h.common.max_requests_per_connection)
+                .or(cluster.max_requests_per_connection),
+            h2: H2ClientSettings {
+                initial_stream_window: h2.and_then(|o| o.initial_stream_window_size),
+                initial_connection_window: h2.and_then(|o| o.initial_connection_window_size),
+                keepalive_interval: h2.and_then(|o| o.keepalive_interval),
+                keepalive_timeout: h2.and_then(|o| o.keepalive_timeout),
+            },
+        }
+    }
+}
+
+/// One upstream connection's lifecycle: its streams (idle timeout), requests served and whether
+/// it still takes new ones.
+struct ConnMeta {
+    activity: Arc<ConnActivity>,
+    served: std::sync::atomic::AtomicU32,
+    /// No new requests (`max_connection_duration` or `max_requests_per_connection` reached).
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl ConnMeta {
+    fn new() -> Arc<ConnMeta> {
+        Arc::new(ConnMeta {
+            activity: ConnActivity::new(),
+            served: std::sync::atomic::AtomicU32::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Counts a request sent on the connection; retires it at `max_requests_per_connection`.
+    fn request(&self, max: Option<u32>, stats: &ClusterStats) {
+        let n = self.served.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        if max.is_some_and(|m| n >= m) && !self.retired.swap(true, Ordering::AcqRel) {
+            stats.cx_max_requests.inc();
+        }
+    }
+}
+
 struct Idle {
     send: conn::http1::SendRequest<Body>,
     since: Instant,
+    meta: Arc<ConnMeta>,
 }
 
 /// One pool.
 pub struct Pool {
     proto: Proto,
     idle_timeout: Duration,
+    max_connection_duration: Option<Duration>,
+    max_requests: Option<u32>,
     h2_settings: H2ClientSettings,
     idle: Mutex<Vec<Idle>>,
-    h2: tokio::sync::Mutex<Option<conn::http2::SendRequest<Body>>>,
+    h2: tokio::sync::Mutex<Option<(conn::http2::SendRequest<Body>, Arc<ConnMeta>)>>,
     /// Connections open or opening.
     open: Arc<AtomicU64>,
     /// Woken when an HTTP/1.1 connection comes back idle.
@@ -164,19 +246,17 @@ pub type Dial<'a> =
 
 impl Pool {
     /// A pool speaking `proto`.
-    pub fn new(
-        proto: Proto,
-        idle_timeout: Option<Duration>,
-        h2_settings: H2ClientSettings,
-    ) -> Self {
+    pub fn new(proto: Proto, settings: PoolSettings) -> Self {
         Pool {
             proto,
-            idle_timeout: match idle_timeout {
+            idle_timeout: match settings.idle_timeout {
                 Some(d) if d.is_zero() => Duration::MAX,
                 Some(d) => d,
                 None => DEFAULT_IDLE_TIMEOUT,
             },
-            h2_settings,
+            max_connection_duration: settings.max_connection_duration.filter(|d| !d.is_zero()),
+            max_requests: settings.max_requests_per_connection.filter(|n| *n > 0),
+            h2_settings: settings.h2,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             open: Arc::new(AtomicU64::new(0)),
@@ -234,25 +314,31 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self) -> Option<conn::http1::SendRequest<Body>> {
+    fn take_idle(&self) -> Option<(conn::http1::SendRequest<Body>, Arc<ConnMeta>)> {
         let mut idle = match self.idle.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let now = Instant::now();
         while let Some(c) = idle.pop() {
-            if c.send.is_closed() || now.duration_since(c.since) > self.idle_timeout {
+            // The connection's own task closes it at its idle timeout; this check covers the
+            // moment in between.
+            if c.send.is_closed()
+                || c.meta.retired()
+                || now.duration_since(c.since) > self.idle_timeout
+            {
                 continue;
             }
             if c.send.is_ready() {
-                return Some(c.send);
+                return Some((c.send, c.meta));
             }
         }
         None
     }
 
-    fn put_idle(&self, send: conn::http1::SendRequest<Body>) {
-        if send.is_closed() {
+    fn put_idle(&self, send: conn::http1::SendRequest<Body>, meta: Arc<ConnMeta>) {
+        // A retired connection is not reused: dropping its sender lets it close.
+        if send.is_closed() || meta.retired() {
             return;
         }
         let mut idle = match self.idle.lock() {
@@ -262,9 +348,63 @@ impl Pool {
         idle.push(Idle {
             send,
             since: Instant::now(),
+            meta,
         });
         drop(idle);
         self.returned.notify_waiters();
+    }
+
+    /// Runs one upstream connection until it ends, closing it at the pool's idle timeout and
+    /// retiring it at `max_connection_duration` (then it closes once its streams are done).
+    async fn run_connection<F>(
+        conn: F,
+        meta: Arc<ConnMeta>,
+        idle: Duration,
+        max_duration: Option<Duration>,
+        stats: Arc<ClusterStats>,
+    ) where
+        F: std::future::Future<Output = Result<(), hyper::Error>>,
+    {
+        tokio::pin!(conn);
+        let opened = tokio::time::Instant::now();
+        let retire = async {
+            match max_duration {
+                Some(d) => tokio::time::sleep_until(opened + d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle_closed = async {
+            if idle == Duration::MAX {
+                std::future::pending::<()>().await;
+            }
+            meta.activity.idle_for(idle).await;
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::trace!(target: "upstream", "connection ended: {e}");
+                }
+                return;
+            }
+            _ = idle_closed => {
+                stats.cx_idle_timeout.inc();
+                tracing::trace!(target: "upstream", "idle timeout: closing the connection");
+                return;
+            }
+            _ = retire => {
+                meta.retired.store(true, Ordering::Release);
+                stats.cx_max_duration_reached.inc();
+            }
+        }
+        // Retired: the streams in flight finish, then the connection closes.
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::trace!(target: "upstream", "connection ended: {e}");
+                }
+            }
+            _ = meta.activity.idle_for(Duration::ZERO) => {}
+        }
     }
 
     /// Sends `req` on a pooled or new connection (opened with `dial`). `upgrade` keeps the
@@ -303,9 +443,13 @@ impl Pool {
         let cx = loop {
             // A reused connection may have been closed by the server while idle: the request
             // comes back unsent and goes out on another one.
-            while let Some(mut send) = self.take_idle() {
+            while let Some((mut send, meta)) = self.take_idle() {
+                let stream = meta.activity.stream();
                 match send.try_send_request(req).await {
-                    Ok(resp) => return Ok(self.finish_h1(resp, send, upgrade, rq)),
+                    Ok(resp) => {
+                        meta.request(self.max_requests, &limits.stats);
+                        return Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq));
+                    }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
                         None => return Err(SendError::sent(upstream_error(e.into_error()))),
@@ -351,37 +495,50 @@ impl Pool {
                 ));
             }
         };
+        let meta = ConnMeta::new();
+        let stream = meta.activity.stream();
+        let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
+        let (task_meta, stats) = (meta.clone(), limits.stats.clone());
         tokio::spawn(async move {
             let _cx = cx;
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::trace!(target: "upstream", "HTTP/1.1 connection ended: {e}");
-            }
+            Self::run_connection(
+                connection.with_upgrades(),
+                task_meta,
+                idle,
+                max_duration,
+                stats,
+            )
+            .await;
         });
         drop(pending);
         let resp = send
             .send_request(req)
             .await
             .map_err(|e| SendError::sent(upstream_error(e)))?;
-        Ok(self.finish_h1(resp, send, upgrade, rq))
+        meta.request(self.max_requests, &limits.stats);
+        Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq))
     }
 
     fn finish_h1(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         send: conn::http1::SendRequest<Body>,
+        meta: Arc<ConnMeta>,
+        stream: timeout::StreamGuard,
         upgrade: bool,
         rq: Slot,
     ) -> Response<Body> {
         let back = if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             None
         } else {
-            Some((self.clone(), send))
+            Some((self.clone(), send, meta))
         };
         resp.map(|b| {
             let body = Returning {
                 inner: b,
                 back,
                 rq: Some(rq),
+                stream: Some(stream),
             };
             http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(body, |e| {
                 Box::new(e) as BoxError
@@ -396,10 +553,10 @@ impl Pool {
         limits: &Limits,
         rq: Slot,
     ) -> Result<Response<Body>, SendError> {
-        let mut send = {
+        let (mut send, meta) = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
-                Some(s) if !s.is_closed() => s.clone(),
+                Some((s, m)) if !s.is_closed() && !m.retired() => (s.clone(), m.clone()),
                 _ => {
                     // The request that opens the connection is pending until it is up; the
                     // pool's one connection is opened even over `max_connections`.
@@ -435,7 +592,8 @@ impl Pool {
                         b.initial_connection_window_size(w);
                     }
                     if let Some(i) = self.h2_settings.keepalive_interval {
-                        b.keep_alive_interval(i);
+                        // Envoy PINGs on its interval whether or not streams are open.
+                        b.keep_alive_interval(i).keep_alive_while_idle(true);
                         if let Some(t) = self.h2_settings.keepalive_timeout {
                             b.keep_alive_timeout(t);
                         }
@@ -449,18 +607,23 @@ impl Pool {
                             ));
                         }
                     };
+                    let meta = ConnMeta::new();
+                    let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
+                    let (task_meta, stats) = (meta.clone(), limits.stats.clone());
                     tokio::spawn(async move {
                         let _cx = cx;
-                        if let Err(e) = connection.await {
-                            tracing::trace!(target: "upstream", "HTTP/2 connection ended: {e}");
-                        }
+                        Self::run_connection(connection, task_meta, idle, max_duration, stats)
+                            .await;
                     });
                     drop(pending);
-                    *slot = Some(send.clone());
-                    send
+                    *slot = Some((send.clone(), meta.clone()));
+                    (send, meta)
                 }
             }
         };
+        // Counted before the send, so the connection is not idle while the request waits.
+        let stream = meta.activity.stream();
+        meta.request(self.max_requests, &limits.stats);
         if let Err(e) = send.ready().await {
             return Err(SendError::unsent(upstream_error(e), req));
         }
@@ -469,10 +632,12 @@ impl Pool {
             .await
             .map_err(|e| SendError::sent(upstream_error(e)))?;
         Ok(resp.map(|b| {
-            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            let body = http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
                 Holding::new(b, Some(rq)),
                 |e| Box::new(e) as BoxError,
-            ))
+            ));
+            // The stream counts for the connection's idle timeout until its response ends.
+            timeout::hold(body, stream)
         }))
     }
 }
@@ -529,15 +694,18 @@ fn upstream_error(e: hyper::Error) -> ProxyError {
 /// It also holds the request's `max_requests` slot until the response ends.
 struct Returning {
     inner: Incoming,
-    back: Option<(Arc<Pool>, conn::http1::SendRequest<Body>)>,
+    back: Option<(Arc<Pool>, conn::http1::SendRequest<Body>, Arc<ConnMeta>)>,
     rq: Option<Slot>,
+    /// The request's place on its connection (idle timeout), until the response ends.
+    stream: Option<timeout::StreamGuard>,
 }
 
 impl Returning {
     fn give_back(&mut self) {
         self.rq = None;
-        if let Some((pool, send)) = self.back.take() {
-            pool.put_idle(send);
+        self.stream = None;
+        if let Some((pool, send, meta)) = self.back.take() {
+            pool.put_idle(send, meta);
         }
     }
 }
@@ -566,6 +734,7 @@ impl HttpBody for Returning {
             Poll::Ready(Some(Err(_))) => {
                 self.back = None;
                 self.rq = None;
+                self.stream = None;
             }
             _ => {}
         }
@@ -671,7 +840,7 @@ mod tests {
             cb.default.max_connections = 1;
             cb.default.max_pending_requests = 1;
         });
-        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
         let first = {
             let (pool, limits) = (pool.clone(), limits.clone());
             tokio::spawn(async move { pool.send(request(), dialer(addr), false, &limits).await })
@@ -728,7 +897,7 @@ mod tests {
         let addr = gated_server(gate).await;
         let stats = Stats::default();
         let limits = limits(&stats, |cb| cb.default.max_requests = 1);
-        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
         let resp = match pool.send(request(), dialer(addr), false, &limits).await {
             Ok(r) => r,
             Err(e) => panic!("send failed: {}", e.error),
@@ -766,7 +935,7 @@ mod tests {
             .connections
             .try_acquire()
             .expect("slot");
-        let pool = Arc::new(Pool::new(Proto::Http1, None, H2ClientSettings::default()));
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
         let resp = match pool.send(request(), dialer(addr), false, &limits).await {
             Ok(r) => r,
             Err(e) => panic!("send failed: {}", e.error),
@@ -790,7 +959,7 @@ mod tests {
             l.local_addr().expect("addr")
         };
         for proto in [Proto::Http1, Proto::Http2] {
-            let pool = Arc::new(Pool::new(proto, None, H2ClientSettings::default()));
+            let pool = Arc::new(Pool::new(proto, PoolSettings::default()));
             let r = pool.send(request(), dialer(dead), false, &limits).await;
             assert!(matches!(
                 r,
@@ -808,5 +977,160 @@ mod tests {
         );
         assert_eq!(limits.stats.cx_active.get(), 0);
         assert_eq!(limits.stats.rq_pending_active.get(), 0);
+    }
+
+    /// An HTTP/1.1 or h2c server that answers `ok` and reports each connection's end.
+    async fn closing_server(
+        proto: Proto,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Response::builder()
+                            .status(200)
+                            .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                    });
+                    let _ = match proto {
+                        Proto::Http1 => {
+                            hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .await
+                        }
+                        Proto::Http2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .await
+                        }
+                    };
+                    let _ = tx.send(());
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn ok(pool: &Arc<Pool>, addr: SocketAddr, limits: &Limits) {
+        match pool.send(request(), dialer(addr), false, limits).await {
+            Ok(r) => assert_eq!(body(r).await, "ok"),
+            Err(e) => panic!("send failed: {}", e.error),
+        }
+    }
+
+    async fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_at_the_idle_timeout() {
+        for proto in [Proto::Http1, Proto::Http2] {
+            let (addr, mut closed) = closing_server(proto).await;
+            let stats = Stats::default();
+            let limits = limits(&stats, |_| {});
+            let settings = PoolSettings {
+                idle_timeout: Some(Duration::from_millis(200)),
+                ..PoolSettings::default()
+            };
+            let pool = Arc::new(Pool::new(proto, settings));
+            ok(&pool, addr, &limits).await;
+            let idle_from = std::time::Instant::now();
+            tokio::time::timeout(Duration::from_secs(10), closed.recv())
+                .await
+                .expect("closed in time");
+            assert!(
+                idle_from.elapsed() >= Duration::from_millis(150),
+                "{proto:?}"
+            );
+            wait_for("idle timeout counted", || {
+                limits.stats.cx_idle_timeout.get() == 1
+            })
+            .await;
+            wait_for("no connection left", || pool.is_idle()).await;
+            // The next request opens a new connection.
+            ok(&pool, addr, &limits).await;
+            assert_eq!(limits.stats.cx_total.get(), 2, "{proto:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_idle_timeout_keeps_connections() {
+        let (addr, mut closed) = closing_server(Proto::Http1).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |_| {});
+        let settings = PoolSettings {
+            idle_timeout: Some(Duration::ZERO),
+            ..PoolSettings::default()
+        };
+        let pool = Arc::new(Pool::new(Proto::Http1, settings));
+        ok(&pool, addr, &limits).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), closed.recv())
+                .await
+                .is_err(),
+            "still open"
+        );
+        ok(&pool, addr, &limits).await;
+        assert_eq!(limits.stats.cx_total.get(), 1, "reused");
+        assert_eq!(limits.stats.cx_idle_timeout.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_retires_connections() {
+        for proto in [Proto::Http1, Proto::Http2] {
+            let (addr, mut closed) = closing_server(proto).await;
+            let stats = Stats::default();
+            let limits = limits(&stats, |_| {});
+            let settings = PoolSettings {
+                max_requests_per_connection: Some(1),
+                ..PoolSettings::default()
+            };
+            let pool = Arc::new(Pool::new(proto, settings));
+            ok(&pool, addr, &limits).await;
+            ok(&pool, addr, &limits).await;
+            assert_eq!(
+                limits.stats.cx_total.get(),
+                2,
+                "{proto:?}: one request each"
+            );
+            assert_eq!(limits.stats.cx_max_requests.get(), 2, "{proto:?}");
+            // A retired connection closes once its request is done.
+            tokio::time::timeout(Duration::from_secs(10), closed.recv())
+                .await
+                .expect("the first connection closed");
+        }
+    }
+
+    #[tokio::test]
+    async fn max_connection_duration_retires_connections() {
+        for proto in [Proto::Http1, Proto::Http2] {
+            let (addr, mut closed) = closing_server(proto).await;
+            let stats = Stats::default();
+            let limits = limits(&stats, |_| {});
+            let settings = PoolSettings {
+                max_connection_duration: Some(Duration::from_millis(200)),
+                ..PoolSettings::default()
+            };
+            let pool = Arc::new(Pool::new(proto, settings));
+            ok(&pool, addr, &limits).await;
+            wait_for("duration reached", || {
+                limits.stats.cx_max_duration_reached.get() == 1
+            })
+            .await;
+            tokio::time::timeout(Duration::from_secs(10), closed.recv())
+                .await
+                .expect("the idle, retired connection closed");
+            ok(&pool, addr, &limits).await;
+            assert_eq!(limits.stats.cx_total.get(), 2, "{proto:?}");
+        }
     }
 }

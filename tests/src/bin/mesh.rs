@@ -25,6 +25,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Parser;
+use futures::StreamExt as _;
 use http::{HeaderMap, Request};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -40,15 +41,23 @@ use waypoint_proto::{
             secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
         },
     },
-    resource::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE, WORKLOAD_TYPE},
+    resource::{
+        CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ResourceKind, SECRET_TYPE, WORKLOAD_TYPE,
+    },
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
     hbone::{HboneForwarder, HbonePool, PoolSettings},
+    scenarios::{
+        self, ALLOWED_ORIGIN, Fixture, Issuer, MIRROR_PORT, MirrorEcho, OTHER_ORIGIN, SHADOW_HOST,
+        ScenarioError, VIP_STATS, breaker_cluster, cors_listener, jwt_claims, jwt_listener,
+        mirror_endpoints, mirror_listener, rate_limit_listener, timeout_listener, vs_listener,
+    },
     uds,
     waypoint::{
-        AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshOptions, SLEEP_IDENTITY, WAYPOINT_IDENTITY,
-        WaypointMesh, WsClient, free_port, http_get, http1_request, read_body, ws_opcode,
+        AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshError, MeshOptions, SLEEP_IDENTITY,
+        WAYPOINT_IDENTITY, WaypointMesh, WsClient, free_port, http_get, http1_request, read_body,
+        ws_opcode,
     },
 };
 
@@ -523,6 +532,8 @@ async fn report(
         format!("an exchange through the TCP service port: {tcp:?}")
     });
     metrics(mesh, served_http, tcp.is_ok(), expect).await;
+    // Last: the scenarios change the config and add requests the sections above count.
+    traffic_management(mesh, expect).await;
 }
 
 /// One HTTP/1.1 exchange carried as plain bytes through the fixture's TCP service port
@@ -688,6 +699,104 @@ async fn control_plane(mesh: &WaypointMesh, expect: &mut Expectations) {
             status_text(&probe)
         )
     });
+    stats_matcher(mesh, &bootstrap, expect).await;
+}
+
+/// Istio's own inclusion-list prefixes (pilot-agent's required ones, `reporter=`,
+/// `workload_discovery`, `component`, `istio`): the rest of the bootstrap's prefixes came from
+/// `proxyStatsMatcher` or the `sidecar.istio.io/statsInclusionPrefixes` annotation.
+const ISTIO_STATS_PREFIXES: &[&str] = &[
+    "reporter=",
+    "workload_discovery",
+    "cluster_manager",
+    "listener_manager",
+    "server",
+    "cluster.xds-grpc",
+    "wasm",
+    "component",
+    "istio",
+];
+
+/// The stats matcher in force (the inclusion list of the bootstrap the agent wrote), and whether
+/// every stat `/stats` shows is one it admits.
+async fn stats_matcher(mesh: &WaypointMesh, bootstrap: &Path, expect: &mut Expectations) {
+    let doc: Json = std::fs::read_to_string(bootstrap)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Json::Null);
+    let patterns = doc["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let of = |key: &str| -> Vec<String> {
+        patterns
+            .iter()
+            .filter_map(|p| p[key].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (prefixes, suffixes) = (of("prefix"), of("suffix"));
+    let regexes: Vec<String> = patterns
+        .iter()
+        .filter_map(|p| p["safe_regex"]["regex"].as_str().map(str::to_owned))
+        .collect();
+    let user: Vec<&str> = prefixes
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !ISTIO_STATS_PREFIXES.contains(p))
+        .collect();
+    // Without a regex crate here: Istio's one regex is evaluated by hand; a name only another
+    // regex could admit counts as unchecked.
+    const ISTIO_REGEX: &str = r"vhost\..*\.route\..*";
+    let istio_regex = |n: &str| n.starts_with("vhost.") && n.contains(".route.");
+    let names: Vec<String> = match mesh.admin_get("/stats").await {
+        Ok((200, body)) => parse_stats(&body).into_keys().collect(),
+        _ => Vec::new(),
+    };
+    let mut outside = Vec::new();
+    let mut unchecked = 0;
+    for n in &names {
+        let admitted = prefixes.iter().any(|p| n.starts_with(p.as_str()))
+            || suffixes.iter().any(|x| n.ends_with(x.as_str()))
+            || (regexes.iter().any(|r| r == ISTIO_REGEX) && istio_regex(n));
+        if admitted {
+            continue;
+        }
+        if regexes.iter().any(|r| r != ISTIO_REGEX) {
+            unchecked += 1;
+        } else {
+            outside.push(n.clone());
+        }
+    }
+    println!(
+        "stats         matcher: Istio's inclusion list ({} patterns) + proxyStatsMatcher prefixes {}; /stats shows {} stats, {} outside it{}",
+        patterns.len(),
+        if user.is_empty() {
+            "none".to_owned()
+        } else {
+            user.join(", ")
+        },
+        names.len(),
+        outside.len(),
+        if unchecked > 0 {
+            format!(", {unchecked} left to regexes (unchecked)")
+        } else {
+            String::new()
+        }
+    );
+    expect.check(!patterns.is_empty(), || {
+        "the bootstrap carries a stats_config.stats_matcher inclusion list".to_owned()
+    });
+    for want in waypoint_testbed::waypoint::STATS_INCLUSION_PREFIXES {
+        expect.check(user.contains(want), || {
+            format!("proxyStatsMatcher prefix {want} in the bootstrap's inclusion list: {user:?}")
+        });
+    }
+    expect.check(!names.is_empty() && outside.is_empty(), || {
+        format!(
+            "/stats shows only stats the inclusion list admits ({} stats): outside it {outside:?}",
+            names.len()
+        )
+    });
 }
 
 /// Who the sink saw on each chain, and who the forwarder is.
@@ -804,8 +913,10 @@ async fn retries(mesh: &WaypointMesh, table: &[RouteRow]) {
         .filter(|(_, v)| **v > 0)
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    // Envoy names a cluster's stats by its alt_stat_name, which istiod sets to `<name>;`.
     let vip = stats
-        .get(&format!("cluster.{vip_cluster}.upstream_rq_retry"))
+        .get(&format!("cluster.{vip_cluster};.upstream_rq_retry"))
+        .or_else(|| stats.get(&format!("cluster.{vip_cluster}.upstream_rq_retry")))
         .map_or_else(|| "absent".to_owned(), u64::to_string);
     println!(
         "retries       upstream_rq_retry of the service cluster: {vip}; non-zero retry stats: {} (of {}); service route policy: {policy}",
@@ -956,6 +1067,664 @@ fn istio_ok_requests(text: &str) -> u64 {
         })
         .map(|(_, v)| *v)
         .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic management (waypoint_testbed::scenarios)
+// ---------------------------------------------------------------------------------------------
+
+/// Fault abort sample: requests, concurrency on one h2c connection, and the accepted band
+/// around 50 % (binomial: 400 draws have a standard deviation of 2.5 %, so ±10 % is 4 of them and
+/// a correct proxy falls outside once in ~16,000 runs).
+const ABORT_SAMPLE: usize = 400;
+const ABORT_CONCURRENCY: usize = 32;
+const ABORT_BAND: f64 = 0.10;
+/// The request holding the circuit breaker's only slot, and the burst behind it.
+const BREAKER_HOLD_MS: &str = "1500";
+const BREAKER_BURST: usize = 9;
+/// The VirtualService timeout, the upstream delay it cuts, and the gRPC request's own timeout.
+const ROUTE_TIMEOUT: Duration = Duration::from_millis(500);
+const SLOW_UPSTREAM_MS: &str = "2000";
+const GRPC_TIMEOUT: Duration = Duration::from_millis(300);
+/// Requests sent with a live mirror, and with the mirror on a dead endpoint.
+const MIRRORED: usize = 20;
+const DEAD_MIRRORED: usize = 3;
+/// The rate-limited route's bucket.
+const RATE_LIMIT_TOKENS: usize = 5;
+/// Bound for a counter or metric to show what was sent.
+const OBSERVE: Duration = Duration::from_secs(10);
+
+/// Prints one report line: the section word, then what happened.
+fn line(section: &str, text: impl std::fmt::Display) {
+    println!("{section:<13} {text}");
+}
+
+/// What a scenario found: its report line, and the expectation (held or not, what was wanted).
+struct Finding {
+    text: String,
+    held: bool,
+    wanted: String,
+}
+
+/// Each traffic-management scenario pushed through istiod-lite as istiod would render it, driven
+/// briefly from the sleep client, one line each; the fixture's resources come back afterwards
+/// (these run after the metrics section, whose counts they would change).
+async fn traffic_management(mesh: &WaypointMesh, expect: &mut Expectations) {
+    let fixture = match Fixture::of(mesh) {
+        Ok(f) => f,
+        Err(e) => {
+            line("scenarios", format!("not run: {e}"));
+            expect.check(false, || format!("the fixture for the scenarios: {e}"));
+            return;
+        }
+    };
+    let nacks_before = mesh.nacks().await.len();
+    for (section, finding) in [
+        ("retries", scenario_retries(mesh, &fixture).await),
+        ("fault", scenario_fault(mesh).await),
+        ("breaker", scenario_breaker(mesh, &fixture).await),
+        ("timeout", scenario_timeout(mesh, &fixture).await),
+        ("mirror", scenario_mirror(mesh, &fixture).await),
+        ("jwt", scenario_jwt(mesh, &fixture).await),
+        ("cors", scenario_cors(mesh, &fixture).await),
+        ("ratelimit", scenario_rate_limit(mesh, &fixture).await),
+    ] {
+        match finding {
+            Ok(f) => {
+                line(section, &f.text);
+                expect.check(f.held, || {
+                    format!("{section}: {} (got: {})", f.wanted, f.text)
+                });
+            }
+            Err(e) => {
+                line(section, format!("failed: {e}"));
+                expect.check(false, || format!("{section}: {e}"));
+            }
+        }
+    }
+    // Whatever happened above, the fixture's listener and cluster are what the mesh runs on.
+    let restored = async {
+        scenarios::push(
+            mesh,
+            ResourceKind::Listener,
+            &fixture.main_internal(),
+            "the fixture's main_internal",
+        )
+        .await?;
+        scenarios::push(
+            mesh,
+            ResourceKind::Cluster,
+            &fixture.vip_cluster(),
+            "the fixture's service cluster",
+        )
+        .await
+    }
+    .await;
+    let nacks = mesh.nacks().await;
+    expect.check(restored.is_ok(), || {
+        format!("the fixture's resources restored after the scenarios: {restored:?}")
+    });
+    expect.check(nacks.len() == nacks_before, || {
+        format!("no NACK of a scenario's resources: {nacks:?}")
+    });
+}
+
+/// `/stats` counter `name` of the proxy (0 when absent).
+async fn counter(mesh: &WaypointMesh, name: &str) -> Result<u64, ScenarioError> {
+    scenarios::stat(mesh, name).await
+}
+
+/// `istio_requests_total` with `labels`, now.
+async fn istio_count(mesh: &WaypointMesh, labels: &[&str]) -> Result<f64, ScenarioError> {
+    Ok(
+        scenarios::wait_requests_total(mesh, labels, 0.0, Duration::ZERO)
+            .await?
+            .0,
+    )
+}
+
+/// `istio_requests_total` with `labels` once it reached `want` (bounded).
+async fn istio_count_at_least(
+    mesh: &WaypointMesh,
+    labels: &[&str],
+    want: f64,
+) -> Result<f64, ScenarioError> {
+    Ok(scenarios::wait_requests_total(mesh, labels, want, OBSERVE)
+        .await?
+        .0)
+}
+
+/// VirtualService `retries: {attempts: 2, retryOn: 5xx}` (the VirtualService of the fault
+/// scenario too, which stays pushed): an upstream failing twice.
+async fn scenario_retries(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &vs_listener(fixture)?,
+        "main_internal with the retries/fault VirtualService",
+    )
+    .await?;
+    let retry_stat = format!("{VIP_STATS}.upstream_rq_retry");
+    let before = counter(mesh, &retry_stat).await?;
+    let a = scenarios::send(
+        mesh.client_addr(),
+        "POST",
+        "/retry/5xx",
+        &[("x-echo-key", "mesh-retry-5xx"), ("x-echo-fail-first", "2")],
+        Bytes::from_static(b"replayed"),
+    )
+    .await?;
+    let attempts = a.header("x-echo-request-count").unwrap_or("?").to_owned();
+    let retried = counter(mesh, &retry_stat).await?.saturating_sub(before);
+    let seen_attempts = a
+        .echo()
+        .ok()
+        .and_then(|s| s.headers.get("x-envoy-attempt-count").cloned());
+    Ok(Finding {
+        text: format!(
+            "retryOn 5xx, attempts 2; 2 x 503 then 200: client got {} after {attempts} attempts at the echo (x-envoy-attempt-count {}, upstream_rq_retry +{retried})",
+            a.status.as_u16(),
+            seen_attempts.as_deref().unwrap_or("-")
+        ),
+        held: a.status == http::StatusCode::OK && attempts == "3" && retried == 2,
+        wanted: "200 after 3 attempts, upstream_rq_retry +2".to_owned(),
+    })
+}
+
+/// VirtualService `fault`: 50 % abort (503) over [`ABORT_SAMPLE`] h2c requests, and a 1 s delay.
+async fn scenario_fault(mesh: &WaypointMesh) -> Result<Finding, ScenarioError> {
+    let fi = ["response_code=\"503\"", "response_flags=\"FI\""];
+    let di = ["response_flags=\"DI\""];
+    let (fi_before, di_before) = (istio_count(mesh, &fi).await?, istio_count(mesh, &di).await?);
+    let (aborted, answered, other) = abort_sample(mesh.client_addr()).await;
+    let delayed = scenarios::send(
+        mesh.client_addr(),
+        "GET",
+        "/fault/delay/mesh",
+        &[],
+        Bytes::new(),
+    )
+    .await?;
+    let fi_seen = istio_count_at_least(mesh, &fi, fi_before + aborted as f64).await? - fi_before;
+    let di_seen = istio_count_at_least(mesh, &di, di_before + 1.0).await? - di_before;
+    let ratio = aborted as f64 / ABORT_SAMPLE as f64;
+    Ok(Finding {
+        text: format!(
+            "50% abort over {ABORT_SAMPLE} h2c requests: {aborted} aborted (503, FI +{fi_seen}), {answered} answered{}; {} s delay: {} after {:.2} s (DI +{di_seen})",
+            if other.is_empty() {
+                String::new()
+            } else {
+                format!(", other: {}", other.join(", "))
+            },
+            scenarios::FAULT_DELAY.as_secs_f64(),
+            delayed.status.as_u16(),
+            delayed.took.as_secs_f64()
+        ),
+        held: (ratio - 0.5).abs() <= ABORT_BAND
+            && aborted + answered == ABORT_SAMPLE
+            && fi_seen == aborted as f64
+            && delayed.status == http::StatusCode::OK
+            && delayed.took >= scenarios::FAULT_DELAY
+            && di_seen == 1.0,
+        wanted: format!(
+            "50% ± {}% aborted with FI, the rest 200; a 200 after >= 1 s with DI",
+            ABORT_BAND * 100.0
+        ),
+    })
+}
+
+/// [`ABORT_SAMPLE`] GETs to `/fault/abort` on one h2c connection: (aborted with Envoy's fault
+/// reply, answered 200, anything else).
+async fn abort_sample(addr: SocketAddr) -> (usize, usize, Vec<String>) {
+    let handshake = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2c handshake: {e}"))
+    };
+    let (send, conn) = match tokio::time::timeout(REQUEST, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return (0, 0, vec![e]),
+        Err(_) => return (0, 0, vec![format!("h2c handshake within {REQUEST:?}")]),
+    };
+    let driver = tokio::spawn(conn);
+    let outcomes: Vec<Result<(u16, Bytes), String>> = futures::stream::iter(0..ABORT_SAMPLE)
+        .map(|i| {
+            let mut send = send.clone();
+            async move {
+                let exchange = async {
+                    send.ready().await.map_err(|e| e.to_string())?;
+                    let req = Request::get(format!("http://{HOST}/fault/abort/{i}"))
+                        .body(Empty::<Bytes>::new())
+                        .map_err(|e| e.to_string())?;
+                    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    let body = read_body(resp.into_body(), ECHO_BODY_LIMIT, REQUEST)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok((status, body))
+                };
+                tokio::time::timeout(REQUEST, exchange)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {REQUEST:?}")))
+            }
+        })
+        .buffer_unordered(ABORT_CONCURRENCY)
+        .collect()
+        .await;
+    driver.abort();
+    let (mut aborted, mut answered, mut other) = (0, 0, BTreeMap::<String, usize>::new());
+    for o in outcomes {
+        match o {
+            Ok((503, body)) if &body[..] == b"fault filter abort" => aborted += 1,
+            Ok((200, _)) => answered += 1,
+            Ok((status, _)) => *other.entry(status.to_string()).or_default() += 1,
+            Err(e) => *other.entry(e).or_default() += 1,
+        }
+    }
+    let other = other
+        .into_iter()
+        .map(|(k, n)| format!("{n} x {k}"))
+        .collect();
+    (aborted, answered, other)
+}
+
+/// DestinationRule `http2MaxRequests: 1`: one slow request holds the only slot, a burst behind it
+/// overflows.
+async fn scenario_breaker(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &breaker_cluster(fixture),
+        "the service cluster with max_requests 1",
+    )
+    .await?;
+    let uo = ["response_code=\"503\"", "response_flags=\"UO\""];
+    let uo_before = istio_count(mesh, &uo).await?;
+    let client = mesh.client_addr();
+    let hold = [("x-echo-delay-ms", BREAKER_HOLD_MS)];
+    let slow = tokio::spawn(async move {
+        scenarios::send(client, "GET", "/cb/slow", &hold, Bytes::new()).await
+    });
+    let active = format!("{VIP_STATS}.upstream_rq_active");
+    let held = scenarios::wait_stat(mesh, &active, 1, OBSERVE).await;
+    let burst = futures::future::join_all((0..BREAKER_BURST).map(|i| async move {
+        let path = format!("/cb/burst/{i}");
+        scenarios::send(client, "GET", &path, &hold, Bytes::new()).await
+    }))
+    .await;
+    let overflowed = burst
+        .iter()
+        .filter(|a| {
+            a.as_ref().is_ok_and(|a| {
+                a.status == http::StatusCode::SERVICE_UNAVAILABLE
+                    && a.header("x-envoy-overloaded") == Some("true")
+            })
+        })
+        .count();
+    let slow = slow
+        .await
+        .map_err(|e| MeshError::Http(format!("the slow request's task: {e}")))??;
+    let uo_seen = istio_count_at_least(mesh, &uo, uo_before + overflowed as f64).await? - uo_before;
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &fixture.vip_cluster(),
+        "the fixture's service cluster",
+    )
+    .await?;
+    Ok(Finding {
+        text: format!(
+            "DestinationRule http2MaxRequests 1, 1 slow + {BREAKER_BURST} concurrent: {overflowed} x 503 UO (x-envoy-overloaded; istio_requests_total UO +{uo_seen}), the slow one {}{}",
+            slow.status.as_u16(),
+            held.err()
+                .map(|e| format!("; slot not seen taken: {e}"))
+                .unwrap_or_default()
+        ),
+        held: overflowed == BREAKER_BURST
+            && uo_seen == BREAKER_BURST as f64
+            && slow.status == http::StatusCode::OK,
+        wanted: format!("{BREAKER_BURST} x 503 UO while the slot is taken"),
+    })
+}
+
+/// VirtualService `timeout: 0.5s` against a 2 s upstream, and `grpc-timeout` on istiod's
+/// default route (`timeout: 0s, max_grpc_timeout: 0s`).
+async fn scenario_timeout(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &timeout_listener(fixture, ROUTE_TIMEOUT)?,
+        "main_internal with the timeout VirtualService",
+    )
+    .await?;
+    let ut = ["response_code=\"504\"", "response_flags=\"UT\""];
+    let ut_before = istio_count(mesh, &ut).await?;
+    let client = mesh.client_addr();
+    let route = scenarios::send(
+        client,
+        "GET",
+        "/timeout/slow",
+        &[("x-echo-delay-ms", SLOW_UPSTREAM_MS)],
+        Bytes::new(),
+    )
+    .await?;
+    let grpc = scenarios::send(
+        client,
+        "POST",
+        "/grpc/slow",
+        &[
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", &format!("{}m", GRPC_TIMEOUT.as_millis())),
+            ("x-echo-delay-ms", SLOW_UPSTREAM_MS),
+        ],
+        Bytes::new(),
+    )
+    .await?;
+    let ut_seen = istio_count_at_least(mesh, &ut, ut_before + 2.0).await? - ut_before;
+    let cut = |a: &scenarios::Answer, at: Duration| {
+        a.status == http::StatusCode::GATEWAY_TIMEOUT
+            && a.took >= at
+            && a.took < at + Duration::from_millis(1_000)
+    };
+    Ok(Finding {
+        text: format!(
+            "route timeout {:.1} s vs {:.0} s upstream: {} {:?} after {:.2} s; grpc-timeout {}m on the default route: {} after {:.2} s (UT +{ut_seen})",
+            ROUTE_TIMEOUT.as_secs_f64(),
+            SLOW_UPSTREAM_MS.parse::<f64>().unwrap_or(0.0) / 1000.0,
+            route.status.as_u16(),
+            route.text(),
+            route.took.as_secs_f64(),
+            GRPC_TIMEOUT.as_millis(),
+            grpc.status.as_u16(),
+            grpc.took.as_secs_f64()
+        ),
+        held: cut(&route, ROUTE_TIMEOUT)
+            && route.text() == "upstream request timeout"
+            && cut(&grpc, GRPC_TIMEOUT)
+            && ut_seen == 2.0,
+        wanted: "504 UT at the route timeout and at the grpc-timeout".to_owned(),
+    })
+}
+
+/// VirtualService `mirror` (port 8001) + `mirrorPercentage: 100`: a second echo on the pod gets
+/// every request's copy; with the mirror dead the primaries are unchanged.
+async fn scenario_mirror(mesh: &WaypointMesh, fixture: &Fixture) -> Result<Finding, ScenarioError> {
+    let mirror = MirrorEcho::start(mesh).await?;
+    let dead = scenarios::dead_pod_port(mesh)?;
+    scenarios::add_mirror_port(mesh, fixture, mirror.addr).await?;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &mirror_listener(fixture)?,
+        "main_internal with the mirroring VirtualService",
+    )
+    .await?;
+    let client = mesh.client_addr();
+    let mut primaries = BTreeMap::new();
+    for i in 0..MIRRORED {
+        let (_, _, a) = scenarios::mirrored_post(client, i).await?;
+        if let Ok(seen) = a.echo() {
+            primaries.insert(i, seen.body_sha1);
+        }
+    }
+    let entries = mirror.journal.wait_for(MIRRORED, OBSERVE).await;
+    let mut identical = 0;
+    let mut hosts = std::collections::BTreeSet::new();
+    for e in &entries {
+        let Ok(seen) = EchoSeen::parse(e) else {
+            continue;
+        };
+        hosts.insert(seen.headers.get("host").cloned().unwrap_or_default());
+        let seq = seen
+            .headers
+            .get("x-mirror-seq")
+            .and_then(|s| s.parse::<usize>().ok());
+        if seq.and_then(|s| primaries.get(&s)) == Some(&seen.body_sha1) && seen.body_sha1.is_some()
+        {
+            identical += 1;
+        }
+    }
+    // The mirror's endpoint on a dead port: the primaries must not notice.
+    scenarios::push(
+        mesh,
+        ResourceKind::Endpoint,
+        &mirror_endpoints(fixture, dead),
+        "the mirror port's endpoints on a dead port",
+    )
+    .await?;
+    let mut unchanged = 0;
+    for i in 0..DEAD_MIRRORED {
+        let (_, _, a) = scenarios::mirrored_post(client, i).await?;
+        if a.echo().ok().map(|s| s.body_sha1) == primaries.get(&i).cloned() {
+            unchanged += 1;
+        }
+    }
+    let via_waypoint = scenarios::tunnels_to(mesh, &mirror.addr.to_string())
+        .iter()
+        .all(|t| t.peer_identity == WAYPOINT_IDENTITY);
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    scenarios::remove_mirror_port(mesh, fixture).await?;
+    let hosts: Vec<String> = hosts.into_iter().collect();
+    Ok(Finding {
+        text: format!(
+            "{}/{MIRRORED} requests mirrored to {} (port {MIRROR_PORT}, HBONE as the waypoint: {}) with identical bodies ({identical}); dead mirror: {unchanged}/{DEAD_MIRRORED} primaries unchanged",
+            entries.len(),
+            hosts.join(","),
+            yes_no(via_waypoint)
+        ),
+        held: entries.len() == MIRRORED
+            && identical == MIRRORED
+            && hosts == [SHADOW_HOST]
+            && via_waypoint
+            && unchanged == DEAD_MIRRORED,
+        wanted: format!(
+            "{MIRRORED} copies with host {SHADOW_HOST} and the primaries' bodies; primaries unchanged with a dead mirror"
+        ),
+    })
+}
+
+/// RequestAuthentication (inline JWKS of a key made here) + AuthorizationPolicy
+/// `request.auth.claims[group] = admins`.
+async fn scenario_jwt(mesh: &WaypointMesh, fixture: &Fixture) -> Result<Finding, ScenarioError> {
+    let issuer = Issuer::new()?;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &jwt_listener(fixture, &issuer.jwks())?,
+        "main_internal with the RequestAuthentication and the claim policy",
+    )
+    .await?;
+    let tokens = [
+        (
+            "valid+claim",
+            Some(issuer.token(&jwt_claims(Some(json!("admins")), 600), false)?),
+            200,
+        ),
+        (
+            "valid no claim",
+            Some(issuer.token(&jwt_claims(Some(json!("dev")), 600), false)?),
+            403,
+        ),
+        (
+            "expired",
+            Some(issuer.token(&jwt_claims(Some(json!("admins")), -3_600), false)?),
+            401,
+        ),
+        (
+            "bad signature",
+            Some(issuer.token(&jwt_claims(Some(json!("admins")), 600), true)?),
+            401,
+        ),
+        ("no token", None, 403),
+    ];
+    let mut parts = Vec::new();
+    let mut held = true;
+    for (what, token, want) in tokens {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        let a = scenarios::send(mesh.client_addr(), "GET", "/jwt", &headers, Bytes::new()).await?;
+        let status = a.status.as_u16();
+        held &= status == want;
+        parts.push(match status {
+            403 => format!(
+                "{what} 403 ({})",
+                a.text().trim_end_matches(": access denied")
+            ),
+            _ => format!("{what} {status}"),
+        });
+    }
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    Ok(Finding {
+        text: format!(
+            "RequestAuthentication + claims[group]=admins policy: {}",
+            parts.join(", ")
+        ),
+        held,
+        wanted: "valid+claim 200, no claim 403, expired 401, bad signature 401, no token 403"
+            .to_owned(),
+    })
+}
+
+/// VirtualService `corsPolicy` on `/cors`: preflights from the allowed origin and another one.
+async fn scenario_cors(mesh: &WaypointMesh, fixture: &Fixture) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &cors_listener(fixture)?,
+        "main_internal with the CORS VirtualService",
+    )
+    .await?;
+    let client = mesh.client_addr();
+    let preflight = |origin: &'static str, key: &'static str| async move {
+        let headers = [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("x-echo-key", key),
+        ];
+        scenarios::send(client, "OPTIONS", "/cors/items", &headers, Bytes::new()).await
+    };
+    let cors_headers = |a: &scenarios::Answer| {
+        a.headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("access-control-"))
+            .count()
+    };
+    let allowed = preflight(ALLOWED_ORIGIN, "mesh-cors-allowed").await?;
+    // The echo counts this request too: 1 means the preflight never reached it.
+    let allowed_at_echo = scenarios::echo_count(mesh, "mesh-cors-allowed").await? == Some(1);
+    let other = preflight(OTHER_ORIGIN, "mesh-cors-other").await?;
+    let other_at_echo = other.echo().is_ok_and(|s| s.method == "OPTIONS");
+    let allowed_ok = allowed.status == http::StatusCode::OK
+        && allowed.header("access-control-allow-origin") == Some(ALLOWED_ORIGIN)
+        && allowed_at_echo;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    Ok(Finding {
+        text: format!(
+            "preflight from the allowed origin {} ({}, {} CORS headers), other origin {} without CORS headers ({})",
+            allowed.status.as_u16(),
+            if allowed_at_echo {
+                "not forwarded"
+            } else {
+                "FORWARDED"
+            },
+            cors_headers(&allowed),
+            if other_at_echo {
+                "forwarded"
+            } else {
+                "NOT forwarded"
+            },
+            cors_headers(&other)
+        ),
+        held: allowed_ok && other_at_echo && cors_headers(&other) == 0,
+        wanted: "the allowed preflight answered by the waypoint, the other forwarded unmarked"
+            .to_owned(),
+    })
+}
+
+/// Istio's local rate limit EnvoyFilter: the route's own bucket of [`RATE_LIMIT_TOKENS`].
+async fn scenario_rate_limit(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &rate_limit_listener(fixture, RATE_LIMIT_TOKENS)?,
+        "main_internal with the local rate limit",
+    )
+    .await?;
+    let rl = ["response_code=\"429\"", "response_flags=\"RL\""];
+    let rl_before = istio_count(mesh, &rl).await?;
+    let mut passed = 0;
+    for i in 0..RATE_LIMIT_TOKENS {
+        let path = format!("/ratelimit/{i}");
+        let a = scenarios::send(mesh.client_addr(), "GET", &path, &[], Bytes::new()).await?;
+        if a.status == http::StatusCode::OK {
+            passed += 1;
+        }
+    }
+    let over = scenarios::send(
+        mesh.client_addr(),
+        "GET",
+        "/ratelimit/over",
+        &[],
+        Bytes::new(),
+    )
+    .await?;
+    let rl_seen = istio_count_at_least(mesh, &rl, rl_before + 1.0).await? - rl_before;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    Ok(Finding {
+        text: format!(
+            "{RATE_LIMIT_TOKENS} tokens: {passed} x 200 then {} {:?} (x-local-rate-limit: {}, RL +{rl_seen})",
+            over.status.as_u16(),
+            over.text(),
+            over.header("x-local-rate-limit").unwrap_or("-")
+        ),
+        held: passed == RATE_LIMIT_TOKENS
+            && over.status == http::StatusCode::TOO_MANY_REQUESTS
+            && over.header("x-local-rate-limit") == Some("true")
+            && rl_seen == 1.0,
+        wanted: format!("{RATE_LIMIT_TOKENS} x 200, then 429 with RL"),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

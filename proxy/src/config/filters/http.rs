@@ -14,12 +14,11 @@ use waypoint_proto::envoy::{
             common::fault::v3::fault_delay::FaultDelaySecifier,
             http::{
                 compressor::v3::{Compressor as RawCompressor, compressor::CommonDirectionConfig},
-                cors::v3::{Cors, CorsPolicy as RawCorsPolicy},
+                cors::v3::Cors,
                 fault::v3::{HttpFault, fault_abort::ErrorType},
                 grpc_stats::v3::{
                     FilterConfig as GrpcStatsConfig, filter_config::PerMethodStatSpecifier,
                 },
-                local_ratelimit::v3::LocalRateLimit as RawLocalRateLimit,
                 rbac::v3::{Rbac as RawHttpRbac, RbacPerRoute},
                 router::v3::Router as RawRouter,
                 set_filter_state::v3::Config as HttpSfsConfig,
@@ -29,13 +28,13 @@ use waypoint_proto::envoy::{
     },
 };
 
-use super::{istio, jwt, rbac, set_filter_state::SetFilterState};
+use super::{
+    cors::CorsPolicy, istio, jwt, local_ratelimit::LocalRateLimit, rbac,
+    set_filter_state::SetFilterState,
+};
 use crate::config::{
-    CompileResult, ConfigError, field,
-    headers::HeaderOp,
-    index,
+    CompileResult, ConfigError, field, index,
     matchers::{Fraction, HeaderMatch, StringMatch, header_matches, string_matches},
-    opt_duration,
     supported::ExtensionKind,
     typed::Typed,
 };
@@ -166,172 +165,6 @@ impl Fault {
             headers: header_matches(&f.headers, path, "headers")?,
             downstream_nodes: f.downstream_nodes.clone(),
             max_active_faults: f.max_active_faults.as_ref().map(|v| v.value),
-        })
-    }
-}
-
-/// A CORS policy (per route or virtual host).
-#[derive(Debug, Clone)]
-pub struct CorsPolicy {
-    /// Allowed origins.
-    pub allow_origins: Vec<StringMatch>,
-    /// `allow_methods` (comma-separated, sent as is).
-    pub allow_methods: String,
-    /// `allow_headers`.
-    pub allow_headers: String,
-    /// `expose_headers`.
-    pub expose_headers: String,
-    /// `max_age` (seconds, as text).
-    pub max_age: String,
-    /// `allow_credentials`.
-    pub allow_credentials: bool,
-    /// `filter_enabled` (default 100%).
-    pub enabled: Fraction,
-    /// `allow_private_network_access`.
-    pub allow_private_network_access: bool,
-    /// `forward_not_matching_preflights` (default true).
-    pub forward_not_matching_preflights: bool,
-}
-
-impl CorsPolicy {
-    /// Compiles `c` (at `path`).
-    pub fn compile(c: &RawCorsPolicy, path: &str) -> CompileResult<Self> {
-        if !c.max_age.is_empty() && c.max_age.parse::<u64>().is_err() {
-            return Err(ConfigError::new(
-                field(path, "max_age"),
-                format!("'{}' is not a number of seconds", c.max_age),
-            ));
-        }
-        Ok(CorsPolicy {
-            allow_origins: string_matches(
-                &c.allow_origin_string_match,
-                path,
-                "allow_origin_string_match",
-            )?,
-            allow_methods: c.allow_methods.clone(),
-            allow_headers: c.allow_headers.clone(),
-            expose_headers: c.expose_headers.clone(),
-            max_age: c.max_age.clone(),
-            allow_credentials: c.allow_credentials.as_ref().is_some_and(|b| b.value),
-            enabled: c
-                .filter_enabled
-                .as_ref()
-                .map_or(Fraction::ALWAYS, Fraction::runtime),
-            allow_private_network_access: c
-                .allow_private_network_access
-                .as_ref()
-                .is_some_and(|b| b.value),
-            forward_not_matching_preflights: c
-                .forward_not_matching_preflights
-                .as_ref()
-                .is_none_or(|b| b.value),
-        })
-    }
-}
-
-/// HTTP status and headers of a rate-limited response.
-#[derive(Debug, Clone)]
-pub struct LocalRateLimit {
-    /// `stat_prefix`.
-    pub stat_prefix: String,
-    /// `status` (default 429).
-    pub status: u16,
-    /// `token_bucket` (`None`: the filter is configured per route only).
-    pub bucket: Option<TokenBucket>,
-    /// `filter_enabled` (default 0%: off unless set, as in Envoy).
-    pub enabled: Fraction,
-    /// `filter_enforced`.
-    pub enforced: Fraction,
-    /// `request_headers_to_add_when_not_enforced`.
-    pub request_headers_when_not_enforced: Vec<HeaderOp>,
-    /// `response_headers_to_add` (to limited responses).
-    pub response_headers: Vec<HeaderOp>,
-    /// `local_rate_limit_per_downstream_connection`.
-    pub per_connection: bool,
-    /// `enable_x_ratelimit_headers` (draft 03).
-    pub x_ratelimit_headers: bool,
-}
-
-/// A token bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenBucket {
-    /// `max_tokens`.
-    pub max_tokens: u32,
-    /// `tokens_per_fill` (default 1).
-    pub tokens_per_fill: u32,
-    /// `fill_interval`.
-    pub fill_interval: Duration,
-}
-
-impl LocalRateLimit {
-    /// Compiles `l` (at `path`).
-    pub fn compile(l: &RawLocalRateLimit, path: &str) -> CompileResult<Self> {
-        if l.stat_prefix.is_empty() {
-            return Err(ConfigError::new(
-                field(path, "stat_prefix"),
-                "stat_prefix is required",
-            ));
-        }
-        let status = match &l.status {
-            None => 429,
-            Some(s) if (400..600).contains(&s.code) => s.code as u16,
-            Some(s) => {
-                return Err(ConfigError::new(
-                    field(&field(path, "status"), "code"),
-                    format!("{} is not an error status", s.code),
-                ));
-            }
-        };
-        let bucket = match &l.token_bucket {
-            None => None,
-            Some(b) => {
-                let bpath = field(path, "token_bucket");
-                let fill_interval =
-                    opt_duration(b.fill_interval.as_ref(), &field(&bpath, "fill_interval"))?
-                        .filter(|d| *d >= Duration::from_millis(50))
-                        .ok_or_else(|| {
-                            ConfigError::new(
-                                field(&bpath, "fill_interval"),
-                                "fill_interval of at least 50ms is required",
-                            )
-                        })?;
-                if b.max_tokens == 0 {
-                    return Err(ConfigError::new(
-                        field(&bpath, "max_tokens"),
-                        "max_tokens must be positive",
-                    ));
-                }
-                Some(TokenBucket {
-                    max_tokens: b.max_tokens,
-                    tokens_per_fill: b.tokens_per_fill.as_ref().map_or(1, |v| v.value),
-                    fill_interval,
-                })
-            }
-        };
-        let ops = |list: &[waypoint_proto::envoy::config::core::v3::HeaderValueOption],
-                   name: &str| {
-            list.iter()
-                .enumerate()
-                .map(|(i, o)| HeaderOp::compile(o, &index(path, name, i)))
-                .collect::<CompileResult<Vec<_>>>()
-        };
-        let zero = Fraction {
-            numerator: 0,
-            denominator: 100,
-        };
-        Ok(LocalRateLimit {
-            stat_prefix: l.stat_prefix.clone(),
-            status,
-            bucket,
-            enabled: l.filter_enabled.as_ref().map_or(zero, Fraction::runtime),
-            enforced: l.filter_enforced.as_ref().map_or(zero, Fraction::runtime),
-            request_headers_when_not_enforced: ops(
-                &l.request_headers_to_add_when_not_enforced,
-                "request_headers_to_add_when_not_enforced",
-            )?,
-            response_headers: ops(&l.response_headers_to_add, "response_headers_to_add")?,
-            per_connection: l.local_rate_limit_per_downstream_connection,
-            x_ratelimit_headers: l.enable_x_ratelimit_headers != 0,
         })
     }
 }
@@ -628,6 +461,7 @@ impl HttpFilter {
                 HttpFilterKind::LocalRateLimit(Box::new(LocalRateLimit::compile(
                     &t.decode(&name, &cpath)?,
                     &ipath,
+                    false,
                 )?))
             }
             "envoy.extensions.filters.http.compressor.v3.Compressor" => HttpFilterKind::Compressor(
@@ -687,6 +521,8 @@ pub enum PerFilterConfig {
     Fault(Box<Fault>),
     /// An RBAC override (`None`: RBAC disabled for the route).
     Rbac(Option<Box<rbac::HttpRbac>>),
+    /// A jwt_authn `PerRouteConfig` (disabled, or a `requirement_map` entry).
+    JwtAuthn(jwt::PerRoute),
     /// A local rate limit for `envoy.filters.http.local_ratelimit`.
     LocalRateLimit(Box<LocalRateLimit>),
     /// `FilterConfig{disabled: true}`: the filter is skipped on this route.
@@ -730,11 +566,15 @@ impl PerFilterConfig {
                 PerFilterConfig::LocalRateLimit(Box::new(LocalRateLimit::compile(
                     &t.decode(&name, path)?,
                     &ipath,
+                    true,
                 )?))
             }
             "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" => {
                 let r: RbacPerRoute = t.decode(&name, path)?;
                 PerFilterConfig::Rbac(rbac::HttpRbac::compile_per_route(&r, &ipath)?.map(Box::new))
+            }
+            "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" => {
+                PerFilterConfig::JwtAuthn(jwt::PerRoute::compile(&t.decode(&name, path)?, &ipath)?)
             }
             "envoy.config.route.v3.FilterConfig" => {
                 let fc: RouteFilterConfig = t.decode(&name, path)?;

@@ -1,17 +1,25 @@
 //! `jwt_authn` (RequestAuthentication): providers with inline JWKS (istiod fetches and inlines
-//! them), token locations, claim-to-header copies and per-route requirements.
+//! them), token locations, claim-to-header copies and per-route requirements. The JWKS is parsed
+//! here, once; [`crate::http::jwt`] verifies requests against the compiled form.
 
-use std::{collections::BTreeMap, time::Duration};
-
-use serde_json::Value as Json;
-use waypoint_proto::envoy::extensions::filters::http::jwt_authn::v3::{
-    JwtAuthentication, JwtProvider, JwtRequirement, jwt_provider::JwksSourceSpecifier,
-    jwt_requirement::RequiresType, requirement_rule::RequirementType,
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
 };
 
-use crate::config::{
-    CompileResult, ConfigError, field, index, inline_text, key, matchers::StringMatch,
-    opt_duration, route::RouteMatch,
+use waypoint_proto::envoy::extensions::filters::http::jwt_authn::v3::{
+    JwtAuthentication, JwtProvider, JwtRequirement, PerRouteConfig,
+    jwt_provider::JwksSourceSpecifier, jwt_requirement::RequiresType,
+    per_route_config::RequirementSpecifier, requirement_rule::RequirementType,
+};
+
+use crate::{
+    config::{
+        CompileResult, ConfigError, field, index, inline_text, key, matchers::StringMatch,
+        opt_duration, route::RouteMatch,
+    },
+    http::jwt::{Jwks, JwtStats},
 };
 
 /// Where a token is looked for.
@@ -43,8 +51,9 @@ pub struct Provider {
     pub require_expiration: bool,
     /// `max_lifetime`.
     pub max_lifetime: Option<Duration>,
-    /// The JWKS document (`local_jwks`), validated as JSON with a `keys` list.
-    pub jwks: String,
+    /// The parsed JWKS (`local_jwks`); without usable keys every token of the provider fails,
+    /// as in Envoy.
+    pub jwks: Jwks,
     /// `forward`: keep the token in the request.
     pub forward: bool,
     /// Token locations (`from_headers`, `from_params`, `from_cookies`; default: Authorization Bearer
@@ -56,29 +65,89 @@ pub struct Provider {
     pub pad_forward_payload_header: bool,
     /// `payload_in_metadata`: dynamic metadata key of the verified payload (read by RBAC).
     pub payload_in_metadata: Option<String>,
+    /// `normalize_payload_in_metadata.space_delimited_claims`: string claims stored as word lists.
+    pub space_delimited_claims: Vec<String>,
+    /// `header_in_metadata`: dynamic metadata key of the verified JOSE header.
+    pub header_in_metadata: Option<String>,
     /// `clock_skew_seconds` (default 60).
     pub clock_skew: Duration,
-    /// `claim_to_headers`: (header, claim).
-    pub claim_to_headers: Vec<(String, String)>,
+    /// `claim_to_headers`.
+    pub claim_to_headers: Vec<ClaimToHeader>,
     /// `clear_route_cache`.
     pub clear_route_cache: bool,
 }
 
-/// A compiled requirement.
+/// One `claim_to_headers` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToHeader {
+    /// The header to add (lower case).
+    pub header: String,
+    /// Keys into the payload: `claim_name` split on `.`, or `claim_path`.
+    pub path: Vec<String>,
+}
+
+/// A compiled requirement, in the shape Envoy's verifier tree takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
-    /// A token from this provider.
-    Provider(String),
-    /// A token from this provider with one of these audiences.
-    ProviderWithAudiences(String, Vec<String>),
-    /// Any of.
-    Any(Vec<Requirement>),
-    /// All of.
+    /// A token from this provider (`provider_name`), or with one of these audiences instead of
+    /// the provider's (`provider_and_audiences`).
+    Provider {
+        /// The provider.
+        name: String,
+        /// `provider_and_audiences.audiences`.
+        audiences: Option<Vec<String>>,
+    },
+    /// `requires_any`: the regular members, and whether `allow_missing` /
+    /// `allow_missing_or_failed` were members (Envoy folds them into flags of the group).
+    Any {
+        /// Provider / group members, in order.
+        of: Vec<Requirement>,
+        /// `allow_missing` was a member: a missing token passes.
+        allow_missing: bool,
+        /// `allow_missing_or_failed` was a member: any outcome passes.
+        allow_missing_or_failed: bool,
+    },
+    /// `requires_all`.
     All(Vec<Requirement>),
-    /// A token is optional; an invalid one is ignored.
+    /// A token is optional; an invalid one is ignored (any provider's).
     AllowMissingOrFailed,
-    /// A token is optional; an invalid one is rejected.
+    /// A token is optional; an invalid one is rejected (any provider's).
     AllowMissing,
+    /// An empty `JwtRequirement`: nothing is verified.
+    Nothing,
+}
+
+/// A route's `envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PerRoute {
+    /// `disabled: true`: no verification on this route.
+    Disabled,
+    /// `requirement_name`: a `requirement_map` entry (unknown: 403 at request time, as Envoy).
+    RequirementName(String),
+}
+
+impl PerRoute {
+    /// Compiles `c` (at `path`).
+    pub fn compile(c: &PerRouteConfig, path: &str) -> CompileResult<Self> {
+        match &c.requirement_specifier {
+            Some(RequirementSpecifier::Disabled(true)) => Ok(PerRoute::Disabled),
+            Some(RequirementSpecifier::Disabled(false)) => Err(ConfigError::new(
+                field(path, "disabled"),
+                "disabled must be true when set",
+            )),
+            Some(RequirementSpecifier::RequirementName(n)) if !n.is_empty() => {
+                Ok(PerRoute::RequirementName(n.clone()))
+            }
+            Some(RequirementSpecifier::RequirementName(_)) => Err(ConfigError::new(
+                field(path, "requirement_name"),
+                "requirement_name must not be empty",
+            )),
+            None => Err(ConfigError::new(
+                path,
+                "one of disabled or requirement_name is required",
+            )),
+        }
+    }
 }
 
 /// A route-matched requirement.
@@ -103,6 +172,10 @@ pub struct JwtAuthn {
     pub bypass_cors_preflight: bool,
     /// `strip_failure_response`.
     pub strip_failure_response: bool,
+    /// `stat_prefix` (inserted after `jwt_authn.`).
+    pub stat_prefix: String,
+    /// The filter's counters, looked up on first use (the HCM's stat prefix is known then).
+    pub stats: OnceLock<Arc<JwtStats>>,
 }
 
 fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
@@ -110,16 +183,12 @@ fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
         Some(JwksSourceSpecifier::LocalJwks(d)) => {
             let jpath = field(path, "local_jwks");
             let text = inline_text(d, &jpath)?;
-            match serde_json::from_str::<Json>(&text) {
-                Ok(Json::Object(m)) if m.get("keys").is_some_and(Json::is_array) => text,
-                Ok(_) => {
-                    return Err(ConfigError::new(
-                        jpath,
-                        "the JWKS must be an object with a 'keys' list",
-                    ));
-                }
-                Err(e) => return Err(ConfigError::new(jpath, format!("JWKS is not JSON: {e}"))),
+            let jwks = Jwks::parse(&text).map_err(|e| ConfigError::new(&jpath, e.to_string()))?;
+            if let Some(why) = jwks.problem() {
+                // Envoy accepts the config too ("Invalid inline jwks") and fails the tokens.
+                tracing::warn!(target: "config", "{jpath}: JWKS key skipped: {why} ({} usable keys)", jwks.len());
             }
+            jwks
         }
         Some(JwksSourceSpecifier::RemoteJwks(_)) => {
             return Err(ConfigError::new(
@@ -154,21 +223,45 @@ fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
         .enumerate()
         .map(|(i, c)| {
             let cpath = index(path, "claim_to_headers", i);
-            if c.claim_name.is_empty() {
-                return Err(ConfigError::new(
-                    field(&cpath, "claim_name"),
-                    "claim_name is required",
-                ));
-            }
-            Ok((
-                crate::config::matchers::header_name(
+            let claim = match (c.claim_name.is_empty(), c.claim_path.is_empty()) {
+                (false, true) => c.claim_name.split('.').map(str::to_owned).collect(),
+                (true, false) => {
+                    let mut keys = Vec::with_capacity(c.claim_path.len());
+                    for (j, s) in c.claim_path.iter().enumerate() {
+                        if s.key.is_empty() {
+                            return Err(ConfigError::new(
+                                field(&index(&cpath, "claim_path", j), "key"),
+                                "key must not be empty",
+                            ));
+                        }
+                        keys.push(s.key.clone());
+                    }
+                    keys
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        field(&cpath, "claim_name"),
+                        "exactly one of claim_name and claim_path is required",
+                    ));
+                }
+            };
+            Ok(ClaimToHeader {
+                header: crate::config::matchers::header_name(
                     &c.header_name,
                     &field(&cpath, "header_name"),
                 )?,
-                c.claim_name.clone(),
-            ))
+                path: claim,
+            })
         })
         .collect::<CompileResult<_>>()?;
+    let forward_payload_header = if p.forward_payload_header.is_empty() {
+        None
+    } else {
+        Some(crate::config::matchers::header_name(
+            &p.forward_payload_header,
+            &field(path, "forward_payload_header"),
+        )?)
+    };
     Ok(Provider {
         issuer: p.issuer.clone(),
         audiences: p.audiences.clone(),
@@ -182,11 +275,17 @@ fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
         jwks,
         forward: p.forward,
         locations,
-        forward_payload_header: (!p.forward_payload_header.is_empty())
-            .then(|| p.forward_payload_header.clone()),
+        forward_payload_header,
         pad_forward_payload_header: p.pad_forward_payload_header,
         payload_in_metadata: (!p.payload_in_metadata.is_empty())
             .then(|| p.payload_in_metadata.clone()),
+        space_delimited_claims: p
+            .normalize_payload_in_metadata
+            .as_ref()
+            .map(|n| n.space_delimited_claims.clone())
+            .unwrap_or_default(),
+        header_in_metadata: (!p.header_in_metadata.is_empty())
+            .then(|| p.header_in_metadata.clone()),
         clock_skew: Duration::from_secs(if p.clock_skew_seconds == 0 {
             60
         } else {
@@ -222,18 +321,32 @@ fn requirement(
             .collect()
     };
     Ok(match &r.requires_type {
-        Some(RequiresType::ProviderName(n)) => {
-            Requirement::Provider(known(n, &field(path, "provider_name"))?)
-        }
+        Some(RequiresType::ProviderName(n)) => Requirement::Provider {
+            name: known(n, &field(path, "provider_name"))?,
+            audiences: None,
+        },
         Some(RequiresType::ProviderAndAudiences(pa)) => {
             let p = field(path, "provider_and_audiences");
-            Requirement::ProviderWithAudiences(
-                known(&pa.provider_name, &field(&p, "provider_name"))?,
-                pa.audiences.clone(),
-            )
+            Requirement::Provider {
+                name: known(&pa.provider_name, &field(&p, "provider_name"))?,
+                audiences: Some(pa.audiences.clone()),
+            }
         }
         Some(RequiresType::RequiresAny(l)) => {
-            Requirement::Any(list(&l.requirements, &field(path, "requires_any"))?)
+            let mut of = Vec::new();
+            let (mut allow_missing, mut allow_missing_or_failed) = (false, false);
+            for r in list(&l.requirements, &field(path, "requires_any"))? {
+                match r {
+                    Requirement::AllowMissing => allow_missing = true,
+                    Requirement::AllowMissingOrFailed => allow_missing_or_failed = true,
+                    other => of.push(other),
+                }
+            }
+            Requirement::Any {
+                of,
+                allow_missing,
+                allow_missing_or_failed,
+            }
         }
         Some(RequiresType::RequiresAll(l)) => {
             Requirement::All(list(&l.requirements, &field(path, "requires_all"))?)
@@ -246,7 +359,8 @@ fn requirement(
                 "not supported",
             ));
         }
-        None => return Err(ConfigError::new(path, "a requirement is required")),
+        // Envoy's `AllowAllVerifierImpl`: an empty requirement asks for nothing.
+        None => Requirement::Nothing,
     })
 }
 
@@ -296,6 +410,109 @@ impl JwtAuthn {
             requirement_map,
             bypass_cors_preflight: j.bypass_cors_preflight,
             strip_failure_response: j.strip_failure_response,
+            stat_prefix: j.stat_prefix.clone(),
+            stats: OnceLock::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+    use serde_json::{Value as Json, json};
+    use waypoint_proto::json as pjson;
+
+    use super::*;
+
+    fn compile(doc: &Json) -> CompileResult<JwtAuthn> {
+        let dynamic = pjson::dynamic_from_json(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            doc,
+        )
+        .expect("jwt_authn json");
+        let raw = JwtAuthentication::decode(dynamic.encode_to_vec().as_slice()).expect("decodes");
+        JwtAuthn::compile(&raw, "jwt")
+    }
+
+    fn with_provider(p: Json) -> Json {
+        json!({"providers": {"p": p},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                {"provider_name": "p"}, {"allow_missing": {}}]}}}]})
+    }
+
+    fn jwks(keys: Json) -> Json {
+        json!({"inline_string": json!({ "keys": keys }).to_string()})
+    }
+
+    #[test]
+    fn istio_shape_compiles_into_envoy_verifier_tree() {
+        let j = compile(&with_provider(
+            json!({"issuer": "i", "local_jwks": jwks(json!([
+            {"kty": "oct", "k": "c2VjcmV0"}])),
+            "claim_to_headers": [{"header_name": "X-Org-Level", "claim_name": "org.level"},
+                {"header_name": "x-url", "claim_path": [{"key": "https://e.com/r"}]}],
+            "normalize_payload_in_metadata": {"space_delimited_claims": ["scope"]}}),
+        ))
+        .expect("compiles");
+        let p = &j.providers["p"];
+        assert_eq!(p.jwks.len(), 1);
+        assert_eq!(p.clock_skew, Duration::from_secs(60));
+        assert_eq!(p.space_delimited_claims, ["scope"]);
+        assert_eq!(
+            p.claim_to_headers,
+            [
+                ClaimToHeader {
+                    header: "x-org-level".into(),
+                    path: vec!["org".into(), "level".into()]
+                },
+                ClaimToHeader {
+                    header: "x-url".into(),
+                    path: vec!["https://e.com/r".into()]
+                }
+            ]
+        );
+        assert_eq!(
+            j.rules[0].requires,
+            Some(Requirement::Any {
+                of: vec![Requirement::Provider {
+                    name: "p".into(),
+                    audiences: None
+                }],
+                allow_missing: true,
+                allow_missing_or_failed: false,
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_config_is_refused_with_its_path() {
+        let err = |doc: Json| {
+            compile(&doc)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = err(with_provider(json!({"local_jwks": jwks(json!([
+            {"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}]))})));
+        assert!(
+            e.contains("jwt.providers[\"p\"].local_jwks") && e.contains("P-521"),
+            "{e}"
+        );
+        let e = err(with_provider(json!({"local_jwks": jwks(json!([])),
+            "claim_to_headers": [{"header_name": "x", "claim_name": "a",
+                "claim_path": [{"key": "a"}]}]})));
+        assert!(e.contains("claim_to_headers[0].claim_name"), "{e}");
+        let e = err(json!({"providers": {"p": {"local_jwks": jwks(json!([]))}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "q"}}]}));
+        assert!(e.contains("unknown provider 'q'"), "{e}");
+        let e = err(json!({"providers": {"p": {"local_jwks": jwks(json!([]))}},
+            "rules": [{"match": {"prefix": "/"}, "requirement_name": "nope"}]}));
+        assert!(e.contains("unknown requirement 'nope'"), "{e}");
+        // A JWKS Envoy would warn about is accepted: its tokens fail at request time.
+        let j = compile(&with_provider(
+            json!({"local_jwks": {"inline_string": "not json"}}),
+        ))
+        .expect("accepted like Envoy");
+        assert!(j.providers["p"].jwks.is_empty());
     }
 }

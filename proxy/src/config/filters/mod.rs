@@ -1,10 +1,12 @@
 //! Listener, network and HTTP filters: each typed config is decoded (raw Any or `TypedStruct`),
 //! checked for its position (an HTTP filter is not a network filter) and compiled.
 
+pub mod cors;
 pub mod hcm;
 pub mod http;
 pub mod istio;
 pub mod jwt;
+pub mod local_ratelimit;
 pub mod rbac;
 pub mod set_filter_state;
 pub mod tcp_proxy;

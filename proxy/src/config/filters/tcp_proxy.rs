@@ -63,9 +63,9 @@ pub struct TcpProxy {
     pub target: TcpTarget,
     /// `idle_timeout` (`None`: Envoy's 1h default; `Some(0)`: none).
     pub idle_timeout: Option<Duration>,
-    /// `downstream_idle_timeout`.
+    /// `downstream_idle_timeout`: validated, not applied (Envoy does not implement it either).
     pub downstream_idle_timeout: Option<Duration>,
-    /// `upstream_idle_timeout`.
+    /// `upstream_idle_timeout`: validated, not applied (Envoy does not implement it either).
     pub upstream_idle_timeout: Option<Duration>,
     /// `max_connect_attempts` (default 1).
     pub max_connect_attempts: u32,

@@ -1,0 +1,88 @@
+//! Worker threads, as Envoy has them: `--concurrency` threads, each running its own
+//! single-threaded runtime and accepting from every socket listener. A connection, the in-process
+//! internal connections it opens, its upstream requests and their timers stay on the thread that
+//! accepted it — no work stealing, no wake-ups across cores on the request path. The control plane
+//! (xDS, SDS, admin, cluster rebuilds) runs on the main runtime.
+//!
+//! Without workers (unit tests, in-process tools) listeners are served on the caller's runtime.
+
+use std::{
+    cell::Cell,
+    sync::{OnceLock, mpsc},
+    thread,
+};
+
+use tokio::runtime::Handle;
+
+/// The data-path runtimes.
+static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
+
+thread_local! {
+    /// 1 + this thread's worker index; 0 off the workers.
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Why the workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A runtime or thread could not be created.
+    #[error("worker {index}: {source}")]
+    Start {
+        /// Which worker.
+        index: usize,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A worker thread ended before reporting its runtime.
+    #[error("worker {0} ended while starting")]
+    Died(usize),
+    /// [`start`] ran twice.
+    #[error("workers already started")]
+    AlreadyStarted,
+}
+
+/// Starts `count` (at least one) worker threads, each with a current-thread runtime that runs
+/// until the process exits.
+pub fn start(count: usize) -> Result<(), WorkerError> {
+    let mut handles = Vec::with_capacity(count.max(1));
+    for index in 0..count.max(1) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name(format!("worker_{index}"))
+            .spawn(move || {
+                INDEX.set(index + 1);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(std::future::pending::<()>());
+            })
+            .map_err(|source| WorkerError::Start { index, source })?;
+        match rx.recv() {
+            Ok(Ok(handle)) => handles.push(handle),
+            Ok(Err(source)) => return Err(WorkerError::Start { index, source }),
+            Err(_) => return Err(WorkerError::Died(index)),
+        }
+    }
+    WORKERS
+        .set(handles)
+        .map_err(|_| WorkerError::AlreadyStarted)
+}
+
+/// The worker runtimes, when [`start`] ran.
+pub fn handles() -> Option<&'static [Handle]> {
+    WORKERS.get().map(Vec::as_slice)
+}
+
+/// Which worker runs the caller: 1 + its index, 0 off the workers. Connection pools are kept per
+/// worker (as Envoy's are), so a request and its upstream connection share a thread.
+pub fn current() -> usize {
+    INDEX.get()
+}
