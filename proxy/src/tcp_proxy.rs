@@ -244,7 +244,7 @@ async fn open(
     let name = cluster_of(tp).ok_or_else(|| ProxyError::NoCluster("weighted clusters".into()))?;
     let rt = dp
         .clusters
-        .get(dp, &ctx.snapshot, &name)
+        .get(dp, &dp.server.config.snapshot(), &name)
         .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
     let origin = Origin {
         shared: ctx.filter_state.shared_with_upstream(),

@@ -317,3 +317,46 @@ def test_upstream_status_and_message_preserved(channel):
     assert trailing.get("x-echo-detail") == "looked-everywhere", trailing
     # The channel stays usable after an error status.
     assert unary(b"after", timeout=RPC_TIMEOUT_S) == b"echo:after"
+
+
+def push_and_wait_ack(mesh, doc: dict, type_url: str, what: str) -> None:
+    """Serves `doc` and waits for the proxy to ACK a new `type_url` response (a NACK fails)."""
+    before = xds_state(mesh, type_url)
+    mesh.write_resources(doc)
+
+    def acked():
+        s = xds_state(mesh, type_url)
+        if s["nacks"] > before["nacks"]:
+            raise AssertionError(f"{type_url} NACKed: {s['last_nack']}")
+        return s["responses"] > before["responses"] and s["acked_version"] == s["sent_version"]
+
+    wait_until(acked, PUSH_TIMEOUT_S, what, detail=lambda: mesh.proxy_log_tail())
+
+
+def test_proxy_errors_reach_grpc_clients_as_grpc_statuses(channel, waypoint_mesh):
+    """A reply the waypoint makes itself (here: no healthy upstream) reaches a gRPC client as
+    Envoy sends it: a trailers-only response with grpc-status UNAVAILABLE and the reason as
+    grpc-message — not an HTTP 503 the client can only report as a protocol error. The channel
+    was connected before the endpoints went away: an EDS update reaches connections already open
+    (a long-lived gRPC connection must not keep using removed endpoints)."""
+    mesh = waypoint_mesh
+    served = mesh.resources()
+    empty = copy.deepcopy(served)
+    named(empty["endpoints"], "cluster_name", GRPC_CLUSTER)["endpoints"] = []
+    push_and_wait_ack(mesh, empty, EDS, "the proxy to ACK the gRPC cluster without endpoints")
+    unary = channel.unary_unary(f"/{SERVICE}/Unary")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            unary(b"nowhere", timeout=RPC_TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (err.value.code(), err.value.details())
+        assert err.value.details() == "no healthy upstream"
+    finally:
+        push_and_wait_ack(mesh, served, EDS, "the proxy to ACK the restored endpoints")
+
+    def serves_again():
+        try:
+            return unary(b"back", timeout=RPC_TIMEOUT_S) == b"echo:back"
+        except grpc.RpcError:
+            return False
+
+    wait_until(serves_again, PUSH_TIMEOUT_S, "the gRPC port to serve again", interval=0.2)

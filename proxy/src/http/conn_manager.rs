@@ -521,7 +521,93 @@ pub fn local_reply(hcm: &HttpConnectionManager, e: &ProxyError) -> Response<Body
         );
     }
     r.extensions_mut().insert(e.response_flags());
+    r.extensions_mut().insert(LocalReply {
+        grpc_status: match e {
+            // Envoy's `max_stream_duration` reply names the gRPC status itself.
+            ProxyError::StreamTimeout {
+                kind: super::timeout::Expired::StreamDuration,
+                ..
+            } => Some(GRPC_DEADLINE_EXCEEDED),
+            _ => None,
+        },
+        message: body,
+    });
     r
+}
+
+/// Marks a reply the proxy made itself, so a gRPC request can get it as a gRPC status.
+#[derive(Debug, Clone)]
+struct LocalReply {
+    /// The gRPC status when the reply names one (else mapped from the HTTP status).
+    grpc_status: Option<u32>,
+    /// The reply's text: `grpc-message`.
+    message: String,
+}
+
+/// gRPC `DEADLINE_EXCEEDED`.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+/// `grpc-status` (a parsed name: a `&str` key is parsed on every use).
+const GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+/// `grpc-message`.
+const GRPC_MESSAGE: header::HeaderName = header::HeaderName::from_static("grpc-message");
+
+/// The gRPC status of an HTTP status (the gRPC spec's HTTP-to-gRPC mapping, which Envoy's local
+/// replies use).
+fn grpc_status_of(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A local reply to a gRPC request becomes what Envoy sends: a trailers-only gRPC response (HTTP
+/// 200, `content-type: application/grpc`, `grpc-status`, `grpc-message` percent-encoded, no body),
+/// so gRPC clients see e.g. UNAVAILABLE for "no healthy upstream" instead of a protocol error.
+/// Upstream responses and replies that already carry a `grpc-status` (a gRPC fault abort) pass.
+fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
+    let Some(local) = resp.extensions().get::<LocalReply>().cloned() else {
+        return resp;
+    };
+    if resp.headers().contains_key(&GRPC_STATUS) {
+        return resp;
+    }
+    let (mut parts, _) = resp.into_parts();
+    let code = local
+        .grpc_status
+        .unwrap_or_else(|| grpc_status_of(parts.status));
+    parts.status = StatusCode::OK;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    parts
+        .headers
+        .insert(GRPC_STATUS, header::HeaderValue::from(code));
+    if !local.message.is_empty()
+        && let Ok(v) = header::HeaderValue::from_str(&grpc_percent_encode(&local.message))
+    {
+        parts.headers.insert(GRPC_MESSAGE, v);
+    }
+    Response::from_parts(parts, full(String::new()))
+}
+
+/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The route a request matched, for per-route filter configs.
@@ -972,8 +1058,22 @@ async fn handle(
     )
 }
 
-/// Routes one request and produces its response.
+/// Routes one request and produces its response; a local reply to a gRPC request is shaped as
+/// gRPC (see [`grpc_local_reply`]).
 async fn respond(
+    dp: Arc<DataPlane>,
+    ctx: Arc<ConnContext>,
+    hcm: Arc<HttpConnectionManager>,
+    req: Request<Incoming>,
+    info: Option<&Arc<stream_info::StreamInfo>>,
+) -> Response<Body> {
+    let grpc = stream_info::is_grpc(req.headers());
+    let resp = route_and_forward(dp, ctx, hcm, req, info).await;
+    if grpc { grpc_local_reply(resp) } else { resp }
+}
+
+/// Routes one request and produces its response.
+async fn route_and_forward(
     dp: Arc<DataPlane>,
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
@@ -1255,7 +1355,7 @@ async fn connect_stream(
     };
     let rt = dp
         .clusters
-        .get(dp, &ctx.snapshot, &name)
+        .get(dp, &dp.server.config.snapshot(), &name)
         .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
     let mut shared = ctx.filter_state.shared_with_upstream();
     for (k, o) in state.shared_with_upstream().iter() {
@@ -1281,4 +1381,107 @@ async fn connect_stream(
     )
     .await
     .map(|io| timers.guard_tunnel(io))
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    fn hcm() -> HttpConnectionManager {
+        use waypoint_proto::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager as RawHcm;
+        let raw: RawHcm = waypoint_proto::json::from_json(&serde_json::json!({
+            "stat_prefix": "t",
+            "route_config": {"name": "r"},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+        }))
+        .expect("decodes");
+        HttpConnectionManager::compile(&raw, "").expect("compiles")
+    }
+
+    async fn body_text(resp: Response<Body>) -> String {
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn grpc_requests_get_local_replies_as_trailers_only_statuses() {
+        let cases = [
+            (
+                ProxyError::NoHealthyUpstream("c".into()),
+                14,
+                "no healthy upstream",
+            ),
+            (ProxyError::NoRoute, 12, ""),
+            (
+                ProxyError::StreamTimeout {
+                    kind: super::super::timeout::Expired::StreamDuration,
+                    request_complete: true,
+                },
+                4,
+                "downstream duration timeout",
+            ),
+        ];
+        for (e, code, message) in cases {
+            let plain = local_reply(&hcm(), &e);
+            let status = plain.status();
+            let r = grpc_local_reply(plain);
+            assert_eq!(r.status(), StatusCode::OK, "{e}: was {status}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(r.headers()[&GRPC_STATUS], code.to_string().as_str(), "{e}");
+            let sent = r
+                .headers()
+                .get(&GRPC_MESSAGE)
+                .map(|v| v.to_str().expect("ascii"));
+            if message.is_empty() {
+                assert!(sent.is_none_or(|m| !m.is_empty()), "{e}");
+            } else {
+                assert_eq!(sent, Some(message), "{e}");
+            }
+            assert!(
+                r.extensions()
+                    .get::<crate::flags::ResponseFlags>()
+                    .is_some()
+            );
+            assert_eq!(body_text(r).await, "", "{e}: trailers-only has no body");
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_and_grpc_shaped_replies_pass_unchanged() {
+        let mut upstream = Response::new(full("x"));
+        *upstream.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let r = grpc_local_reply(upstream);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body_text(r).await, "x");
+
+        let mut fault = local_reply(&hcm(), &ProxyError::NoRoute);
+        fault
+            .headers_mut()
+            .insert(GRPC_STATUS, header::HeaderValue::from_static("8"));
+        let r = grpc_local_reply(fault);
+        assert_eq!(r.headers()[&GRPC_STATUS], "8");
+    }
+
+    #[test]
+    fn http_statuses_map_as_the_grpc_spec_says() {
+        for (http, grpc) in [
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (502, 14),
+            (503, 14),
+            (504, 14),
+            (500, 2),
+            (408, 2),
+        ] {
+            let s = StatusCode::from_u16(http).expect("status");
+            assert_eq!(grpc_status_of(s), grpc, "{http}");
+        }
+        assert_eq!(grpc_percent_encode("50% ü\n"), "50%25 %C3%BC%0A");
+    }
 }

@@ -149,7 +149,7 @@ pub fn start(
                 ClusterRef::Name(n) => n.clone(),
                 ClusterRef::Header(h) => req.headers.get(h.as_str())?.to_str().ok()?.to_owned(),
             };
-            let Some(rt) = dp.clusters.get(dp, &ctx.snapshot, &name) else {
+            let Some(rt) = dp.clusters.get(dp, &dp.server.config.snapshot(), &name) else {
                 tracing::debug!(target: "http", "shadow cluster '{name}' does not exist");
                 return None;
             };

@@ -453,9 +453,12 @@ pub async fn forward(
         ProxyError::NoCluster(n) => ProxyError::NoCluster(n),
         other => other,
     })?;
+    // Clusters and endpoints are the current ones, not those of the connection's snapshot (as in
+    // Envoy, where CDS/EDS updates reach every connection; a long-lived HTTP/2 or gRPC connection
+    // must not keep sending to removed endpoints).
     let rt = dp
         .clusters
-        .get(dp, &ctx.snapshot, &name)
+        .get(dp, &dp.server.config.snapshot(), &name)
         .ok_or_else(|| ProxyError::NoCluster(name.clone()))?;
     if let Some(i) = &info {
         i.upstream.set_cluster(&rt.cluster);
