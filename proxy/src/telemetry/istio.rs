@@ -514,7 +514,9 @@ const TCP_METRICS: [Metric; 4] = [
 /// The registry of Istio metrics.
 #[derive(Debug)]
 pub struct IstioMetrics {
-    hasher: std::collections::hash_map::RandomState,
+    /// Hashes series keys once per record: foldhash (randomly seeded) instead of SipHash, which
+    /// cost ~1.7k instructions per request over the 25 labels.
+    hasher: foldhash::fast::RandomState,
     http: Vec<Shard<HttpSeries>>,
     tcp: Vec<Shard<TcpSeries>>,
     buckets: RwLock<BTreeMap<Metric, Arc<[f64]>>>,

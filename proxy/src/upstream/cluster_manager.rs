@@ -138,7 +138,8 @@ pub struct ClusterRt {
     assignment: Option<Arc<LoadAssignment>>,
     /// Hosts and the load balancer (the set is replaced on ejections and EDS updates).
     pub hosts: Arc<Hosts>,
-    pools: Arc<Mutex<HashMap<PoolKey, Arc<Pool>>>>,
+    /// Looked up on every request: foldhash (seeded) rather than SipHash.
+    pools: Arc<Mutex<HashMap<PoolKey, Arc<Pool>, foldhash::fast::RandomState>>>,
     hbone: Arc<Mutex<HboneSlot>>,
     /// Counters.
     pub stats: Arc<ClusterStats>,
@@ -381,7 +382,7 @@ pub fn original_destination(
 /// Clusters at run time, by name. Lookups are lock-free.
 #[derive(Default)]
 pub struct ClusterManager {
-    runtimes: ArcSwap<HashMap<String, Arc<ClusterRt>>>,
+    runtimes: ArcSwap<HashMap<String, Arc<ClusterRt>, foldhash::fast::RandomState>>,
     write: Mutex<()>,
 }
 
@@ -477,7 +478,7 @@ impl ClusterManager {
             breakers,
             outlier,
         });
-        let mut next: HashMap<String, Arc<ClusterRt>> = current
+        let mut next: HashMap<String, Arc<ClusterRt>, foldhash::fast::RandomState> = current
             .iter()
             .filter(|(n, _)| snapshot.clusters.contains_key(n.as_str()))
             .map(|(n, r)| (n.clone(), r.clone()))
