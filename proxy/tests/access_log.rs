@@ -3,26 +3,23 @@
 //! close (a proxied connection, and one whose upstream refuses: `UF`). Real processes and
 //! sockets on 127.0.0.1; every wait polls with a deadline.
 
+mod common;
+
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use common::{StaticProxy, WAIT};
 use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value as Json, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    process::Command,
 };
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
-
-/// Upper bound of every wait.
-const WAIT: Duration = Duration::from_secs(20);
 
 const ISTIO_FORMAT: &str = r#"[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n"#;
 
@@ -164,98 +161,17 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${DEAD}}}}}]}]
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Proxy {
-    _child: tokio::process::Child,
-    dir: PathBuf,
-    http: SocketAddr,
-    tcp: SocketAddr,
-    tcp_dead: SocketAddr,
-    no_chain: SocketAddr,
-    backend: u16,
-    dead: u16,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// An echo backend on 127.0.0.1; its port.
-async fn echo() -> u16 {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let port = echo.http_addr().port();
-    tokio::spawn(echo.run());
-    port
-}
-
-async fn start(tag: &str) -> Proxy {
-    let dir = std::env::temp_dir().join(format!("access-log-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let backend = echo().await;
-    let (http, tcp, tcp_dead, admin, dead, no_chain) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
+/// The proxy with an echo backend behind `backend`; `${DEAD}` is picked free and left so.
+async fn start(tag: &str) -> StaticProxy {
+    let backend = common::echo("backend").await;
     // ISTIO_FORMAT is written escaped for the double-quoted YAML scalar it goes into.
-    let text = BOOTSTRAP
-        .replace("${ISTIO_FORMAT}", ISTIO_FORMAT)
-        .replace("${DIR}", &dir.to_string_lossy())
-        .replace("${ADMIN}", &admin.to_string())
-        .replace("${HTTP}", &http.to_string())
-        .replace("${TCP_DEAD}", &tcp_dead.to_string())
-        .replace("${NO_CHAIN}", &no_chain.to_string())
-        .replace("${TCP}", &tcp.to_string())
-        .replace("${BACKEND}", &backend.to_string())
-        .replace("${DEAD}", &dead.to_string());
-    let path = dir.join("bootstrap.yaml");
-    std::fs::write(&path, text).expect("write bootstrap");
-    let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .arg("-c")
-        .arg(&path)
-        .arg("--concurrency")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn proxy");
-    let addr = |p: u16| -> SocketAddr { ([127, 0, 0, 1], p).into() };
-    let deadline = Instant::now() + WAIT;
-    for p in [http, tcp, tcp_dead, no_chain] {
-        while TcpStream::connect(addr(p)).await.is_err() {
-            assert!(Instant::now() < deadline, "proxy did not listen on {p}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Proxy {
-        _child: child,
-        dir,
-        http: addr(http),
-        tcp: addr(tcp),
-        tcp_dead: addr(tcp_dead),
-        no_chain: addr(no_chain),
-        backend,
-        dead,
-    }
+    let template = BOOTSTRAP.replace("${ISTIO_FORMAT}", ISTIO_FORMAT);
+    StaticProxy::start(
+        &format!("access-log-{tag}"),
+        &template,
+        &[("BACKEND", backend)],
+    )
+    .await
 }
 
 /// The lines of `path` once it has at least `n` (bounded wait).
@@ -339,7 +255,7 @@ async fn send(
 async fn http_streams_are_logged_as_text_and_json() {
     let proxy = start("http").await;
     let ok = send(
-        proxy.http,
+        proxy.addr_of("HTTP"),
         "GET",
         "/hello?x=1",
         &[
@@ -350,11 +266,11 @@ async fn http_streams_are_logged_as_text_and_json() {
     )
     .await;
     assert_eq!(ok.status, 200);
-    let uh = send(proxy.http, "GET", "/empty/x", &[], "").await;
+    let uh = send(proxy.addr_of("HTTP"), "GET", "/empty/x", &[], "").await;
     assert_eq!(uh.status, 503);
     assert_eq!(&uh.body[..], b"no healthy upstream");
     let posted = send(
-        proxy.http,
+        proxy.addr_of("HTTP"),
         "POST",
         "/upload",
         &[
@@ -367,8 +283,8 @@ async fn http_streams_are_logged_as_text_and_json() {
     assert_eq!(posted.status, 200);
 
     // Stable text format: every field exact.
-    let text = lines(&proxy.dir.join("text.log"), 3).await;
-    let b = proxy.backend;
+    let text = lines(&proxy.path("text.log"), 3).await;
+    let b = proxy.port("BACKEND");
     assert_eq!(
         text,
         [
@@ -391,18 +307,18 @@ async fn http_streams_are_logged_as_text_and_json() {
     );
 
     // Istio's default format, as istiod sends it; time and duration vary.
-    let istio = lines(&proxy.dir.join("istio.log"), 3).await;
+    let istio = lines(&proxy.path("istio.log"), 3).await;
     let want = [
         format!(
             "[*] \"GET /hello?x=1 HTTP/1.1\" 200 - via_upstream - \"-\" 0 {} * * \"*\" \"al-test/1\" \"*\" \"svc.local\" \"127.0.0.1:{b}\" backend - {} {} - to-backend",
             ok.body.len(),
-            proxy.http,
+            proxy.addr_of("HTTP"),
             ok.local
         ),
         format!(
             "[*] \"GET /empty/x HTTP/1.1\" 503 UH no_healthy_upstream - \"-\" 0 {} * - \"*\" \"-\" \"*\" \"svc.local\" \"-\" empty - {} {} - to-empty",
             uh.body.len(),
-            proxy.http,
+            proxy.addr_of("HTTP"),
             uh.local
         ),
     ];
@@ -418,7 +334,7 @@ async fn http_streams_are_logged_as_text_and_json() {
     );
 
     // JSON: typed numbers, null for a missing single value, text for a mixed one.
-    let json_lines = lines(&proxy.dir.join("json.log"), 3).await;
+    let json_lines = lines(&proxy.path("json.log"), 3).await;
     let parsed: Vec<Json> = json_lines
         .iter()
         .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
@@ -470,9 +386,9 @@ async fn http_streams_are_logged_as_text_and_json() {
     assert_eq!(parsed[2]["received"], 10);
 
     // The response-flag filter let only the UH stream through.
-    assert_eq!(lines(&proxy.dir.join("uh.log"), 1).await, ["UH /empty/x"]);
+    assert_eq!(lines(&proxy.path("uh.log"), 1).await, ["UH /empty/x"]);
     assert_eq!(
-        std::fs::read_to_string(proxy.dir.join("uh.log")).expect("uh.log"),
+        std::fs::read_to_string(proxy.path("uh.log")).expect("uh.log"),
         "UH /empty/x\n"
     );
 }
@@ -482,7 +398,9 @@ async fn tcp_connections_are_logged_at_close() {
     let proxy = start("tcp").await;
     // Proxied: one HTTP/1.1 exchange over the TCP proxy; the backend closes after it.
     let request = b"GET /tcp HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n";
-    let mut conn = TcpStream::connect(proxy.tcp).await.expect("connect");
+    let mut conn = TcpStream::connect(proxy.addr_of("TCP"))
+        .await
+        .expect("connect");
     let local = conn.local_addr().expect("local");
     conn.write_all(request).await.expect("write");
     let mut response = Vec::new();
@@ -496,20 +414,22 @@ async fn tcp_connections_are_logged_at_close() {
         String::from_utf8_lossy(&response)
     );
     drop(conn);
-    // The readiness probes in `start` were logged too: find lines by the client's address.
-    let tcp_log = proxy.dir.join("tcp.log");
+    // Lines are found by the client's address (other connections may be logged too).
+    let tcp_log = proxy.path("tcp.log");
     assert_eq!(
         line_of(&tcp_log, local).await,
         format!(
             "tcp - {} {} 127.0.0.1:{} backend 0 - {local}",
             request.len(),
             response.len(),
-            proxy.backend
+            proxy.port("BACKEND")
         )
     );
 
     // The upstream refuses: UF, nothing moved.
-    let mut conn = TcpStream::connect(proxy.tcp_dead).await.expect("connect");
+    let mut conn = TcpStream::connect(proxy.addr_of("TCP_DEAD"))
+        .await
+        .expect("connect");
     let local = conn.local_addr().expect("local");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut buf))
@@ -518,11 +438,13 @@ async fn tcp_connections_are_logged_at_close() {
     assert!(buf.is_empty());
     assert_eq!(
         line_of(&tcp_log, local).await,
-        format!("dead UF 0 0 127.0.0.1:{} dead {local}", proxy.dead)
+        format!("dead UF 0 0 127.0.0.1:{} dead {local}", proxy.port("DEAD"))
     );
 
     // No filter chain takes the connection: the listener's own access log, flag NR.
-    let mut conn = TcpStream::connect(proxy.no_chain).await.expect("connect");
+    let mut conn = TcpStream::connect(proxy.addr_of("NO_CHAIN"))
+        .await
+        .expect("connect");
     let local = conn.local_addr().expect("local");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut buf))

@@ -21,7 +21,6 @@ use ring::{
     signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RsaKeyPair},
 };
 use serde_json::{Value as Json, json};
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
 
 const RSA_PEM: &str = include_str!("data/jwt-rsa-2048.pem");
 const ISS: &str = "https://accounts.example.com";
@@ -266,37 +265,18 @@ async fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Repl
     }
 }
 
-/// One counter from the admin `/stats` text (0 when absent).
-async fn stat(admin: u16, name: &str) -> u64 {
-    let (_, body) = common::http(admin, "GET", "/stats").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_authentication_and_claim_based_authorization() {
     let keys = Signers::new();
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let backend = echo.http_addr().port();
-    tokio::spawn(echo.run());
-    let dir = common::temp_dir("jwt");
-    let (listen, admin) = (common::free_port(), common::free_port());
-    let proxy = common::Proxy::start(&dir, &bootstrap(&dir, listen, admin, backend, &keys.jwks()));
-    let addr: SocketAddr = ([127, 0, 0, 1], listen).into();
-    common::eventually(
-        "the listener",
-        || proxy.log_tail(),
-        || async { tokio::net::TcpStream::connect(addr).await.ok() },
-    )
-    .await;
+    let backend = common::echo("backend").await;
+    let jwks = keys.jwks();
+    let proxy = common::Launch::new("jwt")
+        .level("debug")
+        .start(&["LISTEN", "ADMIN"], |dir, ports| {
+            bootstrap(dir, ports.get("LISTEN"), ports.get("ADMIN"), backend, &jwks).to_string()
+        })
+        .await;
+    let addr = proxy.addr();
     let bearer = |t: &str| format!("Bearer {t}");
 
     // A valid token of each algorithm passes; the token is consumed (forward: false), the client's
@@ -407,9 +387,9 @@ async fn request_authentication_and_claim_based_authorization() {
     assert_eq!(r.status, 403, "bob is not alice");
 
     // Envoy's counters and response code details.
-    assert_eq!(stat(admin, "http.jwt_test.jwt_authn.denied").await, 5);
-    assert!(stat(admin, "http.jwt_test.jwt_authn.allowed").await >= 12);
-    let log = dir.join("access.log");
+    assert_eq!(proxy.stat("http.jwt_test.jwt_authn.denied").await, 5);
+    assert!(proxy.stat("http.jwt_test.jwt_authn.allowed").await >= 12);
+    let log = proxy.path("access.log");
     let lines = common::eventually(
         "access log lines",
         || proxy.log_tail(),

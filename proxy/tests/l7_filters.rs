@@ -16,7 +16,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,33 +25,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Proxy, eventually, free_port, temp_dir};
+use common::{Launch, StaticProxy, echo, eventually, free_port};
 use futures::StreamExt as _;
 use http::HeaderMap;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value as Json, json};
 use tokio::{net::TcpStream, sync::mpsc};
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const CORS_POLICY: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 const LOCAL_RATE_LIMIT: &str =
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
-
-/// An echo backend on 127.0.0.1; its port.
-async fn echo(name: &str) -> u16 {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: name.into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let port = echo.http_addr().port();
-    tokio::spawn(echo.run());
-    port
-}
 
 /// A request a recording backend saw (body read to the end).
 #[derive(Debug)]
@@ -222,52 +207,14 @@ fn bootstrap(dir: &Path, listen: u16, admin: u16, clusters: &[(&str, u16)]) -> J
     })
 }
 
-/// The proxy under test.
-struct Running {
-    proxy: Proxy,
-    dir: PathBuf,
-    listen: SocketAddr,
-    admin: u16,
-}
-
-impl Running {
-    async fn start(tag: &str, clusters: &[(&str, u16)]) -> Running {
-        let dir = temp_dir(&format!("l7f-{tag}"));
-        let (listen, admin) = (free_port(), free_port());
-        let proxy = Proxy::start(&dir, &bootstrap(&dir, listen, admin, clusters));
-        let listen: SocketAddr = ([127, 0, 0, 1], listen).into();
-        eventually(
-            "the proxy listens",
-            || proxy.log_tail(),
-            || async { TcpStream::connect(listen).await.ok().map(|_| ()) },
-        )
-        .await;
-        Running {
-            proxy,
-            dir,
-            listen,
-            admin,
-        }
-    }
-
-    /// One counter or gauge from the admin `/stats` text (0 when absent).
-    async fn stat(&self, name: &str) -> u64 {
-        let (_, body) = common::http(self.admin, "GET", "/stats").await;
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The proxy under test, with `clusters` (name, port) in its bootstrap.
+async fn start(tag: &str, clusters: &[(&str, u16)]) -> StaticProxy {
+    Launch::new(&format!("l7f-{tag}"))
+        .level("debug")
+        .start(&["LISTEN", "ADMIN"], |dir, ports| {
+            bootstrap(dir, ports.get("LISTEN"), ports.get("ADMIN"), clusters).to_string()
+        })
+        .await
 }
 
 struct Reply {
@@ -329,7 +276,11 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
 }
 
 /// Waits for `n` requests at a recording backend.
-async fn recorded(rx: &mut mpsc::UnboundedReceiver<Seen>, n: usize, log: &Proxy) -> Vec<Seen> {
+async fn recorded(
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    n: usize,
+    log: &StaticProxy,
+) -> Vec<Seen> {
     let mut seen = Vec::new();
     while seen.len() < n {
         match tokio::time::timeout(common::WAIT, rx.recv()).await {
@@ -351,7 +302,7 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
     let (other_port, mut other) = recorder(false).await;
     let (slow_port, _stalled) = recorder(true).await;
     let dead = free_port();
-    let p = Running::start(
+    let p = start(
         "mirror",
         &[
             ("backend", backend),
@@ -375,13 +326,13 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
             .into();
         let path = format!("/mirror/{i}?q={i}");
         let req = request(h2, "POST", "svc.local:8080", &path).header("x-seq", i.to_string());
-        let r = send(p.listen, h2, req, body.clone()).await;
+        let r = send(p.addr(), h2, req, body.clone()).await;
         assert_eq!(r.status, 200, "primary {i}: {:?}", r.body);
         assert_eq!(r.json()["server"], "backend", "primary {i}");
         assert_eq!(r.json()["body_len"], body.len(), "primary {i}");
         sent.push((path, body));
     }
-    let mut seen = recorded(&mut mirrored, sent.len(), &p.proxy).await;
+    let mut seen = recorded(&mut mirrored, sent.len(), &p).await;
     seen.sort_by_key(|s| {
         s.headers["x-seq"]
             .to_str()
@@ -400,19 +351,19 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
     }
     // host_rewrite_literal replaces the authority; cluster_header picks the cluster, and
     // disable_shadow_host_suffix_append keeps the host.
-    let r = get(p.listen, "svc.local", "/mirror-literal").await;
+    let r = get(p.addr(), "svc.local", "/mirror-literal").await;
     assert_eq!(r.status, 200);
-    let s = recorded(&mut mirrored, 1, &p.proxy).await;
+    let s = recorded(&mut mirrored, 1, &p).await;
     assert_eq!(s[0].host, "mirror.example");
     let req = request(false, "GET", "svc.local", "/mirror-header").header("x-mirror-to", "other");
-    let r = send(p.listen, false, req, Bytes::new()).await;
+    let r = send(p.addr(), false, req, Bytes::new()).await;
     assert_eq!(r.status, 200);
-    let s = recorded(&mut other, 1, &p.proxy).await;
+    let s = recorded(&mut other, 1, &p).await;
     assert_eq!(s[0].host, "svc.local");
     // Mirror requests are counted under the mirror cluster's upstream stats.
     eventually(
         "mirror cluster stats",
-        || p.proxy.log_tail(),
+        || p.log_tail(),
         || async { (p.stat("cluster.recorder.upstream_rq_200").await == 9).then_some(()) },
     )
     .await;
@@ -421,7 +372,7 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
     // A dead mirror (closed port): the primary is answered as if there were no mirror.
     for h2 in [false, true] {
         let req = request(h2, "POST", "svc.local", "/mirror-dead");
-        let r = send(p.listen, h2, req, Bytes::from_static(b"payload")).await;
+        let r = send(p.addr(), h2, req, Bytes::from_static(b"payload")).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(
             (r.json()["server"].as_str(), r.json()["body_len"].as_u64()),
@@ -430,7 +381,7 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
     }
     eventually(
         "the dead mirror's connect failures",
-        || p.proxy.log_tail(),
+        || p.log_tail(),
         || async { (p.stat("cluster.dead.upstream_cx_connect_fail").await >= 2).then_some(()) },
     )
     .await;
@@ -442,7 +393,7 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
     for h2 in [false, true] {
         let started = Instant::now();
         let req = request(h2, "POST", "svc.local", "/mirror-slow");
-        let r = send(p.listen, h2, req, big.clone()).await;
+        let r = send(p.addr(), h2, req, big.clone()).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.json()["body_len"], big.len());
         assert!(
@@ -451,7 +402,7 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
             started.elapsed()
         );
     }
-    let log = p.access_log();
+    let log = p.read("access.log");
     assert!(
         !log.lines()
             .any(|l| l.starts_with("/mirror") && !l.ends_with(" 200 -")),
@@ -463,8 +414,8 @@ async fn mirrors_copy_requests_and_never_affect_the_primary() {
 async fn a_half_runtime_fraction_mirrors_half_the_requests() {
     let backend = echo("backend").await;
     let (half_port, mut mirrored) = recorder(false).await;
-    let p = Running::start("half", &[("backend", backend), ("half", half_port)]).await;
-    let io = TokioIo::new(TcpStream::connect(p.listen).await.expect("connect"));
+    let p = start("half", &[("backend", backend), ("half", half_port)]).await;
+    let io = TokioIo::new(TcpStream::connect(p.addr()).await.expect("connect"));
     let (client, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
         .await
         .expect("h2 handshake");
@@ -495,7 +446,7 @@ async fn a_half_runtime_fraction_mirrors_half_the_requests() {
     let running = &p;
     let total = eventually(
         "the mirrors to settle",
-        || p.proxy.log_tail(),
+        || p.log_tail(),
         || {
             while mirrored.try_recv().is_ok() {
                 count += 1;
@@ -518,7 +469,7 @@ async fn a_half_runtime_fraction_mirrors_half_the_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_answers_preflights_and_marks_simple_responses() {
     let backend = echo("backend").await;
-    let p = Running::start("cors", &[("backend", backend)]).await;
+    let p = start("cors", &[("backend", backend)]).await;
     let preflight = |origin: &str| {
         request(false, "OPTIONS", "svc.local", "/cors")
             .header("origin", origin)
@@ -527,7 +478,7 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
     };
     // Allowed origin: answered by the proxy (no upstream JSON).
     let r = send(
-        p.listen,
+        p.addr(),
         false,
         preflight("https://a.example"),
         Bytes::new(),
@@ -543,7 +494,7 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
     assert_eq!(h["access-control-allow-credentials"], "true");
     // Another origin: forwarded (forward_not_matching_preflights defaults to true), unmarked.
     let r = send(
-        p.listen,
+        p.addr(),
         false,
         preflight("https://evil.example"),
         Bytes::new(),
@@ -557,7 +508,7 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
     // Simple requests: the allowed origin is echoed with the exposed headers.
     for h2 in [false, true] {
         let req = request(h2, "GET", "svc.local", "/cors").header("origin", "https://a.example");
-        let r = send(p.listen, h2, req, Bytes::new()).await;
+        let r = send(p.addr(), h2, req, Bytes::new()).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["server"], "backend");
         assert_eq!(
@@ -568,10 +519,10 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
         assert_eq!(r.headers["access-control-allow-credentials"], "true");
     }
     let req = request(false, "GET", "svc.local", "/cors").header("origin", "https://evil.example");
-    let r = send(p.listen, false, req, Bytes::new()).await;
+    let r = send(p.addr(), false, req, Bytes::new()).await;
     assert_eq!(r.status, 200);
     assert!(!r.headers.contains_key("access-control-allow-origin"));
-    let r = get(p.listen, "svc.local", "/cors").await;
+    let r = get(p.addr(), "svc.local", "/cors").await;
     assert!(
         !r.headers.contains_key("access-control-allow-origin"),
         "no Origin"
@@ -580,7 +531,7 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
     let req = request(false, "OPTIONS", "svc.local", "/cors-shadow")
         .header("origin", "https://a.example")
         .header("access-control-request-method", "GET");
-    let r = send(p.listen, false, req, Bytes::new()).await;
+    let r = send(p.addr(), false, req, Bytes::new()).await;
     assert_eq!(
         (r.status, r.json()["method"].as_str()),
         (200, Some("OPTIONS"))
@@ -593,10 +544,10 @@ async fn cors_answers_preflights_and_marks_simple_responses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_rate_limit_limits_refills_and_is_overridden_per_route() {
     let backend = echo("backend").await;
-    let p = Running::start("ratelimit", &[("backend", backend)]).await;
+    let p = start("ratelimit", &[("backend", backend)]).await;
     // The route's bucket: 3 tokens, then 429 with its headers.
     for left in [2, 1, 0] {
-        let r = get(p.listen, "rl.example", "/rl/route").await;
+        let r = get(p.addr(), "rl.example", "/rl/route").await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.headers["x-ratelimit-limit"], "3");
         assert_eq!(
@@ -604,16 +555,16 @@ async fn local_rate_limit_limits_refills_and_is_overridden_per_route() {
             left.to_string().as_str()
         );
     }
-    let r = get(p.listen, "rl.example", "/rl/route").await;
+    let r = get(p.addr(), "rl.example", "/rl/route").await;
     assert_eq!((r.status, &r.body[..]), (429, &b"local_rate_limited"[..]));
     assert_eq!(r.headers["x-local-rate-limit"], "true");
     assert_eq!(r.headers["x-ratelimit-remaining"], "0");
     assert!(r.headers.contains_key("x-ratelimit-reset"));
     // The filter's own bucket (2 tokens) is separate from the route's.
     for _ in 0..2 {
-        assert_eq!(get(p.listen, "rl.example", "/rl/filter").await.status, 200);
+        assert_eq!(get(p.addr(), "rl.example", "/rl/filter").await.status, 200);
     }
-    let r = get(p.listen, "rl.example", "/rl/filter").await;
+    let r = get(p.addr(), "rl.example", "/rl/filter").await;
     assert_eq!(r.status, 429);
     assert!(
         !r.headers.contains_key("x-local-rate-limit"),
@@ -621,20 +572,20 @@ async fn local_rate_limit_limits_refills_and_is_overridden_per_route() {
     );
     // Hosts where the virtual host disables the filter are not limited.
     for _ in 0..5 {
-        assert_eq!(get(p.listen, "svc.local", "/").await.status, 200);
+        assert_eq!(get(p.addr(), "svc.local", "/").await.status, 200);
     }
     // The route's bucket refills (3 tokens a second).
     eventually(
         "a refilled token",
-        || p.proxy.log_tail(),
-        || async { (get(p.listen, "rl.example", "/rl/route").await.status == 200).then_some(()) },
+        || p.log_tail(),
+        || async { (get(p.addr(), "rl.example", "/rl/route").await.status == 200).then_some(()) },
     )
     .await;
     let log = eventually(
         "the access log",
-        || p.access_log(),
+        || p.read("access.log"),
         || async {
-            let log = p.access_log();
+            let log = p.read("access.log");
             log.lines().any(|l| l == "/rl/filter 429 RL").then_some(log)
         },
     )

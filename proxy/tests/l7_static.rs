@@ -4,27 +4,22 @@
 //! 503 NC), HTTP/1.1 and h2c downstream, and a static listener whose port is taken refusing to
 //! start. Real processes and sockets on 127.0.0.1.
 
+mod common;
+
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use common::{Ports, StaticProxy, echo, free_port};
 use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value as Json;
 use tokio::{net::TcpStream, process::Command};
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
+/// `${DEAD}` is picked free and left so: a port nothing listens on.
 const BOOTSTRAP: &str = r#"
 node: {id: "l7~127.0.0.1~l7.default~default.svc.cluster.local", cluster: l7}
 admin: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADMIN}}}}
@@ -186,108 +181,19 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${DEAD}}}}}]}]
 "#;
 
-struct Proxy {
-    child: tokio::process::Child,
-    dir: PathBuf,
-    listen: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Proxy {
-    /// One counter from the admin `/stats` text (0 when absent).
-    async fn stat(&self, name: &str) -> u64 {
-        let r = get(self.admin, "admin", "/stats", false).await;
-        String::from_utf8_lossy(&r.body)
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write_bootstrap(dir: &Path, listen: u16, admin: u16, backend: u16, dead: u16) -> PathBuf {
-    write_bootstrap2(dir, listen, admin, backend, backend, dead)
-}
-
-fn write_bootstrap2(
-    dir: &Path,
-    listen: u16,
-    admin: u16,
-    backend: u16,
-    backend2: u16,
-    dead: u16,
-) -> PathBuf {
-    let text = BOOTSTRAP
-        .replace("${BACKEND2}", &backend2.to_string())
-        .replace("${ADMIN}", &admin.to_string())
-        .replace("${LISTEN}", &listen.to_string())
-        .replace("${BACKEND}", &backend.to_string())
-        .replace("${DEAD}", &dead.to_string())
-        .replace("${DIR}", &dir.display().to_string());
-    let path = dir.join("bootstrap.yaml");
-    std::fs::write(&path, text).expect("write bootstrap");
-    path
-}
-
-async fn start(tag: &str, backend: u16) -> Proxy {
-    start2(tag, backend, backend).await
-}
-
-async fn start2(tag: &str, backend: u16, backend2: u16) -> Proxy {
-    let dir = std::env::temp_dir().join(format!("l7-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    // A port nothing listens on (bound, then released).
-    let dead = free_port();
-    let listen = free_port();
-    let admin = free_port();
-    let path = write_bootstrap2(&dir, listen, admin, backend, backend2, dead);
-    let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .arg("-c")
-        .arg(&path)
-        .arg("--concurrency")
-        .arg("1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn proxy");
-    let listen: SocketAddr = ([127, 0, 0, 1], listen).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(listen).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "proxy did not listen on {listen}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Proxy {
-        child,
-        dir,
-        listen,
-        admin: ([127, 0, 0, 1], admin).into(),
-    }
-}
-
-/// An echo backend named `name` on 127.0.0.1; its port.
-async fn echo(name: &str) -> u16 {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: name.into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
+/// The proxy with `backend` behind every cluster but `ring` and `outlier`, which balance over
+/// `backend` and `backend2`.
+async fn start2(tag: &str, backend: u16, backend2: u16) -> StaticProxy {
+    StaticProxy::start(
+        &format!("l7-{tag}"),
+        BOOTSTRAP,
+        &[("BACKEND", backend), ("BACKEND2", backend2)],
+    )
     .await
-    .expect("echo");
-    let port = echo.http_addr().port();
-    tokio::spawn(echo.run());
-    port
+}
+
+async fn start(tag: &str, backend: u16) -> StaticProxy {
+    start2(tag, backend, backend).await
 }
 
 struct Reply {
@@ -361,7 +267,7 @@ async fn routes_rewrites_header_ops_and_local_replies() {
     for h2 in [false, true] {
         let proto = if h2 { "h2c" } else { "HTTP/1.1" };
         // Proxied, with header operations at route and table level.
-        let r = get(proxy.listen, "svc.local", "/hello?x=1", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/hello?x=1", h2).await;
         assert_eq!(r.status, 200, "{proto}: {:?}", r.body);
         let seen = r.json();
         assert_eq!(seen["path"], "/hello?x=1", "{proto}");
@@ -383,25 +289,25 @@ async fn routes_rewrites_header_ops_and_local_replies() {
             "{proto}"
         );
         // Prefix rewrite keeps the rest of the path and the query.
-        let r = get(proxy.listen, "svc.local", "/rewrite/a/b?q=2", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/rewrite/a/b?q=2", h2).await;
         assert_eq!(r.json()["path"], "/rewritten/a/b?q=2", "{proto}");
         // Direct response, redirect, other virtual host.
-        let r = get(proxy.listen, "svc.local", "/direct", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/direct", h2).await;
         assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]), "{proto}");
-        let r = get(proxy.listen, "svc.local", "/redirect/x", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/redirect/x", h2).await;
         assert_eq!(r.status, 301, "{proto}");
         assert_eq!(r.headers["location"], "http://example.org/moved", "{proto}");
-        let r = get(proxy.listen, "other.example", "/anything", h2).await;
+        let r = get(proxy.addr(), "other.example", "/anything", h2).await;
         assert_eq!(r.status, 204, "{proto}");
         // Fault injection from per-route configs (istiod's VirtualService `fault`).
-        let r = get(proxy.listen, "svc.local", "/fault-abort", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/fault-abort", h2).await;
         assert_eq!(
             (r.status, &r.body[..]),
             (418, &b"fault filter abort"[..]),
             "{proto}"
         );
         let t = Instant::now();
-        let r = get(proxy.listen, "svc.local", "/fault-grpc", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/fault-grpc", h2).await;
         assert_eq!(r.status, 200, "{proto}");
         assert_eq!(r.headers["grpc-status"], "14", "{proto}");
         assert!(
@@ -409,20 +315,20 @@ async fn routes_rewrites_header_ops_and_local_replies() {
             "{proto}: the delay was applied"
         );
         // RBAC: denied by the listener-level policy, allowed where the route disables the filter.
-        let r = get(proxy.listen, "svc.local", "/admin/users", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/admin/users", h2).await;
         assert_eq!(r.status, 403, "{proto}");
         assert_eq!(&r.body[..], b"RBAC: access denied", "{proto}");
-        let r = get(proxy.listen, "svc.local", "/open/admin", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/open/admin", h2).await;
         assert_eq!(r.status, 200, "{proto}: per-route RBAC override");
         // Local replies: no healthy connection (UF) and no cluster (NC) are 503s.
-        let r = get(proxy.listen, "svc.local", "/dead", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/dead", h2).await;
         assert_eq!(r.status, 503, "{proto}");
         assert!(
             String::from_utf8_lossy(&r.body).contains("connection failure"),
             "{proto}: {:?}",
             r.body
         );
-        let r = get(proxy.listen, "svc.local", "/nocluster", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/nocluster", h2).await;
         assert_eq!(r.status, 503, "{proto}");
     }
     drop(proxy);
@@ -432,10 +338,17 @@ async fn routes_rewrites_header_ops_and_local_replies() {
 async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let dir = std::env::temp_dir().join(format!("l7-taken-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = write_bootstrap(&dir, port, free_port(), free_port(), free_port());
+    let dir = common::temp_dir("l7-taken");
+    let backend = free_port();
+    let ports = Ports::new(&[
+        ("LISTEN", port),
+        ("ADMIN", free_port()),
+        ("BACKEND", backend),
+        ("BACKEND2", backend),
+        ("DEAD", free_port()),
+    ]);
+    let path = dir.join("bootstrap.yaml");
+    std::fs::write(&path, common::render(BOOTSTRAP, &dir, &ports)).expect("write bootstrap");
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         Command::new(env!("CARGO_BIN_EXE_proxy"))
@@ -458,6 +371,24 @@ async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
     );
 }
 
+/// The launcher's answer to the race between picking a free port and the proxy binding it: the
+/// proxy exits with `cannot bind`, and it is started again on newly picked ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picked_port_taken_before_the_bind_is_picked_again() {
+    let backend = echo("backend").await;
+    for taken in ["LISTEN", "ADMIN"] {
+        let proxy = common::Launch::new(&format!("l7-picked-again-{taken}"))
+            .concurrency(1)
+            .taken_first(taken)
+            .template(BOOTSTRAP, &[("BACKEND", backend), ("BACKEND2", backend)])
+            .await;
+        assert_eq!(proxy.attempts(), 2, "{taken}");
+        let r = get(proxy.addr(), "svc.local", "/hello", false).await;
+        assert_eq!(r.status, 200, "{taken}: {:?}", r.body);
+        assert_eq!(r.json()["server"], "backend", "{taken}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_route_policy() {
     let backend = echo("backend").await;
@@ -466,7 +397,7 @@ async fn retries_follow_the_route_policy() {
     // so every request succeeds although round robin sends every other first try to the dead one.
     for i in 0..6 {
         let r = send(
-            proxy.listen,
+            proxy.addr(),
             "svc.local",
             "POST",
             "/retry-connect",
@@ -486,7 +417,7 @@ async fn retries_follow_the_route_policy() {
     // 5xx: two retries, then the upstream's answer goes back (Envoy passes the last response).
     let before = proxy.stat("cluster.backend.upstream_rq_retry").await;
     let r = send(
-        proxy.listen,
+        proxy.addr(),
         "svc.local",
         "POST",
         "/retry-5xx?x-echo-status=503",
@@ -505,7 +436,7 @@ async fn retries_follow_the_route_policy() {
             >= 1
     );
     // Not retried when the policy does not cover the status.
-    let r = get(proxy.listen, "svc.local", "/hello?x-echo-status=503", false).await;
+    let r = get(proxy.addr(), "svc.local", "/hello?x-echo-status=503", false).await;
     assert_eq!(r.status, 503);
     assert_eq!(proxy.stat("cluster.backend.upstream_rq_retry").await, after);
     drop(proxy);
@@ -519,7 +450,7 @@ async fn ring_hash_keeps_a_key_on_one_host() {
     for user in 0..20 {
         let mut servers = std::collections::BTreeSet::new();
         for _ in 0..3 {
-            let tcp = TcpStream::connect(proxy.listen).await.expect("connect");
+            let tcp = TcpStream::connect(proxy.addr()).await.expect("connect");
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
                 .await
                 .expect("handshake");
@@ -556,7 +487,7 @@ async fn cancelled_requests_leave_the_active_gauge() {
     for h2 in [false, true] {
         let _ = tokio::time::timeout(
             Duration::from_millis(300),
-            get(proxy.listen, "svc.local", "/slow?x-echo-delay-ms=2000", h2),
+            get(proxy.addr(), "svc.local", "/slow?x-echo-delay-ms=2000", h2),
         )
         .await;
     }
@@ -594,7 +525,7 @@ async fn circuit_breakers_overflow_with_503_uo() {
     let backend = echo("backend").await;
     let proxy = start("breakers", backend).await;
     // max_requests: 1: one slow request holds the only slot.
-    let listen = proxy.listen;
+    let listen = proxy.addr();
     let slow = tokio::spawn(async move {
         get(listen, "svc.local", "/limited?x-echo-delay-ms=1500", false).await
     });
@@ -612,7 +543,7 @@ async fn circuit_breakers_overflow_with_503_uo() {
         0
     );
     for h2 in [false, true] {
-        let r = get(proxy.listen, "svc.local", "/limited/extra", h2).await;
+        let r = get(proxy.addr(), "svc.local", "/limited/extra", h2).await;
         assert_eq!(r.status, 503, "h2 {h2}: {:?}", r.body);
         assert_eq!(
             String::from_utf8_lossy(&r.body),
@@ -641,7 +572,7 @@ async fn circuit_breakers_overflow_with_503_uo() {
             == 1
     })
     .await;
-    let r = get(proxy.listen, "svc.local", "/limited/again", false).await;
+    let r = get(proxy.addr(), "svc.local", "/limited/again", false).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         proxy
@@ -650,7 +581,7 @@ async fn circuit_breakers_overflow_with_503_uo() {
         0
     );
     // The access log carries Envoy's flag.
-    let log = proxy.dir.join("access.log");
+    let log = proxy.path("access.log");
     eventually("the overflows in the access log", || async {
         std::fs::read_to_string(&log)
             .map(|t| t.lines().filter(|l| *l == "/limited/extra 503 UO").count() == 2)
@@ -666,7 +597,7 @@ async fn max_connections_queues_requests_until_max_pending_overflows() {
     let proxy = start("queued", backend).await;
     // max_connections: 1: the first slow request holds the one connection, the second waits
     // for it (pending), the third finds max_pending_requests: 1 full.
-    let listen = proxy.listen;
+    let listen = proxy.addr();
     let slow = |path: &'static str| {
         tokio::spawn(async move { get(listen, "svc.local", path, false).await })
     };
@@ -690,7 +621,7 @@ async fn max_connections_queues_requests_until_max_pending_overflows() {
             .await,
         1
     );
-    let third = get(proxy.listen, "svc.local", "/queued/3", false).await;
+    let third = get(proxy.addr(), "svc.local", "/queued/3", false).await;
     assert_eq!(third.status, 503);
     assert_eq!(
         proxy
@@ -739,10 +670,12 @@ async fn failing_backend() -> u16 {
 }
 
 /// The `health_flags` of each host of `cluster` in the `/clusters` text, by address.
-async fn health_flags(proxy: &Proxy, cluster: &str) -> std::collections::BTreeMap<String, String> {
-    let r = get(proxy.admin, "admin", "/clusters", false).await;
-    String::from_utf8_lossy(&r.body)
-        .lines()
+async fn health_flags(
+    proxy: &StaticProxy,
+    cluster: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let (_, body) = proxy.admin_get("/clusters").await;
+    body.lines()
         .filter_map(|l| l.strip_prefix(&format!("{cluster}::")))
         .filter_map(|l| l.split_once("::health_flags::"))
         .map(|(addr, flags)| (addr.to_owned(), flags.to_owned()))
@@ -758,7 +691,7 @@ async fn outlier_detection_ejects_a_failing_host_and_brings_it_back() {
     // Round robin over both hosts: the failing one answers 503 until its third 503 ejects it.
     let mut failures = 0;
     for _ in 0..6 {
-        if get(proxy.listen, "svc.local", "/outlier", false)
+        if get(proxy.addr(), "svc.local", "/outlier", false)
             .await
             .status
             == 503
@@ -793,7 +726,7 @@ async fn outlier_detection_ejects_a_failing_host_and_brings_it_back() {
     );
     // While it is out, everything goes to the healthy host.
     for _ in 0..6 {
-        let r = get(proxy.listen, "svc.local", "/outlier", false).await;
+        let r = get(proxy.addr(), "svc.local", "/outlier", false).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["server"], "healthy");
     }
@@ -820,7 +753,7 @@ async fn outlier_detection_ejects_a_failing_host_and_brings_it_back() {
     // Back in rotation: it fails again (and is ejected again after three more 503s).
     let mut servers = std::collections::BTreeSet::new();
     for _ in 0..2 {
-        let r = get(proxy.listen, "svc.local", "/outlier", false).await;
+        let r = get(proxy.addr(), "svc.local", "/outlier", false).await;
         servers.insert(if r.status == 503 {
             "failing".to_owned()
         } else {

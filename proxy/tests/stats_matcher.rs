@@ -7,22 +7,10 @@
 
 mod common;
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Instant};
 
+use common::{Launch, StaticProxy};
 use serde_json::{Value as Json, json};
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
-
-/// A port free on `ip` right now. Each test listens on a loopback address of its own, so the
-/// tests of this binary running in parallel cannot take each other's ports in between.
-fn free_port_on(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// A static bootstrap: listener `in` on `ip:listen` (HCM stat prefix `in`, `istio.stats` then the
 /// router) with `/hidden` → cluster `hidden` and `/kept` → cluster `kept`, both the echo backend
@@ -71,83 +59,45 @@ fn bootstrap(ip: Ipv4Addr, listen: u16, admin: u16, backend: u16, stats_config: 
     })
 }
 
-/// One HTTP/1.1 GET to `addr` (`connection: close`): (status, body), or what went wrong.
-async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("GET {addr}{path}: no answer in 5 s"))?
-        .map_err(|e| format!("GET {addr}{path}: {e}"))?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("GET {addr}{path}: not HTTP: {text}"))?;
-    Ok((status, body.to_owned()))
-}
-
 /// An echo backend, the proxy with `stats_config`, and one request to each cluster (both 200).
 struct Bed {
-    proxy: common::Proxy,
-    admin: SocketAddr,
+    proxy: StaticProxy,
 }
 
 impl Bed {
-    /// Starts the bed with the proxy on loopback address `ip` (one per test).
+    /// Starts the bed with the proxy on loopback address `ip` (one per test, so the tests of this
+    /// binary running in parallel cannot take each other's ports in between).
     async fn start(tag: &str, ip: Ipv4Addr, stats_config: Json) -> Bed {
-        let echo = EchoServer::bind(&EchoConfig {
-            name: format!("{tag}-echo"),
-            http: "127.0.0.1:0".parse().expect("addr"),
-            grpc: None,
-        })
-        .await
-        .expect("echo binds");
-        let backend = echo.http_addr().port();
-        tokio::spawn(echo.run());
-        let (listen, admin) = (free_port_on(ip), free_port_on(ip));
-        let dir = common::temp_dir(tag);
-        let proxy =
-            common::Proxy::start(&dir, &bootstrap(ip, listen, admin, backend, stats_config));
-        let bed = Bed {
-            proxy,
-            admin: SocketAddr::from((ip, admin)),
-        };
-        let addr = SocketAddr::from((ip, listen));
-        // LIVE: the static listener is bound and its workers accept.
-        let deadline = Instant::now() + common::WAIT;
-        while !matches!(get(bed.admin, "/ready").await, Ok((200, ref b)) if b == "LIVE\n") {
-            assert!(
-                Instant::now() < deadline,
-                "proxy never LIVE:\n{}",
-                bed.proxy.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let backend = common::echo(&format!("{tag}-echo")).await;
+        // Started once LIVE: the static listener is bound and its workers accept.
+        let proxy = Launch::new(tag)
+            .ip(ip)
+            .level("debug")
+            .start(&["LISTEN", "ADMIN"], |_, ports| {
+                bootstrap(
+                    ip,
+                    ports.get("LISTEN"),
+                    ports.get("ADMIN"),
+                    backend,
+                    stats_config.clone(),
+                )
+                .to_string()
+            })
+            .await;
         for path in ["/hidden", "/kept"] {
-            let answer = get(addr, path).await;
+            let answer = common::http_at(proxy.addr(), "GET", path).await;
             assert!(
-                matches!(answer, Ok((200, _))),
+                matches!(answer, (200, _)),
                 "GET {path}: {answer:?}\n{}",
-                bed.proxy.log_tail()
+                proxy.log_tail()
             );
         }
-        bed
+        Bed { proxy }
     }
 
     async fn get(&self, path: &str) -> String {
-        match get(self.admin, path).await {
-            Ok((200, body)) => body,
+        match self.proxy.admin_get(path).await {
+            (200, body) => body,
             other => panic!("admin GET {path}: {other:?}\n{}", self.proxy.log_tail()),
         }
     }
@@ -165,7 +115,7 @@ impl Bed {
                 "GET {path} never became ready:\n{body}\n{}",
                 self.proxy.log_tail()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }
@@ -405,5 +355,6 @@ fn unsupported_matchers_refuse_the_bootstrap() {
             text.contains(path),
             "{stats_config}: want {path} in\n{text}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,15 +7,16 @@
 //! `idle_timeout` and `max_downstream_connection_duration`. Each fires with Envoy's status, flag
 //! and stat, and does not fire when set to zero. Real processes and sockets on 127.0.0.1.
 
+mod common;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use common::{StaticProxy, WAIT};
 use http_body_util::BodyExt as _;
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
@@ -23,19 +24,7 @@ use serde_json::Value as Json;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    process::Command,
 };
-use waypoint_testbed::echo::{EchoConfig, EchoServer};
-
-/// Upper bound of every wait.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 const BOOTSTRAP: &str = r#"
 node: {id: "t~127.0.0.1~t.default~default.svc.cluster.local", cluster: t}
@@ -222,133 +211,6 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${TCPECHO}}}}}]}]
 "#;
 
-/// The running proxy and its listeners.
-struct Proxy {
-    _child: tokio::process::Child,
-    dir: PathBuf,
-    admin: SocketAddr,
-    timers: SocketAddr,
-    plain: SocketAddr,
-    limits: SocketAddr,
-    keepalive: SocketAddr,
-    tcp_idle: SocketAddr,
-    tcp_duration: SocketAddr,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Proxy {
-    /// One counter from the admin `/stats` text (0 when absent).
-    async fn stat(&self, name: &str) -> u64 {
-        let r = request(self.admin, "GET", "/stats", &[]).await;
-        String::from_utf8_lossy(r.body.as_ref().map_or(&[][..], |b| &b[..]))
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Waits until `name` reaches `want`.
-    async fn wait_stat(&self, name: &str, want: u64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let v = self.stat(name).await;
-            if v == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{name} is {v}, expected {want}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until the access log `file` has `line`.
-    async fn wait_log(&self, file: &str, line: &str) {
-        let path = self.dir.join(file);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().any(|l| l == line) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line {line:?} in {file}:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-async fn start(tag: &str, backend: u16, drip: u16, tcp_echo: u16) -> Proxy {
-    let dir = std::env::temp_dir().join(format!("timeouts-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ports: Vec<u16> = (0..7).map(|_| free_port()).collect();
-    let text = BOOTSTRAP
-        .replace("${ADMIN}", &ports[0].to_string())
-        .replace("${TIMERS}", &ports[1].to_string())
-        .replace("${PLAIN}", &ports[2].to_string())
-        .replace("${LIMITS}", &ports[3].to_string())
-        .replace("${KEEPALIVE}", &ports[4].to_string())
-        .replace("${TCPIDLE}", &ports[5].to_string())
-        .replace("${TCPDUR}", &ports[6].to_string())
-        .replace("${BACKEND}", &backend.to_string())
-        .replace("${DRIP}", &drip.to_string())
-        .replace("${TCPECHO}", &tcp_echo.to_string())
-        .replace("${DIR}", &dir.display().to_string());
-    let path = dir.join("bootstrap.yaml");
-    std::fs::write(&path, text).expect("write bootstrap");
-    let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .arg("-c")
-        .arg(&path)
-        .arg("--concurrency")
-        .arg("1")
-        .arg("-l")
-        .arg(std::env::var("TIMEOUTS_LOG").unwrap_or_else(|_| "info".into()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn proxy");
-    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-    let deadline = Instant::now() + WAIT;
-    for p in &ports {
-        while TcpStream::connect(addr(*p)).await.is_err() {
-            assert!(Instant::now() < deadline, "proxy did not listen on {p}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Proxy {
-        _child: child,
-        dir,
-        admin: addr(ports[0]),
-        timers: addr(ports[1]),
-        plain: addr(ports[2]),
-        limits: addr(ports[3]),
-        keepalive: addr(ports[4]),
-        tcp_idle: addr(ports[5]),
-        tcp_duration: addr(ports[6]),
-    }
-}
-
-/// The test bed's echo backend (delays by `x-echo-delay-ms`); its port.
-async fn echo() -> u16 {
-    let echo = EchoServer::bind(&EchoConfig {
-        name: "backend".into(),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        grpc: None,
-    })
-    .await
-    .expect("echo");
-    let port = echo.http_addr().port();
-    tokio::spawn(echo.run());
-    port
-}
-
 type StreamBody =
     http_body_util::StreamBody<futures::channel::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>>;
 
@@ -487,15 +349,25 @@ async fn still_open(s: &mut TcpStream, after: Duration) -> bool {
     tokio::time::timeout(after, s.read(&mut buf)).await.is_err()
 }
 
-async fn setup(tag: &str) -> Proxy {
-    let (backend, drip, tcp) = (echo().await, drip_backend().await, tcp_echo().await);
-    start(tag, backend, drip, tcp).await
+/// The proxy with its backends: the echo server, the drip backend and the TCP echo.
+async fn setup(tag: &str) -> StaticProxy {
+    let (backend, drip, tcp) = (
+        common::echo("backend").await,
+        drip_backend().await,
+        tcp_echo().await,
+    );
+    StaticProxy::start(
+        &format!("timeouts-{tag}"),
+        BOOTSTRAP,
+        &[("BACKEND", backend), ("DRIP", drip), ("TCPECHO", tcp)],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_and_per_try_timeouts() {
     let proxy = setup("route").await;
-    let p = proxy.timers;
+    let p = proxy.addr_of("TIMERS");
     // The route timeout (0.3 s) fires before a slow upstream answers: 504 UT.
     let r = request(p, "GET", "/route-timeout", &[("x-echo-delay-ms", "2000")]).await;
     assert_eq!(r.status, 504);
@@ -600,7 +472,7 @@ async fn route_and_per_try_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_timeout_header_and_max_stream_duration() {
     let proxy = setup("grpc").await;
-    let p = proxy.timers;
+    let p = proxy.addr_of("TIMERS");
     let grpc = ("content-type", "application/grpc");
     // istiod's route (`timeout: 0s, max_grpc_timeout: 0s`): grpc-timeout is the route timeout.
     let r = request(
@@ -659,7 +531,7 @@ async fn grpc_timeout_header_and_max_stream_duration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_idle_and_request_timeouts() {
     let proxy = setup("idle").await;
-    let p = proxy.timers;
+    let p = proxy.addr_of("TIMERS");
     // stream_idle_timeout (0.5 s): nothing moves while the upstream thinks: 504 SI.
     let r = request(p, "GET", "/idle", &[("x-echo-delay-ms", "2000")]).await;
     assert_eq!(r.status, 504);
@@ -686,7 +558,13 @@ async fn stream_idle_and_request_timeouts() {
     assert!(r.body.is_err());
     proxy.wait_log("timers.log", "/stall 200 SI").await;
     // stream_idle_timeout: 0s: no limit.
-    let r = request(proxy.plain, "GET", "/", &[("x-echo-delay-ms", "1200")]).await;
+    let r = request(
+        proxy.addr_of("PLAIN"),
+        "GET",
+        "/",
+        &[("x-echo-delay-ms", "1200")],
+    )
+    .await;
     assert_eq!(r.status, 200);
     // A request whose body stops arriving: the stream idle timer answers 408 (not complete).
     let mut s = TcpStream::connect(p).await.expect("connect");
@@ -728,7 +606,9 @@ async fn downstream_connection_limits() {
     let proxy = setup("conn").await;
     let get = b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n";
     // idle_timeout (0.8 s): a keep-alive connection without requests is closed.
-    let mut s = TcpStream::connect(proxy.timers).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("TIMERS"))
+        .await
+        .expect("connect");
     s.write_all(get).await.expect("write");
     let mut buf = vec![0u8; 8192];
     let n = s.read(&mut buf).await.expect("read");
@@ -743,7 +623,9 @@ async fn downstream_connection_limits() {
         .wait_stat("http.timers.downstream_cx_idle_timeout", 1)
         .await;
     // idle_timeout: 0s keeps it (longer than hyper's old default would, too).
-    let mut s = TcpStream::connect(proxy.plain).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("PLAIN"))
+        .await
+        .expect("connect");
     s.write_all(get).await.expect("write");
     let n = s.read(&mut buf).await.expect("read");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -752,7 +634,9 @@ async fn downstream_connection_limits() {
     let n = s.read(&mut buf).await.expect("read again");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     // max_requests_per_connection (2): the second response says close, and the connection ends.
-    let mut s = TcpStream::connect(proxy.limits).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("LIMITS"))
+        .await
+        .expect("connect");
     s.write_all(get).await.expect("write");
     let n = s.read(&mut buf).await.expect("read");
     let first = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
@@ -769,7 +653,9 @@ async fn downstream_connection_limits() {
         .wait_stat("http.limits.downstream_cx_max_requests_reached", 1)
         .await;
     // max_connection_duration (2 s): the connection is drained (closed when idle).
-    let mut s = TcpStream::connect(proxy.limits).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("LIMITS"))
+        .await
+        .expect("connect");
     s.write_all(get).await.expect("write");
     let n = s.read(&mut buf).await.expect("read");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -811,7 +697,9 @@ async fn http2_keepalive_pings_and_drops_a_silent_peer() {
     let proxy = setup("keepalive").await;
     // A raw h2c client: preface and SETTINGS, acknowledges the server's SETTINGS, then never
     // answers a PING.
-    let mut s = TcpStream::connect(proxy.keepalive).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("KEEPALIVE"))
+        .await
+        .expect("connect");
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend(frame(SETTINGS, 0, &[]));
     s.write_all(&hello).await.expect("preface");
@@ -847,7 +735,9 @@ async fn http2_keepalive_pings_and_drops_a_silent_peer() {
     // The connection went away (GOAWAY before the close is hyper's way; EOF is enough).
     let _ = goaway;
     // A client that answers PINGs keeps its connection.
-    let tcp = TcpStream::connect(proxy.keepalive).await.expect("connect");
+    let tcp = TcpStream::connect(proxy.addr_of("KEEPALIVE"))
+        .await
+        .expect("connect");
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(tcp),
@@ -868,7 +758,9 @@ async fn http2_keepalive_pings_and_drops_a_silent_peer() {
 async fn tcp_proxy_idle_timeout_and_max_duration() {
     let proxy = setup("tcp").await;
     // idle_timeout (0.5 s): bytes flow, then silence closes both sides.
-    let mut s = TcpStream::connect(proxy.tcp_idle).await.expect("connect");
+    let mut s = TcpStream::connect(proxy.addr_of("TCPIDLE"))
+        .await
+        .expect("connect");
     s.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.expect("echo");
@@ -882,7 +774,7 @@ async fn tcp_proxy_idle_timeout_and_max_duration() {
     proxy.wait_log("tcp.log", "tcpidle -").await;
     // idle_timeout: 0s keeps an idle connection; max_downstream_connection_duration (1.5 s)
     // closes it even while bytes flow, flag DT.
-    let mut s = TcpStream::connect(proxy.tcp_duration)
+    let mut s = TcpStream::connect(proxy.addr_of("TCPDUR"))
         .await
         .expect("connect");
     let start = Instant::now();

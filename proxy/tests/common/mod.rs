@@ -7,7 +7,8 @@
 #![allow(dead_code)]
 
 use std::{
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     pin::Pin,
     process::Stdio,
@@ -42,7 +43,10 @@ use waypoint_proto::{
     google::protobuf::Any,
     resource::SECRET_TYPE,
 };
-use waypoint_testbed::istiod_lite::{StatusBook, Store, ads::AdsService};
+use waypoint_testbed::{
+    echo::{EchoConfig, EchoServer},
+    istiod_lite::{StatusBook, Store, ads::AdsService},
+};
 
 /// A self-signed P-256 certificate (SAN `spiffe://cluster.local/ns/test/sa/unit`) and its key.
 pub const CERT: &str = include_str!("../data/test-cert.pem");
@@ -53,10 +57,19 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_ports(Ipv4Addr::LOCALHOST, 1)[0]
+}
+
+/// `n` distinct ports free on `ip` right now. All are held until all are picked, so one call
+/// cannot hand out the same port twice; once released, any process may take them (see
+/// [`StaticProxy`], which starts again when that happens).
+pub fn free_ports(ip: Ipv4Addr, n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind((ip, 0)).expect("free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("free port").port())
+        .collect()
 }
 
 /// A fresh temporary folder for one test.
@@ -67,9 +80,42 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A child process, killed (and reaped) when dropped, a panicking test's included.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `proxy` binary in `dir` (relative paths in its bootstrap resolve there) with
+/// `args`, stdout and stderr going to `dir/proxy.log` (truncated).
+fn spawn(dir: &Path, args: &[&str]) -> (Process, PathBuf) {
+    let log = dir.join("proxy.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("proxy starts");
+    (Process(child), log)
+}
+
+/// The last 60 lines of the log at `path` (for failure messages).
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
 /// A running `proxy` process; killed when dropped.
 pub struct Proxy {
-    child: std::process::Child,
+    _process: Process,
     log: PathBuf,
 }
 
@@ -78,38 +124,381 @@ impl Proxy {
     /// paths resolve there), logging to `dir/proxy.log`.
     pub fn start(dir: &Path, bootstrap: &serde_json::Value) -> Proxy {
         std::fs::write(dir.join("bootstrap.json"), bootstrap.to_string()).expect("write");
-        let log = dir.join("proxy.log");
-        let out = std::fs::File::create(&log).expect("log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
-            .args(["-c", "bootstrap.json", "-l", "debug"])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("proxy starts");
-        Proxy { child, log }
+        let (process, log) = spawn(dir, &["-c", "bootstrap.json", "-l", "debug"]);
+        Proxy {
+            _process: process,
+            log,
+        }
     }
 
     /// The last lines of the proxy's log (for failure messages).
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        tail(&self.log)
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+// ---------------------------------------------------------------------------------------------
+// A proxy from a static bootstrap on ports picked for it.
+
+/// How many times [`StaticProxy`] starts the proxy when another process took one of its picked
+/// ports between the pick and the proxy's bind.
+const START_ATTEMPTS: usize = 5;
+
+/// Named ports for a bootstrap: the ones a test gives (its backends) and the ones picked free.
+#[derive(Clone, Debug, Default)]
+pub struct Ports(BTreeMap<String, u16>);
+
+impl Ports {
+    /// The ports `given` by name.
+    pub fn new(given: &[(&str, u16)]) -> Ports {
+        Ports(given.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect())
     }
+
+    /// The port named `name`; panics naming it when there is none.
+    pub fn get(&self, name: &str) -> u16 {
+        match self.0.get(name) {
+            Some(port) => *port,
+            None => panic!("no port named {name} (have {:?})", self.0),
+        }
+    }
+}
+
+/// The `${NAME}` placeholders of `template`.
+fn placeholders(template: &str) -> BTreeSet<&str> {
+    let parts = template.split("${").skip(1);
+    parts
+        .filter_map(|p| p.split_once('}'))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// `template` with `${DIR}` replaced by `dir` and every other `${NAME}` by the port `NAME` of
+/// `ports`. Whole placeholders are matched, so `${TCP}` never touches `${TCP_DEAD}`.
+pub fn render(template: &str, dir: &Path, ports: &Ports) -> String {
+    let mut parts = template.split("${");
+    let mut out = parts.next().unwrap_or_default().to_owned();
+    for part in parts {
+        let (name, rest) = part
+            .split_once('}')
+            .unwrap_or_else(|| panic!("unclosed ${{ in the bootstrap template: {part}"));
+        match name {
+            "DIR" => out.push_str(&dir.display().to_string()),
+            _ => out.push_str(&ports.get(name).to_string()),
+        }
+        out.push_str(rest);
+    }
+    out
+}
+
+/// How a [`StaticProxy`] is started: folder tag, loopback address, workers and log level.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    tag: String,
+    ip: Ipv4Addr,
+    concurrency: Option<u32>,
+    level: String,
+    given: Ports,
+    taken_first: Option<String>,
+}
+
+impl Launch {
+    /// The proxy in `temp_dir(tag)`, its ports picked on 127.0.0.1, the proxy's default worker
+    /// count and log level `info` (`PROXY_TEST_LOG` overrides the level of every launch).
+    pub fn new(tag: &str) -> Launch {
+        Launch {
+            tag: tag.to_owned(),
+            ip: Ipv4Addr::LOCALHOST,
+            concurrency: None,
+            level: "info".to_owned(),
+            given: Ports::default(),
+            taken_first: None,
+        }
+    }
+
+    /// Picks the ports on loopback address `ip` (its admin and listeners should bind there): a
+    /// test on an address of its own cannot lose a picked port to a parallel test.
+    pub fn ip(mut self, ip: Ipv4Addr) -> Launch {
+        self.ip = ip;
+        self
+    }
+
+    /// `--concurrency n`.
+    pub fn concurrency(mut self, n: u32) -> Launch {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// For the launcher's own test: on the first attempt the port `name` is one a socket here
+    /// holds, as if another process had taken it between the pick and the proxy's bind.
+    pub fn taken_first(mut self, name: &str) -> Launch {
+        self.taken_first = Some(name.to_owned());
+        self
+    }
+
+    /// `-l level`.
+    pub fn level(mut self, level: &str) -> Launch {
+        self.level = level.to_owned();
+        self
+    }
+
+    /// Starts the proxy from `template` (see [`render`]): the ports `given` fill their
+    /// placeholders, every other placeholder but `${DIR}` gets a port picked free (`ADMIN` must
+    /// be one).
+    pub async fn template(mut self, template: &str, given: &[(&str, u16)]) -> StaticProxy {
+        self.given = Ports::new(given);
+        let pick: Vec<&str> = placeholders(template)
+            .into_iter()
+            .filter(|n| *n != "DIR" && !self.given.0.contains_key(*n))
+            .collect();
+        self.start(&pick, |dir, ports| render(template, dir, ports))
+            .await
+    }
+
+    /// Picks a free port for each of `names` (`ADMIN` among them: the admin address readiness is
+    /// read from), writes `bootstrap(dir, ports)` (the picked ones and those given to
+    /// [`Launch::template`]) and starts the proxy; returns once its admin
+    /// `/ready` says LIVE. When the proxy exits because one of the ports was taken meanwhile
+    /// (`cannot bind`), it picks again and restarts, up to [`START_ATTEMPTS`] times.
+    pub async fn start(
+        self,
+        names: &[&str],
+        bootstrap: impl Fn(&Path, &Ports) -> String,
+    ) -> StaticProxy {
+        assert!(
+            names.contains(&"ADMIN"),
+            "{}: no ADMIN port among {names:?}",
+            self.tag
+        );
+        let dir = temp_dir(&self.tag);
+        let config = dir.join("bootstrap.yaml");
+        let level = std::env::var("PROXY_TEST_LOG").unwrap_or_else(|_| self.level.clone());
+        let concurrency = self.concurrency.map(|n| n.to_string());
+        let mut args = vec!["-c", config.to_str().expect("UTF-8 temp dir"), "-l", &level];
+        if let Some(n) = &concurrency {
+            args.extend(["--concurrency", n]);
+        }
+        for attempt in 1..=START_ATTEMPTS {
+            let mut ports = self.given.clone();
+            ports.0.extend(
+                names
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .zip(free_ports(self.ip, names.len())),
+            );
+            let _taken = match &self.taken_first {
+                Some(name) if attempt == 1 => {
+                    let holder = std::net::TcpListener::bind((self.ip, 0)).expect("bind");
+                    ports
+                        .0
+                        .insert(name.clone(), holder.local_addr().expect("addr").port());
+                    Some(holder)
+                }
+                _ => None,
+            };
+            std::fs::write(&config, bootstrap(&dir, &ports)).expect("write bootstrap");
+            let (mut process, log) = spawn(&dir, &args);
+            let admin = SocketAddr::from((self.ip, ports.get("ADMIN")));
+            match ready(&mut process.0, &log, admin, &config).await {
+                Ok(()) => {
+                    return StaticProxy {
+                        process,
+                        dir,
+                        log,
+                        ip: self.ip,
+                        ports,
+                        attempts: attempt,
+                    };
+                }
+                Err(tail) if attempt < START_ATTEMPTS && tail.contains("cannot bind") => {
+                    eprintln!(
+                        "{}: a picked port was taken (attempt {attempt}), picking again:\n{tail}",
+                        self.tag
+                    );
+                }
+                Err(tail) => panic!("{}: the proxy exited:\n{tail}", self.tag),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+}
+
+/// Waits (bounded) until the admin API on `admin` says LIVE on `/ready` and `/server_info` shows
+/// `config` (the port may answer for another proxy that holds it while ours fails to bind it);
+/// `Err(log tail)` when `child` exited first.
+async fn ready(
+    child: &mut std::process::Child,
+    log: &Path,
+    admin: SocketAddr,
+    config: &Path,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{status}\n{}", tail(log)));
+        }
+        // Short polls: a port some other socket holds may accept and never answer, while ours
+        // exits at once.
+        let poll =
+            tokio::time::timeout(Duration::from_millis(500), http_at(admin, "GET", "/ready"));
+        if let Ok((200, body)) = poll.await
+            && body == "LIVE\n"
+        {
+            let (_, info) = http_at(admin, "GET", "/server_info").await;
+            let info: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+            if info["command_line_options"]["config_path"] == config.display().to_string() {
+                return Ok(());
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy was not LIVE on {admin} within {WAIT:?}:\n{}",
+            tail(log)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `proxy` process started from a static bootstrap on ports picked for it (see [`Launch`]);
+/// killed, and its folder removed unless the test failed, when dropped.
+pub struct StaticProxy {
+    process: Process,
+    dir: PathBuf,
+    log: PathBuf,
+    ip: Ipv4Addr,
+    ports: Ports,
+    attempts: usize,
+}
+
+impl StaticProxy {
+    /// The proxy from YAML `template` with `${NAME}` placeholders: the ports `given` (backends),
+    /// `${DIR}` (its folder) and a free port for each other name (`LISTEN`, `ADMIN`, …); one
+    /// worker (`--concurrency 1`). See [`Launch::template`].
+    pub async fn start(tag: &str, template: &str, given: &[(&str, u16)]) -> StaticProxy {
+        Launch::new(tag)
+            .concurrency(1)
+            .template(template, given)
+            .await
+    }
+
+    /// How many times the proxy was started until it came up LIVE.
+    pub fn attempts(&self) -> usize {
+        self.attempts
+    }
+
+    /// The port named `name` (picked or given).
+    pub fn port(&self, name: &str) -> u16 {
+        self.ports.get(name)
+    }
+
+    /// The address of the listener whose port is `name`.
+    pub fn addr_of(&self, name: &str) -> SocketAddr {
+        SocketAddr::from((self.ip, self.port(name)))
+    }
+
+    /// The address of the `LISTEN` listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr_of("LISTEN")
+    }
+
+    /// GET `path` on the admin API: (status, body), (0, "") when it does not answer.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_at(self.addr_of("ADMIN"), "GET", path).await
+    }
+
+    /// One counter or gauge from the admin `/stats` text (0 when absent).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get("/stats").await;
+        let prefix = format!("{name}: ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded) until stat `name` is `want`.
+    pub async fn wait_stat(&self, name: &str, want: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.stat(name).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} is {v}, expected {want}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `file` in the proxy's folder.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The text of `file` in the proxy's folder ("" while it does not exist).
+    pub fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.path(file)).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `file` in the proxy's folder has the line `line`.
+    pub async fn wait_log(&self, file: &str, line: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self.read(file);
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line {line:?} in {file}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The last lines of the proxy's own log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+}
+
+impl Drop for StaticProxy {
+    fn drop(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        // A failed test keeps the folder (bootstrap, logs) to look at.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The test bed's echo server named `name` on 127.0.0.1 (it answers with what it saw as JSON,
+/// `x-echo-*` knobs for status and delay); its port.
+pub async fn echo(name: &str) -> u16 {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: name.into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: None,
+    })
+    .await
+    .expect("echo binds");
+    let port = echo.http_addr().port();
+    tokio::spawn(echo.run());
+    port
 }
 
 /// One HTTP/1.1 request on loopback: (status, body); (0, "") when nothing answers in 5 s.
 pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    http_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), method, path).await
+}
+
+/// One HTTP/1.1 request to `addr`: (status, body); (0, "") when nothing answers in 5 s.
+pub async fn http_at(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(
             format!(
                 "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
