@@ -39,6 +39,7 @@ const ENVOY_TREES: &[&str] = &[
     "extensions/load_balancing_policies",
     "extensions/matching",
     "extensions/network",
+    "extensions/path",
     "extensions/request_id",
     "extensions/resource_monitors",
     "extensions/retry",

@@ -204,9 +204,19 @@ pub enum ProxyError {
     /// Connecting failed.
     #[error("upstream_reset_before_response_started{{connection_failure,{0}}}")]
     ConnectFailure(String),
-    /// Connect attempts (or retries) exhausted.
-    #[error("upstream_retry_limit_exceeded: {0}")]
-    RetriesExhausted(String),
+    /// A retriable failure that was not tried again: the retries (or tcp_proxy's connect
+    /// attempts) were used up (`URX`), or the `max_retries` breaker was open (`UO`). The reply is
+    /// the last failure's (e.g. 503 `UF` or a per-try timeout's 504 `UT`) with `flag` added, as
+    /// Envoy's router sets both.
+    #[error("{last} (not retried: {flag})")]
+    NotRetried {
+        /// The last attempt's failure.
+        last: Box<ProxyError>,
+        /// `URX` or `UO`.
+        flag: ResponseFlag,
+        /// Whether an earlier attempt was retried (Envoy's reply body then says so).
+        retried: bool,
+    },
     /// The upstream closed or reset before answering.
     #[error("upstream_reset_before_response_started{{{0}}}")]
     UpstreamReset(String),
@@ -264,6 +274,7 @@ impl ProxyError {
             } => kind.status(*request_complete),
             ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             ProxyError::RateLimited(status) => *status,
+            ProxyError::NotRetried { last, .. } => last.status(),
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -275,7 +286,7 @@ impl ProxyError {
             ProxyError::NoCluster(_) => ResponseFlag::NoClusterFound,
             ProxyError::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
             ProxyError::ConnectFailure(_) => ResponseFlag::UpstreamConnectionFailure,
-            ProxyError::RetriesExhausted(_) => ResponseFlag::UpstreamRetryLimitExceeded,
+            ProxyError::NotRetried { flag, .. } => *flag,
             ProxyError::UpstreamReset(_) => ResponseFlag::UpstreamConnectionTermination,
             ProxyError::UpstreamProtocol(_) => ResponseFlag::UpstreamProtocolError,
             ProxyError::Timeout => ResponseFlag::UpstreamRequestTimeout,
@@ -302,6 +313,11 @@ impl ProxyError {
                 ResponseFlags::default()
             }
             ProxyError::StreamTimeout { kind, .. } => kind.response_flags(),
+            ProxyError::NotRetried { last, flag, .. } => {
+                let mut flags = last.response_flags();
+                flags.insert(*flag);
+                flags
+            }
             other => ResponseFlags::of(other.flag()),
         }
     }
@@ -310,23 +326,38 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHealthyUpstream(_) => "no healthy upstream".to_owned(),
-            ProxyError::ConnectFailure(reason) => format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {reason}"
-            ),
-            ProxyError::UpstreamReset(reason) => format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
-            ),
+            ProxyError::ConnectFailure(_)
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::Overflow(_) => self.reset_body(false),
+            ProxyError::NotRetried { last, retried, .. } => last.reset_body(*retried),
             ProxyError::Timeout => "upstream request timeout".to_owned(),
-            ProxyError::Overflow(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-                    .to_owned()
-            }
             ProxyError::NoRoute => String::new(),
             ProxyError::RbacDenied(_) => "RBAC: access denied".to_owned(),
             ProxyError::RateLimited(_) => "local_rate_limited".to_owned(),
             ProxyError::Unauthorized(d) => d.body.clone(),
             other => other.to_string(),
         }
+    }
+
+    /// Envoy's reply to an upstream reset before the response (`onUpstreamReset`); after a retry
+    /// it names the latest reset. Other failures keep their own body.
+    fn reset_body(&self, retried: bool) -> String {
+        let reason = match self {
+            ProxyError::ConnectFailure(r) => {
+                format!("connection failure, transport failure reason: {r}")
+            }
+            ProxyError::UpstreamReset(r) => r.clone(),
+            ProxyError::Overflow(_) => "overflow".to_owned(),
+            other => return other.body(),
+        };
+        let retried = if retried {
+            "retried and the latest "
+        } else {
+            ""
+        };
+        format!(
+            "upstream connect error or disconnect/reset before headers. {retried}reset reason: {reason}"
+        )
     }
 }
 
@@ -342,7 +373,6 @@ mod tests {
             (ProxyError::NoCluster("c".into()), 503, "NC"),
             (ProxyError::NoHealthyUpstream("c".into()), 503, "UH"),
             (ProxyError::ConnectFailure("refused".into()), 503, "UF"),
-            (ProxyError::RetriesExhausted("c".into()), 503, "URX"),
             (ProxyError::UpstreamReset("reset".into()), 503, "UC"),
             (ProxyError::Timeout, 504, "UT"),
             (ProxyError::BadRequest("x".into()), 400, "DPE"),
@@ -351,5 +381,50 @@ mod tests {
             assert_eq!(e.status().as_u16(), status, "{e}");
             assert_eq!(e.flag().short(), flag, "{e}");
         }
+    }
+
+    #[test]
+    fn a_failure_not_retried_keeps_its_reply_and_adds_the_flag() {
+        let not_retried = |last: ProxyError, flag, retried| ProxyError::NotRetried {
+            last: Box::new(last),
+            flag,
+            retried,
+        };
+        // Envoy: a connect failure after the last retry is 503 `UF,URX`, naming the latest reset.
+        let e = not_retried(
+            ProxyError::ConnectFailure("refused".into()),
+            ResponseFlag::UpstreamRetryLimitExceeded,
+            true,
+        );
+        assert_eq!(e.status().as_u16(), 503);
+        assert_eq!(e.response_flags().to_string(), "UF,URX");
+        assert_eq!(e.flag(), ResponseFlag::UpstreamRetryLimitExceeded);
+        assert_eq!(
+            e.body(),
+            "upstream connect error or disconnect/reset before headers. retried and the latest \
+             reset reason: connection failure, transport failure reason: refused"
+        );
+        // A per-try timeout on the last try stays the timeout's 504, `UT,URX`.
+        let e = not_retried(
+            ProxyError::Timeout,
+            ResponseFlag::UpstreamRetryLimitExceeded,
+            true,
+        );
+        assert_eq!(e.status().as_u16(), 504);
+        assert_eq!(e.response_flags().to_string(), "UT,URX");
+        assert_eq!(e.body(), "upstream request timeout");
+        // The retry breaker open on a reset (no retry before): `UC,UO`, the plain reset body.
+        let e = not_retried(
+            ProxyError::UpstreamReset("connection termination".into()),
+            ResponseFlag::UpstreamOverflow,
+            false,
+        );
+        assert_eq!(e.status().as_u16(), 503);
+        assert_eq!(e.response_flags().to_string(), "UC,UO");
+        assert_eq!(
+            e.body(),
+            "upstream connect error or disconnect/reset before headers. reset reason: \
+             connection termination"
+        );
     }
 }

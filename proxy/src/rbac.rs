@@ -172,6 +172,8 @@ fn permission(p: &Permission, input: &RbacInput<'_>) -> bool {
         Permission::Metadata(m) => metadata(m, input),
         Permission::Not(r) => !permission(r, input),
         Permission::RequestedServerName(m) => m.matches(input.requested_server_name.unwrap_or("")),
+        // Envoy matches the `:path` header; the network filter has none, so no match.
+        Permission::UriTemplate(t) => input.url_path().is_some_and(|p| t.matches(p)),
     }
 }
 
@@ -945,5 +947,40 @@ mod tests {
             ..request(&other, "GET", "/admin")
         };
         assert!(!evaluate(Some(&r), None, &k).allowed);
+    }
+
+    #[test]
+    fn uri_template_permissions_as_istiod_sends_them() {
+        // AuthorizationPolicy `paths: ["/api/{*}/items/{**}"]`: istiod's uri_template permission.
+        let template = |t: &str| {
+            json!({"uri_template": {"name": "uri-template", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+                "path_template": t}}})
+        };
+        let r = istio(
+            "ALLOW",
+            "items",
+            json!([{"or_rules": {"rules": [template("/api/*/items/**"), template("/health")]}}]),
+            json!([{"any": true}]),
+        );
+        let none = |_: &str| None;
+        for (path, allowed) in [
+            ("/api/v1/items/", true),
+            ("/api/v1/items/7/parts?x=1", true),
+            ("/health#top", true),
+            ("/api/items/7", false),
+            ("/api/v1/v2/items/7", false),
+            ("/healthz", false),
+        ] {
+            assert_eq!(
+                evaluate(Some(&r), None, &request(&none, "GET", path)).allowed,
+                allowed,
+                "{path}"
+            );
+        }
+        // The network filter sees no path: a uri_template never matches there.
+        let mut tcp = request(&none, "GET", "/health");
+        tcp.path = None;
+        assert!(!evaluate(Some(&r), None, &tcp).allowed);
     }
 }

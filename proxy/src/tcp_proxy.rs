@@ -112,7 +112,7 @@ pub async fn serve(
         Err(e) => {
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, flag = %e.flag(), "upstream: {e}");
             if let Some(s) = &series {
-                s.closed.fetch_add(1, Ordering::Relaxed);
+                s.close(0, 0);
             }
             log(&tp, &ctx, started, e.response_flags(), (0, 0), &slot);
             return;
@@ -161,7 +161,9 @@ pub async fn serve(
     drop(io);
     report(&mut reported);
     if let Some(s) = &series {
-        s.closed.fetch_add(1, Ordering::Relaxed);
+        // Also records the custom metrics (`istio.stats` definitions), as at a connection's close.
+        let (received, sent) = meter.get();
+        s.close(received, sent);
     }
     let flags = match ended {
         Ok(_) => ResponseFlags::default(),
@@ -263,7 +265,12 @@ async fn open(
         }
     }
     match last {
-        Some(e) if attempts > 1 => Err(ProxyError::RetriesExhausted(e.to_string())),
+        // Envoy's `onConnectMaxAttempts`: the last failure's flag (`UF`) plus `URX`.
+        Some(e) if attempts > 1 => Err(ProxyError::NotRetried {
+            last: Box::new(e),
+            flag: crate::flags::ResponseFlag::UpstreamRetryLimitExceeded,
+            retried: true,
+        }),
         Some(e) => Err(e),
         None => Err(ProxyError::ConnectFailure("no attempt".into())),
     }

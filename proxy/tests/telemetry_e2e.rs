@@ -304,78 +304,17 @@ async fn istio_metrics_through_the_waypoint() {
 
     // Telemetry API overrides, pushed by istiod as a new `main_internal`: `tagOverrides`
     // REMOVE source_principal, and two dimensions (a new tag per expression, in tag order).
-    let dump = mesh
-        .config_dump("resource=dynamic_listeners")
-        .await
-        .expect("config_dump");
-    let mut listener = dump["configs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| c["active_state"]["listener"].clone())
-        .find(|l| l["name"] == "main_internal")
-        .expect("main_internal in the config dump");
-    let mut patched = 0;
-    for chain in listener["filter_chains"]
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-    {
-        for f in chain["filters"].as_array_mut().into_iter().flatten() {
-            let Some(filters) = f
-                .get_mut("typed_config")
-                .and_then(|t| t.get_mut("http_filters"))
-                .and_then(|v| v.as_array_mut())
-            else {
-                continue;
-            };
-            for hf in filters {
-                if hf["name"] == "istio.stats" {
-                    hf["typed_config"]["metrics"] = serde_json::json!([{
-                        "name": "requests_total",
-                        "tags_to_remove": ["source_principal"],
-                        "dimensions": {
-                            "request_host": "request.host",
-                            "destination_port": "string(destination.port)"
-                        }
-                    }]);
-                    patched += 1;
-                }
+    push_istio_stats(&mesh, |config| {
+        config["metrics"] = serde_json::json!([{
+            "name": "requests_total",
+            "tags_to_remove": ["source_principal"],
+            "dimensions": {
+                "request_host": "request.host",
+                "destination_port": "string(destination.port)"
             }
-        }
-    }
-    assert!(patched > 0, "no istio.stats filter in main_internal");
-    // The dump holds it as an Any; istiod-lite takes the message itself.
-    if let Some(m) = listener.as_object_mut() {
-        m.remove("@type");
-    }
-    let resource = Resource::from_json(ResourceKind::Listener, &listener).expect("resource");
-    let version = resource.version.clone();
-    mesh.istiod.store.push(resource).await;
-    // Applied: main_internal's active version is the pushed one (a NACK would leave it).
-    let deadline = Instant::now() + SCRAPE;
-    loop {
-        let dump = mesh
-            .config_dump("resource=dynamic_listeners")
-            .await
-            .expect("config_dump");
-        let entry = dump["configs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["name"] == "main_internal")
-            .cloned()
-            .unwrap_or_default();
-        if entry["active_state"]["version_info"] == version.as_str() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "main_internal version {version} not applied: error_state {}",
-            entry["error_state"]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        }]);
+    })
+    .await;
     for _ in 0..2 {
         let (status, _) = raw_get(
             mesh.client_addr(),
@@ -407,6 +346,176 @@ destination_port=\"8000\",request_host=\"httpbin.default.svc.cluster.local:8000\
     // The earlier series stay as they were; the duration histogram keeps the standard labels.
     assert_eq!(sample(&text, "istio_requests_total", &ok), Some(N as f64));
     promtool("the proxy's /stats/prometheus with overrides", &text);
+}
+
+/// Pushes, as istiod would, a new `main_internal` whose HTTP `istio.stats` filters' configs
+/// `patch` changed (from the proxy's own config dump), and waits until the proxy applied it
+/// (a NACK would leave the old version active).
+async fn push_istio_stats(mesh: &WaypointMesh, patch: impl Fn(&mut serde_json::Value)) {
+    let dump = mesh
+        .config_dump("resource=dynamic_listeners")
+        .await
+        .expect("config_dump");
+    let mut listener = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["active_state"]["listener"].clone())
+        .find(|l| l["name"] == "main_internal")
+        .expect("main_internal in the config dump");
+    let mut patched = 0;
+    for chain in listener["filter_chains"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        for f in chain["filters"].as_array_mut().into_iter().flatten() {
+            let Some(filters) = f
+                .get_mut("typed_config")
+                .and_then(|t| t.get_mut("http_filters"))
+                .and_then(|v| v.as_array_mut())
+            else {
+                continue;
+            };
+            for hf in filters {
+                if hf["name"] == "istio.stats" {
+                    patch(&mut hf["typed_config"]);
+                    patched += 1;
+                }
+            }
+        }
+    }
+    assert!(patched > 0, "no istio.stats filter in main_internal");
+    // The dump holds it as an Any; istiod-lite takes the message itself.
+    if let Some(m) = listener.as_object_mut() {
+        m.remove("@type");
+    }
+    let resource = Resource::from_json(ResourceKind::Listener, &listener).expect("resource");
+    let version = resource.version.clone();
+    mesh.istiod.store.push(resource).await;
+    let deadline = Instant::now() + SCRAPE;
+    loop {
+        let dump = mesh
+            .config_dump("resource=dynamic_listeners")
+            .await
+            .expect("config_dump");
+        let entry = dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "main_internal")
+            .cloned()
+            .unwrap_or_default();
+        if entry["active_state"]["version_info"] == version.as_str() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "main_internal version {version} not applied: error_state {}",
+            entry["error_state"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Custom metrics (`stats.PluginConfig.definitions`, as an EnvoyFilter on istio.stats adds
+/// them): a counter of value "1" labelled by a `metrics[]` dimension, and a histogram of
+/// `response.total_size`, each counting the N requests sent after the push. As in istio_stats,
+/// they carry only the labels dimensions give them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metric_definitions_through_the_waypoint() {
+    let options = MeshOptions::new(
+        "telemetry-custom",
+        Path::new(env!("CARGO_BIN_EXE_proxy")),
+        &agent_bin(),
+    );
+    let mesh = match WaypointMesh::start(options).await {
+        Ok(m) => m,
+        Err(e) => panic!("the mesh did not start: {e}"),
+    };
+    if let Err(e) = mesh.wait_hbone_ready(Duration::from_secs(30)).await {
+        panic!("{e}");
+    }
+    push_istio_stats(&mesh, |config| {
+        config["definitions"] = serde_json::json!([
+            {"name": "custom_requests", "value": "1", "type": "COUNTER"},
+            {"name": "custom_response_size", "value": "response.total_size", "type": "HISTOGRAM"},
+        ]);
+        config["metrics"] = serde_json::json!([
+            {"name": "custom_requests", "dimensions": {"reporter": "'custom'"}},
+        ]);
+    })
+    .await;
+    let admin = mesh.admin_addr();
+    // Nothing was recorded before the first request.
+    let before = scrape(admin, "/stats/prometheus").await;
+    assert!(!before.contains("istio_custom_requests"), "{before}");
+    let mut body_bytes = 0;
+    for i in 0..N {
+        match http_get(mesh.client_addr(), "/get").await {
+            Ok((200, body)) => body_bytes += body.len(),
+            other => panic!("request {i} through the waypoint: {other:?}"),
+        }
+    }
+    let counter = "{reporter=\"custom\"}";
+    let text = scrape_until(admin, "/stats/prometheus", |t| {
+        sample(t, "istio_custom_requests", counter) == Some(N as f64)
+            && sample(t, "istio_custom_response_size_count", "{}") == Some(N as f64)
+    })
+    .await;
+    let custom: String = text
+        .lines()
+        .filter(|l| l.contains("istio_custom"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        sample(&text, "istio_custom_requests", counter),
+        Some(N as f64),
+        "{custom}"
+    );
+    assert!(
+        text.contains("# TYPE istio_custom_requests counter\n"),
+        "{custom}"
+    );
+    assert!(
+        text.contains("# TYPE istio_custom_response_size histogram\n"),
+        "{custom}"
+    );
+    assert_eq!(
+        sample(&text, "istio_custom_response_size_count", "{}"),
+        Some(N as f64),
+        "{custom}"
+    );
+    assert_eq!(
+        sample(&text, "istio_custom_response_size_bucket", "{le=\"+Inf\"}"),
+        Some(N as f64),
+        "{custom}"
+    );
+    // Each response's size counts its headers and body.
+    let sum = sample(&text, "istio_custom_response_size_sum", "{}").unwrap_or(0.0);
+    assert!(
+        sum > body_bytes as f64,
+        "sum {sum} <= bodies {body_bytes}: {custom}"
+    );
+    // The histogram is the same count as istio_response_bytes of those requests.
+    let ok = http_series(200);
+    assert_eq!(
+        sample(&text, "istio_response_bytes_sum", &ok),
+        Some(sum),
+        "{}",
+        istio_lines(&text)
+    );
+    promtool("the proxy's /stats/prometheus with custom metrics", &text);
+    // The agent's merged scrape has them too.
+    let merged = scrape(
+        SocketAddr::from(([127, 0, 0, 1], mesh.ports.status)),
+        "/stats/prometheus",
+    )
+    .await;
+    assert_eq!(
+        sample(&merged, "istio_custom_requests", counter),
+        Some(N as f64)
+    );
 }
 
 /// GET `path` with `Host: host` on a fresh connection: (status, body).

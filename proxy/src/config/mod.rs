@@ -27,6 +27,7 @@ pub mod source;
 pub mod supported;
 pub mod tls;
 pub mod typed;
+pub mod uri_template;
 pub mod workload;
 
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};

@@ -3,8 +3,10 @@
 //! header operations and rewrites; redirects; direct responses. Each virtual host carries a
 //! [`RouteIndex`] and each table a [`DomainIndex`] (`lookup`), so selection does not scan.
 
+mod hash;
 mod lookup;
 
+pub use hash::{CookiePolicy, HashKind, HashPolicy};
 pub use lookup::{DomainIndex, RouteIndex};
 
 use std::{collections::BTreeMap, time::Duration};
@@ -20,7 +22,7 @@ use waypoint_proto::envoy::config::{
         route::Action as RawAction,
         route_action::{
             ClusterNotFoundResponseCode, ClusterSpecifier, HostRewriteSpecifier,
-            RequestMirrorPolicy, hash_policy::PolicySpecifier,
+            RequestMirrorPolicy,
         },
         route_match::PathSpecifier,
         weighted_cluster::{RandomValueSpecifier, cluster_weight},
@@ -415,42 +417,6 @@ impl RetryPolicy {
     }
 }
 
-/// A hash policy (for ring hash / maglev clusters).
-#[derive(Debug, Clone)]
-pub enum HashKind {
-    /// A header value, optionally rewritten.
-    Header {
-        /// Lower-case header name.
-        name: String,
-        /// `regex_rewrite`.
-        rewrite: Option<RegexRewrite>,
-    },
-    /// A cookie (generated with `ttl` when absent and a ttl is set).
-    Cookie {
-        /// Cookie name.
-        name: String,
-        /// `ttl`.
-        ttl: Option<Duration>,
-        /// `path`.
-        path: Option<String>,
-    },
-    /// The downstream source IP.
-    SourceIp,
-    /// A query parameter.
-    QueryParameter(String),
-    /// A filter state object.
-    FilterState(String),
-}
-
-/// A hash policy entry.
-#[derive(Debug, Clone)]
-pub struct HashPolicy {
-    /// What is hashed.
-    pub kind: HashKind,
-    /// `terminal`: stop at this one if it yields a value.
-    pub terminal: bool,
-}
-
 /// A request mirror.
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -690,67 +656,7 @@ impl Forward {
                 "prefix_rewrite and regex_rewrite are mutually exclusive",
             ));
         }
-        let hash_policy = a
-            .hash_policy
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let hpath = index(path, "hash_policy", i);
-                let kind = match &h.policy_specifier {
-                    Some(PolicySpecifier::Header(x)) => HashKind::Header {
-                        name: header_name(
-                            &x.header_name,
-                            &field(&field(&hpath, "header"), "header_name"),
-                        )?,
-                        rewrite: x
-                            .regex_rewrite
-                            .as_ref()
-                            .map(|r| {
-                                RegexRewrite::compile(
-                                    r,
-                                    &field(&field(&hpath, "header"), "regex_rewrite"),
-                                )
-                            })
-                            .transpose()?,
-                    },
-                    Some(PolicySpecifier::Cookie(c)) => {
-                        if c.name.is_empty() {
-                            return Err(ConfigError::new(
-                                field(&field(&hpath, "cookie"), "name"),
-                                "name is required",
-                            ));
-                        }
-                        HashKind::Cookie {
-                            name: c.name.clone(),
-                            ttl: opt_duration(
-                                c.ttl.as_ref(),
-                                &field(&field(&hpath, "cookie"), "ttl"),
-                            )?,
-                            path: (!c.path.is_empty()).then(|| c.path.clone()),
-                        }
-                    }
-                    Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => {
-                        HashKind::SourceIp
-                    }
-                    Some(PolicySpecifier::QueryParameter(q)) if !q.name.is_empty() => {
-                        HashKind::QueryParameter(q.name.clone())
-                    }
-                    Some(PolicySpecifier::FilterState(f)) if !f.key.is_empty() => {
-                        HashKind::FilterState(f.key.clone())
-                    }
-                    _ => {
-                        return Err(ConfigError::new(
-                            hpath,
-                            "an effective hash policy is required",
-                        ));
-                    }
-                };
-                Ok(HashPolicy {
-                    kind,
-                    terminal: h.terminal,
-                })
-            })
-            .collect::<CompileResult<_>>()?;
+        let hash_policy = hash::compile(&a.hash_policy, path)?;
         let upgrades = a
             .upgrade_configs
             .iter()

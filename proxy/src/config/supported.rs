@@ -75,6 +75,8 @@ pub enum ExtensionKind {
     CustomMatcher,
     /// `RetryPolicy.retry_host_predicate`.
     RetryHostPredicate,
+    /// Path matchers (`envoy.path.match`: RBAC `Permission.uri_template`).
+    PathMatcher,
     /// `HttpConnectionManager.request_id_extension`.
     RequestId,
     /// `access_log[].typed_config`.
@@ -873,7 +875,11 @@ pub static MESSAGES: &[MessageRule] = &[
     ),
     msg(
         "envoy.config.route.v3.RouteAction.HashPolicy.Cookie",
-        &[imp("name"), imp("ttl"), imp("path")],
+        &[imp("name"), imp("ttl"), imp("path"), imp("attributes")],
+    ),
+    msg(
+        "envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute",
+        &[imp("name"), imp("value")],
     ),
     msg(
         "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties",
@@ -1032,9 +1038,14 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("metadata"),
             imp("not_rule"),
             imp("requested_server_name"),
+            imp("uri_template"),
         ],
     ),
     msg("envoy.config.rbac.v3.Permission.Set", &[imp("rules")]),
+    msg(
+        "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+        &[imp("path_template")],
+    ),
     msg(
         "envoy.config.rbac.v3.Principal",
         &[
@@ -1065,6 +1076,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("disable_host_header_fallback"),
             imp("tcp_reporting_duration"),
             imp("metrics"),
+            imp("definitions"),
             imp("stat_prefix"),
             imp("rotation_interval"),
             imp("graceful_deletion_interval"),
@@ -1091,6 +1103,10 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("drop"),
             imp("dimensions"),
         ],
+    ),
+    msg(
+        "stats.MetricDefinition",
+        &[imp("name"), imp("value"), imp("type")],
     ),
     // Struct-only Istio configs: the JSON keys we accept.
     msg(
@@ -2007,6 +2023,11 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
     ext(
         "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
         ExtensionKind::RetryHostPredicate,
+    ),
+    // RBAC
+    ext(
+        "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+        ExtensionKind::PathMatcher,
     ),
     ext(
         "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",

@@ -402,11 +402,65 @@ fn istio_stats_overrides_compile_and_unsupported_cel_is_refused() {
             && msg.contains("has(request.headers.x)"),
         "{msg}"
     );
-    // Custom metric definitions and match predicates are refused too.
+    // An override of a metric that is neither standard nor defined changes nothing, as in
+    // istio_stats; a defined custom metric takes its dimensions, and a value expression the
+    // evaluator cannot compute is refused naming the definition.
     l["filter_chains"][chain]["filters"][fi]["typed_config"]["metrics"] = json!([
         {"name": "my_metric", "dimensions": {"a": "request.host"}}]);
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["definitions"] = json!([
+        {"name": "my_metric", "value": "1"},
+        {"name": "my_sizes", "value": "response.total_size", "type": "HISTOGRAM"}]);
+    // A named entry adds its dimensions to that metric (a standard tag too, as a label of its
+    // own); an unnamed one adds to every custom metric; `tags_to_remove` and `drop` leave
+    // custom metrics alone.
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["metrics"] = json!([
+        {"name": "my_metric", "dimensions": {"a": "request.host", "reporter": "'proxy'"},
+         "tags_to_remove": ["a"]},
+        {"name": "my_sizes", "drop": true},
+        {"dimensions": {"z": "'all'"}}]);
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+    let store = ConfigStore::default();
+    assert!(
+        store
+            .apply(
+                ResourceKind::Listener,
+                &[update(ResourceKind::Listener, &l)],
+                &[]
+            )
+            .is_empty()
+    );
+    let snap = store.snapshot();
+    let NetworkFilterKind::IstioStats(StatsConfig { plan, .. }) =
+        &snap.listeners["main_internal"].filter_chains[chain].filters[fi].kind
+    else {
+        panic!("istio.stats")
+    };
+    let labels = |i: usize| -> Vec<(String, Expr)> {
+        plan.custom[i]
+            .labels
+            .iter()
+            .map(|(t, d)| (t.clone(), plan.dimensions[*d].clone()))
+            .collect()
+    };
+    assert_eq!(plan.custom.len(), 2);
+    assert_eq!(
+        labels(0),
+        [
+            ("a".to_owned(), Expr::RequestHost),
+            ("reporter".to_owned(), Expr::Literal("proxy".into())),
+            ("z".to_owned(), Expr::Literal("all".into())),
+        ]
+    );
+    assert_eq!(labels(1), [("z".to_owned(), Expr::Literal("all".into()))]);
+    l["filter_chains"][chain]["filters"][fi]["typed_config"]["definitions"] = json!([
+        {"name": "ok", "value": "1"},
+        {"name": "latency", "value": "request.duration", "type": "HISTOGRAM"}]);
     let msg = reject(ResourceKind::Listener, &l).expect("refused");
-    assert!(msg.contains("unknown metric 'my_metric'"), "{msg}");
+    assert!(
+        msg.contains("definitions[1].value") && msg.contains("'latency'"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -1364,5 +1418,54 @@ fn route_max_stream_duration_presence_is_kept() {
             .as_ref()
             .and_then(|p| p.per_try_idle_timeout),
         Some(Duration::from_secs(2))
+    );
+}
+
+/// A listener whose HCM has `rbac_rules` as its RBAC filter's rules and `route` as its one route.
+fn hcm_listener(rbac_rules: Json, route: Json) -> Json {
+    let rbac = json!({"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "rules": rbac_rules}});
+    let router = json!({"name": "r", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "s",
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "v", "domains": ["*"],
+            "routes": [route]}]},
+        "http_filters": [rbac, router]});
+    json!({"name": "l", "internal_listener": {},
+        "filter_chains": [{"filters": [{"name": "h", "typed_config": hcm}]}]})
+}
+
+#[test]
+fn uri_template_permissions_and_cookie_attributes_are_accepted_and_bad_ones_named() {
+    let template = |t: &str| {
+        json!({"action": "ALLOW", "policies": {"p": {
+            "permissions": [{"uri_template": {"name": "uri-template", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+                "path_template": t}}}],
+            "principals": [{"any": true}]}}})
+    };
+    let route = |cookie: Json| {
+        json!({"match": {"prefix": "/"}, "route": {"cluster": "c",
+            "hash_policy": [{"cookie": cookie}]}})
+    };
+    let good_cookie = json!({"name": "sticky", "ttl": "60s", "path": "/",
+        "attributes": [{"name": "SameSite", "value": "Lax"}, {"name": "Secure"}]});
+    let l = hcm_listener(template("/api/*/items/**"), route(good_cookie.clone()));
+    assert_eq!(reject(ResourceKind::Listener, &l), None);
+    let l = hcm_listener(template("/api/**/*"), route(good_cookie));
+    let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+    assert!(
+        msg.contains("permissions[0].uri_template.typed_config.path_template: path template"),
+        "{msg}"
+    );
+    let bad_cookie = json!({"name": "sticky", "ttl": "1s", "attributes": [{"value": "x"}]});
+    let l = hcm_listener(template("/x"), route(bad_cookie));
+    let msg = reject(ResourceKind::Listener, &l).expect("rejected");
+    assert!(
+        msg.contains("hash_policy[0].cookie.attributes[0].name: name is required"),
+        "{msg}"
     );
 }

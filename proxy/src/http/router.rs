@@ -14,14 +14,18 @@ use super::{
 use crate::{
     config::{
         RouteConfig,
-        cluster::Discovery,
+        cluster::{Discovery, LbPolicy},
         endpoint::EndpointAddress,
         filters::hcm::HttpConnectionManager,
         headers::HeaderMutations,
-        route::{ClusterRef, ClusterTarget, Forward, Redirect, Route, RouteMatch, VirtualHost},
+        matchers::RegexRewrite,
+        route::{
+            ClusterRef, ClusterTarget, Forward, HashKind, HashPolicy, Redirect, Route, RouteMatch,
+            VirtualHost,
+        },
     },
     dataplane::DataPlane,
-    flags::ProxyError,
+    flags::{ProxyError, ResponseFlag, ResponseFlags},
     listener::conn::{BoxIo, ConnContext, ConnValues, FilterState},
     upstream::{
         cluster_manager::{ClusterRt, original_destination},
@@ -222,7 +226,7 @@ pub(super) struct Target {
     metadata: Arc<BTreeMap<String, serde_json::Value>>,
     pub(super) key: Arc<str>,
     pub(super) host: Option<Arc<Host>>,
-    _guard: Option<crate::upstream::lb::RequestGuard>,
+    guard: Option<crate::upstream::lb::RequestGuard>,
 }
 
 /// What a retried request is rebuilt from.
@@ -298,7 +302,7 @@ pub(super) fn pick_target(
                 metadata: Arc::default(),
                 key: a.to_string().into(),
                 host: None,
-                _guard: None,
+                guard: None,
             })
         }
         _ => {
@@ -317,79 +321,131 @@ pub(super) fn pick_target(
                 address: host.address.clone(),
                 metadata: host.metadata.clone(),
                 key: host.key.clone(),
-                _guard: Some(host.start_request()),
+                guard: Some(host.start_request()),
                 host: Some(host),
             })
         }
     }
 }
 
-/// The request's hash for ring hash / Maglev clusters (Envoy: each policy's value hashed with
-/// xxHash64, combined by rotate-left-1 and xor; a `terminal` policy with a value ends the walk).
-/// A cookie policy hashes an existing cookie; generating one (`ttl`) is not done yet.
+/// What the route's hash policies give one request: the hash for a ring hash / Maglev cluster,
+/// and the cookies a cookie policy made up, which the response sets.
+#[derive(Debug, Default)]
+struct RequestHash {
+    hash: Option<u64>,
+    set_cookies: Vec<HeaderValue>,
+}
+
+/// Envoy's `HashPolicyImpl::generateHash`: each policy that yields a value adds its xxHash64,
+/// combined by rotate-left-1 and xor; after a `terminal` policy, a hash so far ends the walk.
+/// Envoy computes it only when the load balancer asks (ring hash, Maglev), so only then is a
+/// cookie generated.
 fn request_hash(
-    policies: &[crate::config::route::HashPolicy],
+    policies: &[HashPolicy],
     parts: &Parts,
     ctx: &ConnContext,
     state: &FilterState,
-) -> Option<u64> {
-    use crate::config::route::HashKind;
-    let mut out: Option<u64> = None;
+) -> RequestHash {
+    let xxhash = |bytes: &[u8]| crate::upstream::lb::xxhash64(bytes, 0);
+    let mut out = RequestHash::default();
     for p in policies {
-        let value: Option<String> = match &p.kind {
-            HashKind::Header { name, rewrite } => {
-                let v = if name == ":authority" || name == "host" {
-                    authority(parts)
-                } else if name == ":path" {
-                    parts.uri.path_and_query().map(|p| p.as_str().to_owned())
-                } else if name == ":method" {
-                    Some(parts.method.as_str().to_owned())
-                } else {
-                    parts
-                        .headers
-                        .get(name.as_str())
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                };
-                v.map(|v| match rewrite {
-                    Some(r) => r.apply(&v),
-                    None => v,
-                })
-            }
-            HashKind::Cookie { name, .. } => parts
-                .headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|kv| kv.trim().split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned()),
-            HashKind::SourceIp => ctx.remote.socket().map(|s| s.ip().to_string()),
+        let h = match &p.kind {
+            HashKind::Header { name, rewrite } => header_hash(parts, name, rewrite.as_ref()),
+            HashKind::Cookie(c) => match request_cookie(&parts.headers, &c.name) {
+                Some(v) if !v.is_empty() => Some(xxhash(v.as_bytes())),
+                _ => c.ttl_seconds.map(|_| {
+                    let value = generated_cookie(ctx);
+                    out.set_cookies.extend(c.set_cookie(&value));
+                    xxhash(value.as_bytes())
+                }),
+            },
+            HashKind::SourceIp => ctx
+                .remote
+                .socket()
+                .map(|s| xxhash(s.ip().to_string().as_bytes())),
             HashKind::QueryParameter(q) => parts.uri.query().and_then(|query| {
                 query
                     .split('&')
-                    .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                    .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
                     .find(|(k, _)| k == q)
-                    .map(|(_, v)| v.to_owned())
+                    .map(|(_, v)| xxhash(v.as_bytes()))
             }),
             HashKind::FilterState(k) => state
                 .get(k)
                 .or_else(|| ctx.filter_state.get(k))
-                .map(str::to_owned),
+                .map(|v| xxhash(v.as_bytes())),
         };
-        if let Some(v) = value {
-            let h = crate::upstream::lb::xxhash64(v.as_bytes(), 0);
-            out = Some(match out {
+        if let Some(h) = h {
+            out.hash = Some(match out.hash {
                 Some(prev) => prev.rotate_left(1) ^ h,
                 None => h,
             });
-            if p.terminal {
-                break;
-            }
+        }
+        if p.terminal && out.hash.is_some() {
+            break;
         }
     }
     out
+}
+
+/// Envoy's `HeaderHashMethod`: every value of the header (rewritten), sorted so their order
+/// does not matter, hashed as one byte string.
+fn header_hash(parts: &Parts, name: &str, rewrite: Option<&RegexRewrite>) -> Option<u64> {
+    let mut values: Vec<String> = match name {
+        ":authority" | "host" => authority(parts).into_iter().collect(),
+        ":path" => parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .into_iter()
+            .collect(),
+        ":method" => vec![parts.method.as_str().to_owned()],
+        _ => parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect(),
+    };
+    if values.is_empty() {
+        return None;
+    }
+    if let Some(r) = rewrite {
+        for v in &mut values {
+            *v = r.apply(v);
+        }
+    }
+    values.sort_unstable();
+    Some(crate::upstream::lb::xxhash64(values.concat().as_bytes(), 0))
+}
+
+/// Envoy's `parseCookieValue`: the first cookie `name` of the `cookie` headers, without the
+/// double quotes a value may be wrapped in (the generated cookie is set quoted).
+fn request_cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim_start_matches(' ').split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| {
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        })
+}
+
+/// The value Envoy's router makes up for a missing hash cookie (`addDownstreamSetCookie`):
+/// xxHash64 of the connection's remote then local address, as 16 hex digits. It is the same for
+/// every stream of a connection, so concurrent requests on it get the same cookie.
+fn generated_cookie(ctx: &ConnContext) -> String {
+    let addresses = format!("{}{}", ctx.remote, ctx.local);
+    format!(
+        "{:016x}",
+        crate::upstream::lb::xxhash64(addresses.as_bytes(), 0)
+    )
 }
 
 /// Opens a byte stream to a host of `rt` (CONNECT termination, tcp_proxy).
@@ -519,7 +575,16 @@ pub async fn forward(
         .get(&ORIGINAL_DST_HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let hash = request_hash(&fwd.hash_policy, &parts, ctx, &call.state);
+    // Only ring hash and Maglev ask for the hash (and so only they generate cookies), as in Envoy.
+    let hashing = matches!(
+        rt.cluster.lb_policy,
+        LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }
+    );
+    let RequestHash { hash, set_cookies } = if hashing {
+        request_hash(&fwd.hash_policy, &parts, ctx, &call.state)
+    } else {
+        RequestHash::default()
+    };
     let target = pick_target(&rt, ctx, header_dst.as_deref(), &[], hash)?;
     let mut shared = ctx.filter_state.shared_with_upstream();
     for (k, o) in call.state.shared_with_upstream().iter() {
@@ -563,7 +628,10 @@ pub async fn forward(
         parts.headers.append(header::VIA, v);
     }
     let retry_config = fwd.retry_policy.as_ref().or(call.vh.retry_policy.as_ref());
-    let policy = retry_config.filter(|p| p.num_retries > 0 && upgrade.is_none());
+    // Envoy keeps retry state for a request when the policy names conditions (`retry_on`) and
+    // the request matches `retriable_request_headers`; with `num_retries: 0` a retriable failure
+    // is still reported `URX`.
+    let policy = retry_config.filter(|p| !p.retry_on.is_empty() && upgrade.is_none());
     // Timeouts (Envoy's `finalTimeout`, which also consumes the `x-envoy-*` timeout headers and
     // sets `x-envoy-expected-rq-timeout-ms`); an upgraded stream has none.
     let timeouts = if upgrade.is_some() {
@@ -606,10 +674,10 @@ pub async fn forward(
         None => (None, body),
     };
     let forward_start = tokio::time::Instant::now();
-    let may_retry = policy.is_some_and(|p| {
+    let retry = policy.filter(|p| {
         retry::request_retriable(p, &super::route_select::RequestView::from_parts(&parts))
     });
-    let (body, replay) = if may_retry {
+    let (body, replay) = if retry.is_some_and(|p| p.num_retries > 0) {
         let (b, r) = retry::ReplayBody::wrap(body);
         (b, Some(r))
     } else {
@@ -634,11 +702,10 @@ pub async fn forward(
     let mut target = target;
     let mut tried: Vec<Arc<Host>> = Vec::new();
     let mut attempt: u32 = 1;
-    let mut retries_exhausted = false;
     // The route's circuit breakers (`max_requests`, `max_pending_requests`, `max_connections`).
     let limits = rt.limits(fwd.high_priority);
     rt.stats.rq_total.inc();
-    let mut resp = loop {
+    let resp = loop {
         let Some(mut req) = next.take() else {
             break Err(ProxyError::UpstreamReset("no request to retry".into()));
         };
@@ -701,61 +768,62 @@ pub async fn forward(
                 .map(|r| r.status().as_u16())
                 .map_err(|e| &e.error),
         );
+        if let Ok(r) = &outcome {
+            rt.stats.codes.record(&dp.server.stats, r.status().as_u16());
+        }
+        // The route timeout is final: Envoy's route timer answers 504 `UT` itself, never retries.
         let overall_expired =
             expired == Some(Expired::Route) || activity.as_deref().is_some_and(route_expired);
-        let retry_left = policy.is_some_and(|p| attempt <= p.num_retries) && !overall_expired;
-        let (next_req, failure) = match outcome {
-            Ok(r) => {
-                rt.stats.codes.record(&dp.server.stats, r.status().as_u16());
-                let wants =
-                    policy.is_some_and(|p| retry::retriable_response(p, r.status(), r.headers()));
-                if !wants || !retry_left {
-                    retries_exhausted = wants && !retry_left && attempt > 1;
-                    break Ok(r);
-                }
-                match (replay.as_ref().and_then(|r| r.body()), &template) {
-                    (Some(b), Some(t)) => (Some(t.rebuild(b)), None),
-                    _ => break Ok(r),
-                }
+        let wants = !overall_expired
+            && retry.is_some_and(|p| match &outcome {
+                Ok(r) => retry::retriable_response(p, r.status(), r.headers()),
+                Err(e) => retry::retriable_error(p, &e.error, e.request.is_some()),
+            });
+        if !wants {
+            // Envoy counts a retried request whose last outcome asks for no retry a success (its
+            // route timer ends a request without asking).
+            if attempt > 1 && !overall_expired {
+                rt.stats.retry_success.inc();
             }
-            Err(SendError { error, request }) => {
-                let unsent = request.is_some();
-                let wants = policy.is_some_and(|p| retry::retriable_error(p, &error, unsent));
-                if !wants || !retry_left {
-                    retries_exhausted = wants && attempt > 1;
-                    break Err(error);
-                }
-                match request.or_else(|| {
-                    let b = replay.as_ref().and_then(|r| r.body())?;
-                    template.as_ref().map(|t| t.rebuild(b))
-                }) {
-                    Some(r) => (Some(r), Some(error)),
-                    None => break Err(error),
-                }
-            }
-        };
-        // Retry: the breaker first (Envoy's `max_retries`), then back-off and a fresh host.
-        let retry_slot = rt.retry_slot(fwd.high_priority);
-        if retry_slot.is_none() {
-            rt.stats.retry_overflow.inc();
-            match failure {
-                Some(e) => break Err(e),
-                None => {
-                    retries_exhausted = false;
-                    break Err(ProxyError::Overflow(format!(
-                        "{}: max_retries",
-                        rt.cluster.name
-                    )));
-                }
-            }
+            break outcome.map_err(|e| e.error);
         }
+        // Envoy's `RetryState::shouldRetry`: the route's `num_retries` first, then the
+        // `max_retries` breaker; a refused retry returns the outcome with `URX` or `UO`.
+        let retry_slot = if retry.is_some_and(|p| attempt > p.num_retries) {
+            rt.stats.retry_limit_exceeded.inc();
+            break not_retried(outcome, ResponseFlag::UpstreamRetryLimitExceeded, attempt);
+        } else if let Some(slot) = rt.retry_slot(fwd.high_priority) {
+            slot
+        } else {
+            rt.stats.retry_overflow.inc();
+            break not_retried(outcome, ResponseFlag::UpstreamOverflow, attempt);
+        };
+        // The next attempt: an unsent request as it is, else a copy with the replayed body; a
+        // body that outgrew the replay buffer (or was still streaming) cannot be sent again.
+        let next_req = match outcome {
+            Ok(r) => match (replay.as_ref().and_then(|r| r.body()), &template) {
+                (Some(b), Some(t)) => t.rebuild(b),
+                _ => break Ok(r),
+            },
+            Err(SendError { error, request }) => match request.or_else(|| {
+                let b = replay.as_ref().and_then(|r| r.body())?;
+                template.as_ref().map(|t| t.rebuild(b))
+            }) {
+                Some(r) => r,
+                None => break Err(error),
+            },
+        };
+        // Back off, then a fresh host. The failed attempt no longer counts as active on its host
+        // (Envoy ends the upstream request before scheduling the retry), so a least-request
+        // pick for the retry sees that host as idle as it is.
         rt.stats.rq_retry.inc();
-        if let Some(p) = policy {
+        target.guard = None;
+        if let Some(p) = retry {
             tokio::time::sleep(retry::backoff(p, attempt, rand::random())).await;
         }
         drop(retry_slot);
         attempt += 1;
-        let exclude: &[Arc<Host>] = if policy.is_some_and(|p| p.avoid_previous_hosts) {
+        let exclude: &[Arc<Host>] = if retry.is_some_and(|p| p.avoid_previous_hosts) {
             &tried
         } else {
             &[]
@@ -764,25 +832,8 @@ pub async fn forward(
             Ok(t) => t,
             Err(e) => break Err(e),
         };
-        next = next_req;
+        next = Some(next_req);
     };
-    if retries_exhausted {
-        rt.stats.retry_limit_exceeded.inc();
-        match &mut resp {
-            Ok(r) => {
-                crate::flags::ResponseFlags::add_to(
-                    r,
-                    crate::flags::ResponseFlag::UpstreamRetryLimitExceeded,
-                );
-            }
-            // A per-try timeout that used up the retries stays the timeout's 504 `UT` (Envoy's
-            // `onUpstreamTimeoutAbort`), not a 503.
-            Err(ProxyError::Timeout) => {}
-            Err(e) => *e = ProxyError::RetriesExhausted(e.to_string()),
-        }
-    } else if attempt > 1 && resp.is_ok() {
-        rt.stats.retry_success.inc();
-    }
     let mut resp = resp?;
     if let Some(a) = &activity {
         a.start_response();
@@ -803,6 +854,11 @@ pub async fn forward(
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if !switching {
         request::strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    // Cookies a hash policy made up go on the upstream's response (never on a local reply),
+    // before the route's response header operations, as Envoy's router adds them.
+    for c in set_cookies {
+        resp.headers_mut().append(header::SET_COOKIE, c);
     }
     {
         let values = ConnValues {
@@ -843,6 +899,26 @@ pub async fn forward(
         });
     }
     Ok(resp)
+}
+
+/// A retriable outcome that is not retried: a response goes back with `flag` added, a failure
+/// becomes [`ProxyError::NotRetried`] (its own status, body and flags, plus `flag`).
+fn not_retried(
+    outcome: Result<Response<Body>, SendError>,
+    flag: ResponseFlag,
+    attempt: u32,
+) -> Result<Response<Body>, ProxyError> {
+    match outcome {
+        Ok(mut r) => {
+            ResponseFlags::add_to(&mut r, flag);
+            Ok(r)
+        }
+        Err(e) => Err(ProxyError::NotRetried {
+            last: Box::new(e.error),
+            flag,
+            retried: attempt > 1,
+        }),
+    }
 }
 
 /// The router filter's settings (`suppress_envoy_headers`, `respect_expected_rq_timeout`).
@@ -916,5 +992,159 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use waypoint_proto::{
+        envoy::config::route::v3::route_action::hash_policy::Cookie as RawCookie,
+        google::protobuf::Duration as PbDuration,
+    };
+
+    use super::*;
+    use crate::{
+        config::{Snapshot, route::CookiePolicy},
+        listener::conn::Addr,
+    };
+
+    fn conn(remote: &str) -> ConnContext {
+        ConnContext::new(
+            "l",
+            Addr::Socket("10.0.0.2:8080".parse().expect("addr")),
+            Addr::Socket(remote.parse().expect("addr")),
+            Arc::new(Snapshot::default()),
+        )
+    }
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut b = Request::builder().uri("/app?user=u1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    fn cookie_policy(ttl: Option<i64>, terminal: bool) -> HashPolicy {
+        let raw = RawCookie {
+            name: "sticky".into(),
+            ttl: ttl.map(|seconds| PbDuration { seconds, nanos: 0 }),
+            path: "/".into(),
+            attributes: vec![],
+        };
+        HashPolicy {
+            kind: HashKind::Cookie(CookiePolicy::compile(&raw, "cookie").expect("compiles")),
+            terminal,
+        }
+    }
+
+    fn xx(s: &str) -> u64 {
+        crate::upstream::lb::xxhash64(s.as_bytes(), 0)
+    }
+
+    #[test]
+    fn cookies_are_read_as_envoy_parses_them() {
+        let p = parts(&[
+            ("cookie", "a=1; sticky=\"00ff\"; sticky=second"),
+            ("cookie", "other=x"),
+        ]);
+        assert_eq!(request_cookie(&p.headers, "sticky"), Some("00ff"));
+        assert_eq!(request_cookie(&p.headers, "other"), Some("x"));
+        assert_eq!(request_cookie(&p.headers, "stick"), None);
+        let p = parts(&[("cookie", "sticky=plain")]);
+        assert_eq!(request_cookie(&p.headers, "sticky"), Some("plain"));
+    }
+
+    #[test]
+    fn a_missing_cookie_with_a_ttl_is_generated_and_hashed() {
+        let ctx = conn("10.0.0.1:5000");
+        let state = FilterState::default();
+        let policies = [cookie_policy(Some(60), false)];
+        let first = request_hash(&policies, &parts(&[]), &ctx, &state);
+        let value = generated_cookie(&ctx);
+        assert_eq!(value.len(), 16);
+        assert!(
+            value
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        // Envoy: xxHash64 of remote then local address.
+        assert_eq!(value, format!("{:016x}", xx("10.0.0.1:500010.0.0.2:8080")));
+        assert_eq!(first.hash, Some(xx(&value)));
+        let set: Vec<&str> = first
+            .set_cookies
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(
+            set,
+            [format!("sticky=\"{value}\"; Max-Age=60; Path=/; HttpOnly")]
+        );
+        // The follow-up carries the cookie as set (quoted): same hash, nothing set.
+        let cookie = format!("sticky=\"{value}\"");
+        let again = request_hash(
+            &policies,
+            &parts(&[("cookie", &cookie)]),
+            &conn("10.0.0.9:6000"),
+            &state,
+        );
+        assert_eq!(again.hash, first.hash);
+        assert!(again.set_cookies.is_empty());
+        // Another connection gets another cookie.
+        assert_ne!(generated_cookie(&conn("10.0.0.1:5001")), value);
+        // Without a ttl a missing cookie gives no hash and sets nothing.
+        let none = request_hash(&[cookie_policy(None, false)], &parts(&[]), &ctx, &state);
+        assert_eq!((none.hash, none.set_cookies.len()), (None, 0));
+        // An empty cookie counts as missing.
+        let empty = request_hash(&policies, &parts(&[("cookie", "sticky=")]), &ctx, &state);
+        assert_eq!(empty.hash, Some(xx(&value)));
+    }
+
+    #[test]
+    fn policies_combine_and_terminal_stops_once_a_hash_exists() {
+        let ctx = conn("10.0.0.1:5000");
+        let state = FilterState::default();
+        let query = HashPolicy {
+            kind: HashKind::QueryParameter("user".into()),
+            terminal: false,
+        };
+        let header = |terminal| HashPolicy {
+            kind: HashKind::Header {
+                name: "x-user".into(),
+                rewrite: None,
+            },
+            terminal,
+        };
+        let p = parts(&[("x-user", "b"), ("x-user", "a")]);
+        // Several values of one header: sorted, hashed as one string.
+        assert_eq!(
+            request_hash(&[header(false)], &p, &ctx, &state).hash,
+            Some(xx("ab"))
+        );
+        // Two policies: rotate-left-1 of the first, xor the second.
+        let both = request_hash(&[header(false), query.clone()], &p, &ctx, &state);
+        assert_eq!(both.hash, Some(xx("ab").rotate_left(1) ^ xx("u1")));
+        // A terminal policy with a hash ends the walk; a terminal one without a value and no
+        // hash so far does not.
+        let stop = request_hash(&[header(true), query.clone()], &p, &ctx, &state);
+        assert_eq!(stop.hash, Some(xx("ab")));
+        let absent = request_hash(&[header(true), query], &parts(&[]), &ctx, &state);
+        assert_eq!(absent.hash, Some(xx("u1")));
+        // A terminal cookie policy that generated a cookie stops there too.
+        let generated = request_hash(
+            &[cookie_policy(Some(0), true), header(false)],
+            &p,
+            &ctx,
+            &state,
+        );
+        assert_eq!(generated.hash, Some(xx(&generated_cookie(&ctx))));
+        let set = generated.set_cookies[0]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            !set.contains("Max-Age"),
+            "a zero ttl is a session cookie: {set}"
+        );
     }
 }

@@ -314,18 +314,8 @@ pub fn code_details(e: &ProxyError) -> Cow<'static, str> {
         ProxyError::ConnectFailure(_) => {
             "upstream_reset_before_response_started{connection_failure}"
         }
-        ProxyError::RetriesExhausted(last) => {
-            // The last attempt's failure, as Envoy reports it.
-            if last.starts_with("no_healthy_upstream") {
-                "no_healthy_upstream"
-            } else if last.starts_with("upstream_response_timeout") {
-                "upstream_response_timeout"
-            } else if last.contains("connection_failure") {
-                "upstream_reset_before_response_started{connection_failure}"
-            } else {
-                "upstream_reset_before_response_started{connection_termination}"
-            }
-        }
+        // The last attempt's failure, as Envoy reports it.
+        ProxyError::NotRetried { last, .. } => return code_details(last),
         ProxyError::UpstreamReset(_) => {
             "upstream_reset_before_response_started{connection_termination}"
         }
@@ -884,9 +874,11 @@ mod tests {
             ),
             (ProxyError::Timeout, "upstream_response_timeout"),
             (
-                ProxyError::RetriesExhausted(
-                    ProxyError::ConnectFailure("refused".into()).to_string(),
-                ),
+                ProxyError::NotRetried {
+                    last: Box::new(ProxyError::ConnectFailure("refused".into())),
+                    flag: crate::flags::ResponseFlag::UpstreamRetryLimitExceeded,
+                    retried: true,
+                },
                 "upstream_reset_before_response_started{connection_failure}",
             ),
             (

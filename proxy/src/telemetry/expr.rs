@@ -5,6 +5,11 @@
 //! Anything else is refused when the config is compiled (a NACK naming the expression), rather
 //! than evaluated wrongly. A value that is absent at run time renders as `unknown`, as Envoy's
 //! evaluator does for an error.
+//!
+//! Custom metric values (`stats.PluginConfig.definitions[].value`) are [`ValueExpr`]s: integer
+//! literals, the size and code attributes, or any of the attribute forms above read as text and
+//! counted when that text is an unsigned integer (istio_stats prints the CEL result and parses
+//! it with `SimpleAtoi`, recording 0 when that fails).
 
 use std::fmt;
 
@@ -238,6 +243,91 @@ impl Expr {
     }
 }
 
+/// A custom metric's value expression (`stats.MetricDefinition.value`), compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ValueExpr {
+    /// An integer literal (`"1"` counts streams).
+    Integer(u64),
+    /// `request.total_size`: request headers and body.
+    RequestTotalSize,
+    /// `response.total_size`: response headers, body and trailers.
+    ResponseTotalSize,
+    /// `response.code` (0 when no response was sent).
+    ResponseCode,
+    /// `response.grpc_status` (0 when there is none, as istio_stats records an evaluation error).
+    ResponseGrpcStatus,
+    /// Another attribute, read as text: its value when the text is an unsigned integer, else 0.
+    Text(Expr),
+}
+
+impl ValueExpr {
+    /// Compiles the value expression `text`.
+    pub fn parse(text: &str) -> Result<ValueExpr, ExprError> {
+        let t = text.trim();
+        // CEL's conversions to integers change nothing that is recorded: istio_stats parses the
+        // printed result either way.
+        if let Some(inner) = ["int(", "uint("]
+            .iter()
+            .find_map(|f| t.strip_prefix(f))
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            return ValueExpr::parse(inner).map_err(|e| ExprError(format!("'{text}': {e}")));
+        }
+        // CEL's unsigned literal suffix.
+        let digits = t.strip_suffix('u').unwrap_or(t);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            return digits.parse().map(ValueExpr::Integer).map_err(|_| {
+                ExprError(format!(
+                    "'{text}': the literal does not fit an unsigned 64-bit counter"
+                ))
+            });
+        }
+        if let Some(n) = t.strip_prefix('-')
+            && !n.is_empty()
+            && n.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(ExprError(format!(
+                "'{text}': a negative value cannot be added to a counter or histogram"
+            )));
+        }
+        match t {
+            "request.total_size" => return Ok(ValueExpr::RequestTotalSize),
+            "response.total_size" => return Ok(ValueExpr::ResponseTotalSize),
+            "response.code" => return Ok(ValueExpr::ResponseCode),
+            "response.grpc_status" => return Ok(ValueExpr::ResponseGrpcStatus),
+            "request.size" | "response.size" => {
+                return Err(ExprError(format!(
+                    "'{text}': body-only sizes are not tracked per stream; request.total_size and response.total_size are"
+                )));
+            }
+            "request.duration" | "response.duration" => {
+                // istio_stats prints a CEL duration ("12ms") and its integer parse fails, so the
+                // metric would only ever record 0.
+                return Err(ExprError(format!(
+                    "'{text}' is a duration, which istio_stats records as 0 (its text is not an integer)"
+                )));
+            }
+            _ => {}
+        }
+        match Expr::parse(t)? {
+            // A quoted literal is known now.
+            Expr::Literal(s) => Ok(ValueExpr::Integer(integer_text(&s).unwrap_or(0))),
+            e => Ok(ValueExpr::Text(e)),
+        }
+    }
+}
+
+/// The unsigned integer `text` holds, parsed as istio_stats does (`absl::SimpleAtoi`: surrounding
+/// whitespace and a leading `+` allowed); `None` when it holds none (istio_stats records 0).
+pub fn integer_text(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
 fn quoted(s: &str) -> Option<String> {
     let inner = s
         .strip_prefix('\'')
@@ -324,6 +414,56 @@ mod tests {
             let e = Expr::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(e.eval(&Fixed), want, "{text}");
         }
+    }
+
+    #[test]
+    fn value_expressions_compile_to_what_istio_stats_records() {
+        let cases = [
+            ("1", ValueExpr::Integer(1)),
+            (" 42u ", ValueExpr::Integer(42)),
+            ("int(7)", ValueExpr::Integer(7)),
+            ("'5'", ValueExpr::Integer(5)),
+            // A literal that is not an integer records 0, as istio_stats's SimpleAtoi fails.
+            ("'five'", ValueExpr::Integer(0)),
+            ("request.total_size", ValueExpr::RequestTotalSize),
+            ("uint(response.total_size)", ValueExpr::ResponseTotalSize),
+            ("response.code", ValueExpr::ResponseCode),
+            ("response.grpc_status", ValueExpr::ResponseGrpcStatus),
+            (
+                "request.headers['x-cost']",
+                ValueExpr::Text(Expr::RequestHeader("x-cost".into())),
+            ),
+            (
+                "destination.port",
+                ValueExpr::Text(Expr::Destination(AddrField::Port)),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(ValueExpr::parse(text), Ok(want), "{text}");
+        }
+        for (text, why) in [
+            ("-1", "negative"),
+            ("99999999999999999999", "does not fit"),
+            ("request.duration", "duration"),
+            ("response.size", "body-only"),
+            ("request.total_size * 2", "only attribute paths"),
+            ("int(has(request.headers.x))", "only attribute paths"),
+            ("", "only attribute paths"),
+        ] {
+            let e = ValueExpr::parse(text).expect_err(text);
+            assert!(e.0.contains(why) && e.0.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn integer_text_parses_as_simple_atoi() {
+        assert_eq!(integer_text("12"), Some(12));
+        assert_eq!(integer_text(" +12 "), Some(12));
+        assert_eq!(integer_text("unknown"), None);
+        assert_eq!(integer_text("-3"), None);
+        assert_eq!(integer_text("1.5"), None);
+        assert_eq!(integer_text(""), None);
+        assert_eq!(integer_text("18446744073709551616"), None);
     }
 
     #[test]

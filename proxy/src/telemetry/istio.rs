@@ -20,7 +20,7 @@ use std::{
 };
 
 use super::histogram::{DEFAULT_BUCKETS, Histogram, HistogramSnapshot, format_bound};
-use crate::flags::ResponseFlags;
+use crate::{config::matchers::StringMatch, flags::ResponseFlags, stats_matcher::StatsMatcher};
 
 /// The value of a label nothing is known for.
 pub const UNKNOWN: &str = "unknown";
@@ -261,6 +261,175 @@ pub struct Plan {
     pub dimensions: Vec<super::expr::Expr>,
     /// `reporter` value (`waypoint`, `destination`, `source`).
     pub reporter: &'static str,
+    /// Custom metrics (`definitions`), in definition order; empty for most configs, and then
+    /// recording does no work for them.
+    pub custom: Vec<CustomMetric>,
+}
+
+/// A custom metric's kind (`stats.MetricType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CustomKind {
+    /// `COUNTER`: incremented by the value.
+    Counter,
+    /// `GAUGE`: set to the value.
+    Gauge,
+    /// `HISTOGRAM`: records the value.
+    Histogram,
+}
+
+impl CustomKind {
+    /// The Prometheus `# TYPE`.
+    fn type_name(self) -> &'static str {
+        match self {
+            CustomKind::Counter => "counter",
+            CustomKind::Gauge => "gauge",
+            CustomKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Where a custom metric's value comes from, per stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueSource {
+    /// A constant.
+    Integer(u64),
+    /// The stream's request bytes (headers and body), as `istio_request_bytes` counts them.
+    RequestTotalSize,
+    /// The stream's response bytes (headers, body and trailers), as `istio_response_bytes`.
+    ResponseTotalSize,
+    /// The response code (0: none).
+    ResponseCode,
+    /// The gRPC status (0: none).
+    ResponseGrpcStatus,
+    /// A dimension slot's text, when it is an unsigned integer (else 0).
+    Dimension(usize),
+}
+
+/// One `stats.PluginConfig.definitions[]` entry, compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CustomMetric {
+    /// The configured name; the metric is `istio_<name>`.
+    pub name: String,
+    /// Its kind.
+    pub kind: CustomKind,
+    /// Its value.
+    pub value: ValueSource,
+    /// Its labels: as istio_stats gives a custom metric none of the standard labels, only those
+    /// `metrics[].dimensions` add (tag, dimension slot), in order.
+    pub labels: Vec<(String, usize)>,
+}
+
+impl CustomMetric {
+    /// The Prometheus family: `istio_<name>`, with the characters Prometheus names cannot hold
+    /// replaced by `_` as Envoy's Prometheus output does.
+    pub fn family(&self) -> String {
+        let mut f = String::with_capacity(6 + self.name.len());
+        f.push_str("istio_");
+        f.extend(
+            self.name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+        );
+        f
+    }
+
+    /// The name the stats matcher and bucket rules see: `istiocustom.istio_<name>`.
+    pub fn envoy_name(&self) -> String {
+        crate::stats_matcher::istio_metric_name(&format!("istio_{}", self.name))
+    }
+}
+
+/// Why a `stats.PluginConfig.definitions[]` entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("definition '{name}': {reason}")]
+pub struct DefinitionError {
+    /// The entry's index in `definitions`.
+    pub index: usize,
+    /// The field at fault (`value`, `type`).
+    pub field: &'static str,
+    /// The definition's name.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Compiles `definitions` into `plan.custom` as istio_stats reads them: a definition naming a
+/// standard metric is skipped with a warning, the first of two with the same name wins, and the
+/// type defaults to `COUNTER`. `build` is skipped too (istio_stats would mix its series into the
+/// `istio_build` gauge's family, which Prometheus refuses). A value expression the
+/// evaluator cannot compute, or a type it does not know, is refused (istio_stats skips a value it
+/// cannot parse; a NACK says so instead of losing the metric silently). Text-valued expressions
+/// take a dimension slot, shared with `metrics[].dimensions` of the same expression.
+pub fn custom_metrics(
+    definitions: &[waypoint_proto::istio::stats::MetricDefinition],
+    plan: &mut Plan,
+) -> Result<(), DefinitionError> {
+    use super::expr::ValueExpr;
+    use waypoint_proto::istio::stats::MetricType;
+    for (index, d) in definitions.iter().enumerate() {
+        let error = |field, reason: String| DefinitionError {
+            index,
+            field,
+            name: d.name.clone(),
+            reason,
+        };
+        if Metric::from_config_name(&d.name).is_some() || d.name == "build" {
+            tracing::warn!(target: "stats", "definitions[{index}]: re-defining the standard metric istio_{} is not allowed; skipped", d.name);
+            continue;
+        }
+        if plan.custom.iter().any(|c| c.name == d.name) {
+            tracing::warn!(target: "stats", "definitions[{index}]: istio_{} is defined twice; the first definition stays", d.name);
+            continue;
+        }
+        let kind = match MetricType::try_from(d.r#type) {
+            Ok(MetricType::Counter) => CustomKind::Counter,
+            Ok(MetricType::Gauge) => CustomKind::Gauge,
+            Ok(MetricType::Histogram) => CustomKind::Histogram,
+            Err(_) => return Err(error("type", format!("unknown metric type {}", d.r#type))),
+        };
+        let value = match ValueExpr::parse(&d.value).map_err(|e| error("value", e.0))? {
+            ValueExpr::Integer(v) => ValueSource::Integer(v),
+            ValueExpr::RequestTotalSize => ValueSource::RequestTotalSize,
+            ValueExpr::ResponseTotalSize => ValueSource::ResponseTotalSize,
+            ValueExpr::ResponseCode => ValueSource::ResponseCode,
+            ValueExpr::ResponseGrpcStatus => ValueSource::ResponseGrpcStatus,
+            ValueExpr::Text(e) => ValueSource::Dimension(plan.dimension_slot(e)),
+        };
+        plan.custom.push(CustomMetric {
+            name: d.name.clone(),
+            kind,
+            value,
+            labels: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+/// The values a custom metric's [`ValueSource`] reads from one stream or connection.
+#[derive(Debug, Clone, Copy)]
+struct CustomInputs<'a> {
+    request_bytes: u64,
+    response_bytes: u64,
+    response_code: u16,
+    grpc_status: Option<u32>,
+    extra: &'a [Arc<str>],
+}
+
+impl ValueSource {
+    fn eval(self, i: &CustomInputs<'_>) -> u64 {
+        match self {
+            ValueSource::Integer(v) => v,
+            ValueSource::RequestTotalSize => i.request_bytes,
+            ValueSource::ResponseTotalSize => i.response_bytes,
+            ValueSource::ResponseCode => u64::from(i.response_code),
+            ValueSource::ResponseGrpcStatus => i.grpc_status.map_or(0, u64::from),
+            ValueSource::Dimension(d) => i
+                .extra
+                .get(d)
+                .and_then(|v| super::expr::integer_text(v))
+                .unwrap_or(0),
+        }
+    }
 }
 
 /// Plans differ rarely (one per `istio.stats` config): the reporter and the dimension count
@@ -281,6 +450,29 @@ impl Plan {
         }
     }
 
+    /// The slot of dimension expression `e`, added when no dimension has it yet.
+    pub fn dimension_slot(&mut self, e: super::expr::Expr) -> usize {
+        match self.dimensions.iter().position(|d| *d == e) {
+            Some(i) => i,
+            None => {
+                self.dimensions.push(e);
+                self.dimensions.len() - 1
+            }
+        }
+    }
+
+    /// The value of dimension `d` for a series whose evaluated values are `extra`. A series
+    /// whose dimensions were not evaluated (a TCP connection's) still shows a literal's text.
+    fn dimension_value<'s>(&'s self, extra: &'s [Arc<str>], d: usize) -> &'s str {
+        match extra.get(d) {
+            Some(v) => v,
+            None => match self.dimensions.get(d) {
+                Some(super::expr::Expr::Literal(l)) => l,
+                _ => "",
+            },
+        }
+    }
+
     /// The labels of `metric` for a series as (name, value) pairs: standard values (in [`TAGS`]
     /// order, `None` where a label does not apply) with overrides and additions applied.
     fn label_pairs<'s>(
@@ -290,7 +482,7 @@ impl Plan {
         extra: &'s [Arc<str>],
     ) -> impl Iterator<Item = (&'s str, &'s str)> + 's {
         let i = metric.index();
-        let value = move |d: usize| extra.get(d).map_or("", |v| &**v);
+        let value = move |d: usize| self.dimension_value(extra, d);
         let overrides = &self.overrides[i];
         standard
             .into_iter()
@@ -444,6 +636,8 @@ struct HttpSeries {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    /// The plan's custom metrics, in [`Plan::custom`] order (empty without definitions).
+    custom: Box<[CustomCell]>,
 }
 
 /// The TCP metrics of one series.
@@ -457,6 +651,72 @@ pub struct TcpSeries {
     pub sent: AtomicU64,
     /// `istio_tcp_received_bytes_total` (from the downstream).
     pub received: AtomicU64,
+    /// The plan's custom metrics, in [`Plan::custom`] order (empty without definitions).
+    custom: Box<[CustomCell]>,
+}
+
+impl TcpSeries {
+    /// Counts a closed connection that received `received` and sent `sent` bytes downstream
+    /// over its life, and records the custom metrics, which istio_stats reports for a
+    /// connection once, at its close (`request.total_size` is then the bytes received,
+    /// `response.total_size` the bytes sent; a TCP connection has no response code).
+    pub fn close(&self, received: u64, sent: u64) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        if !self.custom.is_empty() {
+            record_custom(
+                &self.custom,
+                &CustomInputs {
+                    request_bytes: received,
+                    response_bytes: sent,
+                    response_code: 0,
+                    grpc_status: None,
+                    // Dimensions are not evaluated for connections: a text value counts 0, as
+                    // istio_stats records an attribute a connection lacks.
+                    extra: &[],
+                },
+            );
+        }
+    }
+}
+
+/// Orders gauge sets across series: when series with the same custom labels merge at render,
+/// the value set last wins, as one Envoy gauge would hold it.
+static GAUGE_SETS: AtomicU64 = AtomicU64::new(0);
+
+/// One custom metric's value in one series.
+#[derive(Debug)]
+struct CustomCell {
+    value: ValueSource,
+    data: CellData,
+}
+
+#[derive(Debug)]
+enum CellData {
+    Counter(AtomicU64),
+    /// The value and when it was set ([`GAUGE_SETS`]; 0: never).
+    Gauge {
+        value: AtomicU64,
+        set_at: AtomicU64,
+    },
+    Histogram(Histogram),
+}
+
+/// Records every custom metric of a series for one stream or connection.
+fn record_custom(cells: &[CustomCell], inputs: &CustomInputs<'_>) {
+    for cell in cells {
+        let v = cell.value.eval(inputs);
+        match &cell.data {
+            CellData::Counter(c) => {
+                c.fetch_add(v, Ordering::Relaxed);
+            }
+            CellData::Gauge { value, set_at } => {
+                let at = GAUGE_SETS.fetch_add(1, Ordering::Relaxed) + 1;
+                value.store(v, Ordering::Relaxed);
+                set_at.store(at, Ordering::Relaxed);
+            }
+            CellData::Histogram(h) => h.record(v),
+        }
+    }
 }
 
 /// One finished HTTP stream.
@@ -526,6 +786,10 @@ pub struct IstioMetrics {
     hidden: [AtomicBool; METRICS],
     /// `istio_build` is rejected.
     build_hidden: AtomicBool,
+    /// The stats matcher custom metrics are judged by at render (their names come with config).
+    custom_matcher: RwLock<Option<StatsMatcher>>,
+    /// The bootstrap's bucket rules, for custom histograms (matched when a series is created).
+    custom_buckets: RwLock<Vec<(StringMatch, Arc<[f64]>)>>,
 }
 
 impl Default for IstioMetrics {
@@ -539,6 +803,8 @@ impl Default for IstioMetrics {
             build: RwLock::default(),
             hidden: std::array::from_fn(|_| AtomicBool::new(false)),
             build_hidden: AtomicBool::new(false),
+            custom_matcher: RwLock::default(),
+            custom_buckets: RwLock::default(),
         }
     }
 }
@@ -596,6 +862,58 @@ impl IstioMetrics {
         self.hidden[m.index()].load(Ordering::Relaxed)
     }
 
+    /// Judges custom metrics (`istiocustom.istio_<name>`) by `matcher` from now on; a rejected
+    /// one is not rendered.
+    pub fn set_custom_matcher(&self, matcher: StatsMatcher) {
+        *write(&self.custom_matcher) = Some(matcher);
+    }
+
+    /// Bucket rules (the bootstrap's `histogram_bucket_settings`, in order) for custom
+    /// histograms: the first rule matching `istiocustom.istio_<name>` or `istio_<name>` sets
+    /// the bounds of series created from now on; others keep Envoy's defaults.
+    pub fn set_custom_buckets(&self, rules: Vec<(StringMatch, Vec<f64>)>) {
+        *write(&self.custom_buckets) = rules.into_iter().map(|(m, b)| (m, Arc::from(b))).collect();
+    }
+
+    fn custom_hidden(&self, metric: &CustomMetric) -> bool {
+        read(&self.custom_matcher)
+            .as_ref()
+            .is_some_and(|m| m.rejects(&metric.envoy_name()))
+    }
+
+    /// The cells of a new series of `plan` (none without definitions: nothing allocated).
+    fn custom_cells(&self, plan: &Plan) -> Box<[CustomCell]> {
+        if plan.custom.is_empty() {
+            return Box::default();
+        }
+        let rules = read(&self.custom_buckets);
+        plan.custom
+            .iter()
+            .map(|m| CustomCell {
+                value: m.value,
+                data: match m.kind {
+                    CustomKind::Counter => CellData::Counter(AtomicU64::new(0)),
+                    CustomKind::Gauge => CellData::Gauge {
+                        value: AtomicU64::new(0),
+                        set_at: AtomicU64::new(0),
+                    },
+                    CustomKind::Histogram => {
+                        let bounds = if rules.is_empty() {
+                            self.default_buckets.clone()
+                        } else {
+                            let (envoy, family) = (m.envoy_name(), m.family());
+                            rules
+                                .iter()
+                                .find(|(r, _)| r.matches(&envoy) || r.matches(&family))
+                                .map_or_else(|| self.default_buckets.clone(), |(_, b)| b.clone())
+                        };
+                        CellData::Histogram(Histogram::new(bounds))
+                    }
+                },
+            })
+            .collect()
+    }
+
     fn bounds(&self, metric: Metric) -> Arc<[f64]> {
         read(&self.buckets)
             .get(&metric)
@@ -632,10 +950,14 @@ impl IstioMetrics {
 
     /// Records one finished HTTP stream.
     pub fn record_http(&self, key: SeriesKey, sample: HttpSample) {
-        if HTTP_METRICS.iter().all(|m| self.is_hidden(*m)) {
+        if key.plan.custom.is_empty() && HTTP_METRICS.iter().all(|m| self.is_hidden(*m)) {
             return;
         }
         let plan = key.plan.clone();
+        // What custom metrics read of the key, which the series map takes (nothing is copied
+        // without definitions).
+        let custom = (!plan.custom.is_empty())
+            .then(|| (key.response_code, key.grpc_status, key.extra.clone()));
         let Some(series) = self.series(&self.http, key, || HttpSeries {
             requests: AtomicU64::new(0),
             request_messages: AtomicU64::new(0),
@@ -643,9 +965,22 @@ impl IstioMetrics {
             duration: Histogram::new(self.bounds(Metric::RequestDuration)),
             request_bytes: Histogram::new(self.bounds(Metric::RequestBytes)),
             response_bytes: Histogram::new(self.bounds(Metric::ResponseBytes)),
+            custom: self.custom_cells(&plan),
         }) else {
             return;
         };
+        if let Some((response_code, grpc_status, extra)) = custom {
+            record_custom(
+                &series.custom,
+                &CustomInputs {
+                    request_bytes: sample.request_bytes,
+                    response_bytes: sample.response_bytes,
+                    response_code,
+                    grpc_status,
+                    extra: &extra,
+                },
+            );
+        }
         if !plan.drop[Metric::RequestsTotal.index()] {
             series.requests.fetch_add(1, Ordering::Relaxed);
         }
@@ -666,10 +1001,14 @@ impl IstioMetrics {
 
     /// The counters of a TCP series (created on first use).
     pub fn tcp_series(&self, key: SeriesKey) -> Option<Arc<TcpSeries>> {
-        if TCP_METRICS.iter().all(|m| self.is_hidden(*m)) {
+        if key.plan.custom.is_empty() && TCP_METRICS.iter().all(|m| self.is_hidden(*m)) {
             return None;
         }
-        self.series(&self.tcp, key, TcpSeries::default)
+        let plan = key.plan.clone();
+        self.series(&self.tcp, key, || TcpSeries {
+            custom: self.custom_cells(&plan),
+            ..TcpSeries::default()
+        })
     }
 
     /// Number of HTTP and TCP series.
@@ -770,13 +1109,45 @@ impl IstioMetrics {
             });
             rendered.push((m, slots));
         }
-        let size: usize = rendered
+        let custom = self.custom_families(&http, &tcp, &mut texts);
+        let names: Vec<String> = rendered.iter().map(|(m, _)| m.family()).collect();
+        let mut heads: Vec<(Head<'_>, Vec<&Slot>)> = rendered
+            .into_iter()
+            .zip(&names)
+            .map(|((m, slots), family)| {
+                let kind = if is_histogram(m) {
+                    "histogram"
+                } else {
+                    "counter"
+                };
+                (
+                    Head {
+                        family,
+                        help: m.help(),
+                        kind,
+                    },
+                    slots,
+                )
+            })
+            .collect();
+        for (family, (kind, f)) in &custom {
+            let mut slots: Vec<&Slot> = f.slots.iter().collect();
+            // Ordered by label text, so a scrape does not depend on the series maps' order.
+            slots.sort_by(|a, b| texts.get(a.text).cmp(texts.get(b.text)));
+            let head = Head {
+                family,
+                help: CUSTOM_HELP,
+                kind: kind.type_name(),
+            };
+            heads.push((head, slots));
+        }
+        let size: usize = heads
             .iter()
-            .map(|(m, slots)| family_size(*m, slots, &texts))
+            .map(|(h, slots)| family_size(h, slots, &texts))
             .sum();
         out.reserve(size + 256);
-        for (m, slots) in &rendered {
-            write_family(out, *m, slots, &texts);
+        for (h, slots) in &heads {
+            write_family(out, h, slots, &texts);
         }
         if let Some(tag) = read(&self.build)
             .as_deref()
@@ -788,6 +1159,53 @@ impl IstioMetrics {
             push_escaped(out, tag);
             out.push_str("\"} 1\n");
         }
+    }
+}
+
+impl IstioMetrics {
+    /// The custom metrics of every series, by family: series whose labels coincide are merged
+    /// (counters and histograms summed, the gauge set last kept). A family takes the kind of
+    /// the first definition seen; a definition of the same name with another kind (from another
+    /// `istio.stats` config) is left out rather than mixed into it.
+    fn custom_families(
+        &self,
+        http: &[(SeriesKey, Arc<HttpSeries>)],
+        tcp: &[(SeriesKey, Arc<TcpSeries>)],
+        texts: &mut Texts,
+    ) -> BTreeMap<String, (CustomKind, Family)> {
+        let mut families: BTreeMap<String, (CustomKind, Family)> = BTreeMap::new();
+        let mut hidden: HashMap<String, bool> = HashMap::new();
+        let series = http
+            .iter()
+            .map(|(k, s)| (k, &s.custom))
+            .chain(tcp.iter().map(|(k, s)| (k, &s.custom)));
+        for (key, cells) in series {
+            for (metric, cell) in key.plan.custom.iter().zip(cells.iter()) {
+                let hide = *hidden
+                    .entry(metric.name.clone())
+                    .or_insert_with(|| self.custom_hidden(metric));
+                if hide {
+                    continue;
+                }
+                let (kind, family) = families
+                    .entry(metric.family())
+                    .or_insert_with(|| (metric.kind, Family::default()));
+                if *kind != metric.kind {
+                    continue;
+                }
+                let value = match &cell.data {
+                    CellData::Counter(c) => Value::Counter(c.load(Ordering::Relaxed)),
+                    CellData::Gauge { value, set_at } => Value::Gauge(
+                        value.load(Ordering::Relaxed),
+                        set_at.load(Ordering::Relaxed),
+                    ),
+                    CellData::Histogram(h) => Value::Histogram(h.snapshot()),
+                };
+                let text = texts.of_custom(key, metric);
+                family.add(text, 0, value);
+            }
+        }
+        families
     }
 }
 
@@ -850,6 +1268,24 @@ impl Texts {
         self.by_id.get(id).map_or("", |t| &**t)
     }
 
+    /// The text id of a custom metric's labels for a series.
+    fn of_custom(&mut self, key: &SeriesKey, metric: &CustomMetric) -> usize {
+        let mut text = std::mem::take(&mut self.scratch);
+        text.clear();
+        for (n, (tag, slot)) in metric.labels.iter().enumerate() {
+            if n > 0 {
+                text.push(',');
+            }
+            text.push_str(tag);
+            text.push_str("=\"");
+            push_escaped(&mut text, key.plan.dimension_value(&key.extra, *slot));
+            text.push('"');
+        }
+        let id = self.intern(&text);
+        self.scratch = text;
+        id
+    }
+
     /// The text id of each of `metrics` for a series (other metrics: unset); metrics whose
     /// overrides and additions are the same share one text.
     fn of_series(
@@ -894,6 +1330,8 @@ impl Texts {
 /// A metric's value for one series.
 enum Value {
     Counter(u64),
+    /// A gauge's value and when it was set (the later set wins a merge).
+    Gauge(u64, u64),
     Histogram(HistogramSnapshot),
 }
 
@@ -901,6 +1339,7 @@ impl Value {
     fn merge(&mut self, other: Value) {
         match (self, other) {
             (Value::Counter(a), Value::Counter(b)) => *a += b,
+            (Value::Gauge(v, at), Value::Gauge(v2, at2)) if at2 > *at => (*v, *at) = (v2, at2),
             (Value::Histogram(a), Value::Histogram(b)) => a.merge(&b),
             _ => {}
         }
@@ -958,13 +1397,24 @@ fn le_texts(bounds: &[f64]) -> Vec<String> {
 /// Decimal digits of a `u64` at most.
 const U64_DIGITS: usize = 20;
 
+/// What heads a family: its name, `# HELP` text and `# TYPE`.
+struct Head<'a> {
+    family: &'a str,
+    help: &'a str,
+    kind: &'a str,
+}
+
+/// The help text of custom metrics.
+const CUSTOM_HELP: &str =
+    "Custom metric of the istio.stats filter (stats.PluginConfig definitions).";
+
 /// An upper bound of the text [`write_family`] writes.
-fn family_size(m: Metric, slots: &[&Slot], texts: &Texts) -> usize {
+fn family_size(head: &Head<'_>, slots: &[&Slot], texts: &Texts) -> usize {
     if slots.is_empty() {
         return 0;
     }
-    let family = m.config_name().len() + "istio_".len();
-    let header = 2 * family + m.help().len() + "# HELP  \n# TYPE  histogram\n".len();
+    let family = head.family.len();
+    let header = 2 * family + head.help.len() + "# HELP  \n# TYPE  histogram\n".len();
     let per_series: usize = slots
         .iter()
         .map(|slot| {
@@ -974,7 +1424,7 @@ fn family_size(m: Metric, slots: &[&Slot], texts: &Texts) -> usize {
                 family + suffix + labels.len() + extra + 4 + U64_DIGITS
             };
             match &slot.value {
-                Value::Counter(_) => line(0, 0),
+                Value::Counter(_) | Value::Gauge(..) => line(0, 0),
                 Value::Histogram(h) => {
                     let les: usize = h
                         .bounds
@@ -1002,31 +1452,26 @@ fn format_bound_len(b: f64) -> usize {
 }
 
 /// Writes one family: `# HELP`, `# TYPE` and its series.
-fn write_family(out: &mut String, m: Metric, slots: &[&Slot], texts: &Texts) {
+fn write_family(out: &mut String, head: &Head<'_>, slots: &[&Slot], texts: &Texts) {
     if slots.is_empty() {
         return;
     }
-    let family = m.family();
-    let kind = if is_histogram(m) {
-        "histogram"
-    } else {
-        "counter"
-    };
+    let family = head.family;
     out.push_str("# HELP ");
-    out.push_str(&family);
+    out.push_str(family);
     out.push(' ');
-    out.push_str(m.help());
+    out.push_str(head.help);
     out.push_str("\n# TYPE ");
-    out.push_str(&family);
+    out.push_str(family);
     out.push(' ');
-    out.push_str(kind);
+    out.push_str(head.kind);
     out.push('\n');
     // `le` texts for the bounds last seen (every series of a metric shares them in practice).
     let mut les: Option<(Arc<[f64]>, Vec<String>)> = None;
     for slot in slots {
         let labels = texts.get(slot.text);
         match &slot.value {
-            Value::Counter(v) => write_line(out, &family, "", labels, None, *v),
+            Value::Counter(v) | Value::Gauge(v, _) => write_line(out, family, "", labels, None, *v),
             Value::Histogram(h) => {
                 let le_list = match &les {
                     Some((bounds, list)) if *bounds == h.bounds => list,
@@ -1038,10 +1483,10 @@ fn write_family(out: &mut String, m: Metric, slots: &[&Slot], texts: &Texts) {
                 let mut total = 0u64;
                 for (c, le) in h.counts.iter().zip(le_list) {
                     total += c;
-                    write_line(out, &family, "_bucket", labels, Some(le), total);
+                    write_line(out, family, "_bucket", labels, Some(le), total);
                 }
-                write_line(out, &family, "_sum", labels, None, h.sum);
-                write_line(out, &family, "_count", labels, None, h.count());
+                write_line(out, family, "_sum", labels, None, h.sum);
+                write_line(out, family, "_count", labels, None, h.count());
             }
         }
     }
@@ -1513,5 +1958,255 @@ mod tests {
             out.matches("istio_request_bytes_count{").count()
                 < out.matches("istio_response_bytes_count{").count()
         );
+    }
+
+    fn definition(
+        name: &str,
+        value: &str,
+        kind: waypoint_proto::istio::stats::MetricType,
+    ) -> waypoint_proto::istio::stats::MetricDefinition {
+        waypoint_proto::istio::stats::MetricDefinition {
+            name: name.into(),
+            value: value.into(),
+            r#type: kind as i32,
+        }
+    }
+
+    #[test]
+    fn definitions_compile_as_istio_stats_reads_them() {
+        use crate::telemetry::expr::Expr;
+        use waypoint_proto::istio::stats::MetricType;
+        let mut plan = Plan::standard("waypoint");
+        plan.dimensions.push(Expr::RequestHeader("x-cost".into()));
+        custom_metrics(
+            &[
+                definition("calls", "1", MetricType::Counter),
+                // Standard names (and istio_build's) are not redefined.
+                definition("requests_total", "10", MetricType::Counter),
+                definition("build", "1", MetricType::Gauge),
+                definition("sizes", "response.total_size", MetricType::Histogram),
+                // The first of two definitions stays.
+                definition("calls", "2", MetricType::Gauge),
+                // A text value shares the slot of the same dimension expression.
+                definition("cost", "request.headers['x-cost']", MetricType::Counter),
+                definition("last_code", "response.code", MetricType::Gauge),
+            ],
+            &mut plan,
+        )
+        .expect("compiles");
+        let got: Vec<(&str, CustomKind, ValueSource)> = plan
+            .custom
+            .iter()
+            .map(|c| (c.name.as_str(), c.kind, c.value))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("calls", CustomKind::Counter, ValueSource::Integer(1)),
+                (
+                    "sizes",
+                    CustomKind::Histogram,
+                    ValueSource::ResponseTotalSize
+                ),
+                ("cost", CustomKind::Counter, ValueSource::Dimension(0)),
+                ("last_code", CustomKind::Gauge, ValueSource::ResponseCode),
+            ]
+        );
+        assert_eq!(plan.dimensions.len(), 1);
+        assert_eq!(plan.custom[0].family(), "istio_calls");
+        assert_eq!(plan.custom[0].envoy_name(), "istiocustom.istio_calls");
+
+        let mut plan = Plan::standard("waypoint");
+        let e = custom_metrics(
+            &[
+                definition("fine", "1", MetricType::Counter),
+                definition("latency", "request.duration", MetricType::Histogram),
+            ],
+            &mut plan,
+        )
+        .expect_err("a duration value");
+        assert_eq!((e.index, e.field), (1, "value"));
+        assert!(
+            e.to_string().contains("'latency'") && e.reason.contains("request.duration"),
+            "{e}"
+        );
+        let mut bad_type = definition("t", "1", MetricType::Counter);
+        bad_type.r#type = 7;
+        let e = custom_metrics(&[bad_type], &mut Plan::standard("waypoint"))
+            .expect_err("an unknown type");
+        assert_eq!((e.index, e.field), (0, "type"));
+    }
+
+    /// A plan with the custom metrics of the Istio docs' kind: a per-request counter labelled
+    /// by a literal dimension, a response size histogram, the last response code as a gauge and
+    /// a counter of a request header's value.
+    fn custom_plan() -> Arc<Plan> {
+        use crate::telemetry::expr::Expr;
+        let mut plan = Plan::standard("waypoint");
+        plan.dimensions = vec![
+            Expr::Literal("proxy".into()),
+            Expr::RequestHeader("x-cost".into()),
+        ];
+        plan.custom = vec![
+            CustomMetric {
+                name: "calls".into(),
+                kind: CustomKind::Counter,
+                value: ValueSource::Integer(1),
+                labels: vec![("reporter".into(), 0)],
+            },
+            CustomMetric {
+                name: "sizes".into(),
+                kind: CustomKind::Histogram,
+                value: ValueSource::ResponseTotalSize,
+                labels: Vec::new(),
+            },
+            CustomMetric {
+                name: "last_code".into(),
+                kind: CustomKind::Gauge,
+                value: ValueSource::ResponseCode,
+                labels: Vec::new(),
+            },
+            CustomMetric {
+                name: "cost".into(),
+                kind: CustomKind::Counter,
+                value: ValueSource::Dimension(1),
+                labels: vec![("reporter".into(), 0)],
+            },
+        ];
+        Arc::new(plan)
+    }
+
+    #[test]
+    fn custom_metrics_record_merge_and_render() {
+        let m = IstioMetrics::default();
+        let plan = custom_plan();
+        // Three streams in two standard series (the code differs): custom series with the
+        // same labels merge.
+        for (code, response_bytes, cost) in [(200, 700, "3"), (200, 1500, "4"), (503, 90, "x")] {
+            let mut k = key(plan.clone());
+            k.response_code = code;
+            k.extra = Arc::from(vec![Arc::<str>::from("proxy"), Arc::<str>::from(cost)]);
+            m.record_http(
+                k,
+                HttpSample {
+                    duration_ms: 1,
+                    request_bytes: 100,
+                    response_bytes,
+                    messages: None,
+                },
+            );
+        }
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        assert!(out.contains("# TYPE istio_calls counter\n"), "{out}");
+        assert!(
+            out.contains("\nistio_calls{reporter=\"proxy\"} 3\n"),
+            "{out}"
+        );
+        // A non-integer value counts 0.
+        assert!(
+            out.contains("\nistio_cost{reporter=\"proxy\"} 7\n"),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE istio_sizes histogram\n"), "{out}");
+        assert!(out.contains("\nistio_sizes_count{} 3\n"), "{out}");
+        assert!(out.contains("\nistio_sizes_sum{} 2290\n"), "{out}");
+        assert!(
+            out.contains("\nistio_sizes_bucket{le=\"100\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nistio_sizes_bucket{le=\"1000\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nistio_sizes_bucket{le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        // The gauge holds the value set last, across the series it merges.
+        assert!(out.contains("# TYPE istio_last_code gauge\n"), "{out}");
+        assert!(out.contains("\nistio_last_code{} 503\n"), "{out}");
+        // Custom metrics carry only the labels dimensions give them.
+        assert!(!out.contains("istio_calls{reporter=\"waypoint\""), "{out}");
+        // The standard metrics are untouched.
+        assert!(out.contains("istio_requests_total{reporter=\"waypoint\""));
+        // Every family is headed once.
+        assert_eq!(out.matches("# TYPE istio_calls ").count(), 1);
+    }
+
+    #[test]
+    fn tcp_connections_record_custom_metrics_at_close() {
+        let m = IstioMetrics::default();
+        let mut k = key(custom_plan());
+        k.protocol = Protocol::Tcp;
+        let s = m.tcp_series(k).expect("series");
+        s.opened.fetch_add(1, Ordering::Relaxed);
+        s.close(10, 2000);
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        assert!(out.contains("istio_tcp_connections_closed_total{"), "{out}");
+        // Undimensioned connections still show a literal dimension.
+        assert!(
+            out.contains("\nistio_calls{reporter=\"proxy\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("\nistio_sizes_sum{} 2000\n"), "{out}");
+        // A connection has no response code nor headers: 0.
+        assert!(out.contains("\nistio_last_code{} 0\n"), "{out}");
+        assert!(
+            out.contains("\nistio_cost{reporter=\"proxy\"} 0\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn custom_metrics_follow_the_matcher_and_bucket_rules() {
+        let plan = custom_plan();
+        let sample = HttpSample {
+            duration_ms: 1,
+            request_bytes: 1,
+            response_bytes: 3,
+            messages: None,
+        };
+        let hidden = IstioMetrics::default();
+        hidden.hide(|_| true);
+        hidden.set_custom_matcher(StatsMatcher::RejectAll);
+        hidden.record_http(key(plan.clone()), sample);
+        let mut out = String::new();
+        hidden.render_prometheus(&mut out);
+        assert_eq!(out, "");
+
+        let m = IstioMetrics::default();
+        let b: waypoint_proto::envoy::config::bootstrap::v3::Bootstrap =
+            waypoint_proto::json::from_json(&serde_json::json!({
+                "stats_config": { "histogram_bucket_settings": [
+                    { "match": { "exact": "istiocustom.istio_sizes" }, "buckets": [2, 4] }
+                ]}
+            }))
+            .expect("bootstrap");
+        m.set_custom_buckets(crate::telemetry::bucket_rules(&b).expect("rules"));
+        m.record_http(key(plan), sample);
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        let buckets: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("istio_sizes_bucket"))
+            .collect();
+        assert_eq!(
+            buckets,
+            [
+                "istio_sizes_bucket{le=\"2\"} 0",
+                "istio_sizes_bucket{le=\"4\"} 1",
+                "istio_sizes_bucket{le=\"+Inf\"} 1"
+            ],
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_plan_without_definitions_allocates_no_custom_cells() {
+        let m = IstioMetrics::default();
+        assert!(m.custom_cells(&Plan::standard("waypoint")).is_empty());
+        assert_eq!(m.custom_cells(&custom_plan()).len(), 4);
     }
 }

@@ -1,4 +1,5 @@
-//! Telemetry: histograms and Istio's standard metrics.
+//! Telemetry: histograms, Istio's standard metrics and the custom metrics of `istio.stats`
+//! definitions.
 
 pub mod attributes;
 pub mod expr;
@@ -54,9 +55,10 @@ pub fn bucket_rules(b: &Bootstrap) -> CompileResult<Vec<(StringMatch, Vec<f64>)>
 }
 
 /// Applies the bootstrap's telemetry settings: `istio_build`'s tag from the node's
-/// `ISTIO_VERSION`, and `stats_config.histogram_bucket_settings` for Istio's histograms (a rule
-/// matches the stat's Envoy name, `istiocustom.istio_request_duration_milliseconds`, or the name
-/// Prometheus shows; the first matching rule wins). Rules that do not compile were refused with
+/// `ISTIO_VERSION`, and `stats_config.histogram_bucket_settings` for Istio's histograms, custom
+/// ones included (a rule matches the stat's Envoy name,
+/// `istiocustom.istio_request_duration_milliseconds`, or the name Prometheus shows; the first
+/// matching rule wins), and the stats matcher for custom metrics. Rules that do not compile were refused with
 /// the bootstrap; should one get here anyway it is logged and Envoy's default buckets stay.
 pub fn configure(server: &Server) {
     let b = &server.bootstrap;
@@ -90,6 +92,12 @@ pub fn configure(server: &Server) {
         }
     }
     server.stats.istio.set_buckets(settings);
+    // Custom metrics are named by config that comes later: they keep the rules and the matcher.
+    server.stats.istio.set_custom_buckets(compiled);
+    server
+        .stats
+        .istio
+        .set_custom_matcher(server.stats.matcher().clone());
 }
 
 #[cfg(test)]

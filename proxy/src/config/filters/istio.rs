@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::telemetry::{
     expr::Expr,
-    istio::{Metric, Plan, tag_index},
+    istio::{Metric, Plan, custom_metrics, tag_index},
 };
 
 use serde_json::Value as Json;
@@ -79,6 +79,13 @@ impl StatsConfig {
         };
         let mut metrics = Vec::new();
         let mut plan = Plan::standard("waypoint");
+        // Definitions first, as istio_stats reads them: `metrics` may name them.
+        custom_metrics(&c.definitions, &mut plan).map_err(|e| {
+            ConfigError::new(
+                field(&index(&ipath, "definitions", e.index), e.field),
+                e.to_string(),
+            )
+        })?;
         for (i, m) in c.metrics.iter().enumerate() {
             let mpath = index(&ipath, "metrics", i);
             // `match` is a CEL predicate over the stream, which we do not evaluate.
@@ -88,18 +95,21 @@ impl StatsConfig {
                     "CEL match expressions are not supported",
                 ));
             }
-            let targets: Vec<usize> = if m.name.is_empty() {
-                (0..Metric::ALL.len()).collect()
+            // Standard metrics and custom ones (by index into `plan.custom`) this entry changes.
+            // A name that is neither changes nothing, as in istio_stats: istiod sends Telemetry
+            // `customMetric` overrides whether or not a definition exists.
+            let (targets, custom): (Vec<usize>, Vec<usize>) = if m.name.is_empty() {
+                (
+                    (0..Metric::ALL.len()).collect(),
+                    (0..plan.custom.len()).collect(),
+                )
             } else if let Some(metric) = Metric::from_config_name(&m.name) {
-                vec![metric as usize]
+                (vec![metric as usize], Vec::new())
+            } else if let Some(ci) = plan.custom.iter().position(|d| d.name == m.name) {
+                (Vec::new(), vec![ci])
             } else {
-                return Err(ConfigError::new(
-                    field(&mpath, "name"),
-                    format!(
-                        "unknown metric '{}'; custom metric definitions are not supported",
-                        m.name
-                    ),
-                ));
+                tracing::warn!(target: "stats", "{}: metric '{}' is neither standard nor defined; the entry changes nothing", field(&mpath, "name"), m.name);
+                (Vec::new(), Vec::new())
             };
             for t in &targets {
                 if m.drop {
@@ -126,19 +136,20 @@ impl StatsConfig {
             for (tag, text) in dims {
                 let expr = Expr::parse(text)
                     .map_err(|e| ConfigError::new(key(&mpath, "dimensions", tag), e.to_string()))?;
-                let slot = match plan.dimensions.iter().position(|d| *d == expr) {
-                    Some(i) => i,
-                    None => {
-                        plan.dimensions.push(expr);
-                        plan.dimensions.len() - 1
-                    }
-                };
+                let slot = plan.dimension_slot(expr);
                 for t in &targets {
                     match tag_index(tag) {
                         Some(ti) => {
                             plan.overrides[*t].insert(ti, Some(slot));
                         }
                         None => plan.additions[*t].push((tag.clone(), slot)),
+                    }
+                }
+                // A custom metric has no standard labels to replace: every dimension adds one.
+                // (`tags_to_remove` and `drop` apply to standard metrics only, as in istio_stats.)
+                for ci in &custom {
+                    if let Some(d) = plan.custom.get_mut(*ci) {
+                        d.labels.push((tag.clone(), slot));
                     }
                 }
             }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use waypoint_proto::envoy::{
+    config::core::v3::TypedExtensionConfig,
     config::rbac::v3::{
         Permission as RawPermission, Policy as RawPolicy, Principal as RawPrincipal,
         Rbac as RawRbac, permission::Rule, principal::Identifier, rbac::Action as RawAction,
@@ -13,6 +14,7 @@ use waypoint_proto::envoy::{
         http::rbac::v3::{Rbac as RawHttpRbac, RbacPerRoute},
         network::rbac::v3::{Rbac as RawNetworkRbac, rbac::EnforcementType},
     },
+    extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig,
     r#type::matcher::v3::{PathMatcher, filter_state_matcher, path_matcher},
 };
 
@@ -20,6 +22,9 @@ use crate::config::{
     CompileResult, ConfigError, field, index, key,
     matchers::{Cidr, HeaderMatch, MetadataMatch, StringMatch, cidr},
     opt_duration,
+    supported::ExtensionKind,
+    typed::required,
+    uri_template::UriTemplate,
 };
 
 /// What a matching policy means.
@@ -58,6 +63,8 @@ pub enum Permission {
     Not(Box<Permission>),
     /// The SNI.
     RequestedServerName(StringMatch),
+    /// `uri_template`: the path (without query) matches a URI template (Istio's `{*}`/`{**}`).
+    UriTemplate(UriTemplate),
 }
 
 /// A compiled principal (who is accessing).
@@ -192,6 +199,9 @@ impl Permission {
             Some(Rule::RequestedServerName(s)) => Permission::RequestedServerName(
                 StringMatch::compile(s, &field(path, "requested_server_name"))?,
             ),
+            Some(Rule::UriTemplate(t)) => {
+                Permission::UriTemplate(uri_template(t, &field(path, "uri_template"))?)
+            }
             Some(_) => {
                 return Err(ConfigError::new(
                     path,
@@ -201,6 +211,17 @@ impl Permission {
             None => return Err(ConfigError::new(path, "a permission rule is required")),
         })
     }
+}
+
+/// `Permission.uri_template`: a `TypedExtensionConfig` holding Envoy's `UriTemplateMatchConfig`.
+fn uri_template(t: &TypedExtensionConfig, path: &str) -> CompileResult<UriTemplate> {
+    let cpath = field(path, "typed_config");
+    let typed = required(t.typed_config.as_ref(), &cpath)?;
+    let name = typed
+        .check_kind(&[ExtensionKind::PathMatcher], "a path matcher", &cpath)?
+        .to_owned();
+    let config: UriTemplateMatchConfig = typed.decode(&name, &cpath)?;
+    UriTemplate::compile(&config.path_template, &field(&cpath, "path_template"))
 }
 
 impl Principal {
