@@ -35,6 +35,12 @@
 //! [`EchoServer::with_journal`] also records every JSON answer in an [`EchoJournal`], for tests
 //! that never see the answers (a proxy's mirrored requests).
 //!
+//! [`EchoServer::with_fault`] shares an [`EchoFault`] switch with the server: while it is set,
+//! every HTTP request is answered with its status (the body still the JSON) and/or after its
+//! delay, whatever the request asks for. That is how a test makes one endpoint of a service fail
+//! or slow down (and recover) while the requests, which the proxy spreads over every endpoint,
+//! stay the same.
+//!
 //! `GET /ws` with `Upgrade: websocket` (HTTP/1.1) is a WebSocket echo: text and binary frames are
 //! sent back as they are, pings are answered with pongs, and a close is answered with a close
 //! carrying the same status code. Frames over [`WS_MAX_PAYLOAD`] bytes close the connection with 1009.
@@ -45,7 +51,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU16, AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -165,6 +174,7 @@ pub struct EchoServer {
     http_addr: SocketAddr,
     grpc: Option<(TcpListener, SocketAddr)>,
     journal: Option<Arc<EchoJournal>>,
+    fault: Option<Arc<EchoFault>>,
 }
 
 impl EchoServer {
@@ -181,12 +191,20 @@ impl EchoServer {
             http_addr,
             grpc,
             journal: None,
+            fault: None,
         })
     }
 
     /// Also records every JSON answer of the HTTP listener in `journal` (see [`EchoJournal`]).
     pub fn with_journal(mut self, journal: Arc<EchoJournal>) -> Self {
         self.journal = Some(journal);
+        self
+    }
+
+    /// Lets `fault` override the status and delay of every HTTP answer while it is set (see
+    /// [`EchoFault`]).
+    pub fn with_fault(mut self, fault: Arc<EchoFault>) -> Self {
+        self.fault = Some(fault);
         self
     }
 
@@ -205,11 +223,11 @@ impl EchoServer {
         match self.grpc {
             Some((grpc, _)) => {
                 tokio::try_join!(
-                    serve_http_journaled(self.http, self.name.clone(), self.journal),
+                    serve_http_with(self.http, self.name.clone(), self.journal, self.fault),
                     serve_grpc(grpc, self.name)
                 )?;
             }
-            None => serve_http_journaled(self.http, self.name, self.journal).await?,
+            None => serve_http_with(self.http, self.name, self.journal, self.fault).await?,
         }
         Ok(())
     }
@@ -240,6 +258,16 @@ pub async fn serve_http_journaled(
     name: String,
     journal: Option<Arc<EchoJournal>>,
 ) -> Result<(), EchoError> {
+    serve_http_with(listener, name, journal, None).await
+}
+
+/// [`serve_http_journaled`], with the answers overridden by `fault` while it is set.
+async fn serve_http_with(
+    listener: TcpListener,
+    name: String,
+    journal: Option<Arc<EchoJournal>>,
+    fault: Option<Arc<EchoFault>>,
+) -> Result<(), EchoError> {
     let listener_addr = listener.local_addr().map_err(EchoError::LocalAddr)?;
     let name: Arc<str> = name.into();
     let counters = Arc::new(KeyCounters::default());
@@ -262,6 +290,7 @@ pub async fn serve_http_journaled(
             peer,
             counters: counters.clone(),
             journal: journal.clone(),
+            fault: fault.clone(),
         });
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, conn.clone()));
@@ -284,6 +313,71 @@ struct ConnInfo {
     peer: SocketAddr,
     counters: Arc<KeyCounters>,
     journal: Option<Arc<EchoJournal>>,
+    fault: Option<Arc<EchoFault>>,
+}
+
+/// A switch shared by a test and a running echo server ([`EchoServer::with_fault`]): while a
+/// status is set every HTTP request is answered with it, while a delay is set every answer waits
+/// that long, whatever the request's own controls say. Requests are still counted and journaled
+/// as usual, so a test can tell how many reached this server.
+#[derive(Debug, Default)]
+pub struct EchoFault {
+    /// The forced status; 0 when off.
+    status: AtomicU16,
+    /// The forced delay in milliseconds; 0 when off.
+    delay_ms: AtomicU64,
+}
+
+impl EchoFault {
+    /// A switch that is off.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Answers every request with `status` from now on.
+    pub fn fail_with(&self, status: StatusCode) {
+        self.status.store(status.as_u16(), Ordering::SeqCst);
+    }
+
+    /// Answers every request after `delay` (at most [`MAX_DELAY_MS`]) from now on.
+    pub fn delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(MAX_DELAY_MS);
+        self.delay_ms.store(ms.min(MAX_DELAY_MS), Ordering::SeqCst);
+    }
+
+    /// Back to normal answers (status and delay both off).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.delay_ms.store(0, Ordering::SeqCst);
+    }
+
+    /// The forced status, if one is set.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self.status.load(Ordering::SeqCst) {
+            0 => None,
+            code => StatusCode::from_u16(code).ok(),
+        }
+    }
+
+    /// The forced delay, if one is set.
+    pub fn forced_delay(&self) -> Option<Duration> {
+        match self.delay_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Applies the switch to one request's controls: it wins over what the request asked for.
+    fn apply(&self, controls: &mut Controls) {
+        if let Some(status) = self.status() {
+            controls.status = Some(status);
+            controls.reset = false;
+            controls.response_size = None;
+        }
+        if let Some(delay) = self.forced_delay() {
+            controls.delay = Some(delay);
+        }
+    }
 }
 
 /// Most answers an [`EchoJournal`] keeps; later ones are counted but not kept.
@@ -528,6 +622,9 @@ async fn handle(
             controls.reset = false;
             controls.status = None;
         }
+    }
+    if let Some(fault) = &conn.fault {
+        fault.apply(&mut controls);
     }
     if controls.reset {
         return Err(EchoError::ResetRequested);
@@ -1140,5 +1237,74 @@ impl EchoService for EchoGrpc {
             }
         });
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    /// One `GET path` on a new connection to `addr`: (status, `x-echo-server`).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, Option<String>) {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        let text = String::from_utf8_lossy(&raw);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let server = text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(SERVER_HEADER)
+                .then(|| v.trim().to_owned())
+        });
+        (status, server)
+    }
+
+    #[tokio::test]
+    async fn the_fault_switch_overrides_answers_until_cleared() {
+        let fault = EchoFault::new();
+        let journal = EchoJournal::new();
+        let echo = EchoServer::bind(&EchoConfig {
+            name: "pod-a".to_owned(),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc: None,
+        })
+        .await
+        .expect("bind")
+        .with_journal(journal.clone())
+        .with_fault(fault.clone());
+        let addr = echo.http_addr();
+        let task = tokio::spawn(echo.run());
+
+        assert_eq!(get(addr, "/").await, (200, Some("pod-a".to_owned())));
+        fault.fail_with(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(fault.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+        // The switch wins over what the request asks for.
+        assert_eq!(
+            get(addr, "/?x-echo-status=201").await,
+            (503, Some("pod-a".to_owned()))
+        );
+        fault.clear();
+        fault.delay(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        assert_eq!(get(addr, "/").await.0, 200);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        fault.clear();
+        assert_eq!(fault.forced_delay(), None);
+        assert_eq!(get(addr, "/?x-echo-status=201").await.0, 201);
+        // Every answer, the forced 503 included, was journaled.
+        assert_eq!(journal.len(), 4);
+        task.abort();
     }
 }

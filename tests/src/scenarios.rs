@@ -29,8 +29,8 @@ use serde_json::{Value as Json, json};
 use waypoint_proto::{json::yaml_to_json, resource::ResourceKind};
 
 use crate::{
-    echo::{EchoConfig, EchoError, EchoJournal, EchoServer},
-    hbone::AcceptedStream,
+    echo::{EchoConfig, EchoError, EchoFault, EchoJournal, EchoServer},
+    hbone::{AcceptedStream, HboneSink, SinkConfig},
     istiod_lite::{
         Resource,
         ads::{ConnStatus, TypeStatus},
@@ -167,7 +167,13 @@ pub struct Fixture {
 impl Fixture {
     /// Renders `tests/fixtures/mesh/waypoint.yaml` for `mesh` and picks the parts.
     pub fn of(mesh: &WaypointMesh) -> Result<Self, ScenarioError> {
-        let text = render_fixture(FIXTURE_TEMPLATE, &mesh.addrs)?;
+        Fixture::for_addrs(&mesh.addrs)
+    }
+
+    /// Renders `tests/fixtures/mesh/waypoint.yaml` for the addresses `addrs` (no mesh needed: for
+    /// checking builders) and picks the parts.
+    pub fn for_addrs(addrs: &crate::waypoint::MeshAddrs) -> Result<Self, ScenarioError> {
+        let text = render_fixture(FIXTURE_TEMPLATE, addrs)?;
         let doc = yaml_to_json(&text).map_err(|e| fixture_err(format!("not YAML: {e}")))?;
         let named = |list: &str, field: &str, name: &str| {
             doc[list]
@@ -1243,6 +1249,590 @@ pub async fn wait_requests_total(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Load balancing: httpbin with several pods
+// ---------------------------------------------------------------------------------------------
+
+/// Host part (within the mesh's /24) of the first pod of a [`ServicePods`]; pod `i` is this + `i`.
+/// The harness uses `.2`, `.5`, `.7` and `.100`, so `.10` to `.89` are free for pods.
+pub const FIRST_POD_HOST: u8 = 10;
+/// Most pods a [`ServicePods`] runs (hosts [`FIRST_POD_HOST`] to `.89`).
+pub const MAX_PODS: usize = 80;
+/// The request header the consistent-hash scenarios hash on (DestinationRule
+/// `consistentHash.httpHeaderName`).
+pub const HASH_HEADER: &str = "x-user";
+/// The `connect_originate` internal listener every waypoint endpoint is tunnelled through.
+const CONNECT_ORIGINATE: &str = "connect_originate";
+
+/// One pod to run: its name (what its echo reports in `x-echo-server`) and its EDS
+/// `load_balancing_weight` (a WorkloadEntry `weight`; pods of a Deployment have 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The pod's name.
+    pub name: String,
+    /// Its load-balancing weight.
+    pub weight: u32,
+}
+
+impl PodSpec {
+    /// A pod of weight 1.
+    pub fn new(name: &str) -> Self {
+        PodSpec::weighted(name, 1)
+    }
+
+    /// A pod of weight `weight`.
+    pub fn weighted(name: &str, weight: u32) -> Self {
+        PodSpec {
+            name: name.to_owned(),
+            weight,
+        }
+    }
+
+    /// `prefix-0` .. `prefix-(n-1)`, weight 1 each.
+    pub fn numbered(prefix: &str, n: usize) -> Vec<Self> {
+        (0..n)
+            .map(|i| PodSpec::new(&format!("{prefix}-{i}")))
+            .collect()
+    }
+}
+
+/// One pod of httpbin as ztunnel and the app would run it: its own loopback IP, an HBONE sink on
+/// `IP:15008` presenting the httpbin identity (what the waypoint's `connect_originate` dials) and
+/// an echo on `IP:8080` answering as the pod's name, with a journal of its JSON answers (how many
+/// attempts reached it) and an [`EchoFault`] switch (to make it fail or slow down). Stops when
+/// dropped.
+pub struct Pod {
+    /// What was asked for.
+    pub spec: PodSpec,
+    /// The pod IP.
+    pub ip: std::net::Ipv4Addr,
+    /// The pod's HBONE terminator.
+    pub sink: HboneSink,
+    /// Every JSON answer of its echo.
+    pub journal: Arc<EchoJournal>,
+    /// Its echo's fault switch.
+    pub fault: Arc<EchoFault>,
+    echo: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pod")
+            .field("name", &self.spec.name)
+            .field("ip", &self.ip)
+            .field("weight", &self.spec.weight)
+            .field("answered", &self.answered())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pod {
+    /// The pod's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// `IP:8080`, the echo (the endpoint's target).
+    pub fn app(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.ip, crate::waypoint::TARGET_PORT))
+    }
+
+    /// The pod's WDS uid.
+    pub fn uid(&self) -> String {
+        format!(
+            "Kubernetes//Pod/{}/{}",
+            crate::waypoint::NAMESPACE,
+            self.spec.name
+        )
+    }
+
+    /// The endpoint's address as the waypoint's `/clusters` prints it (Envoy's
+    /// `envoy://<internal listener>/<endpoint id>`).
+    pub fn host_address(&self) -> String {
+        format!("envoy://{CONNECT_ORIGINATE}/{}", self.app())
+    }
+
+    /// How many requests its echo answered with JSON so far (every attempt that reached it, the
+    /// ones its fault switch failed included).
+    pub fn answered(&self) -> usize {
+        self.journal.len()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.echo.abort();
+    }
+}
+
+/// The pods of httpbin behind the waypoint, and the WDS and EDS istiod pushes for them.
+#[derive(Debug)]
+pub struct ServicePods {
+    /// The pods, in the order asked for.
+    pub pods: Vec<Pod>,
+}
+
+impl ServicePods {
+    /// Starts one [`Pod`] per spec on `127.S.T.(FIRST_POD_HOST + i)` of `mesh`'s /24, each pod's
+    /// sink presenting the httpbin identity. Nothing is pushed yet: see [`ServicePods::install`].
+    pub async fn start(mesh: &WaypointMesh, specs: &[PodSpec]) -> Result<Self, ScenarioError> {
+        if specs.is_empty() || specs.len() > MAX_PODS {
+            return Err(fixture_err(format!(
+                "{} pods asked for: between 1 and {MAX_PODS} fit the /24",
+                specs.len()
+            )));
+        }
+        let [a, b, c, _] = mesh.addrs.pod_ip.octets();
+        let mut pods = Vec::with_capacity(specs.len());
+        for (i, spec) in (0u8..).zip(specs) {
+            let ip = std::net::Ipv4Addr::new(a, b, c, FIRST_POD_HOST + i);
+            let sink = HboneSink::start(SinkConfig::new(
+                SocketAddr::V4(SocketAddrV4::new(ip, crate::hbone::HBONE_PORT)),
+                mesh.httpbin.clone(),
+            ))
+            .await
+            .map_err(MeshError::from)?;
+            let journal = EchoJournal::new();
+            let fault = EchoFault::new();
+            let echo = EchoServer::bind(&EchoConfig {
+                name: spec.name.clone(),
+                http: SocketAddr::V4(SocketAddrV4::new(ip, crate::waypoint::TARGET_PORT)),
+                grpc: None,
+            })
+            .await?
+            .with_journal(journal.clone())
+            .with_fault(fault.clone());
+            let name = spec.name.clone();
+            let echo = tokio::spawn(async move {
+                if let Err(e) = echo.run().await {
+                    tracing::warn!(pod = %name, "a pod's echo stopped: {e}");
+                }
+            });
+            pods.push(Pod {
+                spec: spec.clone(),
+                ip,
+                sink,
+                journal,
+                fault,
+                echo,
+            });
+        }
+        Ok(ServicePods { pods })
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> Result<&Pod, ScenarioError> {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .ok_or_else(|| fixture_err(format!("no pod '{name}'")))
+    }
+
+    /// Every pod.
+    pub fn all(&self) -> Vec<&Pod> {
+        self.pods.iter().collect()
+    }
+
+    /// How many JSON answers each pod's echo gave so far, by pod name.
+    pub fn answered(&self) -> std::collections::BTreeMap<String, usize> {
+        self.pods
+            .iter()
+            .map(|p| (p.spec.name.clone(), p.answered()))
+            .collect()
+    }
+
+    /// Switches every pod's fault off.
+    pub fn clear_faults(&self) {
+        for p in &self.pods {
+            p.fault.clear();
+        }
+    }
+
+    /// Pushes what istiod pushes when httpbin's pods are these: one WDS workload per pod, then the
+    /// service cluster's EDS listing every pod (the fixture's single httpbin endpoint replaced);
+    /// waits for each ACK and until the waypoint lists exactly these hosts.
+    pub async fn install(
+        &self,
+        mesh: &WaypointMesh,
+        fixture: &Fixture,
+    ) -> Result<(), ScenarioError> {
+        for pod in &self.pods {
+            push(
+                mesh,
+                ResourceKind::Workload,
+                &pod_workload(fixture, pod),
+                &format!("the workload of pod {}", pod.spec.name),
+            )
+            .await?;
+        }
+        self.set_endpoints(mesh, fixture, &self.all()).await
+    }
+
+    /// Pushes the service cluster's EDS with only `pods` (as istiod does when the others go
+    /// away), waits for the ACK and until the waypoint lists exactly their hosts.
+    pub async fn set_endpoints(
+        &self,
+        mesh: &WaypointMesh,
+        fixture: &Fixture,
+        pods: &[&Pod],
+    ) -> Result<(), ScenarioError> {
+        push(
+            mesh,
+            ResourceKind::Endpoint,
+            &pod_endpoints(fixture, pods),
+            &format!("the service's EDS with {} pods", pods.len()),
+        )
+        .await?;
+        let want: std::collections::BTreeSet<String> =
+            pods.iter().map(|p| p.host_address()).collect();
+        wait_cluster_hosts(mesh, &want, ACK_WAIT).await
+    }
+}
+
+/// The WDS entry istiod (the ambient index) sends for `pod`: the fixture's httpbin pod with the
+/// pod's uid, name and address.
+pub fn pod_workload(fixture: &Fixture, pod: &Pod) -> Json {
+    let mut w = fixture.httpbin_workload();
+    w["uid"] = json!(pod.uid());
+    w["name"] = json!(pod.spec.name);
+    w["addresses"] = json!([base64::engine::general_purpose::STANDARD.encode(pod.ip.octets())]);
+    w
+}
+
+/// The service cluster's EDS as istiod renders it for a waypoint with `pods` behind the service:
+/// one `lb_endpoint` per pod in one locality, each tunnelled through `connect_originate` (internal
+/// address `endpoint_id` and `original_dst` metadata `local` = `podIP:8080`), `HEALTHY`, with the
+/// pod's weight and `istio.workload` metadata.
+pub fn pod_endpoints(fixture: &Fixture, pods: &[&Pod]) -> Json {
+    let mut e = fixture.vip_endpoints();
+    let template = e["endpoints"][0]["lb_endpoints"][0].clone();
+    let lb_endpoints: Vec<Json> = pods
+        .iter()
+        .map(|pod| {
+            let target = pod.app().to_string();
+            let mut lb = template.clone();
+            lb["endpoint"]["address"]["envoy_internal_address"] = json!({
+                "server_listener_name": CONNECT_ORIGINATE,
+                "endpoint_id": target
+            });
+            lb["metadata"]["filter_metadata"]["envoy.filters.listener.original_dst"]["local"] =
+                json!(target);
+            lb["load_balancing_weight"] = json!(pod.spec.weight);
+            lb["health_status"] = json!("HEALTHY");
+            lb
+        })
+        .collect();
+    e["endpoints"][0]["lb_endpoints"] = json!(lb_endpoints);
+    e
+}
+
+/// The hosts of the service cluster as the waypoint's `/clusters` lists them: address
+/// ([`Pod::host_address`]) → health flags (`healthy`, `/failed_outlier_check`, ...).
+pub async fn cluster_hosts(
+    mesh: &WaypointMesh,
+) -> Result<std::collections::BTreeMap<String, String>, ScenarioError> {
+    let (status, body) = mesh.admin_get("/clusters").await?;
+    if status != 200 {
+        return Err(MeshError::Http(format!("GET /clusters: {status}")).into());
+    }
+    let prefix = format!("{VIP_CLUSTER}::");
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (addr, flags) = l.strip_prefix(&prefix)?.rsplit_once("::health_flags::")?;
+            Some((addr.to_owned(), flags.trim().to_owned()))
+        })
+        .collect())
+}
+
+/// Waits (up to `bound`) until `/clusters` lists exactly the hosts `want` for the service.
+pub async fn wait_cluster_hosts(
+    mesh: &WaypointMesh,
+    want: &std::collections::BTreeSet<String>,
+    bound: Duration,
+) -> Result<(), ScenarioError> {
+    mesh.wait_for(
+        &format!("/clusters to list the service's {} hosts", want.len()),
+        bound,
+        || async move {
+            let hosts = cluster_hosts(mesh).await.map_err(|e| e.to_string())?;
+            if hosts.keys().eq(want.iter()) {
+                Ok(())
+            } else {
+                Err(format!("listed: {:?}", hosts.keys().collect::<Vec<_>>()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A DestinationRule's `trafficPolicy.loadBalancer`, as istiod's `applyLoadBalancer` /
+/// `ApplyRingHashLoadBalancer` set the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadBalancer {
+    /// `simple: ROUND_ROBIN`: `lb_policy` ROUND_ROBIN, the enum's zero, which istiod's proto3
+    /// JSON leaves out.
+    RoundRobin,
+    /// `simple: LEAST_REQUEST`, and istiod's default without a DestinationRule.
+    LeastRequest,
+    /// `consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: N}}`: RING_HASH with
+    /// `ring_hash_lb_config.minimum_ring_size` (left out when 0).
+    RingHash {
+        /// `minimumRingSize`.
+        minimum_ring_size: u64,
+    },
+    /// `consistentHash: {httpHeaderName: x-user, maglev: {tableSize: N}}`: MAGLEV with
+    /// `maglev_lb_config.table_size` (left out when 0: Envoy's 65537).
+    Maglev {
+        /// `tableSize`.
+        table_size: u64,
+    },
+}
+
+impl LoadBalancer {
+    /// Whether the policy hashes requests (the route then carries the DR's `hash_policy`).
+    pub fn is_consistent_hash(self) -> bool {
+        matches!(
+            self,
+            LoadBalancer::RingHash { .. } | LoadBalancer::Maglev { .. }
+        )
+    }
+}
+
+/// A DestinationRule's `trafficPolicy.outlierDetection` (`consecutive5xxErrors`, `interval`,
+/// `baseEjectionTime`, `maxEjectionPercent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// `consecutive5xxErrors`.
+    pub consecutive_5xx: u32,
+    /// `interval`.
+    pub interval: Duration,
+    /// `baseEjectionTime`.
+    pub base_ejection_time: Duration,
+    /// `maxEjectionPercent`.
+    pub max_ejection_percent: u32,
+}
+
+/// A duration as proto3 JSON (`"1s"`, `"0.5s"`).
+fn duration_json(d: Duration) -> Json {
+    json!(format!("{}s", d.as_secs_f64()))
+}
+
+/// The service cluster with a DestinationRule's traffic policy applied as istiod does:
+/// `applyLoadBalancer` for `lb`, and for `outlier` `applyOutlierDetection` (success-rate ejection
+/// off, `consecutive_5xx` enforced at 100 %, interval, base ejection time, max ejection percent,
+/// and `common_lb_config.healthy_panic_threshold` set to `minHealthPercent` 0, which proto3 JSON
+/// writes as `{}`); the DR named in the cluster metadata.
+pub fn dr_cluster(fixture: &Fixture, lb: LoadBalancer, outlier: Option<&OutlierPolicy>) -> Json {
+    let mut c = fixture.vip_cluster();
+    if let Some(o) = c.as_object_mut() {
+        o.remove("lb_policy");
+        o.remove("ring_hash_lb_config");
+        o.remove("maglev_lb_config");
+    }
+    match lb {
+        LoadBalancer::RoundRobin => {}
+        LoadBalancer::LeastRequest => c["lb_policy"] = json!("LEAST_REQUEST"),
+        LoadBalancer::RingHash { minimum_ring_size } => {
+            c["lb_policy"] = json!("RING_HASH");
+            if minimum_ring_size > 0 {
+                // uint64 wrappers are strings in proto3 JSON.
+                c["ring_hash_lb_config"] =
+                    json!({"minimum_ring_size": minimum_ring_size.to_string()});
+            }
+        }
+        LoadBalancer::Maglev { table_size } => {
+            c["lb_policy"] = json!("MAGLEV");
+            if table_size > 0 {
+                c["maglev_lb_config"] = json!({"table_size": table_size.to_string()});
+            }
+        }
+    }
+    if let Some(o) = outlier {
+        c["outlier_detection"] = json!({
+            "enforcing_success_rate": 0,
+            "consecutive_5xx": o.consecutive_5xx,
+            "enforcing_consecutive_5xx": if o.consecutive_5xx > 0 { 100 } else { 0 },
+            "interval": duration_json(o.interval),
+            "base_ejection_time": duration_json(o.base_ejection_time),
+            "max_ejection_percent": o.max_ejection_percent
+        });
+        c["common_lb_config"]["healthy_panic_threshold"] = json!({});
+    }
+    c["metadata"]["filter_metadata"]["istio"]["config"] = json!(DR_CONFIG);
+    c
+}
+
+/// `retry.ConvertPolicy` for `retries: {attempts: <attempts>, retryOn: <retry_on>}` (no status
+/// codes in `retryOn`): the mesh default with previous-hosts predicate, `num_retries` and
+/// `retry_on` replaced.
+pub fn retries_policy(retry_on: &str, attempts: u32) -> Json {
+    let mut p = vs_retry_policy(retry_on, &[]);
+    p["num_retries"] = json!(attempts);
+    p
+}
+
+/// `main_internal` for a VirtualService with one catch-all route to httpbin:
+///
+/// ```yaml
+/// http:
+/// - {name: default-route, retries: <retries>, route: [{destination: {host: httpbin}}]}
+/// ```
+///
+/// `retries` `None` leaves istiod's mesh default, or with `hash_header` (a DestinationRule
+/// `consistentHash.httpHeaderName` for the service) its consistent-hash variant without the
+/// previous-hosts predicate (`DefaultConsistentHashPolicy`, so that retries stay on the key's
+/// host), and the route hashes on the header. As in [`vs_listener`], the virtual host also gets
+/// `include_request_attempt_count` so that the echo sees `x-envoy-attempt-count`.
+pub fn lb_listener(
+    fixture: &Fixture,
+    retries: Option<Json>,
+    hash_header: Option<&str>,
+) -> Result<Json, ScenarioError> {
+    let mut l = fixture.main_internal();
+    let vhost = service_vhost(service_hcm(&mut l)?)?;
+    let default = default_route(vhost)?;
+    let mut route = vs_route(&default, "default-route", "/", retries.clone());
+    if let Some(header) = hash_header {
+        if retries.is_none()
+            && let Some(policy) = route["route"]["retry_policy"].as_object_mut()
+        {
+            policy.remove("retry_host_predicate");
+        }
+        route["route"]["hash_policy"] = json!([{"header": {"header_name": header}}]);
+    }
+    vhost["routes"] = json!([route]);
+    vhost["include_request_attempt_count"] = json!(true);
+    Ok(l)
+}
+
+/// One request of an [`h2c_batch`]: its path and extra headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchRequest {
+    /// Path and query.
+    pub path: String,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl BatchRequest {
+    /// `GET path` without extra headers.
+    pub fn get(path: &str) -> Self {
+        BatchRequest {
+            path: path.to_owned(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Sends `requests` as GETs over one h2c connection to `client` (through the forwarder that is one
+/// HBONE stream to the waypoint, every request a stream of it), keeping `concurrency` in flight
+/// (a new request starts as soon as any answer is complete, so a slow answer does not idle the
+/// others); returns the answers in the order of `requests`. Each request is bounded by
+/// [`REQUEST`].
+pub async fn h2c_batch(
+    client: SocketAddr,
+    requests: &[BatchRequest],
+    concurrency: usize,
+) -> Result<Vec<Answer>, ScenarioError> {
+    use futures::{StreamExt as _, stream};
+    let fail = |path: &str, reason: String| ScenarioError::Request {
+        method: "h2c GET".to_owned(),
+        path: path.to_owned(),
+        addr: client,
+        reason,
+    };
+    let tcp = tokio::time::timeout(REQUEST, tokio::net::TcpStream::connect(client))
+        .await
+        .map_err(|_| fail("(connect)", format!("no connection within {REQUEST:?}")))?
+        .map_err(|e| fail("(connect)", format!("connect: {e}")))?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| fail("(handshake)", format!("h2c handshake: {e}")))?;
+    let driver = tokio::spawn(conn);
+    let mut answers: Vec<(usize, Result<Answer, ScenarioError>)> =
+        stream::iter(requests.iter().enumerate())
+            .map(|(i, r)| {
+                let mut sender = sender.clone();
+                async move {
+                    let started = Instant::now();
+                    let exchange = async {
+                        let mut req = Request::builder()
+                            .method("GET")
+                            .uri(format!("http://{HOST}{}", r.path));
+                        for (k, v) in &r.headers {
+                            req = req.header(k.as_str(), v.as_str());
+                        }
+                        let req = req
+                            .body(Full::new(Bytes::new()))
+                            .map_err(|e| format!("request: {e}"))?;
+                        let resp = sender
+                            .send_request(req)
+                            .await
+                            .map_err(|e| format!("request: {e}"))?;
+                        let (parts, body) = resp.into_parts();
+                        let body = read_body(body, BODY_LIMIT, REQUEST)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>(Answer {
+                            status: parts.status,
+                            headers: parts.headers,
+                            body,
+                            took: started.elapsed(),
+                        })
+                    };
+                    let answer = match tokio::time::timeout(REQUEST, exchange).await {
+                        Ok(Ok(a)) => Ok(a),
+                        Ok(Err(e)) => Err(fail(&r.path, e)),
+                        Err(_) => Err(fail(&r.path, format!("no answer within {REQUEST:?}"))),
+                    };
+                    (i, answer)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+    driver.abort();
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, a)| a).collect()
+}
+
+/// How answers spread: per answering echo (`x-echo-server`, any status) and per status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Answers per echo name; answers without the header (the waypoint's own) are not counted.
+    pub by_server: std::collections::BTreeMap<String, usize>,
+    /// Answers per status.
+    pub by_status: std::collections::BTreeMap<u16, usize>,
+}
+
+impl Tally {
+    /// Counts `answers`.
+    pub fn of(answers: &[Answer]) -> Self {
+        let mut t = Tally::default();
+        for a in answers {
+            *t.by_status.entry(a.status.as_u16()).or_default() += 1;
+            if let Some(server) = a.header(crate::echo::SERVER_HEADER) {
+                *t.by_server.entry(server.to_owned()).or_default() += 1;
+            }
+        }
+        t
+    }
+
+    /// Answers from the echo `server`.
+    pub fn from(&self, server: &str) -> usize {
+        self.by_server.get(server).copied().unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1275,6 +1865,130 @@ mod tests {
         assert_eq!(requests_total(text, &["response_flags=\"FI\""]), 5.0);
         assert_eq!(requests_total(text, &["response_code=\"200\""]), 5.0);
         assert_eq!(requests_total(text, &["response_code=\"404\""]), 0.0);
+    }
+
+    fn fixture() -> Fixture {
+        Fixture::for_addrs(&crate::waypoint::MeshAddrs::in_subnet(23, 4)).expect("the fixture")
+    }
+
+    #[test]
+    fn dr_cluster_renders_istiods_load_balancer_shapes() {
+        let f = fixture();
+        let rr = dr_cluster(&f, LoadBalancer::RoundRobin, None);
+        // ROUND_ROBIN is the enum's zero: proto3 JSON leaves it out.
+        assert!(rr.get("lb_policy").is_none(), "{rr}");
+        assert_eq!(
+            rr["metadata"]["filter_metadata"]["istio"]["config"],
+            DR_CONFIG
+        );
+        assert!(rr.get("outlier_detection").is_none());
+        assert_eq!(
+            dr_cluster(&f, LoadBalancer::LeastRequest, None)["lb_policy"],
+            "LEAST_REQUEST"
+        );
+        let ring = dr_cluster(
+            &f,
+            LoadBalancer::RingHash {
+                minimum_ring_size: 1024,
+            },
+            None,
+        );
+        assert_eq!(ring["lb_policy"], "RING_HASH");
+        assert_eq!(ring["ring_hash_lb_config"]["minimum_ring_size"], "1024");
+        let maglev = dr_cluster(&f, LoadBalancer::Maglev { table_size: 0 }, None);
+        assert_eq!(maglev["lb_policy"], "MAGLEV");
+        assert!(maglev.get("maglev_lb_config").is_none(), "{maglev}");
+        assert_eq!(
+            dr_cluster(&f, LoadBalancer::Maglev { table_size: 251 }, None)["maglev_lb_config"]["table_size"],
+            "251"
+        );
+    }
+
+    #[test]
+    fn dr_cluster_renders_istiods_outlier_detection() {
+        let outlier = OutlierPolicy {
+            consecutive_5xx: 3,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_millis(500),
+            max_ejection_percent: 100,
+        };
+        let c = dr_cluster(&fixture(), LoadBalancer::RoundRobin, Some(&outlier));
+        assert_eq!(
+            c["outlier_detection"],
+            json!({
+                "enforcing_success_rate": 0,
+                "consecutive_5xx": 3,
+                "enforcing_consecutive_5xx": 100,
+                "interval": "1s",
+                "base_ejection_time": "0.5s",
+                "max_ejection_percent": 100
+            })
+        );
+        // minHealthPercent 0 is written as an empty Percent.
+        assert_eq!(c["common_lb_config"]["healthy_panic_threshold"], json!({}));
+    }
+
+    #[test]
+    fn lb_listener_hashes_without_the_previous_hosts_predicate() {
+        let f = fixture();
+        let mut l = lb_listener(&f, None, Some(HASH_HEADER)).expect("a listener");
+        let vhost = service_vhost(service_hcm(&mut l).expect("hcm"))
+            .expect("vhost")
+            .clone();
+        let routes = vhost["routes"].as_array().expect("routes");
+        assert_eq!(routes.len(), 1);
+        let action = &routes[0]["route"];
+        assert_eq!(
+            action["hash_policy"],
+            json!([{"header": {"header_name": HASH_HEADER}}])
+        );
+        assert!(action["retry_policy"].get("retry_host_predicate").is_none());
+        assert_eq!(action["retry_policy"]["num_retries"], 2);
+        assert_eq!(routes[0]["match"], json!({"prefix": "/"}));
+
+        let mut l = lb_listener(&f, Some(retries_policy("5xx", 1)), None).expect("a listener");
+        let vhost = service_vhost(service_hcm(&mut l).expect("hcm"))
+            .expect("vhost")
+            .clone();
+        let policy = &vhost["routes"][0]["route"]["retry_policy"];
+        assert_eq!(policy["retry_on"], "5xx");
+        assert_eq!(policy["num_retries"], 1);
+        assert_eq!(
+            policy["retry_host_predicate"][0]["name"],
+            "envoy.retry_host_predicates.previous_hosts"
+        );
+        assert!(vhost["routes"][0]["route"].get("hash_policy").is_none());
+        assert_eq!(vhost["include_request_attempt_count"], true);
+    }
+
+    #[test]
+    fn tally_counts_servers_and_statuses() {
+        let answer = |status: u16, server: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(s) = server {
+                headers.insert(
+                    crate::echo::SERVER_HEADER,
+                    http::HeaderValue::from_str(s).expect("a header value"),
+                );
+            }
+            Answer {
+                status: StatusCode::from_u16(status).expect("a status"),
+                headers,
+                body: Bytes::new(),
+                took: Duration::ZERO,
+            }
+        };
+        let t = Tally::of(&[
+            answer(200, Some("a")),
+            answer(503, Some("a")),
+            answer(200, Some("b")),
+            answer(503, None),
+        ]);
+        assert_eq!(t.from("a"), 2);
+        assert_eq!(t.from("b"), 1);
+        assert_eq!(t.from("c"), 0);
+        assert_eq!(t.by_status.get(&503), Some(&2));
+        assert_eq!(t.by_status.get(&200), Some(&2));
     }
 
     #[test]
