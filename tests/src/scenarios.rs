@@ -1487,6 +1487,34 @@ impl ServicePods {
             pods.iter().map(|p| p.host_address()).collect();
         wait_cluster_hosts(mesh, &want, ACK_WAIT).await
     }
+
+    /// Gives the service back its fixture pod, as istiod pushes when these pods go away: the
+    /// fixture's EDS (waiting until the waypoint lists only the fixture's host), then each pod's
+    /// WDS entry removed. Every pod's fault is switched off first.
+    pub async fn uninstall(
+        &self,
+        mesh: &WaypointMesh,
+        fixture: &Fixture,
+    ) -> Result<(), ScenarioError> {
+        self.clear_faults();
+        push(
+            mesh,
+            ResourceKind::Endpoint,
+            &fixture.vip_endpoints(),
+            "the fixture's EDS of the service",
+        )
+        .await?;
+        let fixture_host = format!(
+            "envoy://{CONNECT_ORIGINATE}/{}:{}",
+            mesh.addrs.pod_ip,
+            crate::waypoint::TARGET_PORT
+        );
+        wait_cluster_hosts(mesh, &std::iter::once(fixture_host).collect(), ACK_WAIT).await?;
+        for pod in &self.pods {
+            remove(mesh, ResourceKind::Workload, &pod.uid()).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The WDS entry istiod (the ambient index) sends for `pod`: the fixture's httpbin pod with the
@@ -1833,6 +1861,120 @@ impl Tally {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Session affinity, path templates, custom metrics
+// ---------------------------------------------------------------------------------------------
+
+/// A DestinationRule `consistentHash.httpCookie: {name, ttl, path}` as istiod's
+/// `consistentHashToHashPolicy` puts it on a route: one `cookie` hash policy with the name, the
+/// ttl and the path (left out when empty, as proto3 JSON leaves out an empty string).
+pub fn cookie_hash_policy(name: &str, ttl: Duration, path: &str) -> Json {
+    let mut cookie = json!({"name": name, "ttl": duration_json(ttl)});
+    if !path.is_empty() {
+        cookie["path"] = json!(path);
+    }
+    json!([{ "cookie": cookie }])
+}
+
+/// `main_internal` for a DestinationRule `consistentHash.httpCookie` on httpbin together with a
+/// VirtualService (istiod puts the DR's hash policy on the waypoint's route only when one
+/// exists): [`lb_listener`]'s consistent-hash route (istiod's retries without the previous-hosts
+/// predicate), hashing on the cookie of [`cookie_hash_policy`].
+pub fn cookie_listener(
+    fixture: &Fixture,
+    name: &str,
+    ttl: Duration,
+    path: &str,
+) -> Result<Json, ScenarioError> {
+    let mut l = lb_listener(fixture, None, Some(HASH_HEADER))?;
+    let vhost = service_vhost(service_hcm(&mut l)?)?;
+    let route = &mut vhost["routes"][0]["route"];
+    if !route.is_object() {
+        return Err(fixture_err("the VirtualService's route has no action"));
+    }
+    route["hash_policy"] = cookie_hash_policy(name, ttl, path);
+    Ok(l)
+}
+
+/// Istio's path-template operators in AuthorizationPolicy paths (`security.MatchOneTemplate`,
+/// `security.MatchAnyTemplate`).
+const MATCH_ONE_TEMPLATE: &str = "{*}";
+const MATCH_ANY_TEMPLATE: &str = "{**}";
+
+/// One AuthorizationPolicy `to.operation.paths` entry as istiod's `pathGenerator` renders it: a
+/// path with `{*}` or `{**}` becomes `Permission.uri_template` (`permissionPathTemplate`: the
+/// extension named `uri-template` with `PathTemplateMatcher`'s `UriTemplateMatchConfig`, `{*}`
+/// rewritten to `*` and `{**}` to `**`); a path without wildcards an exact `url_path`. Istio's
+/// `*` prefix/suffix forms are not rendered here: they are refused.
+pub fn path_permission(path: &str) -> Result<Json, ScenarioError> {
+    if path.contains(MATCH_ONE_TEMPLATE) || path.contains(MATCH_ANY_TEMPLATE) {
+        let template = path
+            .replace(MATCH_ANY_TEMPLATE, "**")
+            .replace(MATCH_ONE_TEMPLATE, "*");
+        return Ok(json!({"uri_template": {
+            "name": "uri-template",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+                "path_template": template
+            }
+        }}));
+    }
+    if path.contains('*') {
+        return Err(fixture_err(format!(
+            "path {path:?}: only exact paths and {{*}}/{{**}} templates are rendered"
+        )));
+    }
+    Ok(json!({"url_path": {"path": {"exact": path}}}))
+}
+
+/// `main_internal` with one ALLOW AuthorizationPolicy `policy` on the service allowing `paths`
+/// from any source:
+///
+/// ```yaml
+/// spec: {targetRefs: [{kind: Service, name: httpbin}], action: ALLOW,
+///        rules: [{to: [{operation: {paths: <paths>}}]}]}
+/// ```
+///
+/// The paths are OR-ed inside the rule's one AND (istiod's `and_rules[or_rules[...]]`), each as
+/// [`path_permission`] renders it; the RBAC filter goes ahead of the fixture's filters and the
+/// route config is the fixture's (no VirtualService).
+pub fn path_policy_listener(
+    fixture: &Fixture,
+    policy: &str,
+    paths: &[&str],
+) -> Result<Json, ScenarioError> {
+    let rules = paths
+        .iter()
+        .map(|p| path_permission(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut l = fixture.main_internal();
+    let hcm = service_hcm(&mut l)?;
+    let allow = rbac_filter(
+        None,
+        &format!("ns[default]-policy[{policy}]-rule[0]"),
+        json!([{"and_rules": {"rules": [{"or_rules": {"rules": rules}}]}}]),
+        json!([{"and_ids": {"ids": [{"any": true}]}}]),
+    );
+    http_filters(hcm)?.insert(0, allow);
+    Ok(l)
+}
+
+/// `main_internal` with the `stats.PluginConfig` of the service chain's HTTP `istio.stats` filter
+/// changed by `patch`, as an EnvoyFilter patch (custom metric `definitions`) or the Telemetry API
+/// (`metrics` overrides) changes it.
+pub fn istio_stats_listener(
+    fixture: &Fixture,
+    patch: impl FnOnce(&mut Json),
+) -> Result<Json, ScenarioError> {
+    let mut l = fixture.main_internal();
+    let filter = http_filters(service_hcm(&mut l)?)?
+        .iter_mut()
+        .find(|f| f["name"] == "istio.stats")
+        .ok_or_else(|| fixture_err("the service HCM has no istio.stats filter"))?;
+    patch(&mut filter["typed_config"]);
+    Ok(l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1989,6 +2131,76 @@ mod tests {
         assert_eq!(t.from("c"), 0);
         assert_eq!(t.by_status.get(&503), Some(&2));
         assert_eq!(t.by_status.get(&200), Some(&2));
+    }
+
+    #[test]
+    fn cookie_listener_hashes_on_istios_cookie_policy() {
+        let mut l = cookie_listener(&fixture(), "affinity", Duration::from_secs(60), "/")
+            .expect("a listener");
+        let vhost = service_vhost(service_hcm(&mut l).expect("hcm"))
+            .expect("vhost")
+            .clone();
+        let action = &vhost["routes"][0]["route"];
+        assert_eq!(
+            action["hash_policy"],
+            json!([{"cookie": {"name": "affinity", "ttl": "60s", "path": "/"}}])
+        );
+        assert!(action["retry_policy"].get("retry_host_predicate").is_none());
+        // No path: proto3 JSON leaves the empty string out.
+        assert_eq!(
+            cookie_hash_policy("c", Duration::from_millis(1500), ""),
+            json!([{"cookie": {"name": "c", "ttl": "1.5s"}}])
+        );
+    }
+
+    #[test]
+    fn path_templates_render_as_istios_uri_template_permissions() {
+        let t = path_permission("/api/{*}/items/{**}").expect("a template");
+        assert_eq!(t["uri_template"]["name"], "uri-template");
+        assert_eq!(
+            t["uri_template"]["typed_config"]["path_template"],
+            "/api/*/items/**"
+        );
+        assert_eq!(
+            path_permission("/admin").expect("exact"),
+            json!({"url_path": {"path": {"exact": "/admin"}}})
+        );
+        assert!(path_permission("/admin*").is_err());
+
+        let mut l =
+            path_policy_listener(&fixture(), "api", &["/api/{*}/items", "/x"]).expect("a listener");
+        let filters = http_filters(service_hcm(&mut l).expect("hcm"))
+            .expect("filters")
+            .clone();
+        let rules = &filters[0]["typed_config"]["rules"];
+        assert!(
+            rules.get("action").is_none(),
+            "ALLOW is the default: {rules}"
+        );
+        let or = &rules["policies"]["ns[default]-policy[api]-rule[0]"]["permissions"][0]["and_rules"]
+            ["rules"][0]["or_rules"]["rules"];
+        assert_eq!(or.as_array().map(Vec::len), Some(2), "{or}");
+        assert_eq!(
+            filters.last().map(|f| f["name"].clone()),
+            Some(json!("envoy.filters.http.router"))
+        );
+    }
+
+    #[test]
+    fn istio_stats_listener_patches_the_http_stats_filter() {
+        let mut l = istio_stats_listener(&fixture(), |c| {
+            c["definitions"] = json!([{"name": "n", "value": "1", "type": "COUNTER"}]);
+        })
+        .expect("a listener");
+        let filters = http_filters(service_hcm(&mut l).expect("hcm"))
+            .expect("filters")
+            .clone();
+        let stats = filters
+            .iter()
+            .find(|f| f["name"] == "istio.stats")
+            .expect("istio.stats");
+        assert_eq!(stats["typed_config"]["definitions"][0]["name"], "n");
+        assert_eq!(stats["typed_config"]["reporter"], "SERVER_GATEWAY");
     }
 
     #[test]

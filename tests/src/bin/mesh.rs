@@ -10,6 +10,12 @@
 //! client ─TCP─▶ direct forwarder (sleep) ─HBONE─▶ sink :15008 ─TCP─▶ echo     (the comparison)
 //! ```
 //!
+//! Then each traffic-management capability once, with the resources istiod renders pushed through
+//! istiod-lite (retries and their limit, faults, breakers, timeouts, mirroring, JWT, path-template
+//! authorization, CORS, rate limits, custom metrics) and, with httpbin served by three pods of
+//! their own (loopback IP, HBONE sink, echo each), load balancing: round robin, outlier ejection,
+//! retries onto other hosts and cookie affinity; the fixture's resources come back afterwards.
+//!
 //! `--serve-json FILE` is for benchmarks: once the waypoint serves HBONE it writes the addresses
 //! and pids as one JSON object (written whole, then renamed into place) and runs until SIGTERM,
 //! without traffic or report unless `--report` asks for them.
@@ -47,11 +53,15 @@ use waypoint_proto::{
 };
 use waypoint_shared::pem;
 use waypoint_testbed::{
+    echo::SERVER_HEADER,
     hbone::{HboneForwarder, HbonePool, PoolSettings},
     scenarios::{
-        self, ALLOWED_ORIGIN, Fixture, Issuer, MIRROR_PORT, MirrorEcho, OTHER_ORIGIN, SHADOW_HOST,
-        ScenarioError, VIP_STATS, breaker_cluster, cors_listener, jwt_claims, jwt_listener,
-        mirror_endpoints, mirror_listener, rate_limit_listener, timeout_listener, vs_listener,
+        self, ALLOWED_ORIGIN, BatchRequest, Fixture, Issuer, LoadBalancer, MIRROR_PORT, MirrorEcho,
+        OTHER_ORIGIN, OutlierPolicy, Pod, PodSpec, SHADOW_HOST, ScenarioError, ServicePods, Tally,
+        VIP_STATS, breaker_cluster, cookie_listener, cors_listener, dr_cluster, h2c_batch,
+        istio_stats_listener, jwt_claims, jwt_listener, lb_listener, mirror_endpoints,
+        mirror_listener, path_policy_listener, rate_limit_listener, retries_policy,
+        timeout_listener, vs_listener,
     },
     uds,
     waypoint::{
@@ -1119,16 +1129,22 @@ async fn traffic_management(mesh: &WaypointMesh, expect: &mut Expectations) {
         }
     };
     let nacks_before = mesh.nacks().await.len();
-    for (section, finding) in [
+    let mut findings = vec![
         ("retries", scenario_retries(mesh, &fixture).await),
+        ("retry-limit", scenario_retry_limit(mesh, &fixture).await),
         ("fault", scenario_fault(mesh).await),
         ("breaker", scenario_breaker(mesh, &fixture).await),
         ("timeout", scenario_timeout(mesh, &fixture).await),
         ("mirror", scenario_mirror(mesh, &fixture).await),
         ("jwt", scenario_jwt(mesh, &fixture).await),
+        ("authz", scenario_path_template(mesh, &fixture).await),
         ("cors", scenario_cors(mesh, &fixture).await),
         ("ratelimit", scenario_rate_limit(mesh, &fixture).await),
-    ] {
+        ("metric", scenario_custom_metric(mesh, &fixture).await),
+    ];
+    let (lb_findings, pods_removed) = load_balancing(mesh, &fixture).await;
+    findings.extend(lb_findings);
+    for (section, finding) in findings {
         match finding {
             Ok(f) => {
                 line(section, &f.text);
@@ -1142,8 +1158,9 @@ async fn traffic_management(mesh: &WaypointMesh, expect: &mut Expectations) {
             }
         }
     }
-    // Whatever happened above, the fixture's listener and cluster are what the mesh runs on.
+    // Whatever happened above, the fixture's listener, cluster and pod are what the mesh runs on.
     let restored = async {
+        pods_removed?;
         scenarios::push(
             mesh,
             ResourceKind::Listener,
@@ -1738,6 +1755,649 @@ async fn scenario_rate_limit(
             && over.header("x-local-rate-limit") == Some("true")
             && rl_seen == 1.0,
         wanted: format!("{RATE_LIMIT_TOKENS} x 200, then 429 with RL"),
+    })
+}
+
+/// VirtualService `retries: {attempts: 2, retryOn: 5xx}` ([`vs_listener`]'s `/retry/5xx` route)
+/// against an upstream that always answers 503: once the retries are used up Envoy returns the
+/// last 503 as the upstream sent it, flagged `URX` (upstream retry limit exceeded).
+async fn scenario_retry_limit(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    // Usually pushed already by the retries scenario (then nothing is sent again).
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &vs_listener(fixture)?,
+        "main_internal with the retries/fault VirtualService",
+    )
+    .await?;
+    let urx = ["response_code=\"503\"", "response_flags=\"URX\""];
+    let urx_before = istio_count(mesh, &urx).await?;
+    let limit_stat = format!("{VIP_STATS}.upstream_rq_retry_limit_exceeded");
+    let limit_before = counter(mesh, &limit_stat).await?;
+    let a = scenarios::send(
+        mesh.client_addr(),
+        "GET",
+        "/retry/5xx/always",
+        &[("x-echo-key", "mesh-retry-limit"), ("x-echo-status", "503")],
+        Bytes::new(),
+    )
+    .await?;
+    let attempts = a.header("x-echo-request-count").unwrap_or("?").to_owned();
+    // The 503 is the echo's own answer (its JSON), passed on as the last attempt got it.
+    let seen_attempts = EchoSeen::parse(&a.body)
+        .ok()
+        .and_then(|s| s.headers.get("x-envoy-attempt-count").cloned());
+    let urx_seen = istio_count_at_least(mesh, &urx, urx_before + 1.0).await? - urx_before;
+    let limit = counter(mesh, &limit_stat)
+        .await?
+        .saturating_sub(limit_before);
+    Ok(Finding {
+        text: format!(
+            "retryOn 5xx, attempts 2; upstream always 503: client got {} after {attempts} attempts at the echo (x-envoy-attempt-count {}), response_flags URX +{urx_seen}, upstream_rq_retry_limit_exceeded +{limit}",
+            a.status.as_u16(),
+            seen_attempts.as_deref().unwrap_or("-")
+        ),
+        held: a.status == http::StatusCode::SERVICE_UNAVAILABLE
+            && attempts == "3"
+            && seen_attempts.as_deref() == Some("3")
+            && urx_seen == 1.0
+            && limit == 1,
+        wanted:
+            "the upstream's 503 after 3 attempts, flagged URX, upstream_rq_retry_limit_exceeded +1"
+                .to_owned(),
+    })
+}
+
+/// The AuthorizationPolicy paths of the path-template scenario (Istio's `{*}` / `{**}`).
+const TEMPLATE_PATHS: &[&str] = &["/api/{*}/items", "/files/{**}"];
+/// Requests of the path-template scenario and the status each must get.
+const TEMPLATE_REQUESTS: &[(&str, u16)] = &[
+    ("/api/v1/items", 200),
+    ("/api/orders/items?page=2", 200),
+    ("/files/2024/q1/report.csv", 200),
+    ("/api/v1/items/7", 403),
+    ("/api/a/b/items", 403),
+    ("/api/items", 403),
+    ("/get", 403),
+];
+
+/// AuthorizationPolicy ALLOW `to.operation.paths: [/api/{*}/items, /files/{**}]`: istiod renders
+/// the paths as RBAC `uri_template` permissions (`/api/*/items`, `/files/**`); `*` is exactly one
+/// segment, `**` any number, the query is not part of the path.
+async fn scenario_path_template(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &path_policy_listener(fixture, "api-items", TEMPLATE_PATHS)?,
+        "main_internal with the path-template AuthorizationPolicy",
+    )
+    .await?;
+    let mut parts = Vec::new();
+    let mut held = true;
+    let mut denied_by_rbac = true;
+    for (path, want) in TEMPLATE_REQUESTS {
+        let a = scenarios::send(mesh.client_addr(), "GET", path, &[], Bytes::new()).await?;
+        let status = a.status.as_u16();
+        held &= status == *want;
+        if status == 403 {
+            denied_by_rbac &= a.text() == "RBAC: access denied";
+        }
+        parts.push(format!("{path} {status}"));
+    }
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    let templates: Vec<String> = TEMPLATE_PATHS
+        .iter()
+        .map(|p| p.replace("{**}", "**").replace("{*}", "*"))
+        .collect();
+    Ok(Finding {
+        text: format!(
+            "ALLOW paths {} (RBAC uri_template {}): {}{}",
+            TEMPLATE_PATHS.join(", "),
+            templates.join(", "),
+            parts.join(", "),
+            if denied_by_rbac {
+                ""
+            } else {
+                "; a 403 not from RBAC"
+            }
+        ),
+        held: held && denied_by_rbac,
+        wanted: TEMPLATE_REQUESTS
+            .iter()
+            .map(|(p, s)| format!("{p} {s}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Requests counted by the custom metrics.
+const CUSTOM_METRIC_REQUESTS: usize = 5;
+
+/// `stats.PluginConfig.definitions` on the service chain's `istio.stats` (as an EnvoyFilter
+/// patch sets them): a counter `istio_mesh_api_calls` labelled by method and response code (the
+/// `metrics` dimensions), and a histogram `istio_mesh_response_size` of `response.total_size`,
+/// read from the agent's merged `/stats/prometheus`.
+async fn scenario_custom_metric(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &istio_stats_listener(fixture, |config| {
+            config["definitions"] = json!([
+                {"name": "mesh_api_calls", "value": "1", "type": "COUNTER"},
+                {"name": "mesh_response_size", "value": "response.total_size", "type": "HISTOGRAM"}
+            ]);
+            config["metrics"] = json!([{"name": "mesh_api_calls", "dimensions": {
+                "request_method": "request.method",
+                "response_code": "response.code"
+            }}]);
+        })?,
+        "main_internal with custom istio.stats metrics",
+    )
+    .await?;
+    let mut answered = 0;
+    for i in 0..CUSTOM_METRIC_REQUESTS {
+        let path = format!("/custom-metric/{i}");
+        let a = scenarios::send(mesh.client_addr(), "GET", &path, &[], Bytes::new()).await?;
+        if a.status == http::StatusCode::OK {
+            answered += 1;
+        }
+    }
+    let calls = |text: &str| -> u64 {
+        istio_series(text, "istio_mesh_api_calls")
+            .iter()
+            .filter(|(l, _)| {
+                l.get("request_method").map(String::as_str) == Some("GET")
+                    && l.get("response_code").map(String::as_str) == Some("200")
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    let sizes = |text: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("istio_mesh_response_size_count"))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    // A stream is counted when it ends: wait (bounded) until every request shows.
+    let want = CUSTOM_METRIC_REQUESTS as u64;
+    let merged = SocketAddr::from(([127, 0, 0, 1], mesh.ports.status));
+    let scrape = || async {
+        match http_get(merged, "/stats/prometheus").await {
+            Ok((200, body)) => body,
+            _ => String::new(),
+        }
+    };
+    let deadline = Instant::now() + OBSERVE;
+    let mut text = scrape().await;
+    while (calls(&text) < want || sizes(&text) < want) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape().await;
+    }
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    let typed = |family: &str, kind: &str| text.contains(&format!("# TYPE {family} {kind}\n"));
+    let (calls, sizes) = (calls(&text), sizes(&text));
+    let types_ok =
+        typed("istio_mesh_api_calls", "counter") && typed("istio_mesh_response_size", "histogram");
+    Ok(Finding {
+        text: format!(
+            "stats.PluginConfig definitions on istio.stats, {answered}/{CUSTOM_METRIC_REQUESTS} requests: istio_mesh_api_calls{{request_method=\"GET\",response_code=\"200\"}} {calls}, istio_mesh_response_size_count {sizes} in the agent's merged /stats/prometheus{}",
+            if types_ok {
+                " (counter, histogram)"
+            } else {
+                " (# TYPE lines missing)"
+            }
+        ),
+        held: answered == CUSTOM_METRIC_REQUESTS && calls == want && sizes == want && types_ok,
+        wanted: format!(
+            "istio_mesh_api_calls {CUSTOM_METRIC_REQUESTS} (counter) and istio_mesh_response_size_count {CUSTOM_METRIC_REQUESTS} (histogram)"
+        ),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load balancing: httpbin with several pods
+// ---------------------------------------------------------------------------------------------
+
+/// httpbin's pods for the load-balancing scenarios.
+const LB_PODS: usize = 3;
+/// Round-robin requests (a multiple of [`LB_PODS`]) and how many are in flight at once.
+const LB_REQUESTS: usize = 30;
+const LB_CONCURRENCY: usize = 8;
+/// DestinationRule `outlierDetection`: ejected at the third consecutive 5xx, for longer than
+/// the report takes (the scenario checks the ejection, not the return).
+const LB_OUTLIER: OutlierPolicy = OutlierPolicy {
+    consecutive_5xx: 3,
+    interval: Duration::from_secs(1),
+    base_ejection_time: Duration::from_secs(30),
+    max_ejection_percent: 100,
+};
+/// Requests sent once the failing pod is ejected (none may reach it).
+const EJECTED_REQUESTS: usize = 6;
+/// Requests of the previous-hosts scenario, and the VirtualService's `retries.attempts`.
+const RETRY_HOSTS_REQUESTS: usize = 30;
+const RETRY_HOSTS_ATTEMPTS: u32 = 2;
+/// Cookie affinity: the DestinationRule's `httpCookie`, the clients that get a cookie made up,
+/// how many follow-ups each sends with it, and the cookie values chosen by clients.
+const AFFINITY_COOKIE: &str = "httpbin-affinity";
+const AFFINITY_TTL: Duration = Duration::from_secs(3600);
+const AFFINITY_CLIENTS: usize = 4;
+const AFFINITY_FOLLOW_UPS: usize = 4;
+const AFFINITY_CHOSEN: usize = 12;
+
+/// The load-balancing scenarios on [`LB_PODS`] pods of httpbin (each its own loopback IP, HBONE
+/// sink and echo; WDS and EDS pushed as istiod does): round robin, retries onto other hosts,
+/// outlier ejection, cookie affinity. Returns their findings, and whether the fixture's pod and
+/// resources are back afterwards.
+async fn load_balancing(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> (
+    Vec<(&'static str, Result<Finding, ScenarioError>)>,
+    Result<(), ScenarioError>,
+) {
+    let pods = match ServicePods::start(mesh, &PodSpec::numbered("httpbin", LB_PODS)).await {
+        Ok(p) => p,
+        Err(e) => return (vec![("lb", Err(e))], Ok(())),
+    };
+    let mut findings = Vec::new();
+    match pods.install(mesh, fixture).await {
+        Ok(()) => {
+            findings.push(("lb", lb_round_robin(mesh, fixture, &pods).await));
+            findings.push(("retry-hosts", lb_previous_hosts(mesh, fixture, &pods).await));
+            // After the scenarios that need every pod in the rotation: its ejection outlasts it.
+            findings.push(("outlier", lb_outlier(mesh, fixture, &pods).await));
+            findings.push(("affinity", lb_cookie_affinity(mesh, fixture, &pods).await));
+        }
+        Err(e) => findings.push(("lb", Err(e))),
+    }
+    // The listener first: no route may hash onto, or retry within, pods that go away.
+    let restored = async {
+        scenarios::push(
+            mesh,
+            ResourceKind::Listener,
+            &fixture.main_internal(),
+            "the fixture's main_internal",
+        )
+        .await?;
+        scenarios::push(
+            mesh,
+            ResourceKind::Cluster,
+            &fixture.vip_cluster(),
+            "the fixture's service cluster",
+        )
+        .await?;
+        pods.uninstall(mesh, fixture).await
+    }
+    .await;
+    (findings, restored)
+}
+
+/// `n` GETs of `prefix/<i>`.
+fn gets(prefix: &str, n: usize) -> Vec<BatchRequest> {
+    (0..n)
+        .map(|i| BatchRequest::get(&format!("{prefix}/{i}")))
+        .collect()
+}
+
+/// `name n` for each pod, in pod order.
+fn per_pod(pods: &ServicePods, count: impl Fn(&Pod) -> usize) -> String {
+    pods.all()
+        .iter()
+        .map(|p| format!("{} {}", p.name(), count(p)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `200 x30 503 x2`.
+fn statuses(t: &Tally) -> String {
+    t.by_status
+        .iter()
+        .map(|(s, n)| format!("{n}x{s}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// DestinationRule `loadBalancer: {simple: ROUND_ROBIN}`: [`LB_REQUESTS`] requests over the
+/// pods are a strict rotation.
+async fn lb_round_robin(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+    pods: &ServicePods,
+) -> Result<Finding, ScenarioError> {
+    pods.clear_faults();
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(fixture, LoadBalancer::RoundRobin, None),
+        "the service cluster with ROUND_ROBIN",
+    )
+    .await?;
+    let answers = h2c_batch(
+        mesh.client_addr(),
+        &gets("/lb/rr", LB_REQUESTS),
+        LB_CONCURRENCY,
+    )
+    .await?;
+    let t = Tally::of(&answers);
+    let each = LB_REQUESTS / LB_PODS;
+    Ok(Finding {
+        text: format!(
+            "DestinationRule ROUND_ROBIN, EDS of {LB_PODS} pods (own IP, HBONE sink, echo each), {LB_REQUESTS} h2c requests: {} ({})",
+            per_pod(pods, |p| t.from(p.name())),
+            statuses(&t)
+        ),
+        held: t.by_status.get(&200) == Some(&LB_REQUESTS)
+            && t.by_server.len() == LB_PODS
+            && pods.all().iter().all(|p| t.from(p.name()) == each),
+        wanted: format!("{each} answers from each pod, all 200"),
+    })
+}
+
+/// DestinationRule `outlierDetection: {consecutive5xxErrors: 3, ...}` with round robin: the pod
+/// that answers 503 is ejected at its third (istiod's default route retries no 503, so the
+/// client sees each) and gets nothing while ejected.
+async fn lb_outlier(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+    pods: &ServicePods,
+) -> Result<Finding, ScenarioError> {
+    pods.clear_faults();
+    // istiod's default route (it retries no 503: each failure reaches the detector and the client).
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(fixture, LoadBalancer::RoundRobin, Some(&LB_OUTLIER)),
+        "the service cluster with ROUND_ROBIN and outlier detection",
+    )
+    .await?;
+    let bad = pods.pod("httpbin-0")?;
+    bad.fault.fail_with(http::StatusCode::SERVICE_UNAVAILABLE);
+    let threshold = LB_OUTLIER.consecutive_5xx as usize;
+    // One at a time: the rotation reaches the failing pod exactly `threshold` times.
+    let failing = h2c_batch(
+        mesh.client_addr(),
+        &gets("/lb/outlier", LB_PODS * threshold),
+        1,
+    )
+    .await?;
+    let failures = failing
+        .iter()
+        .filter(|a| {
+            a.status == http::StatusCode::SERVICE_UNAVAILABLE
+                && a.header(SERVER_HEADER) == Some(bad.name())
+        })
+        .count();
+    let flags = mesh
+        .wait_for(
+            "the failing pod's ejection in /clusters",
+            OBSERVE,
+            || async {
+                let hosts = scenarios::cluster_hosts(mesh)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match hosts.get(&bad.host_address()) {
+                    Some(f) if f.contains("/failed_outlier_check") => Ok(f.clone()),
+                    other => Err(format!("health flags {other:?}")),
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| e.to_string());
+    let active = counter(
+        mesh,
+        &format!("{VIP_STATS}.outlier_detection.ejections_active"),
+    )
+    .await?;
+    let answered = bad.answered();
+    let after = Tally::of(
+        &h2c_batch(
+            mesh.client_addr(),
+            &gets("/lb/ejected", EJECTED_REQUESTS),
+            1,
+        )
+        .await?,
+    );
+    bad.fault.clear();
+    let reached = bad.answered() - answered;
+    Ok(Finding {
+        text: format!(
+            "DestinationRule outlierDetection consecutive5xxErrors {threshold}, round robin: {} answering 503 ejected after {failures} x 503 (/clusters health_flags {flags}, ejections_active {active}); next {EJECTED_REQUESTS} requests {}, {reached} to the ejected pod",
+            bad.name(),
+            statuses(&after)
+        ),
+        held: failures == threshold
+            && flags.contains("/failed_outlier_check")
+            && active == 1
+            && after.by_status.get(&200) == Some(&EJECTED_REQUESTS)
+            && reached == 0,
+        wanted: format!(
+            "ejected at the {threshold}rd 503, listed /failed_outlier_check, then no request reaches it"
+        ),
+    })
+}
+
+/// VirtualService `retries: {attempts: 2, retryOn: 5xx}` (istiod keeps the previous-hosts
+/// predicate), one pod answering 503: every answer is a 200 from another pod, each attempt at
+/// the failing pod retried once.
+async fn lb_previous_hosts(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+    pods: &ServicePods,
+) -> Result<Finding, ScenarioError> {
+    pods.clear_faults();
+    // Without outlier detection, so the failing pod stays in the rotation.
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(fixture, LoadBalancer::RoundRobin, None),
+        "the service cluster with ROUND_ROBIN",
+    )
+    .await?;
+    let bad = pods.pod("httpbin-0")?;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &lb_listener(
+            fixture,
+            Some(retries_policy("5xx", RETRY_HOSTS_ATTEMPTS)),
+            None,
+        )?,
+        "main_internal with VirtualService retries on 5xx (previous hosts)",
+    )
+    .await?;
+    bad.fault.fail_with(http::StatusCode::SERVICE_UNAVAILABLE);
+    let retry_stat = format!("{VIP_STATS}.upstream_rq_retry");
+    let retries_before = counter(mesh, &retry_stat).await?;
+    let bad_before = bad.answered();
+    let answers = h2c_batch(
+        mesh.client_addr(),
+        &gets("/lb/retry", RETRY_HOSTS_REQUESTS),
+        LB_CONCURRENCY,
+    )
+    .await;
+    bad.fault.clear();
+    let t = Tally::of(&answers?);
+    let hits = bad.answered() - bad_before;
+    let retried = counter(mesh, &retry_stat)
+        .await?
+        .saturating_sub(retries_before);
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    Ok(Finding {
+        text: format!(
+            "VirtualService retries {{attempts: {RETRY_HOSTS_ATTEMPTS}, retryOn: 5xx}} (retry_host_predicate previous_hosts), {} answering 503: {} of {RETRY_HOSTS_REQUESTS} ({}); {hits} attempts hit {}, each retried on another pod (upstream_rq_retry +{retried})",
+            bad.name(),
+            statuses(&t),
+            per_pod(pods, |p| t.from(p.name())),
+            bad.name()
+        ),
+        held: t.by_status.get(&200) == Some(&RETRY_HOSTS_REQUESTS)
+            && t.from(bad.name()) == 0
+            && hits > 0
+            && retried == hits as u64,
+        wanted: "every answer a 200 from another pod, one retry per attempt at the failing pod"
+            .to_owned(),
+    })
+}
+
+/// The value of a generated `Set-Cookie` (`<name>="<16 hex>"; Max-Age=<ttl>; Path=/; HttpOnly`,
+/// Envoy's shape), if it has that shape.
+fn generated_cookie(set_cookie: &str) -> Option<String> {
+    let rest = format!("\"; Max-Age={}; Path=/; HttpOnly", AFFINITY_TTL.as_secs());
+    let value = set_cookie
+        .strip_prefix(&format!("{AFFINITY_COOKIE}=\""))?
+        .strip_suffix(&rest)?;
+    (value.len() == 16 && value.bytes().all(|b| b.is_ascii_hexdigit())).then(|| value.to_owned())
+}
+
+/// DestinationRule `consistentHash: {httpCookie: {name, ttl: 1h, path: /}, ringHash:
+/// {minimumRingSize: 1024}}` plus a VirtualService (so the route carries the hash policy): a
+/// client without the cookie gets one made up (and lands where it hashes to), and every
+/// follow-up carrying it, each on a new connection, lands on the same pod; cookie values the
+/// clients chose stick too and spread over the pods.
+async fn lb_cookie_affinity(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+    pods: &ServicePods,
+) -> Result<Finding, ScenarioError> {
+    pods.clear_faults();
+    scenarios::push(
+        mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(
+            fixture,
+            LoadBalancer::RingHash {
+                minimum_ring_size: 1024,
+            },
+            None,
+        ),
+        "the service cluster with RING_HASH",
+    )
+    .await?;
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &cookie_listener(fixture, AFFINITY_COOKIE, AFFINITY_TTL, "/")?,
+        "main_internal with the VirtualService and the cookie hash policy",
+    )
+    .await?;
+    let client = mesh.client_addr();
+    let server = |a: &scenarios::Answer| a.header(SERVER_HEADER).unwrap_or("-").to_owned();
+    let (mut issued, mut sticky, mut reissued) = (0usize, 0usize, 0usize);
+    let mut values = std::collections::BTreeSet::new();
+    let mut first_example = None;
+    for c in 0..AFFINITY_CLIENTS {
+        let first =
+            scenarios::send(client, "GET", &format!("/affinity/{c}"), &[], Bytes::new()).await?;
+        let set: Vec<&str> = first
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let value = match set.as_slice() {
+            [one] => generated_cookie(one),
+            _ => None,
+        };
+        let Some(value) = value.filter(|_| first.status == http::StatusCode::OK) else {
+            continue;
+        };
+        issued += 1;
+        first_example.get_or_insert_with(|| set.join(""));
+        values.insert(value.clone());
+        let pod = server(&first);
+        let cookie = format!("{AFFINITY_COOKIE}=\"{value}\"");
+        for f in 0..AFFINITY_FOLLOW_UPS {
+            let a = scenarios::send(
+                client,
+                "GET",
+                &format!("/affinity/{c}/{f}"),
+                &[("cookie", &cookie)],
+                Bytes::new(),
+            )
+            .await?;
+            if a.status == http::StatusCode::OK && server(&a) == pod {
+                sticky += 1;
+            }
+            if a.headers.contains_key("set-cookie") {
+                reissued += 1;
+            }
+        }
+    }
+    // Cookie values of the clients' own choosing: each sticks to one pod, and they spread.
+    let mut chosen_on: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for i in 0..AFFINITY_CHOSEN {
+        let cookie = format!("{AFFINITY_COOKIE}=mesh-session-{i}");
+        for round in 0..2 {
+            let a = scenarios::send(
+                client,
+                "GET",
+                &format!("/affinity/chosen/{i}/{round}"),
+                &[("cookie", &cookie)],
+                Bytes::new(),
+            )
+            .await?;
+            let pod = if a.status == http::StatusCode::OK {
+                server(&a)
+            } else {
+                format!("status {}", a.status.as_u16())
+            };
+            chosen_on.entry(cookie.clone()).or_default().insert(pod);
+        }
+    }
+    let chosen_sticky = chosen_on.values().filter(|s| s.len() == 1).count();
+    let spread: std::collections::BTreeSet<&String> = chosen_on.values().flatten().collect();
+    let follow_ups = AFFINITY_CLIENTS * AFFINITY_FOLLOW_UPS;
+    Ok(Finding {
+        text: format!(
+            "DestinationRule consistentHash.httpCookie {{name: {AFFINITY_COOKIE}, ttl: {}s, path: /}} (RING_HASH) + VirtualService: {issued}/{AFFINITY_CLIENTS} first answers set a cookie (e.g. {}; {} distinct value(s): Envoy makes it from the downstream connection's addresses), {sticky}/{follow_ups} follow-ups with it on the client's pod, {reissued} set it again; {chosen_sticky}/{AFFINITY_CHOSEN} chosen cookies stick, over {} pods",
+            AFFINITY_TTL.as_secs(),
+            first_example.as_deref().unwrap_or("-"),
+            values.len(),
+            spread.len()
+        ),
+        held: issued == AFFINITY_CLIENTS
+            && sticky == follow_ups
+            && reissued == 0
+            && chosen_sticky == AFFINITY_CHOSEN
+            && spread.len() >= 2
+            && spread.iter().all(|p| p.starts_with("httpbin-")),
+        wanted: "a generated Set-Cookie on each first answer, every follow-up on its pod, chosen cookies sticky and spread"
+            .to_owned(),
     })
 }
 
