@@ -6,6 +6,8 @@ use std::fmt;
 
 use http::StatusCode;
 
+use crate::http::timeout::Expired;
+
 /// Envoy's response flags (short names, as in `%RESPONSE_FLAGS%`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResponseFlag {
@@ -223,15 +225,18 @@ pub enum ProxyError {
     /// The upstream spoke badly.
     #[error("upstream protocol error: {0}")]
     UpstreamProtocol(String),
-    /// The route timeout fired.
+    /// The route `timeout` fired (`upstream_response_timeout`). The router's per-try timers are
+    /// [`ProxyError::StreamTimeout`] with their own kind, as Envoy reports them apart.
     #[error("upstream_response_timeout")]
     Timeout,
-    /// A stream timer fired before the response started (HCM `stream_idle_timeout`,
-    /// `request_timeout`, `max_stream_duration`; the cluster's `max_stream_duration`).
+    /// A stream timer fired before the response started: the HCM's (`stream_idle_timeout`,
+    /// `request_timeout`, `max_stream_duration`), the router's per attempt (`per_try_timeout`,
+    /// `per_try_idle_timeout`: 504 `UT`, details `upstream_per_try_timeout` /
+    /// `upstream_per_try_idle_timeout`) or the cluster's `max_stream_duration`.
     #[error("{kind}")]
     StreamTimeout {
         /// Which timer.
-        kind: crate::http::timeout::Expired,
+        kind: Expired,
         /// Whether the whole request had been received (504; else 408).
         request_complete: bool,
     },
@@ -330,7 +335,12 @@ impl ProxyError {
             | ProxyError::UpstreamReset(_)
             | ProxyError::Overflow(_) => self.reset_body(false),
             ProxyError::NotRetried { last, retried, .. } => last.reset_body(*retried),
-            ProxyError::Timeout => "upstream request timeout".to_owned(),
+            // Envoy's router answers every one of its timers with the same body.
+            ProxyError::Timeout
+            | ProxyError::StreamTimeout {
+                kind: Expired::Route | Expired::PerTry | Expired::PerTryIdle,
+                ..
+            } => "upstream request timeout".to_owned(),
             ProxyError::NoRoute => String::new(),
             ProxyError::RbacDenied(_) => "RBAC: access denied".to_owned(),
             ProxyError::RateLimited(_) => "local_rate_limited".to_owned(),
@@ -413,6 +423,20 @@ mod tests {
         assert_eq!(e.status().as_u16(), 504);
         assert_eq!(e.response_flags().to_string(), "UT,URX");
         assert_eq!(e.body(), "upstream request timeout");
+        // The per-try timers keep their kind (for the details) and answer like the route timer.
+        for kind in [Expired::PerTry, Expired::PerTryIdle] {
+            let e = not_retried(
+                ProxyError::StreamTimeout {
+                    kind,
+                    request_complete: true,
+                },
+                ResponseFlag::UpstreamRetryLimitExceeded,
+                true,
+            );
+            assert_eq!(e.status().as_u16(), 504, "{kind:?}");
+            assert_eq!(e.response_flags().to_string(), "UT,URX", "{kind:?}");
+            assert_eq!(e.body(), "upstream request timeout", "{kind:?}");
+        }
         // The retry breaker open on a reset (no retry before): `UC,UO`, the plain reset body.
         let e = not_retried(
             ProxyError::UpstreamReset("connection termination".into()),

@@ -19,6 +19,7 @@ use waypoint_proto::envoy::config::{
         RouteConfiguration, RouteMatch as RawRouteMatch, VirtualHost as RawVirtualHost,
         redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
         retry_policy::retry_host_predicate::ConfigType as PredicateConfig,
+        retry_policy::retry_priority::ConfigType as PriorityConfig,
         route::Action as RawAction,
         route_action::{
             ClusterNotFoundResponseCode, ClusterSpecifier, HostRewriteSpecifier,
@@ -322,8 +323,13 @@ pub struct RetryPolicy {
     pub per_try_idle_timeout: Option<Duration>,
     /// `retry_host_predicate` previous_hosts: avoid hosts already tried.
     pub avoid_previous_hosts: bool,
-    /// `host_selection_retry_max_attempts`.
+    /// `host_selection_retry_max_attempts` (Envoy's default 1 when unset or 0). Envoy re-picks up
+    /// to this many times while the predicate rejects the host; our balancer leaves the tried
+    /// hosts out in one pick instead (see `upstream::lb`), which is what those re-picks approach,
+    /// so the bound is recorded but never needed.
     pub host_selection_retry_max_attempts: i64,
+    /// `retry_priority` (`envoy.retry_priorities.previous_priorities`).
+    pub retry_priority: Option<RetryPriority>,
     /// `retriable_status_codes`.
     pub retriable_status_codes: Vec<u32>,
     /// `retry_back_off` (base, max); Envoy's default is 25ms / 250ms.
@@ -332,6 +338,52 @@ pub struct RetryPolicy {
     pub retriable_headers: Vec<HeaderMatch>,
     /// `retriable_request_headers`.
     pub retriable_request_headers: Vec<HeaderMatch>,
+}
+
+/// A retry priority plugin: the only one Envoy ships, `previous_priorities`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPriority {
+    /// `PreviousPrioritiesConfig.update_frequency` (at least 1): how many attempts pass between
+    /// recomputations of the excluded priorities (see `upstream::retry_priority`).
+    pub update_frequency: u32,
+}
+
+/// The type of `envoy.retry_priorities.previous_priorities`' config.
+const PREVIOUS_PRIORITIES: &str =
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+
+impl RetryPriority {
+    /// Compiles `RetryPolicy.retry_priority` (at `path`); `None` when Envoy ignores it.
+    fn compile(
+        p: &waypoint_proto::envoy::config::route::v3::retry_policy::RetryPriority,
+        path: &str,
+    ) -> CompileResult<Option<Self>> {
+        // Envoy's `RetryPolicyImpl` only builds the plugin when `name` is set; a config without a
+        // name is ignored there, so it is here.
+        if p.name.is_empty() {
+            return Ok(None);
+        }
+        let tpath = field(path, "typed_config");
+        let any = match &p.config_type {
+            Some(PriorityConfig::TypedConfig(a)) => a,
+            None => return Err(ConfigError::new(tpath, "typed_config is required")),
+        };
+        let t = Typed::new(any, &tpath)?;
+        t.check_kind(&[ExtensionKind::RetryPriority], "a retry priority", &tpath)?;
+        let cfg: waypoint_proto::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig =
+            t.decode(PREVIOUS_PRIORITIES, &tpath)?;
+        // Envoy's validation: `update_frequency` must be greater than 0.
+        let update_frequency = u32::try_from(cfg.update_frequency)
+            .ok()
+            .filter(|&f| f > 0)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    field(&t.inner_path(&tpath), "update_frequency"),
+                    format!("must be greater than 0, got {}", cfg.update_frequency),
+                )
+            })?;
+        Ok(Some(RetryPriority { update_frequency }))
+    }
 }
 
 impl RetryPolicy {
@@ -381,8 +433,23 @@ impl RetryPolicy {
                         "must be positive",
                     ));
                 }
-                let max = opt_duration(b.max_interval.as_ref(), &field(&bpath, "max_interval"))?
-                    .unwrap_or(base * 10);
+                // Envoy counts back-off in whole milliseconds, a sub-millisecond interval
+                // rounded up to 1 ms.
+                let millis = |d: Duration| {
+                    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+                };
+                let base = millis(base);
+                let max =
+                    match opt_duration(b.max_interval.as_ref(), &field(&bpath, "max_interval"))? {
+                        Some(m) if m.is_zero() => {
+                            return Err(ConfigError::new(
+                                field(&bpath, "max_interval"),
+                                "must be positive",
+                            ));
+                        }
+                        Some(m) => millis(m),
+                        None => base.checked_mul(10).unwrap_or(Duration::MAX),
+                    };
                 if max < base {
                     return Err(ConfigError::new(
                         field(&bpath, "max_interval"),
@@ -405,6 +472,10 @@ impl RetryPolicy {
             )?,
             avoid_previous_hosts,
             host_selection_retry_max_attempts: r.host_selection_retry_max_attempts,
+            retry_priority: match &r.retry_priority {
+                Some(p) => RetryPriority::compile(p, &field(path, "retry_priority"))?,
+                None => None,
+            },
             retriable_status_codes: r.retriable_status_codes.clone(),
             back_off,
             retriable_headers: header_matches(&r.retriable_headers, path, "retriable_headers")?,
@@ -1108,5 +1179,160 @@ impl RouteConfig {
         self.domain_index
             .find(host)
             .and_then(|i| self.virtual_hosts.get(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value as Json, json};
+    use waypoint_proto::{json as pjson, resource::ResourceKind};
+
+    use super::*;
+    use crate::config::{ConfigStore, Update};
+
+    fn retry(policy: Json) -> CompileResult<RetryPolicy> {
+        let raw: RawRetryPolicy = pjson::from_json(&policy).expect("a RetryPolicy");
+        RetryPolicy::compile(&raw, "retry_policy")
+    }
+
+    /// The NACK of a route table whose only route has `policy`, if any (allowlist and compile).
+    fn nack(policy: Json) -> Option<String> {
+        let doc = json!({"name": "r", "virtual_hosts": [{"name": "v", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "retry_policy": policy}}]}]});
+        let update = Update {
+            name: "r".into(),
+            version: "1".into(),
+            resource: pjson::any_from_json(ResourceKind::Route.type_url(), &doc).expect("encodes"),
+        };
+        ConfigStore::default()
+            .apply(ResourceKind::Route, &[update], &[])
+            .into_iter()
+            .next()
+            .map(|e| e.message)
+    }
+
+    const PREVIOUS_PRIORITIES_URL: &str = "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+    const PREFIX: &str = "virtual_hosts[0].routes[0].route.retry_policy";
+
+    #[test]
+    fn istios_retry_remote_localities_compiles() {
+        // What istiod renders for `retries.retryRemoteLocalities: true` (retry.go).
+        let p = json!({"retry_on": "5xx", "num_retries": 2,
+            "retry_priority": {"name": "envoy.retry_priorities.previous_priorities",
+                "typed_config": {"@type": PREVIOUS_PRIORITIES_URL, "update_frequency": 2}}});
+        assert_eq!(nack(p.clone()), None);
+        let compiled = retry(p).expect("compiles");
+        assert_eq!(
+            compiled.retry_priority,
+            Some(RetryPriority {
+                update_frequency: 2
+            })
+        );
+        // The same config inside a TypedStruct.
+        let wrapped = json!({"retry_on": "5xx", "retry_priority": {"name": "p", "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": PREVIOUS_PRIORITIES_URL, "value": {"update_frequency": 3}}}});
+        assert_eq!(
+            retry(wrapped).expect("compiles").retry_priority,
+            Some(RetryPriority {
+                update_frequency: 3
+            })
+        );
+        // Envoy builds the plugin only when it has a name.
+        let unnamed = json!({"retry_priority": {"typed_config": {
+            "@type": PREVIOUS_PRIORITIES_URL, "update_frequency": 1}}});
+        assert_eq!(retry(unnamed).expect("compiles").retry_priority, None);
+    }
+
+    #[test]
+    fn bad_retry_priorities_are_nacked_with_their_path() {
+        let p = json!({"retry_priority": {"name": "p", "typed_config": {
+            "@type": PREVIOUS_PRIORITIES_URL, "update_frequency": 0}}});
+        assert_eq!(
+            nack(p),
+            Some(format!(
+                "{PREFIX}.retry_priority.typed_config.update_frequency: must be greater than 0, got 0"
+            ))
+        );
+        let p = json!({"retry_priority": {"name": "p"}});
+        assert_eq!(
+            nack(p),
+            Some(format!(
+                "{PREFIX}.retry_priority.typed_config: typed_config is required"
+            ))
+        );
+        // A host predicate is not a retry priority.
+        let p = json!({"retry_priority": {"name": "p", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}});
+        let msg = nack(p).expect("nack");
+        assert!(
+            msg.starts_with(&format!("{PREFIX}.retry_priority.typed_config: ")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unimplemented_retry_extensions_and_fields_are_nacked_with_their_path() {
+        for predicate in [
+            "envoy.extensions.retry.host.omit_canary_hosts.v3.OmitCanaryHostsPredicate",
+            "envoy.extensions.retry.host.omit_host_metadata.v3.OmitHostMetadataConfig",
+        ] {
+            let p = json!({"retry_on": "5xx", "retry_host_predicate": [
+                {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}},
+                {"name": "x", "typed_config": {"@type": format!("type.googleapis.com/{predicate}")}}]});
+            assert_eq!(
+                nack(p),
+                Some(format!(
+                    "{PREFIX}.retry_host_predicate[1].typed_config: extension \
+                     type.googleapis.com/{predicate} is not supported"
+                ))
+            );
+        }
+        let p = json!({"retry_on": "envoy-ratelimited", "rate_limited_retry_back_off": {
+            "reset_headers": [{"name": "retry-after"}]}});
+        assert_eq!(
+            nack(p),
+            Some(format!(
+                "{PREFIX}.rate_limited_retry_back_off: field 'rate_limited_retry_back_off' of \
+                 envoy.config.route.v3.RetryPolicy is not supported"
+            ))
+        );
+        let p = json!({"retry_on": "5xx", "retry_options_predicates": [{"name": "x"}]});
+        let msg = nack(p).expect("nack");
+        assert!(
+            msg.starts_with(&format!("{PREFIX}.retry_options_predicates")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn back_off_follows_envoys_millisecond_rules() {
+        let back_off = |b: Json| retry(json!({"retry_on": "5xx", "retry_back_off": b}));
+        let ok = |b: Json| back_off(b).expect("compiles").back_off;
+        let ms = Duration::from_millis;
+        assert_eq!(ok(json!({"base_interval": "0.1s"})), (ms(100), ms(1000)));
+        assert_eq!(
+            ok(json!({"base_interval": "0.0005s", "max_interval": "0.0002s"})),
+            (ms(1), ms(1)),
+            "sub-millisecond intervals round up to 1 ms"
+        );
+        assert_eq!(
+            ok(json!({"base_interval": "0.0105s", "max_interval": "0.02s"})),
+            (ms(10), ms(20))
+        );
+        let err = |b: Json| back_off(b).expect_err("rejected").to_string();
+        assert!(err(json!({"max_interval": "1s"})).contains("base_interval is required"));
+        assert!(
+            err(json!({"base_interval": "1s", "max_interval": "0.5s"}))
+                .contains("max_interval is below base_interval")
+        );
+        assert!(
+            err(json!({"base_interval": "0.001s", "max_interval": "0s"})).contains("max_interval")
+        );
+        // Unset, Envoy's 25 ms / 250 ms.
+        let default = retry(json!({"retry_on": "5xx"})).expect("compiles");
+        assert_eq!(default.back_off, (ms(25), ms(250)));
+        assert_eq!(default.retry_priority, None);
     }
 }

@@ -75,6 +75,8 @@ pub enum ExtensionKind {
     CustomMatcher,
     /// `RetryPolicy.retry_host_predicate`.
     RetryHostPredicate,
+    /// `RetryPolicy.retry_priority`.
+    RetryPriority,
     /// Path matchers (`envoy.path.match`: RBAC `Permission.uri_template`).
     PathMatcher,
     /// `HttpConnectionManager.request_id_extension`.
@@ -832,12 +834,26 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("per_try_timeout"),
             imp("per_try_idle_timeout"),
             imp("retry_host_predicate"),
-            imp("host_selection_retry_max_attempts"),
+            ok(
+                "host_selection_retry_max_attempts",
+                "bounds how often Envoy re-picks while previous_hosts rejects the host; our \
+                 balancer leaves tried hosts out in a single pick whenever another host is \
+                 available, the result those re-picks approach, so no bound is needed",
+            ),
+            imp("retry_priority"),
             imp("retriable_status_codes"),
             imp("retry_back_off"),
             imp("retriable_headers"),
             imp("retriable_request_headers"),
         ],
+    ),
+    msg(
+        "envoy.config.route.v3.RetryPolicy.RetryPriority",
+        &[imp("name"), imp("typed_config")],
+    ),
+    msg(
+        "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+        &[imp("update_frequency")],
     ),
     msg(
         "envoy.config.route.v3.RetryPolicy.RetryBackOff",
@@ -2023,6 +2039,10 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
     ext(
         "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
         ExtensionKind::RetryHostPredicate,
+    ),
+    ext(
+        "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+        ExtensionKind::RetryPriority,
     ),
     // RBAC
     ext(

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::{Body, BoxError, route_select::RequestView};
+use super::{Body, BoxError, route_select::RequestView, timeout::Expired};
 use crate::{config::route::RetryPolicy, flags::ProxyError, upstream::pool::REFUSED_STREAM};
 
 /// How much of a request body is kept for replay (Envoy's default buffer limit is 1 MiB per
@@ -83,13 +83,16 @@ pub fn retriable_error(policy: &RetryPolicy, e: &ProxyError, unsent: bool) -> bo
                 || (unsent && has(policy, "reset-before-request"))
                 || (reason.starts_with(REFUSED_STREAM) && has(policy, "refused-stream"))
         }
-        // A per-try timeout is a local reset (Envoy retries it under these three only).
-        ProxyError::Timeout => {
-            has(policy, "5xx") || has(policy, "gateway-error") || has(policy, "reset")
-        }
+        // A per-try (or per-try idle) timeout is a local reset that Envoy retries under these
+        // three only. The route timeout ends the request before this is asked.
+        ProxyError::Timeout
+        | ProxyError::StreamTimeout {
+            kind: Expired::PerTry | Expired::PerTryIdle,
+            ..
+        } => any_reset,
         // The cluster's `max_stream_duration` resets the upstream stream: retried as a reset.
         ProxyError::StreamTimeout {
-            kind: super::timeout::Expired::UpstreamDuration,
+            kind: Expired::UpstreamDuration,
             ..
         } => any_reset,
         _ => false,
@@ -126,7 +129,8 @@ fn header_matches(m: &crate::config::matchers::HeaderMatch, headers: &HeaderMap)
     m.matches(joined.as_deref())
 }
 
-/// Back-off before retry `n` (1-based): uniform in `[0, min(base·2^(n-1), max)]`.
+/// Back-off before retry `n` (1-based): uniform in `[0, min(base·2^(n-1), max))`, Envoy's fully
+/// jittered exponential back-off (`random % interval`).
 pub fn backoff(policy: &RetryPolicy, n: u32, random: u64) -> Duration {
     let (base, max) = policy.back_off;
     let cap = base
@@ -140,7 +144,7 @@ pub fn backoff(policy: &RetryPolicy, n: u32, random: u64) -> Duration {
     if nanos == 0 {
         return Duration::ZERO;
     }
-    Duration::from_nanos(random % (nanos + 1))
+    Duration::from_nanos(random % nanos)
 }
 
 #[derive(Default)]
@@ -263,6 +267,7 @@ mod tests {
             per_try_idle_timeout: None,
             avoid_previous_hosts: false,
             host_selection_retry_max_attempts: 1,
+            retry_priority: None,
             retriable_status_codes: vec![418],
             back_off: (Duration::from_millis(25), Duration::from_millis(250)),
             retriable_headers: vec![],
@@ -328,6 +333,20 @@ mod tests {
             false
         ));
         assert!(retriable_error(&p, &ProxyError::Timeout, false));
+        // The per-try timers are retried under the same conditions; connect-failure alone does
+        // not cover them.
+        for kind in [Expired::PerTry, Expired::PerTryIdle] {
+            let e = ProxyError::StreamTimeout {
+                kind,
+                request_complete: true,
+            };
+            assert!(retriable_error(&p, &e, false), "{kind:?}");
+            assert!(retriable_error(&policy(&["reset"]), &e, false), "{kind:?}");
+            assert!(
+                !retriable_error(&policy(&["connect-failure"]), &e, false),
+                "{kind:?}"
+            );
+        }
         let g = policy(&["gateway-error"]);
         assert!(!retriable_response(
             &g,
@@ -360,7 +379,14 @@ mod tests {
                 assert!(backoff(&p, n, r) <= Duration::from_millis(250));
             }
         }
-        assert!(backoff(&p, 1, u64::MAX) <= Duration::from_millis(25));
+        assert!(backoff(&p, 1, u64::MAX) < Duration::from_millis(25));
+        // Envoy's `random % interval`: the interval doubles per retry up to the cap.
+        let ms = 1_000_000u64;
+        assert_eq!(backoff(&p, 1, 24 * ms), Duration::from_millis(24));
+        assert_eq!(backoff(&p, 1, 25 * ms), Duration::ZERO);
+        assert_eq!(backoff(&p, 2, 49 * ms), Duration::from_millis(49));
+        assert_eq!(backoff(&p, 5, 249 * ms), Duration::from_millis(249));
+        assert_eq!(backoff(&p, 5, 250 * ms), Duration::ZERO);
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use crate::{
         connect::{Origin, connect},
         lb::{Host, PickContext},
         pool::{Dial, Proto, SendError},
+        retry_priority::PreviousPriorities,
     },
 };
 
@@ -282,11 +283,24 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 /// `x-envoy-upstream-service-time`.
 const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 
+/// Picks where a request goes, avoiding the hosts of `exclude` while others are available.
 pub(super) fn pick_target(
     rt: &ClusterRt,
     ctx: &ConnContext,
     header_dst: Option<&str>,
     exclude: &[Arc<Host>],
+    hash: Option<u64>,
+) -> Result<Target, ProxyError> {
+    pick_retry_target(rt, ctx, header_dst, exclude, &[], hash)
+}
+
+/// Like [`pick_target`], for a retry whose retry priority leaves `skip_priorities` out.
+fn pick_retry_target(
+    rt: &ClusterRt,
+    ctx: &ConnContext,
+    header_dst: Option<&str>,
+    exclude: &[Arc<Host>],
+    skip_priorities: &[u32],
     hash: Option<u64>,
 ) -> Result<Target, ProxyError> {
     match &rt.cluster.discovery {
@@ -308,11 +322,14 @@ pub(super) fn pick_target(
         _ => {
             let host = rt
                 .hosts
-                .pick(&PickContext {
-                    hash,
-                    exclude,
-                    random: rand::random(),
-                })
+                .pick_for_retry(
+                    &PickContext {
+                        hash,
+                        exclude,
+                        random: rand::random(),
+                    },
+                    skip_priorities,
+                )
                 .ok_or_else(|| {
                     rt.stats.none_healthy.inc();
                     ProxyError::NoHealthyUpstream(rt.cluster.name.clone())
@@ -701,6 +718,10 @@ pub async fn forward(
     let mut watch: Option<Watch> = None;
     let mut target = target;
     let mut tried: Vec<Arc<Host>> = Vec::new();
+    // The retry priority's state (`previous_priorities`): the priorities attempts went to.
+    let mut priorities = retry
+        .and_then(|p| p.retry_priority)
+        .map(|p| PreviousPriorities::new(p.update_frequency));
     let mut attempt: u32 = 1;
     // The route's circuit breakers (`max_requests`, `max_pending_requests`, `max_connections`).
     let limits = rt.limits(fwd.high_priority);
@@ -715,6 +736,9 @@ pub async fn forward(
         }
         if let Some(h) = &target.host {
             tried.push(h.clone());
+            if let Some(p) = priorities.as_mut() {
+                p.attempted(h.priority);
+            }
         }
         if let Some(i) = &info {
             i.upstream.attempt(target.host.as_ref(), &target.address);
@@ -828,7 +852,18 @@ pub async fn forward(
         } else {
             &[]
         };
-        target = match pick_target(&rt, ctx, header_dst.as_deref(), exclude, hash) {
+        let skip_priorities: &[u32] = match priorities.as_mut() {
+            Some(p) => p.excluded_for_retry(|skip| rt.hosts.load().has_load_without(skip)),
+            None => &[],
+        };
+        target = match pick_retry_target(
+            &rt,
+            ctx,
+            header_dst.as_deref(),
+            exclude,
+            skip_priorities,
+            hash,
+        ) {
             Ok(t) => t,
             Err(e) => break Err(e),
         };
@@ -968,14 +1003,15 @@ fn count_expiry(stats: &crate::upstream::cluster_manager::ClusterStats, kind: Ex
 }
 
 /// The failure of an attempt ended by a router timer: 504 `UT` for the route and per-try
-/// timeouts; for the cluster's stream duration Envoy's 408/504 `UMSDR`.
+/// timeouts, each with its own details (`upstream_response_timeout`, `upstream_per_try_timeout`,
+/// `upstream_per_try_idle_timeout`); for the cluster's stream duration Envoy's 408/504 `UMSDR`.
 fn expiry_error(kind: Expired, activity: Option<&Activity>) -> ProxyError {
     match kind {
-        Expired::UpstreamDuration => ProxyError::StreamTimeout {
+        Expired::Route => ProxyError::Timeout,
+        _ => ProxyError::StreamTimeout {
             kind,
             request_complete: activity.is_some_and(|a| a.request_ended().is_some()),
         },
-        _ => ProxyError::Timeout,
     }
 }
 

@@ -40,7 +40,9 @@
 //!   pick their destination elsewhere; their (normally empty) host set is balanced round robin.
 //! * **Retries.** [`PickContext::exclude`] lists hosts to avoid (Envoy's `previous_hosts` retry
 //!   predicate). The balancer avoids them while another host of the chosen source is available,
-//!   and otherwise returns an excluded host rather than nothing.
+//!   and otherwise returns an excluded host rather than nothing. [`HostSet::pick_for_retry`] also
+//!   leaves out priority levels (Envoy's `previous_priorities` retry priority, see
+//!   [`super::retry_priority`]).
 //!
 //! Not implemented here: `hash_balance_factor` (bounded loads), slow start, zone-aware routing.
 
@@ -60,7 +62,10 @@ use serde_json::Value as Json;
 
 use arc_swap::ArcSwap;
 
-use super::outlier::HostMonitor;
+use super::{
+    outlier::HostMonitor,
+    retry_priority::{self, LevelAvailability, PriorityLoad},
+};
 use crate::config::{
     cluster::{CommonLb, LbPolicy},
     endpoint::{Endpoint, EndpointAddress, Health, LoadAssignment},
@@ -370,18 +375,33 @@ impl HostSet {
 
     /// Picks a host for one request, or `None` when no host may take traffic.
     pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Host>> {
+        self.pick_for_retry(ctx, &[])
+    }
+
+    /// Like [`HostSet::pick`], for a retry whose retry priority (`previous_priorities`) leaves
+    /// the levels of `skip_priorities` out: the load is redistributed over the other levels
+    /// ([`retry_priority::loads_excluding`]); when none of them is available the usual load
+    /// applies. Ring hash and Maglev ignore `skip_priorities`, as Envoy's hash balancers never
+    /// consult the retry priority.
+    pub fn pick_for_retry(
+        &self,
+        ctx: &PickContext<'_>,
+        skip_priorities: &[u32],
+    ) -> Option<Arc<Host>> {
         let mut rng = SplitMix64(ctx.random);
-        let hashing = matches!(
-            self.policy,
-            LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }
-        );
+        let hashing = self.hashing();
         // Hash policies choose the level by the request hash too, so that a hash keeps its host
         // while the levels' loads hold.
         let roll = match ctx.hash {
             Some(h) if hashing => h,
             _ => rng.next(),
         };
-        let source = self.choose_source(roll)?;
+        let adjusted = if skip_priorities.is_empty() || hashing {
+            None
+        } else {
+            retry_priority::loads_excluding(&self.availability(), skip_priorities)
+        };
+        let source = self.choose_source(roll, adjusted.as_ref())?;
         let hash = match ctx.hash {
             Some(h) => h,
             None => rng.next(),
@@ -389,18 +409,40 @@ impl HostSet {
         source.pick(ctx, &mut rng, hash).cloned()
     }
 
-    /// Envoy's `choosePriority` and `hostSourceToUse`.
-    fn choose_source(&self, roll: u64) -> Option<&Source> {
+    /// Whether a level outside `skip_priorities` has any availability (a retry priority that
+    /// leaves them out has somewhere to send the retry).
+    pub fn has_load_without(&self, skip_priorities: &[u32]) -> bool {
+        retry_priority::loads_excluding(&self.availability(), skip_priorities).is_some()
+    }
+
+    fn hashing(&self) -> bool {
+        matches!(
+            self.policy,
+            LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }
+        )
+    }
+
+    /// Each level's availability, highest priority first.
+    fn availability(&self) -> Vec<LevelAvailability> {
+        self.levels.iter().map(|l| l.availability).collect()
+    }
+
+    /// Envoy's `choosePriority` and `hostSourceToUse`, over the levels' loads or `adjusted` ones
+    /// (indexed like the levels).
+    fn choose_source(&self, roll: u64, adjusted: Option<&PriorityLoad>) -> Option<&Source> {
         let point = roll % 100 + 1;
         let mut acc = 0u64;
-        for level in &self.levels {
-            acc += u64::from(level.state.healthy_load);
+        let load = |own: u32, i: usize, pick: fn(&PriorityLoad) -> &[u32]| {
+            adjusted.map_or(own, |a| pick(a).get(i).copied().unwrap_or(0))
+        };
+        for (i, level) in self.levels.iter().enumerate() {
+            acc += u64::from(load(level.state.healthy_load, i, |a| &a.healthy));
             if point <= acc {
                 return level.source(Availability::Healthy);
             }
         }
-        for level in &self.levels {
-            acc += u64::from(level.state.degraded_load);
+        for (i, level) in self.levels.iter().enumerate() {
+            acc += u64::from(load(level.state.degraded_load, i, |a| &a.degraded));
             if point <= acc {
                 return level.source(Availability::Degraded);
             }
@@ -499,7 +541,11 @@ impl HostSet {
                     degraded_load: loads.degraded.get(i).copied().unwrap_or(0),
                     panic: loads.panic.get(i).copied().unwrap_or(false),
                 };
-                // Only the sources that can be chosen are built (hash tables are large).
+                // Only the sources that can be chosen are built (hash tables are large). A retry
+                // priority can send load to any level with available hosts, except under the
+                // hash policies, which ignore it.
+                let retry_reachable =
+                    !matches!(policy, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. });
                 let (healthy, degraded, all) = if state.panic {
                     (
                         None,
@@ -508,12 +554,12 @@ impl HostSet {
                     )
                 } else {
                     (
-                        (state.healthy_load > 0)
+                        (state.healthy_load > 0 || (retry_reachable && c.healthy > 0))
                             .then(|| {
                                 Source::build(groups, Availability::Healthy, &build, &mut seeds)
                             })
                             .flatten(),
-                        (state.degraded_load > 0)
+                        (state.degraded_load > 0 || (retry_reachable && c.degraded > 0))
                             .then(|| {
                                 Source::build(groups, Availability::Degraded, &build, &mut seeds)
                             })
@@ -523,6 +569,11 @@ impl HostSet {
                 };
                 Level {
                     state,
+                    availability: LevelAvailability {
+                        priority,
+                        healthy: availability(c.healthy, c.total, la.overprovisioning_factor),
+                        degraded: availability(c.degraded, c.total, la.overprovisioning_factor),
+                    },
                     healthy,
                     degraded,
                     all,
@@ -564,6 +615,16 @@ impl Hosts {
     /// Picks a host (see [`HostSet::pick`]).
     pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Host>> {
         self.current.load().pick(ctx)
+    }
+
+    /// Picks a host for a retry that leaves some priorities out (see
+    /// [`HostSet::pick_for_retry`]).
+    pub fn pick_for_retry(
+        &self,
+        ctx: &PickContext<'_>,
+        skip_priorities: &[u32],
+    ) -> Option<Arc<Host>> {
+        self.current.load().pick_for_retry(ctx, skip_priorities)
     }
 
     /// The current set.
@@ -631,6 +692,17 @@ struct Counts {
     degraded: usize,
 }
 
+/// A level's availability (percent) for `count` of its `total` hosts: `min(100,
+/// overprovisioning_factor × count / total)`, in integers as Envoy computes it.
+fn availability(count: usize, total: usize, overprovisioning: u32) -> u32 {
+    if total == 0 {
+        return 0;
+    }
+    let pct = u64::from(overprovisioning).saturating_mul(count as u64) / total as u64;
+    // Capped at 100, so the cast cannot truncate.
+    pct.min(100) as u32
+}
+
 /// Per-level loads (percent) and panic flags.
 #[derive(Debug, PartialEq, Eq)]
 struct Loads {
@@ -652,22 +724,13 @@ fn compute_loads(levels: &[Counts], overprovisioning: u32, panic_threshold: f64)
     if n == 0 {
         return out;
     }
-    let factor = u64::from(overprovisioning);
-    let availability = |count: usize, total: usize| -> u32 {
-        if total == 0 {
-            return 0;
-        }
-        let pct = factor.saturating_mul(count as u64) / total as u64;
-        // Capped at 100, so the cast cannot truncate.
-        pct.min(100) as u32
-    };
     let health: Vec<u32> = levels
         .iter()
-        .map(|c| availability(c.healthy, c.total))
+        .map(|c| availability(c.healthy, c.total, overprovisioning))
         .collect();
     let degraded: Vec<u32> = levels
         .iter()
-        .map(|c| availability(c.degraded, c.total))
+        .map(|c| availability(c.degraded, c.total, overprovisioning))
         .collect();
     let normalized = health
         .iter()
@@ -757,6 +820,8 @@ impl Availability {
 /// One priority level.
 struct Level {
     state: PriorityState,
+    /// What a retry priority redistributes the load by.
+    availability: LevelAvailability,
     healthy: Option<Source>,
     degraded: Option<Source>,
     /// All hosts, built only when the level is in panic.
@@ -2053,5 +2118,71 @@ mod tests {
         assert!(table.iter().all(|&i| i < 3));
         // A size that is not prime falls back to the default instead of looping.
         assert_eq!(build_maglev(&keys, &[1.0 / 3.0; 3], 10).len(), 65_537);
+    }
+
+    #[test]
+    fn a_retry_priority_moves_the_load_off_skipped_levels() {
+        let ports = |s: &HostSet, skip: &[u32]| -> std::collections::BTreeSet<u16> {
+            (0..200u64)
+                .filter_map(|r| {
+                    s.pick_for_retry(
+                        &PickContext {
+                            random: r,
+                            ..PickContext::default()
+                        },
+                        skip,
+                    )
+                })
+                .map(|h| port(&h))
+                .collect()
+        };
+        // P0 takes all the load; P1 (1 of 2 healthy: 70% available) none until P0 is skipped.
+        let levels = vec![
+            group(0, healthy(0..2)),
+            group(
+                1,
+                vec![ep(10, Health::Healthy, 1), ep(11, Health::Unhealthy, 1)],
+            ),
+            group(2, healthy(20..21)),
+        ];
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest { choice_count: 2 },
+            LbPolicy::Random,
+        ] {
+            let s = set(levels.clone(), policy);
+            assert_eq!(ports(&s, &[]), [0, 1].into(), "{policy:?}");
+            // P1 takes 70%, the rest spills to P2; P1's unhealthy host stays out.
+            assert_eq!(ports(&s, &[0]), [10, 20].into(), "{policy:?}");
+            assert_eq!(ports(&s, &[0, 1]), [20].into(), "{policy:?}");
+            assert!(s.has_load_without(&[0, 1]));
+            // Nothing left: the usual load.
+            assert!(!s.has_load_without(&[0, 1, 2]));
+            assert_eq!(ports(&s, &[0, 1, 2]), [0, 1].into(), "{policy:?}");
+        }
+        // The hash balancers ignore the retry priority, as Envoy's do.
+        for policy in [RING, MAGLEV] {
+            let s = set(levels.clone(), policy);
+            assert_eq!(ports(&s, &[0]), [0, 1].into(), "{policy:?}");
+        }
+        // Panic is the balancer's: a level in panic takes its retry share on all its hosts.
+        let mostly_down = |first: u16, n: u16| {
+            (first..first + n)
+                .map(|i| {
+                    let h = if i == first {
+                        Health::Healthy
+                    } else {
+                        Health::Unhealthy
+                    };
+                    ep(i, h, 1)
+                })
+                .collect::<Vec<_>>()
+        };
+        let s = set(
+            vec![group(0, mostly_down(0, 3)), group(1, mostly_down(10, 4))],
+            LbPolicy::RoundRobin,
+        );
+        assert!(s.priorities().all(|p| p.panic));
+        assert_eq!(ports(&s, &[0]), [10, 11, 12, 13].into());
     }
 }

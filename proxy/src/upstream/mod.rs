@@ -7,3 +7,4 @@ pub mod connect;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
+pub mod retry_priority;

@@ -73,7 +73,13 @@ impl Outcome {
             ProxyError::ConnectFailure(_)
             | ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamProtocol(_) => Some(Outcome::LocalConnectFailed),
-            ProxyError::Timeout => Some(Outcome::LocalTimeout),
+            // The route timeout and the router's per-try timers (Envoy reports both).
+            ProxyError::Timeout
+            | ProxyError::StreamTimeout {
+                kind:
+                    crate::http::timeout::Expired::PerTry | crate::http::timeout::Expired::PerTryIdle,
+                ..
+            } => Some(Outcome::LocalTimeout),
             _ => None,
         }
     }
@@ -1061,6 +1067,11 @@ mod tests {
             Outcome::of_error(&ProxyError::Timeout),
             Some(Outcome::LocalTimeout)
         );
+        let per_try = ProxyError::StreamTimeout {
+            kind: crate::http::timeout::Expired::PerTry,
+            request_complete: true,
+        };
+        assert_eq!(Outcome::of_error(&per_try), Some(Outcome::LocalTimeout));
         assert_eq!(Outcome::of_error(&ProxyError::Overflow("x".into())), None);
         assert_eq!(
             Outcome::of_error(&ProxyError::NoHealthyUpstream("x".into())),
