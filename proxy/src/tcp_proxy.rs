@@ -8,6 +8,10 @@
 //! both sides after that long without a byte either way (`tcp.<stat_prefix>.idle_timeout`, no
 //! response flag), and `max_downstream_connection_duration` closes them that long after the
 //! upstream connected (`tcp.<stat_prefix>.max_downstream_connection_duration`, flag `DT`).
+//!
+//! Envoy's tcp_proxy does not drain gracefully (only the HTTP connection manager and a few
+//! protocol filters do): when an LDS update drains its filter chain, the connection runs on
+//! until `--drain-time-s` is over, then both sides are closed.
 
 use std::{
     pin::Pin,
@@ -53,6 +57,14 @@ const DEFAULT_TCP_REPORTING: Duration = Duration::from_secs(5);
 
 /// Envoy's default tcp_proxy `idle_timeout`.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Why the proxy closed a connection before either side did.
+enum Cut {
+    /// `idle_timeout` or `max_downstream_connection_duration`.
+    Timer(Expired),
+    /// The filter chain was drained by an LDS update and its drain time is over.
+    Drained,
+}
 
 /// The connection's timers, from the moment the upstream connected.
 fn connection_watch(tp: &TcpProxy, activity: &Arc<Activity>) -> Watch {
@@ -141,6 +153,7 @@ pub async fn serve(
     let mut joined = Box::pin(crate::io::join(&mut io, &mut upstream));
     let mut tick = (series.is_some() && !every.is_zero())
         .then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let mut drain = ctx.drain.clone();
     let ended = loop {
         tokio::select! {
             r = &mut joined => break Ok(r),
@@ -152,7 +165,8 @@ pub async fn serve(
                     None => std::future::pending().await,
                 }
             } => report(&mut reported),
-            kind = watch.expired() => break Err(kind),
+            kind = watch.expired() => break Err(Cut::Timer(kind)),
+            _ = drain.closed() => break Err(Cut::Drained),
         }
     };
     // A timer closes both sides at once, as Envoy closes without flushing.
@@ -165,9 +179,9 @@ pub async fn serve(
         let (received, sent) = meter.get();
         s.close(received, sent);
     }
-    let flags = match ended {
-        Ok(_) => ResponseFlags::default(),
-        Err(kind) => kind.response_flags(),
+    let flags = match &ended {
+        Ok(_) | Err(Cut::Drained) => ResponseFlags::default(),
+        Err(Cut::Timer(kind)) => kind.response_flags(),
     };
     log(&tp, &ctx, started, flags, meter.get(), &slot);
     match ended {
@@ -177,7 +191,10 @@ pub async fn serve(
         Ok((up, down, Some(e))) => {
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, up, down, "ended: {e}")
         }
-        Err(kind) => {
+        Err(Cut::Drained) => {
+            tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, "closed: the filter chain's drain time is over");
+        }
+        Err(Cut::Timer(kind)) => {
             let stat = match kind {
                 Expired::ConnectionDuration => "max_downstream_connection_duration",
                 _ => "idle_timeout",

@@ -29,6 +29,7 @@ use super::{
     opt_duration,
     tls::{Side, TransportSocket},
 };
+use crate::listener::drain::ChainDrain;
 
 /// Envoy's default `listener_filters_timeout`.
 const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
@@ -194,6 +195,8 @@ pub struct FilterChain {
     pub transport_socket: Option<TransportSocket>,
     /// `transport_socket_connect_timeout`: TLS handshake deadline.
     pub transport_socket_connect_timeout: Option<Duration>,
+    /// Drains the chain's connections once a listener update no longer contains it.
+    pub drain: ChainDrain,
 }
 
 impl FilterChain {
@@ -217,6 +220,7 @@ impl FilterChain {
                 c.transport_socket_connect_timeout.as_ref(),
                 &field(path, "transport_socket_connect_timeout"),
             )?,
+            drain: ChainDrain::new(),
         })
     }
 }
@@ -253,6 +257,9 @@ pub struct Listener {
     pub access_log: Vec<AccessLog>,
     /// `ignore_global_conn_limit`.
     pub ignore_global_conn_limit: bool,
+    /// The resource without `filter_chains`, `default_filter_chain` and `filter_chain_matcher`:
+    /// what an update must leave unchanged to be a filter-chain-only update.
+    shell: RawListener,
 }
 
 /// Transitional: code written against the raw Envoy listener keeps working (`l.address`).
@@ -265,7 +272,18 @@ impl Deref for Listener {
 
 impl Listener {
     /// Compiles `l` (paths from `path`, empty for an xDS resource).
-    pub fn compile(l: RawListener, path: &str) -> CompileResult<Self> {
+    pub fn compile(mut l: RawListener, path: &str) -> CompileResult<Self> {
+        let shell = {
+            // Taken out for the copy only: a waypoint's chains are most of the listener.
+            let chains = std::mem::take(&mut l.filter_chains);
+            let default = l.default_filter_chain.take();
+            let matcher = l.filter_chain_matcher.take();
+            let shell = l.clone();
+            l.filter_chains = chains;
+            l.default_filter_chain = default;
+            l.filter_chain_matcher = matcher;
+            shell
+        };
         if l.name.is_empty() {
             return Err(ConfigError::new(field(path, "name"), "name is required"));
         }
@@ -409,8 +427,34 @@ impl Listener {
             per_connection_buffer_limit_bytes: l.per_connection_buffer_limit_bytes.map(|v| v.value),
             access_log: access_log::compile_all(&l.access_log, path)?,
             ignore_global_conn_limit: l.ignore_global_conn_limit,
+            shell,
             raw: Arc::new(l),
         })
+    }
+
+    /// Whether replacing `self` by `new` is Envoy's in-place filter chain update
+    /// (`ListenerImpl::supportUpdateFilterChain`): everything but `filter_chains`,
+    /// `default_filter_chain` and `filter_chain_matcher` is unchanged and `new` has filter
+    /// chains. Then only the chains that changed drain; otherwise the whole listener is replaced
+    /// and every connection of `self` drains.
+    ///
+    /// Fields compare as received: a control plane that marshals deterministically (istiod does)
+    /// sends equal bytes for equal typed configs.
+    pub fn filter_chain_only_change(&self, new: &Listener) -> bool {
+        !new.raw.filter_chains.is_empty() && self.shell == new.shell
+    }
+
+    /// Each chain with the config it was compiled from: `filter_chains` in order, then
+    /// `default_filter_chain`.
+    pub fn chains_with_config(&self) -> impl Iterator<Item = (&FilterChain, &RawFilterChain)> {
+        self.filter_chains
+            .iter()
+            .zip(&self.raw.filter_chains)
+            .chain(
+                self.default_filter_chain
+                    .iter()
+                    .zip(self.raw.default_filter_chain.as_ref()),
+            )
     }
 
     /// The chain named `name`.

@@ -33,7 +33,7 @@ use super::{
 use crate::{
     config::filters::set_filter_state::Sharing,
     config::{
-        RouteConfig,
+        RouteConfig, Snapshot,
         filters::{
             hcm::{Codec, HttpConnectionManager, Routes},
             http::{Fault, HttpFilterKind, PerFilterConfig},
@@ -47,8 +47,9 @@ use crate::{
         H2Settings,
         server::{ConnEvent, ConnInfo, ConnectHandler, ConnectRequest, Decision, serve_connection},
     },
-    listener::conn::{
-        BoxIo, ConnContext, ConnValues, FilterState, StateObject, apply_set_filter_state,
+    listener::{
+        conn::{BoxIo, ConnContext, ConnValues, FilterState, StateObject, apply_set_filter_state},
+        drain::ChainWatch,
     },
     rbac::{self, RbacInput, TlsPeer},
     stats::HcmStats,
@@ -70,7 +71,10 @@ const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Envoy's default downstream `common_http_protocol_options.idle_timeout`.
 const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Serves HTTP on `io` until it closes or the server drains.
+/// Serves HTTP on `io` until it closes, or drains it when the server drains or an LDS update
+/// drains its filter chain (`ctx.drain`): HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`, then the
+/// streams in flight finish; a chain's connection still open when `--drain-time-s` is over is
+/// closed with them.
 pub async fn serve(
     dp: Arc<DataPlane>,
     ctx: Arc<ConnContext>,
@@ -78,6 +82,12 @@ pub async fn serve(
     io: BoxIo,
 ) {
     let drain = dp.server.drain.subscribe();
+    let mut chain = ctx.drain.clone();
+    // Envoy counts a connection the HCM drains for the server's or the listener's drain.
+    let drain_close = dp.server.stats.counter(&format!(
+        "http.{}.downstream_cx_drain_close",
+        hcm.stat_prefix
+    ));
     let headers_kb = hcm
         .max_request_headers_kb
         .unwrap_or(DEFAULT_MAX_HEADERS_KB)
@@ -117,14 +127,23 @@ pub async fn serve(
             local_identity: ctx.tls.as_ref().and_then(|t| t.local_uri_san.clone()),
         };
         let stats = Arc::new(HcmStats::new(&dp.server.stats, &hcm.stat_prefix));
+        let drain = drain_signal(drain, chain.clone(), drain_close);
         let handler = Arc::new(ConnectTerminate {
             dp,
             ctx,
             hcm,
             stats,
         });
-        if let Err(e) = serve_connection(io, info, &settings, handler, drain).await {
-            tracing::debug!(target: "http", "CONNECT connection ended: {e}");
+        tokio::select! {
+            r = serve_connection(io, info, &settings, handler, drain) => {
+                if let Err(e) = r {
+                    tracing::debug!(target: "http", "CONNECT connection ended: {e}");
+                }
+            }
+            // Dropping the connection resets the tunnels still open on it.
+            _ = chain.closed() => {
+                tracing::debug!(target: "http", "drain time over; closing the CONNECT connection");
+            }
         }
         return;
     }
@@ -214,10 +233,10 @@ pub async fn serve(
             }
             return;
         }
-        reason = conn_state.until_drain(&mut drain) => reason,
+        reason = conn_state.until_drain(&mut drain, &mut chain) => reason,
     };
     match reason {
-        DrainReason::Server => {}
+        DrainReason::Server | DrainReason::Listener => drain_close.inc(),
         DrainReason::Idle => conn_stats.cx_idle_timeout.inc(),
         DrainReason::MaxDuration => conn_stats.cx_max_duration_reached.inc(),
         // Counted when the last request came in.
@@ -227,7 +246,35 @@ pub async fn serve(
     // GOAWAY (HTTP/2) or `Connection: close` after the response in flight (HTTP/1.1); an idle
     // connection closes at once.
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        // Envoy removes a drained filter chain after the drain time, closing what is left on it.
+        _ = chain.closed() => {
+            tracing::debug!(target: "http", "drain time over; closing the connection with streams open");
+        }
+    }
+}
+
+/// The drain signal a CONNECT-terminating connection watches: set once the server drains or the
+/// connection's filter chain does (counted in `downstream_cx_drain_close`). A task joins the two
+/// until either fires or the connection ends.
+fn drain_signal(
+    mut server: tokio::sync::watch::Receiver<bool>,
+    mut chain: ChainWatch,
+    drain_close: Arc<crate::stats::Stat>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(*server.borrow());
+    tokio::spawn(async move {
+        tokio::select! {
+            // A server gone is a server draining.
+            _ = server.wait_for(|d| *d) => {}
+            _ = chain.draining() => {}
+            _ = tx.closed() => return,
+        }
+        drain_close.inc();
+        tx.send_replace(true);
+    });
+    rx
 }
 
 /// An HCM's connection limits (`common_http_protocol_options`); `None` when off.
@@ -259,6 +306,8 @@ impl ConnLimits {
 enum DrainReason {
     /// The server drains (`/drain_listeners`, SIGTERM).
     Server,
+    /// An LDS update changed or removed the connection's filter chain.
+    Listener,
     /// `idle_timeout`: no stream for that long.
     Idle,
     /// `max_connection_duration`.
@@ -298,8 +347,13 @@ impl ConnState {
         self.limits.max_requests == Some(n)
     }
 
-    /// Waits until the connection must drain: the server drains, or a limit is reached.
-    async fn until_drain(&self, drain: &mut tokio::sync::watch::Receiver<bool>) -> DrainReason {
+    /// Waits until the connection must drain: the server or the filter chain drains, or a limit
+    /// is reached.
+    async fn until_drain(
+        &self,
+        drain: &mut tokio::sync::watch::Receiver<bool>,
+        chain: &mut ChainWatch,
+    ) -> DrainReason {
         let idle = async {
             match self.limits.idle {
                 Some(d) => self.activity.idle_for(d).await,
@@ -314,6 +368,7 @@ impl ConnState {
         };
         tokio::select! {
             _ = drain.wait_for(|d| *d) => DrainReason::Server,
+            _ = chain.draining() => DrainReason::Listener,
             _ = idle => DrainReason::Idle,
             _ = duration => DrainReason::MaxDuration,
             _ = self.max_requests_hit.notified() => DrainReason::MaxRequests,
@@ -474,15 +529,23 @@ fn terminates_connect(hcm: &HttpConnectionManager) -> bool {
     }
 }
 
-/// The route table for a request.
+/// The route table for a request: the HCM's inline table, or its RDS table in `current`.
 fn route_config<'a>(
     hcm: &'a HttpConnectionManager,
-    ctx: &'a ConnContext,
+    current: &'a Snapshot,
 ) -> Option<&'a RouteConfig> {
     match &hcm.routes {
         Routes::Inline(rc) => Some(rc),
-        Routes::Rds { name, .. } => ctx.snapshot.routes.get(name).map(|r| r.as_ref()),
+        Routes::Rds { name, .. } => current.routes.get(name).map(|r| r.as_ref()),
     }
+}
+
+/// The config a request's RDS routes are read from. Envoy's HCM asks its route config provider
+/// for the latest table on every stream, so an RDS update (a VirtualService change) reaches
+/// requests on connections opened before it — long-lived HTTP/2 and gRPC channels included. An
+/// inline table belongs to its listener, whose update drains the connection instead.
+fn routes_snapshot(dp: &DataPlane, hcm: &HttpConnectionManager) -> Option<Arc<Snapshot>> {
+    matches!(hcm.routes, Routes::Rds { .. }).then(|| dp.server.config.snapshot())
 }
 
 /// A local reply (Envoy's shape: status, `content-type: text/plain`, body, `server`).
@@ -860,6 +923,7 @@ fn jwt_check(
 fn request_filters<'a>(
     hcm: &'a HttpConnectionManager,
     ctx: &'a ConnContext,
+    current: &'a Snapshot,
     stats: &crate::stats::Stats,
     parts: &mut http::request::Parts,
     mut matched: Option<Matched<'a>>,
@@ -911,7 +975,7 @@ fn request_filters<'a>(
                 if jwt_check(jwt, per_route, hcm, stats, parts, &mut metadata)? {
                     // Envoy's clearRouteCache: the filters after this one and the router see
                     // the route the new headers select.
-                    matched = self::route_config(hcm, ctx).and_then(|rc| {
+                    matched = self::route_config(hcm, current).and_then(|rc| {
                         let view = route_select::RequestView::from_parts(parts);
                         route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
                     });
@@ -1028,15 +1092,15 @@ async fn handle(
     let dims = labels
         .as_ref()
         .is_some_and(|l| !l.plan.dimensions.is_empty());
+    let grpc = stream_info::is_grpc(req.headers());
     let info = stream_info::StreamInfo::new(stream_info::Observe {
         details: logs || dims,
         request_headers: logs || dims_read_request,
-        grpc_messages: labels.is_some() && stream_info::is_grpc(req.headers()),
+        grpc_messages: labels.is_some() && grpc,
     });
     if req.body().is_end_stream() {
         info.request_done();
     }
-    let grpc = stream_info::is_grpc(req.headers());
     // Request line (`METHOD target HTTP/1.1\r\n`) and headers.
     let request_header_bytes = stream_info::header_bytes(req.headers())
         + (req.method().as_str().len()
@@ -1080,7 +1144,8 @@ async fn route_and_forward(
     req: Request<Incoming>,
     info: Option<&Arc<stream_info::StreamInfo>>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    // An observed stream read the clock as it started: one read per request is enough.
+    let started = info.map_or_else(Instant::now, |i| i.started);
     let (mut parts, body) = req.into_parts();
     // A local reply, with its reason recorded for access logs.
     let local = |e: &ProxyError| {
@@ -1089,7 +1154,9 @@ async fn route_and_forward(
         }
         local_reply(&hcm, e)
     };
-    let internal_only = route_config(&hcm, &ctx)
+    let rds = routes_snapshot(&dp, &hcm);
+    let current: &Snapshot = rds.as_deref().unwrap_or(&ctx.snapshot);
+    let internal_only = route_config(&hcm, current)
         .map(|rc| rc.internal_only_headers.as_slice())
         .unwrap_or(&[]);
     let prepared = router::prepare_downstream(&hcm, &ctx, internal_only, &mut parts);
@@ -1099,7 +1166,7 @@ async fn route_and_forward(
     if let Err(e) = prepared {
         return local(&e);
     }
-    let rc = route_config(&hcm, &ctx);
+    let rc = route_config(&hcm, current);
     let selected = rc.and_then(|rc| {
         let view = route_select::RequestView::from_parts(&parts);
         route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r))
@@ -1111,7 +1178,7 @@ async fn route_and_forward(
         // denial) still name the destination service.
         if let Action::Forward(fwd) = &r.action
             && let ClusterTarget::Name(n) = &fwd.target
-            && let Some(c) = ctx.snapshot.clusters.get(n)
+            && let Some(c) = current.clusters.get(n)
         {
             i.upstream.set_cluster(c);
         }
@@ -1120,6 +1187,7 @@ async fn route_and_forward(
     let (state, fault, selected) = match request_filters(
         &hcm,
         &ctx,
+        current,
         &dp.server.stats,
         &mut parts,
         selected,
@@ -1308,7 +1376,9 @@ async fn connect_stream(
         .body(())
         .map_err(|e| ProxyError::BadRequest(format!("CONNECT {}: {e}", req.authority)))?
         .into_parts();
-    let rc = route_config(hcm, ctx).ok_or(ProxyError::NoRoute)?;
+    let rds = routes_snapshot(dp, hcm);
+    let current: &Snapshot = rds.as_deref().unwrap_or(&ctx.snapshot);
+    let rc = route_config(hcm, current).ok_or(ProxyError::NoRoute)?;
     let view = route_select::RequestView::from_parts(&parts);
     let selected = route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r));
     // CONNECT termination: faults do not apply to tunnels (istiod configures none there).
@@ -1316,6 +1386,7 @@ async fn connect_stream(
     let (state, _, selected) = request_filters(
         hcm,
         ctx,
+        current,
         &dp.server.stats,
         &mut parts,
         selected,

@@ -175,6 +175,7 @@ mod tests {
             filters: vec![],
             transport_socket: None,
             transport_socket_connect_timeout: None,
+            drain: Default::default(),
         }
     }
 

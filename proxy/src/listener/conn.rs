@@ -208,6 +208,9 @@ pub struct ConnContext {
     /// Local rate limit buckets of this connection
     /// (`local_rate_limit_per_downstream_connection`).
     pub rate_limits: crate::http::local_ratelimit::ConnBuckets,
+    /// The drain of the filter chain that took the connection (an LDS update that changes or
+    /// removes the chain drains it, then closes it after `--drain-time-s`).
+    pub drain: super::drain::ChainWatch,
 }
 
 impl ConnContext {
@@ -226,6 +229,7 @@ impl ConnContext {
             metadata: BTreeMap::new(),
             snapshot,
             rate_limits: Default::default(),
+            drain: super::drain::ChainWatch::never(),
         }
     }
 

@@ -32,6 +32,7 @@ use crate::{
     stats::Stat,
     xds::warming::{needed_secrets, pending},
 };
+use waypoint_proto::envoy::config::listener::v3::FilterChain as RawFilterChain;
 
 /// Filter state keys the `original_dst` listener filter reads on internal listeners.
 pub const ORIGINAL_DST_LOCAL_KEY: &str = "envoy.filters.listener.original_dst.local_ip";
@@ -177,8 +178,12 @@ impl ListenerManager {
     pub fn reconcile(&self, dp: &Arc<DataPlane>, _published: &Snapshot) {
         let mut inner = self.lock();
         let snapshot = dp.server.config.snapshot();
+        let before = self.serving_now.load_full();
         self.settle(dp, &mut inner, &snapshot);
         let serving = std::mem::take(&mut inner.serving);
+        // Before the new versions are published: their unchanged chains must share the signals
+        // of the serving ones before any connection watches them.
+        drain_replaced(dp, &before, &serving);
         // Published before any accept loop starts: a worker may accept at once, and a connection
         // whose listener it cannot find is dropped.
         self.serving_now.store(Arc::new(serving.clone()));
@@ -240,6 +245,93 @@ impl ListenerManager {
     }
 }
 
+/// Drains what an LDS update takes away, as Envoy's listener manager does once the new versions
+/// are warm: a removed listener, or one replaced by a version that differs beyond its filter
+/// chains, drains every connection; an in-place filter chain update
+/// ([`Listener::filter_chain_only_change`]) drains only the connections of the chains whose
+/// config is not in the new version (`drainFilterChains`), and the chains it keeps go on serving
+/// their connections. The drained connections are closed `--drain-time-s` later.
+fn drain_replaced(
+    dp: &DataPlane,
+    before: &HashMap<String, Arc<Listener>>,
+    after: &HashMap<String, Arc<Listener>>,
+) {
+    let close_at =
+        tokio::time::Instant::now() + Duration::from_secs(dp.server.options.drain_time_s);
+    let stats = &dp.server.stats;
+    let mut in_place_drained = 0;
+    for (name, old) in before {
+        match after.get(name) {
+            Some(new) if Arc::ptr_eq(old, new) => {}
+            Some(new) if old.filter_chain_only_change(new) => {
+                stats
+                    .counter("listener_manager.listener_in_place_updated")
+                    .inc();
+                let (kept, drained) = keep_unchanged_chains(old, new, close_at);
+                in_place_drained += drained;
+                tracing::info!(target: "listener", %name, kept, drained, "filter chains updated in place; connections on the changed ones drain");
+            }
+            replaced => {
+                let mut drained = 0;
+                for (chain, _) in old.chains_with_config() {
+                    drained += u64::from(chain.drain.start(close_at));
+                }
+                let what = if replaced.is_some() {
+                    "listener replaced"
+                } else {
+                    stats.counter("listener_manager.listener_removed").inc();
+                    "listener removed"
+                };
+                tracing::info!(target: "listener", %name, chains = drained, "{what}; its connections drain");
+            }
+        }
+    }
+    if in_place_drained > 0 {
+        // Envoy's gauge of chains drained by in-place updates, until their connections close.
+        let gauge = stats.gauge("listener_manager.total_filter_chains_draining");
+        gauge.add(in_place_drained);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep_until(close_at).await;
+                for _ in 0..in_place_drained {
+                    gauge.dec();
+                }
+            });
+        }
+    }
+}
+
+/// For an in-place update of `old` by `new`: each chain of `new` whose config equals one of
+/// `old` takes over its drain signal (Envoy keys chains by their whole `FilterChain` message, so
+/// the connections of an unchanged chain are not drained); the chains of `old` left over start
+/// draining. Returns (kept, drained).
+fn keep_unchanged_chains(
+    old: &Listener,
+    new: &Listener,
+    close_at: tokio::time::Instant,
+) -> (usize, u64) {
+    let mut by_name: HashMap<&str, Vec<(&FilterChain, &RawFilterChain)>> = HashMap::new();
+    for (chain, raw) in new.chains_with_config() {
+        by_name.entry(&chain.name).or_default().push((chain, raw));
+    }
+    let (mut kept, mut drained) = (0, 0);
+    for (chain, raw) in old.chains_with_config() {
+        let same = by_name.get_mut(chain.name.as_str()).and_then(|candidates| {
+            let i = candidates.iter().position(|(_, r)| *r == raw)?;
+            // Taken: one new chain carries one old chain's connections.
+            Some(candidates.swap_remove(i).0)
+        });
+        match same {
+            Some(next) => {
+                next.drain.adopt(&chain.drain);
+                kept += 1;
+            }
+            None => drained += u64::from(chain.drain.start(close_at)),
+        }
+    }
+    (kept, drained)
+}
+
 /// Re-settles warming listeners whenever a secret arrives, the warming set changes or a timeout
 /// expires; ends when nothing warms.
 async fn watch_warming(dp: Weak<DataPlane>) {
@@ -299,6 +391,7 @@ fn stat_addr(addr: SocketAddr) -> String {
 struct ListenerStats {
     cx_total: Arc<Stat>,
     cx_active: Arc<Stat>,
+    cx_destroy: Arc<Stat>,
     no_chain: Arc<Stat>,
 }
 
@@ -308,6 +401,7 @@ impl ListenerStats {
         ListenerStats {
             cx_total: s.counter(&format!("listener.{prefix}.downstream_cx_total")),
             cx_active: s.gauge(&format!("listener.{prefix}.downstream_cx_active")),
+            cx_destroy: s.counter(&format!("listener.{prefix}.downstream_cx_destroy")),
             no_chain: s.counter(&format!("listener.{prefix}.no_filter_chain_match")),
         }
     }
@@ -414,6 +508,7 @@ async fn accept_loop(
             let ctx = ConnContext::new(&name, Addr::Socket(local), Addr::Socket(peer), snapshot);
             serve_connection(&dp, l, ctx, Box::new(stream), Some(&stats.no_chain)).await;
             stats.cx_active.dec();
+            stats.cx_destroy.inc();
         });
     }
 }
@@ -623,6 +718,9 @@ async fn serve_connection(
         return;
     };
     ctx.chain = chain.name.clone();
+    // Watched from here on: a chain drained while the connection was being set up (an update
+    // raced the accept) drains it at once.
+    ctx.drain = chain.drain.watch();
     let io: BoxIo = match &chain.transport_socket {
         None | Some(TransportSocket::RawBuffer) => io,
         Some(TransportSocket::DownstreamTls(t)) => {
@@ -759,4 +857,98 @@ fn network_rbac(
         ..Default::default()
     };
     crate::rbac::evaluate(r.rules.as_ref(), r.shadow_rules.as_ref(), &input)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value as Json, json};
+
+    use super::*;
+
+    fn chain(name: &str, port: u32, body: &str) -> Json {
+        json!({
+            "name": name,
+            "filter_chain_match": {"destination_port": port},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {"name": name, "virtual_hosts": [{"name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": body}}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+            }}]
+        })
+    }
+
+    fn listener(chains: Vec<Json>, timeout: &str) -> Listener {
+        let doc = json!({
+            "name": "main",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            "listener_filters_timeout": timeout,
+            "filter_chains": chains,
+        });
+        let raw = waypoint_proto::json::from_json(&doc).expect("decodes");
+        Listener::compile(raw, "").expect("compiles")
+    }
+
+    fn named<'a>(l: &'a Listener, name: &str) -> &'a FilterChain {
+        l.chain(name).expect("chain")
+    }
+
+    #[tokio::test]
+    async fn an_in_place_update_drains_only_the_changed_chains() {
+        let v1 = listener(
+            vec![
+                chain("a", 80, "a1"),
+                chain("b", 81, "b1"),
+                chain("gone", 82, "x"),
+            ],
+            "1s",
+        );
+        let v2 = listener(
+            vec![
+                chain("a", 80, "a1"),
+                chain("b", 81, "b2"),
+                chain("new", 83, "n"),
+            ],
+            "1s",
+        );
+        assert!(v1.filter_chain_only_change(&v2));
+        let mut on_a = named(&v1, "a").drain.watch();
+        let close_at = tokio::time::Instant::now() + Duration::from_secs(30);
+        assert_eq!(keep_unchanged_chains(&v1, &v2, close_at), (1, 2));
+        assert!(named(&v2, "a").drain.shares(&named(&v1, "a").drain));
+        assert!(!named(&v1, "a").drain.draining());
+        assert!(named(&v1, "b").drain.draining());
+        assert!(named(&v1, "gone").drain.draining());
+        assert!(
+            !named(&v2, "b").drain.draining(),
+            "the new version of b serves"
+        );
+        assert!(!named(&v2, "new").drain.draining());
+        // A third version changes `a`: the connections accepted on v1 drain with v2's.
+        let v3 = listener(vec![chain("a", 80, "a3")], "1s");
+        assert_eq!(keep_unchanged_chains(&v2, &v3, close_at), (0, 3));
+        assert_eq!(on_a.draining().await, close_at);
+    }
+
+    #[test]
+    fn a_change_beyond_the_chains_replaces_the_listener() {
+        let v1 = listener(vec![chain("a", 80, "a1")], "1s");
+        let same_shell = listener(vec![chain("a", 80, "a2"), chain("b", 81, "b")], "1s");
+        let other_timeout = listener(vec![chain("a", 80, "a1")], "2s");
+        assert!(v1.filter_chain_only_change(&same_shell));
+        assert!(!v1.filter_chain_only_change(&other_timeout));
+        // Envoy: an update left with only a default chain is a full update.
+        let doc = json!({
+            "name": "main",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            "listener_filters_timeout": "1s",
+            "default_filter_chain": chain("a", 80, "a1"),
+        });
+        let raw = waypoint_proto::json::from_json(&doc).expect("decodes");
+        let only_default = Listener::compile(raw, "").expect("compiles");
+        assert!(!v1.filter_chain_only_change(&only_default));
+    }
 }
