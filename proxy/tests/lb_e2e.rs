@@ -553,6 +553,61 @@ async fn outlier_detection_ejects_a_failing_pod_and_brings_it_back() {
         "round robin includes the returned pod again"
     );
 
+    // Ejected again, for longer than the test waits, then a CDS update drops outlier detection:
+    // as in Envoy, the update applies when it arrives — the ejection is lifted and `/clusters`
+    // shows it before any request (not at the ejection's end, nor on the cluster's next use).
+    let long = OutlierPolicy {
+        base_ejection_time: OBSERVE * 6,
+        ..OUTLIER
+    };
+    push(
+        &mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(&fixture, LoadBalancer::RoundRobin, Some(&long)),
+        "the cluster with a long ejection time",
+    )
+    .await;
+    bad.fault.fail_with(StatusCode::SERVICE_UNAVAILABLE);
+    let mut again = 0u32;
+    for i in 0..30 {
+        let a = get(&mesh, &format!("/again/{i}")).await;
+        if server(&a, "failing again") == bad.name() {
+            again += 1;
+            if again == OUTLIER.consecutive_5xx {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        again, OUTLIER.consecutive_5xx,
+        "the pod's 503s before its second ejection"
+    );
+    let flags = health_flags(&mesh, bad).await;
+    assert!(
+        flags.contains("/failed_outlier_check"),
+        "ejected again: {flags}"
+    );
+    push(
+        &mesh,
+        ResourceKind::Cluster,
+        &dr_cluster(&fixture, LoadBalancer::RoundRobin, None),
+        "the cluster without outlier detection",
+    )
+    .await;
+    mesh.wait_for("the update to lift the ejection", OBSERVE, || async {
+        match health_flags(&mesh, bad).await.as_str() {
+            "healthy" => Ok(()),
+            other => Err(format!("flags {other}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        stat(&mesh, &ejections).await,
+        0,
+        "{ejections} after the update"
+    );
+
     let nacks = mesh.nacks().await;
     assert!(nacks.is_empty(), "NACKs: {nacks:?}");
 }

@@ -208,6 +208,9 @@ pub trait ListenerHooks: Send + Sync {
     fn check(&self, listener: &Listener) -> Result<(), String>;
     /// A new snapshot was published.
     fn published(&self, snapshot: &Arc<Snapshot>);
+    /// A snapshot with new clusters or endpoints was published (the data plane applies it to
+    /// the clusters in use at once, as Envoy applies CDS/EDS updates when they arrive).
+    fn upstreams_published(&self, _snapshot: &Arc<Snapshot>) {}
 }
 
 /// Holds the current snapshot.
@@ -303,10 +306,12 @@ impl ConfigStore {
         }
         let next = Arc::new(next);
         self.current.store(next.clone());
-        if kind == ResourceKind::Listener
-            && let Some(h) = hooks
-        {
-            h.published(&next);
+        match (kind, hooks) {
+            (ResourceKind::Listener, Some(h)) => h.published(&next),
+            (ResourceKind::Cluster | ResourceKind::Endpoint, Some(h)) => {
+                h.upstreams_published(&next);
+            }
+            _ => {}
         }
         errors
     }

@@ -381,6 +381,12 @@ impl ListenerHooks for Hooks {
             dp.listeners.reconcile(&dp, snapshot);
         }
     }
+
+    fn upstreams_published(&self, snapshot: &Arc<Snapshot>) {
+        if let Some(dp) = self.0.upgrade() {
+            dp.clusters.refresh(&dp, snapshot);
+        }
+    }
 }
 
 fn stat_addr(addr: SocketAddr) -> String {

@@ -387,6 +387,35 @@ pub struct ClusterManager {
 }
 
 impl ClusterManager {
+    /// Brings every cluster that has a runtime up to `snapshot` right after it is published, as
+    /// Envoy applies a CDS/EDS update when it arrives: what an update changes (outlier detection
+    /// removed and its ejections lifted, endpoints gone from `/clusters`, breaker limits) shows
+    /// at once, not on the cluster's next request. Clusters no longer in `snapshot` are dropped.
+    pub fn refresh(&self, dp: &DataPlane, snapshot: &Snapshot) {
+        let names: Vec<String> = self.runtimes.load().keys().cloned().collect();
+        for name in &names {
+            // A removed cluster yields None here; the next rebuild's filter drops its runtime.
+            let _ = self.get(dp, snapshot, name);
+        }
+        let current = self.runtimes.load_full();
+        if current
+            .keys()
+            .any(|n| !snapshot.clusters.contains_key(n.as_str()))
+        {
+            let _guard = match self.write.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let current = self.runtimes.load_full();
+            let kept: HashMap<String, Arc<ClusterRt>, foldhash::fast::RandomState> = current
+                .iter()
+                .filter(|(n, _)| snapshot.clusters.contains_key(n.as_str()))
+                .map(|(n, r)| (n.clone(), r.clone()))
+                .collect();
+            self.runtimes.store(Arc::new(kept));
+        }
+    }
+
     /// The runtime of cluster `name` in `snapshot` (built or rebuilt on demand).
     pub fn get(&self, dp: &DataPlane, snapshot: &Snapshot, name: &str) -> Option<Arc<ClusterRt>> {
         let cluster = snapshot.clusters.get(name)?;
