@@ -10,10 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{StaticProxy, echo};
-use http_body_util::BodyExt as _;
-use hyper_util::rt::TokioIo;
 use serde_json::Value as Json;
-use tokio::net::TcpStream;
 
 const BOOTSTRAP: &str = r#"
 node: {id: "hc~127.0.0.1~hc.default~default.svc.cluster.local", cluster: hc}
@@ -85,33 +82,16 @@ struct Answer {
 
 /// One GET on a fresh connection (so each gets its own made-up cookie), with `cookie` if given.
 async fn get(proxy: &StaticProxy, path: &str, cookie: Option<&str>) -> Answer {
-    let tcp = TcpStream::connect(proxy.addr()).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .uri(path)
-        .header("host", "svc.local");
-    if let Some(c) = cookie {
-        req = req.header("cookie", c);
-    }
-    let req = req
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = tokio::time::timeout(common::WAIT, send.send_request(req))
-        .await
-        .expect("answered in time")
-        .expect("response");
-    assert_eq!(resp.status(), 200, "{path}");
-    let set_cookies = resp
-        .headers()
+    let headers: Vec<(&str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+    let r = common::request(proxy.addr(), "svc.local", path, &headers).await;
+    assert_eq!(r.status, 200, "{path}");
+    let set_cookies = r
+        .headers
         .get_all("set-cookie")
         .iter()
         .map(|v| v.to_str().expect("ASCII").to_owned())
         .collect();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    let json: Json = serde_json::from_slice(&body).expect("echo JSON");
+    let json: Json = r.json();
     Answer {
         server: json["server"].as_str().expect("server").to_owned(),
         set_cookies,

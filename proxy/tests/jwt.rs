@@ -13,9 +13,6 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
 use ring::{
     rand::SystemRandom,
     signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RsaKeyPair},
@@ -214,55 +211,9 @@ fn bootstrap(dir: &std::path::Path, listen: u16, admin: u16, backend: u16, jwks:
                     {"endpoint": {"address": addr(backend)}}]}]}}]}})
 }
 
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The echo backend's view of the request headers.
-    fn seen(&self, header: &str) -> Json {
-        serde_json::from_slice::<Json>(&self.body).unwrap_or(Json::Null)["headers"][header].clone()
-    }
-}
-
-async fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .uri(path)
-        .header("host", "bookinfo.local");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = tokio::time::timeout(
-        common::WAIT,
-        send.send_request(req.body(Empty::<Bytes>::new()).expect("request")),
-    )
-    .await
-    .expect("answered in time")
-    .expect("response");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+/// One GET through the proxy on a fresh connection, host `bookinfo.local`.
+async fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> common::Reply {
+    common::request(addr, "bookinfo.local", path, headers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,6 +495,68 @@ pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     http_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), method, path).await
 }
 
+/// An HTTP/1.1 answer read whole: status, headers and body.
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// The response headers.
+    pub headers: http::HeaderMap,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl Reply {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The echo backend's JSON answer.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The echo backend's view of request header `header`.
+    pub fn seen(&self, header: &str) -> serde_json::Value {
+        self.json()["headers"][header].clone()
+    }
+}
+
+/// One GET of `path` with `host` and `headers` on a fresh HTTP/1.1 connection (hyper), answered
+/// within [`WAIT`]; a connection or protocol failure fails the test.
+pub async fn request(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    use http_body_util::BodyExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder().uri(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// One HTTP/1.1 request to `addr`: (status, body); (0, "") when nothing answers in 5 s.
 pub async fn http_at(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let fut = async {
