@@ -8,7 +8,12 @@
 //! `TypedStruct` whose inner `type_url` is known is checked against that type. Writing uses
 //! prost-reflect's serializer with proto field names (Envoy's `/config_dump` style).
 
-use std::{collections::HashSet, fmt, sync::OnceLock};
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use base64::Engine as _;
 use prost::Message as _;
@@ -79,16 +84,48 @@ impl JsonError {
     }
 }
 
-/// The descriptor pool for every message this crate knows, built once.
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| match DescriptorPool::decode(DESCRIPTOR_SET) {
+/// The descriptor pool for every message this crate knows: built on first use and kept while
+/// in use (see [`release_idle_pool`]). A clone shares the same pool (it is reference-counted).
+pub fn pool() -> DescriptorPool {
+    let mut cached = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    let c = cached.get_or_insert_with(|| CachedPool {
+        pool: decode_pool(),
+        used: Instant::now(),
+    });
+    c.used = Instant::now();
+    c.pool.clone()
+}
+
+/// Forgets the descriptor pool when nothing asked for it during the last `idle`; true if it was
+/// dropped. Its ~5 MB (every Envoy and Istio message type) are freed once the descriptors handed
+/// out are gone too, and the next JSON conversion (a config dump, a TypedStruct) builds it again.
+/// A long-running process calls this now and then: after start-up its JSON needs are rare.
+pub fn release_idle_pool(idle: Duration) -> bool {
+    let mut cached = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    if cached.as_ref().is_some_and(|c| c.used.elapsed() >= idle) {
+        *cached = None;
+        return true;
+    }
+    false
+}
+
+/// The cached pool and when it was last handed out.
+struct CachedPool {
+    pool: DescriptorPool,
+    used: Instant,
+}
+
+// A plain mutex: JSON conversion is synchronous config work, never on the data path.
+static POOL: Mutex<Option<CachedPool>> = Mutex::new(None);
+
+fn decode_pool() -> DescriptorPool {
+    match DescriptorPool::decode(DESCRIPTOR_SET) {
         Ok(pool) => pool,
         // The descriptor set is produced by our build script from protox output; failing to decode
         // it is a build defect, not an input error.
         #[allow(clippy::panic)]
         Err(err) => panic!("embedded descriptor set is invalid: {err}"),
-    })
+    }
 }
 
 /// Looks up a message descriptor by full name (`envoy.config.listener.v3.Listener`) or type URL.
@@ -868,6 +905,17 @@ fn read_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_pool_is_released_and_built_again_on_use() {
+        let held = message_descriptor("envoy.config.listener.v3.Listener").expect("known");
+        assert!(!release_idle_pool(Duration::from_secs(3600)), "just used");
+        assert!(release_idle_pool(Duration::ZERO), "idle for zero");
+        // Descriptors handed out before stay usable; the next lookup builds a new pool.
+        assert_eq!(held.full_name(), "envoy.config.listener.v3.Listener");
+        let again = message_descriptor("envoy.config.cluster.v3.Cluster").expect("rebuilt");
+        assert_eq!(again.full_name(), "envoy.config.cluster.v3.Cluster");
+    }
     use crate::envoy::config::cluster::v3::Cluster;
     use crate::envoy::config::listener::v3::Listener;
     use serde_json::json;

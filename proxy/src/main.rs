@@ -108,6 +108,8 @@ fn main() -> ExitCode {
 
 /// How often the server gauges are refreshed (Envoy's default stats flush interval).
 const STATS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the JSON descriptor pool stays cached without use.
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode {
     let secrets = Arc::new(SecretStore::default());
@@ -174,6 +176,9 @@ async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode 
             loop {
                 ticker.tick().await;
                 admin::stats::refresh(&admin);
+                // After start-up the JSON descriptor pool is needed only by config dumps and
+                // TypedStruct configs: ~5 MB of idle RSS given back while nothing uses it.
+                waypoint_proto::json::release_idle_pool(POOL_IDLE);
             }
         }
     });
