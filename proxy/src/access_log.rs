@@ -150,7 +150,7 @@ impl FormatValues for LogValues<'_> {
     fn value(&self, op: &Operator) -> Option<String> {
         let http = self.http.as_ref();
         let up = self.upstream;
-        let up_addr = || match up.and_then(|u| u.address.as_ref())? {
+        let up_addr = || match up.and_then(|u| u.address())? {
             crate::config::endpoint::EndpointAddress::Socket(a) => Some(Ok(*a)),
             crate::config::endpoint::EndpointAddress::Pipe(p) => {
                 Some(Err(p.to_string_lossy().into_owned()))

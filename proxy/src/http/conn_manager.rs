@@ -1079,10 +1079,12 @@ async fn handle(
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    // Read once: local replies and metrics both ask.
+    let grpc = stream_info::is_grpc(req.headers());
     let stats = stream_info::stats_filters(&hcm);
     let logs = !hcm.access_log.is_empty();
     if stats.is_none() && !logs {
-        return respond(dp, ctx, hcm, req, None).await;
+        return respond(dp, ctx, hcm, req, None, grpc).await;
     }
     let labels =
         stats.map(|(s, upstream_wds)| stream_info::StreamLabels::new(s, upstream_wds, &ctx));
@@ -1092,7 +1094,6 @@ async fn handle(
     let dims = labels
         .as_ref()
         .is_some_and(|l| !l.plan.dimensions.is_empty());
-    let grpc = stream_info::is_grpc(req.headers());
     let info = stream_info::StreamInfo::new(stream_info::Observe {
         details: logs || dims,
         request_headers: logs || dims_read_request,
@@ -1107,7 +1108,7 @@ async fn handle(
             + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + 12) as u64;
     let access_log = logs.then(|| hcm.clone());
-    let resp = respond(dp.clone(), ctx.clone(), hcm, req, Some(&info)).await;
+    let resp = respond(dp.clone(), ctx.clone(), hcm, req, Some(&info), grpc).await;
     stream_info::ObservedBody::wrap(
         resp,
         stream_info::Reporter {
@@ -1122,16 +1123,16 @@ async fn handle(
     )
 }
 
-/// Routes one request and produces its response; a local reply to a gRPC request is shaped as
-/// gRPC (see [`grpc_local_reply`]).
+/// Routes one request and produces its response; a local reply to a gRPC request (`grpc`) is
+/// shaped as gRPC (see [`grpc_local_reply`]).
 async fn respond(
     dp: Arc<DataPlane>,
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
     info: Option<&Arc<stream_info::StreamInfo>>,
+    grpc: bool,
 ) -> Response<Body> {
-    let grpc = stream_info::is_grpc(req.headers());
     let resp = route_and_forward(dp, ctx, hcm, req, info).await;
     if grpc { grpc_local_reply(resp) } else { resp }
 }

@@ -36,7 +36,7 @@ use crate::{
     },
     flags::{ProxyError, ResponseFlags},
     listener::conn::{ConnContext, ConnValues, FilterState},
-    telemetry::istio::{HttpSample, PeerLabels, Protocol, SeriesKey},
+    telemetry::istio::{HttpSample, PeerLabels, Protocol, SeriesKey, SeriesRef},
     upstream::lb::Host,
 };
 
@@ -47,20 +47,28 @@ pub struct UpstreamInfo {
     pub cluster: Option<Arc<Cluster>>,
     /// The host of the last attempt (EDS/static clusters).
     pub host: Option<Arc<Host>>,
-    /// The address of the last attempt.
+    /// The address of the last attempt when it is not `host`'s own (read both through
+    /// [`UpstreamInfo::address`]).
     pub address: Option<EndpointAddress>,
     /// Attempts made.
     pub attempts: u32,
 }
 
 impl UpstreamInfo {
+    /// The address of the last attempt.
+    pub fn address(&self) -> Option<&EndpointAddress> {
+        self.address
+            .as_ref()
+            .or_else(|| self.host.as_deref().map(|h| &h.address))
+    }
+
     /// The IP of the workload behind the upstream: a tunnelled endpoint's `original_dst`
     /// (`podIP:port`), else the host's socket address, else an internal endpoint id.
     pub fn workload_ip(&self) -> Option<IpAddr> {
         if let Some(a) = self.host.as_ref().and_then(|h| h.original_dst) {
             return Some(a.ip());
         }
-        match &self.address {
+        match self.address() {
             Some(EndpointAddress::Socket(a)) => Some(a.ip()),
             Some(EndpointAddress::Internal {
                 endpoint_id: Some(id),
@@ -89,23 +97,39 @@ impl UpstreamSlot {
 
     /// The cluster chosen.
     pub fn set_cluster(&self, cluster: &Arc<Cluster>) {
-        self.with(|u| u.cluster = Some(cluster.clone()));
+        self.with(|u| {
+            // The route's cluster is set first and the router's pick is most often the same.
+            if !u.cluster.as_ref().is_some_and(|c| Arc::ptr_eq(c, cluster)) {
+                u.cluster = Some(cluster.clone());
+            }
+        });
     }
 
     /// One more attempt, to `address` (`host` for EDS/static clusters).
     pub fn attempt(&self, host: Option<&Arc<Host>>, address: &EndpointAddress) {
         self.with(|u| {
+            // A host's own internal address (a waypoint's upstream: two strings) is read from
+            // the host rather than copied per attempt; a socket address copies cheaper than
+            // it compares.
+            u.address = match (host, address) {
+                (Some(h), EndpointAddress::Internal { .. }) if h.address == *address => None,
+                _ => Some(address.clone()),
+            };
             u.host = host.cloned();
-            u.address = Some(address.clone());
             u.attempts += 1;
         });
     }
 
     /// What is known so far.
     pub fn get(&self) -> UpstreamInfo {
+        self.read(UpstreamInfo::clone)
+    }
+
+    /// Reads what is known so far in place (no copy of it).
+    pub fn read<T>(&self, f: impl FnOnce(&UpstreamInfo) -> T) -> T {
         match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
+            Ok(g) => f(&g),
+            Err(p) => f(&p.into_inner()),
         }
     }
 }
@@ -178,8 +202,9 @@ pub struct StreamDetails {
 pub struct StreamInfo {
     /// When the request arrived.
     pub started: Instant,
-    /// The same, wall clock (`%START_TIME%`).
-    pub started_at: SystemTime,
+    /// The same, wall clock (`%START_TIME%`), read with [`Observe::details`] only: access logs
+    /// are its one reader, and a clock read is not free on the per-request path.
+    pub started_at: Option<SystemTime>,
     /// The upstream side.
     pub upstream: UpstreamSlot,
     request_body_bytes: AtomicU64,
@@ -188,7 +213,9 @@ pub struct StreamInfo {
     /// Nanoseconds from `started` to the request's last byte, plus one (0: not yet).
     request_done: AtomicU64,
     observe: Observe,
-    details: Mutex<StreamDetails>,
+    /// Only a stream that records details has them (boxed: they are most of a stream's size,
+    /// which metrics alone would copy into every stream's allocation for nothing).
+    details: Option<Box<Mutex<StreamDetails>>>,
 }
 
 impl StreamInfo {
@@ -196,13 +223,14 @@ impl StreamInfo {
     pub fn new(observe: Observe) -> Arc<StreamInfo> {
         Arc::new(StreamInfo {
             started: Instant::now(),
-            started_at: SystemTime::now(),
+            started_at: observe.details.then(SystemTime::now),
             upstream: UpstreamSlot::default(),
             request_body_bytes: AtomicU64::new(0),
             request_messages: AtomicU64::new(0),
             request_done: AtomicU64::new(0),
             observe,
-            details: Mutex::new(StreamDetails::default()),
+            details: (observe.details || observe.request_headers)
+                .then(|| Box::new(Mutex::new(StreamDetails::default()))),
         })
     }
 
@@ -218,10 +246,16 @@ impl StreamInfo {
 
     /// The request's last byte arrived now (the first call counts; recorded only with
     /// [`Observe::details`], for `%REQUEST_DURATION%`).
+    // Inlined like the other recorders below: a stream that records nothing pays one test
+    // at the call site.
+    #[inline]
     pub fn request_done(&self) {
-        if !self.observe.details {
-            return;
+        if self.observe.details {
+            self.note_request_done();
         }
+    }
+
+    fn note_request_done(&self) {
         let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
         let _ = self
             .request_done
@@ -238,36 +272,44 @@ impl StreamInfo {
 
     /// Reads the details recorded so far.
     pub fn with_details<T>(&self, f: impl FnOnce(&StreamDetails) -> T) -> T {
-        match self.details.lock() {
-            Ok(g) => f(&g),
-            Err(p) => f(&p.into_inner()),
+        match self.details.as_deref().map(Mutex::lock) {
+            Some(Ok(g)) => f(&g),
+            Some(Err(p)) => f(&p.into_inner()),
+            None => f(&StreamDetails::default()),
         }
     }
 
     /// Records details, when this stream records them ([`Observe::details`]).
+    #[inline]
     pub fn note(&self, f: impl FnOnce(&mut StreamDetails)) {
         if !self.observe.details {
             return;
         }
-        match self.details.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(p) => f(&mut p.into_inner()),
+        match self.details.as_deref().map(Mutex::lock) {
+            Some(Ok(mut g)) => f(&mut g),
+            Some(Err(p)) => f(&mut p.into_inner()),
+            None => {}
         }
     }
 
     /// Keeps a copy of the request head, when asked to ([`Observe::request_headers`]).
+    #[inline]
     pub fn capture_request(&self, parts: &http::request::Parts) {
-        if !self.observe.request_headers {
-            return;
+        if self.observe.request_headers {
+            self.keep_request(parts);
         }
+    }
+
+    fn keep_request(&self, parts: &http::request::Parts) {
         let (mut head, ()) = http::Request::new(()).into_parts();
         head.method = parts.method.clone();
         head.uri = parts.uri.clone();
         head.version = parts.version;
         head.headers = parts.headers.clone();
-        match self.details.lock() {
-            Ok(mut g) => g.request = Some(head),
-            Err(p) => p.into_inner().request = Some(head),
+        match self.details.as_deref().map(Mutex::lock) {
+            Some(Ok(mut g)) => g.request = Some(head),
+            Some(Err(p)) => p.into_inner().request = Some(head),
+            None => {}
         }
     }
 
@@ -284,6 +326,7 @@ impl StreamInfo {
     }
 
     /// Records that the response came from `details` (`via_upstream`, `direct_response`, …).
+    #[inline]
     pub fn responded(&self, details: &'static str) {
         self.note(|d| {
             d.code_details = Some(Cow::Borrowed(details));
@@ -424,9 +467,12 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// `grpc-status`, parsed once: looking a header up by a `&str` parses the name on every call.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
@@ -470,17 +516,19 @@ impl StreamLabels {
     /// state `connect_authority` shared, else the connection's own TLS).
     pub fn new(stats: &StatsConfig, upstream_wds: bool, ctx: &ConnContext) -> StreamLabels {
         let fs = |k: &str| ctx.filter_state.get(k).filter(|v| !v.is_empty());
-        let mut peer = fs("io.istio.peer_principal").map(str::to_owned);
-        let mut local = fs("io.istio.local_principal").map(str::to_owned);
+        let mut peer = fs("io.istio.peer_principal");
+        let mut local = fs("io.istio.local_principal");
         if peer.is_none() && local.is_none() {
-            peer = ctx.tls.as_ref().and_then(|t| t.peer_uri_san.clone());
-            local = ctx.tls.as_ref().and_then(|t| t.local_uri_san.clone());
+            let tls = ctx.tls.as_ref();
+            peer = tls.and_then(|t| t.peer_uri_san.as_deref());
+            local = tls.and_then(|t| t.local_uri_san.as_deref());
         }
         StreamLabels {
             plan: stats.plan.clone(),
             upstream_wds,
             source: ctx.filter_state.peer(DOWNSTREAM_PEER),
             mutual_tls: peer.is_some() && local.is_some(),
+            // Copied straight into its shared allocation (no interim `String`).
             source_principal: peer.map(Arc::from),
         }
     }
@@ -497,26 +545,50 @@ impl StreamLabels {
         flags: ResponseFlags,
         wds: bool,
     ) -> SeriesKey {
+        self.series(
+            snapshot,
+            upstream,
+            protocol,
+            (response_code, grpc_status, flags),
+            wds,
+            crate::telemetry::istio::no_dimensions(),
+        )
+        .to_key()
+    }
+
+    /// The series key, borrowed from these labels, the snapshot (the destination workload)
+    /// and the upstream (the cluster's service): nothing is copied. `response` is the code,
+    /// gRPC status and flags; `extra` the dimension values.
+    pub fn series<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
+        upstream: &'a UpstreamInfo,
+        protocol: Protocol,
+        response: (u16, Option<u32>, ResponseFlags),
+        wds: bool,
+        extra: &'a Arc<[Arc<str>]>,
+    ) -> SeriesRef<'a> {
         let destination = if wds {
             upstream
                 .workload_ip()
                 .and_then(|ip| snapshot.workload_at(ip))
-                .map(|w| w.peer_labels.clone())
+                .map(|w| &w.peer_labels)
         } else {
             None
         };
-        SeriesKey {
-            plan: self.plan.clone(),
-            source: self.source.clone(),
-            source_principal: self.source_principal.clone(),
+        let (response_code, grpc_status, flags) = response;
+        SeriesRef {
+            plan: &self.plan,
+            source: self.source.as_ref(),
+            source_principal: self.source_principal.as_ref(),
             destination,
-            service: upstream.cluster.as_ref().map(|c| c.service_labels.clone()),
+            service: upstream.cluster.as_ref().map(|c| &c.service_labels),
             protocol,
             response_code,
             grpc_status,
             flags,
             mutual_tls: Some(self.mutual_tls),
-            extra: Arc::from(Vec::new()),
+            extra,
         }
     }
 }
@@ -543,7 +615,7 @@ pub struct Reporter {
 
 /// How a response ended.
 #[derive(Debug)]
-struct Ending {
+struct Ending<'a> {
     code: u16,
     flags: ResponseFlags,
     grpc_status: Option<u32>,
@@ -551,50 +623,59 @@ struct Ending {
     response_bytes: u64,
     /// Body only (`%BYTES_SENT%`).
     body_bytes: u64,
-    headers: Option<HeaderMap>,
-    trailers: Option<HeaderMap>,
+    /// Borrowed from the body, which keeps them for access logs only.
+    headers: Option<&'a HeaderMap>,
+    trailers: Option<&'a HeaderMap>,
     /// gRPC messages sent, when counted.
     response_messages: Option<u64>,
 }
 
 impl Reporter {
-    fn report(&self, end: &Ending) {
-        let upstream = self.info.upstream.get();
+    fn report(&self, end: &Ending<'_>) {
+        // Read in place: the stream is over, nothing else writes its upstream side now.
+        self.info
+            .upstream
+            .read(|upstream| self.report_with(upstream, end));
+    }
+
+    fn report_with(&self, upstream: &UpstreamInfo, end: &Ending<'_>) {
         if let Some(labels) = &self.labels {
             let protocol = if self.grpc {
                 Protocol::Grpc
             } else {
                 Protocol::Http
             };
-            let mut key = labels.key(
+            let mut key = labels.series(
                 &self.ctx.snapshot,
-                &upstream,
+                upstream,
                 protocol,
-                end.code,
-                end.grpc_status,
-                end.flags,
+                (end.code, end.grpc_status, end.flags),
                 labels.upstream_wds,
+                crate::telemetry::istio::no_dimensions(),
             );
+            // The dimension values, when the plan has dimensions (they read the key's peers).
+            let extra;
             if !labels.plan.dimensions.is_empty() {
-                key.extra = self.info.with_details(|d| {
+                extra = self.info.with_details(|d| {
                     labels
                         .plan
                         .evaluate(&crate::telemetry::attributes::StreamAttributes {
                             conn: &self.ctx,
                             request: d.request.as_ref(),
-                            response_headers: end.headers.as_ref(),
+                            response_headers: end.headers,
                             response_code: end.code,
                             grpc_status: end.grpc_status,
                             cluster: upstream.cluster.as_ref().map(|c| c.name.as_str()),
                             route: d.route_name.as_deref(),
                             mtls: labels.mutual_tls,
-                            source: key.source.as_deref(),
-                            destination: key.destination.as_deref(),
+                            source: key.source.map(|s| &**s),
+                            destination: key.destination.map(|d| &**d),
                             stream_state: d.filter_state.as_ref(),
                         })
                 });
+                key.extra = &extra;
             }
-            self.stats.istio.record_http(
+            self.stats.istio.record_http_ref(
                 key,
                 HttpSample {
                     duration_ms: self.info.started.elapsed().as_millis() as u64,
@@ -607,11 +688,11 @@ impl Reporter {
             );
         }
         if let Some(hcm) = &self.access_log {
-            self.log(&hcm.access_log, &upstream, end);
+            self.log(&hcm.access_log, upstream, end);
         }
     }
 
-    fn log(&self, logs: &[AccessLog], upstream: &UpstreamInfo, end: &Ending) {
+    fn log(&self, logs: &[AccessLog], upstream: &UpstreamInfo, end: &Ending<'_>) {
         let info = &self.info;
         info.with_details(|d| {
             let values = LogValues {
@@ -620,7 +701,7 @@ impl Reporter {
                     stream_state: d.filter_state.as_ref(),
                     request: d.request.as_ref(),
                 },
-                started_at: info.started_at,
+                started_at: info.started_at.unwrap_or_else(SystemTime::now),
                 duration: info.started.elapsed(),
                 flags: end.flags,
                 bytes_received: info.request_body_bytes(),
@@ -628,8 +709,8 @@ impl Reporter {
                 upstream: Some(upstream),
                 http: Some(HttpValues {
                     response_code: end.code,
-                    response_headers: end.headers.as_ref(),
-                    trailers: end.trailers.as_ref(),
+                    response_headers: end.headers,
+                    trailers: end.trailers,
                     request_duration: info.request_duration(),
                     response_duration: d.upstream_response,
                     code_details: d.code_details.as_deref(),
@@ -650,13 +731,23 @@ pub struct ObservedBody {
     code: u16,
     flags: ResponseFlags,
     grpc_status: Option<u32>,
+    /// Whether the metrics read the gRPC status (a gRPC stream's, or one a dimension or custom
+    /// metric reads): a header lookup per response saved otherwise.
+    wants_grpc_status: bool,
     sent: u64,
     body_sent: u64,
-    /// Kept for access logs only.
-    headers: Option<HeaderMap>,
-    trailers: Option<HeaderMap>,
+    /// The response headers and trailers, kept for access logs and response-header
+    /// dimensions only (boxed: most streams keep none, and the body is moved whole).
+    kept: Option<Box<KeptHeaders>>,
     /// gRPC messages sent, for a gRPC stream under `istio.stats`.
     frames: Option<crate::telemetry::grpc::GrpcFrames>,
+}
+
+/// A response's headers and trailers, as the end of a stream reports them.
+#[derive(Debug)]
+struct KeptHeaders {
+    headers: HeaderMap,
+    trailers: Option<HeaderMap>,
 }
 
 impl ObservedBody {
@@ -664,14 +755,27 @@ impl ObservedBody {
     pub fn wrap(resp: http::Response<Body>, reporter: Reporter) -> http::Response<Body> {
         let code = resp.status().as_u16();
         let flags = ResponseFlags::of_response(&resp);
-        let grpc_status = grpc_status(resp.headers());
+        let wants_grpc_status = reporter
+            .labels
+            .as_ref()
+            .is_some_and(|l| reporter.grpc || l.plan.reads_grpc_status());
+        let grpc_status = if wants_grpc_status {
+            grpc_status(resp.headers())
+        } else {
+            None
+        };
         let head = header_bytes(resp.headers()) + 17;
-        let headers = (reporter.access_log.is_some()
+        let kept = (reporter.access_log.is_some()
             || reporter
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.plan.reads_response_headers()))
-        .then(|| resp.headers().clone());
+        .then(|| {
+            Box::new(KeptHeaders {
+                headers: resp.headers().clone(),
+                trailers: None,
+            })
+        });
         let (parts, inner) = resp.into_parts();
         let frames = reporter
             .info
@@ -685,10 +789,10 @@ impl ObservedBody {
             code,
             flags,
             grpc_status,
+            wants_grpc_status,
             sent: head,
             body_sent: 0,
-            headers,
-            trailers: None,
+            kept,
         };
         http::Response::from_parts(parts, http_body_util::combinators::BoxBody::new(body))
     }
@@ -705,8 +809,8 @@ impl ObservedBody {
                 grpc_status: self.grpc_status,
                 response_bytes: self.sent,
                 body_bytes: self.body_sent,
-                headers: self.headers.take(),
-                trailers: self.trailers.take(),
+                headers: self.kept.as_ref().map(|k| &k.headers),
+                trailers: self.kept.as_ref().and_then(|k| k.trailers.as_ref()),
                 response_messages: self.frames.as_ref().map(|g| g.count()),
             });
         }
@@ -732,11 +836,13 @@ impl HttpBody for ObservedBody {
                     }
                 } else if let Some(t) = f.trailers_ref() {
                     self.sent += header_bytes(t);
-                    if let Some(s) = grpc_status(t) {
+                    if self.wants_grpc_status
+                        && let Some(s) = grpc_status(t)
+                    {
                         self.grpc_status = Some(s);
                     }
-                    if self.headers.is_some() {
-                        self.trailers = Some(t.clone());
+                    if let Some(k) = self.kept.as_mut() {
+                        k.trailers = Some(t.clone());
                     }
                 }
                 if self.inner.is_end_stream() {
@@ -843,6 +949,42 @@ mod tests {
             assert_eq!(d.code_details.as_deref(), Some("via_upstream"));
             assert!(d.upstream_response.is_some());
         });
+    }
+
+    #[test]
+    fn an_attempt_to_a_hosts_own_address_reads_it_from_the_host() {
+        let internal = |id: &str| EndpointAddress::Internal {
+            listener: "connect_originate".into(),
+            endpoint_id: Some(id.into()),
+        };
+        let host = Arc::new(Host::from_endpoint(
+            &crate::config::endpoint::Endpoint {
+                address: internal("10.0.0.5:8080"),
+                additional_addresses: Vec::new(),
+                hostname: None,
+                health: crate::config::endpoint::Health::Unknown,
+                weight: 1,
+                metadata: Default::default(),
+                original_dst: None,
+            },
+            0,
+            None,
+        ));
+        let slot = UpstreamSlot::default();
+        slot.attempt(Some(&host), &internal("10.0.0.5:8080"));
+        slot.read(|u| {
+            assert!(u.address.is_none(), "not copied");
+            assert_eq!(u.address(), Some(&internal("10.0.0.5:8080")));
+            assert_eq!(u.workload_ip(), "10.0.0.5".parse().ok());
+        });
+        // Another address than the host's (a port override) is kept, and wins.
+        slot.attempt(Some(&host), &internal("10.0.0.5:9090"));
+        // No host: the address alone.
+        let bare = UpstreamSlot::default();
+        bare.attempt(None, &EndpointAddress::Socket(([10, 0, 0, 7], 80).into()));
+        assert_eq!(slot.get().address(), Some(&internal("10.0.0.5:9090")));
+        assert_eq!(slot.get().attempts, 2);
+        assert_eq!(bare.get().workload_ip(), "10.0.0.7".parse().ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use http::HeaderMap;
 
 use super::{
     expr::{Attributes, Expr, PeerField, Side},
-    istio::{PeerLabels, Plan},
+    istio::{PeerLabels, Plan, ValueSource},
 };
 use crate::listener::conn::{ConnContext, FilterState};
 
@@ -165,6 +165,18 @@ impl Plan {
                     | Expr::FilterState(_)
             )
         })
+    }
+
+    /// Whether a dimension or a custom metric reads the gRPC status (`response.grpc_status`):
+    /// else only a gRPC stream's series need it, and other streams skip looking it up.
+    pub fn reads_grpc_status(&self) -> bool {
+        self.dimensions
+            .iter()
+            .any(|e| matches!(e, Expr::ResponseGrpcStatus))
+            || self
+                .custom
+                .iter()
+                .any(|c| c.value == ValueSource::ResponseGrpcStatus)
     }
 
     /// Whether a dimension reads the response headers.

@@ -18,6 +18,11 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
 #[derive(Debug)]
 pub struct Histogram {
     bounds: Arc<[f64]>,
+    /// Bounds by magnitude, for up to 255 bounds: entry `k` is the number of bounds below
+    /// `2^(k-1)` (entry 0: below 0). A value of bit length `k` lies in `[2^(k-1), 2^k]` once
+    /// converted to `f64`, so its bucket is among bounds `octaves[k]..octaves[k + 1]`: the
+    /// two or three of its power of two, not all of them (Envoy's are about 2.5x apart).
+    octaves: Option<[u8; 66]>,
     /// One count per bound plus the overflow (`+Inf`) bucket; not cumulative.
     counts: Box<[AtomicU64]>,
     sum: AtomicU64,
@@ -27,18 +32,40 @@ impl Histogram {
     /// An empty histogram over `bounds` (ascending).
     pub fn new(bounds: Arc<[f64]>) -> Histogram {
         let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        let below = |x: f64| u8::try_from(bounds.partition_point(|b| *b < x)).ok();
+        let mut octaves = Some([0u8; 66]);
+        for k in 0..66 {
+            let edge = if k == 0 { 0.0 } else { 2f64.powi(k - 1) };
+            match (below(edge), octaves.as_mut()) {
+                (Some(n), Some(o)) => o[k as usize] = n,
+                // More bounds than a byte counts: every value searches all of them.
+                _ => octaves = None,
+            }
+        }
         Histogram {
             bounds,
+            octaves,
             counts,
             sum: AtomicU64::new(0),
         }
     }
 
+    /// The bucket of `value`: the first whose bound is at least the value (as `f64`).
+    fn bucket(&self, value: u64) -> usize {
+        let v = value as f64;
+        let k = (u64::BITS - value.leading_zeros()) as usize;
+        if let Some(o) = &self.octaves
+            && let (Some(&lo), Some(&hi)) = (o.get(k), o.get(k + 1))
+            && let Some(range) = self.bounds.get(usize::from(lo)..usize::from(hi))
+        {
+            return usize::from(lo) + range.partition_point(|b| *b < v);
+        }
+        self.bounds.partition_point(|b| *b < v)
+    }
+
     /// Records one value: it lands in the first bucket whose bound is at least the value.
     pub fn record(&self, value: u64) {
-        let v = value as f64;
-        let i = self.bounds.partition_point(|b| *b < v);
-        if let Some(c) = self.counts.get(i) {
+        if let Some(c) = self.counts.get(self.bucket(value)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.sum.fetch_add(value, Ordering::Relaxed);
@@ -134,6 +161,33 @@ mod tests {
                 ("+Inf".to_owned(), 8)
             ]
         );
+    }
+
+    #[test]
+    fn the_octave_index_finds_the_bucket_a_full_search_finds() {
+        let mut many: Vec<f64> = (1..=300).map(|i| f64::from(i) * 3.5).collect();
+        many.insert(0, 0.25);
+        for bounds in [
+            DEFAULT_BUCKETS.to_vec(),
+            vec![1.0, 5.0, 10.0],
+            vec![0.1, 0.2, 0.3, 0.9, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 1e300],
+            vec![-3.0, 0.0, 7.0],
+            // Too many for the index: searched in full.
+            many,
+            Vec::new(),
+        ] {
+            let h = Histogram::new(Arc::from(bounds.as_slice()));
+            let mut values: Vec<u64> = (0..2100).collect();
+            for k in 0..64u32 {
+                let p = 1u64 << k;
+                values.extend([p - 1, p, p + 1, p.saturating_mul(3) / 2]);
+            }
+            values.extend([u64::MAX, u64::MAX - 1, (1 << 53) + 1]);
+            for v in values {
+                let full = bounds.partition_point(|b| *b < v as f64);
+                assert_eq!(h.bucket(v), full, "value {v} over {bounds:?}");
+            }
+        }
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! connection and byte counters and `istio_build`, with the 25 HTTP / 23 TCP labels in Istio's
 //! order and a waypoint's values (`reporter="waypoint"`).
 //!
-//! Recording is lock-free per request except for a read lock on one of [`SHARDS`] series maps:
-//! a series key holds shared label structs (computed once per workload, per cluster, per
-//! `istio.stats` config), so building it allocates nothing but the peer principal. Metric
+//! Recording is lock-free per request: a series key holds shared label structs (computed once
+//! per workload, per cluster, per `istio.stats` config), so building it allocates nothing but
+//! the peer principal, and a worker finds the series of a key whose structs it saw lately in a
+//! small thread-local cache, by their addresses; other keys take a read lock on one of
+//! [`SHARDS`] series maps, where they are hashed and compared by content. Metric
 //! overrides (`tags_to_remove`, `drop`, `dimensions`) are applied when the series is rendered:
 //! series whose rendered labels coincide are summed, as Envoy's counters with equal tags are one.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
     rc::Rc,
@@ -50,7 +53,8 @@ pub struct PeerLabels {
 }
 
 /// Hashes only what tells peers apart in practice (a subset of the fields, so equal labels
-/// still hash equally): the hot path hashes a series key once per request.
+/// still hash equally): a series key is hashed whenever a stream misses the threads' recent
+/// series cache.
 impl Hash for PeerLabels {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.workload.hash(state);
@@ -524,6 +528,14 @@ impl Protocol {
     }
 }
 
+/// The [`SeriesKey::extra`] of a stream without dimensions: one shared empty list, so such a
+/// key allocates nothing.
+pub fn no_dimensions() -> &'static Arc<[Arc<str>]> {
+    static EMPTY: std::sync::LazyLock<Arc<[Arc<str>]>> =
+        std::sync::LazyLock::new(|| Arc::from(Vec::new()));
+    &EMPTY
+}
+
 /// The labels of one stream, as shared pieces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey {
@@ -624,6 +636,195 @@ impl SeriesKey {
         self.label_pairs(metric, &computed)
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
+    }
+
+    /// This key, borrowed.
+    pub fn borrowed(&self) -> SeriesRef<'_> {
+        SeriesRef {
+            plan: &self.plan,
+            source: self.source.as_ref(),
+            source_principal: self.source_principal.as_ref(),
+            destination: self.destination.as_ref(),
+            service: self.service.as_ref(),
+            protocol: self.protocol,
+            response_code: self.response_code,
+            grpc_status: self.grpc_status,
+            flags: self.flags,
+            mutual_tls: self.mutual_tls,
+            extra: &self.extra,
+        }
+    }
+}
+
+/// A [`SeriesKey`] borrowed from where its parts live (the stream's labels, the snapshot, the
+/// cluster): what [`IstioMetrics::record_http_ref`] finds a series by. An owned key is built
+/// only for a series not seen yet, so a stream of a known series copies no label struct.
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesRef<'a> {
+    /// [`SeriesKey::plan`].
+    pub plan: &'a Arc<Plan>,
+    /// [`SeriesKey::source`].
+    pub source: Option<&'a Arc<PeerLabels>>,
+    /// [`SeriesKey::source_principal`].
+    pub source_principal: Option<&'a Arc<str>>,
+    /// [`SeriesKey::destination`].
+    pub destination: Option<&'a Arc<PeerLabels>>,
+    /// [`SeriesKey::service`].
+    pub service: Option<&'a Arc<ServiceLabels>>,
+    /// [`SeriesKey::protocol`].
+    pub protocol: Protocol,
+    /// [`SeriesKey::response_code`].
+    pub response_code: u16,
+    /// [`SeriesKey::grpc_status`].
+    pub grpc_status: Option<u32>,
+    /// [`SeriesKey::flags`].
+    pub flags: ResponseFlags,
+    /// [`SeriesKey::mutual_tls`].
+    pub mutual_tls: Option<bool>,
+    /// [`SeriesKey::extra`] ([`no_dimensions`] without dimensions).
+    pub extra: &'a Arc<[Arc<str>]>,
+}
+
+impl SeriesRef<'_> {
+    /// The owned key.
+    pub fn to_key(&self) -> SeriesKey {
+        SeriesKey {
+            plan: self.plan.clone(),
+            source: self.source.cloned(),
+            source_principal: self.source_principal.cloned(),
+            destination: self.destination.cloned(),
+            service: self.service.cloned(),
+            protocol: self.protocol,
+            response_code: self.response_code,
+            grpc_status: self.grpc_status,
+            flags: self.flags,
+            mutual_tls: self.mutual_tls,
+            extra: self.extra.clone(),
+        }
+    }
+
+    /// Whether `key` has the very same shared label structs (the same allocations, not just
+    /// equal ones) and equal values: a test of a few words that implies `key == self.to_key()`.
+    fn same_parts(&self, key: &SeriesKey) -> bool {
+        fn same<T: ?Sized>(a: Option<&Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        Arc::ptr_eq(self.plan, &key.plan)
+            && same(self.source, &key.source)
+            && same(self.destination, &key.destination)
+            && same(self.service, &key.service)
+            && self.protocol == key.protocol
+            && self.response_code == key.response_code
+            && self.grpc_status == key.grpc_status
+            && self.flags == key.flags
+            && self.mutual_tls == key.mutual_tls
+            // Built per stream, so compared by content.
+            && self.source_principal == key.source_principal.as_ref()
+            && (Arc::ptr_eq(self.extra, &key.extra) || *self.extra == key.extra)
+    }
+
+    /// A hash that agrees with [`SeriesRef::same_parts`]: shared structs by address, the rest
+    /// by value.
+    fn parts_hash(&self, state: &mut impl Hasher) {
+        fn addr<T: ?Sized>(a: Option<&Arc<T>>) -> usize {
+            a.map_or(0, |a| Arc::as_ptr(a).cast::<()>().addr())
+        }
+        state.write_usize(addr(Some(self.plan)));
+        state.write_usize(addr(self.source));
+        state.write_usize(addr(self.destination));
+        state.write_usize(addr(self.service));
+        self.protocol.hash(state);
+        self.response_code.hash(state);
+        self.grpc_status.hash(state);
+        self.flags.hash(state);
+        self.mutual_tls.hash(state);
+        self.source_principal.hash(state);
+        if !self.extra.is_empty() {
+            self.extra.hash(state);
+        }
+    }
+}
+
+/// Slots of a thread's cache of the HTTP series it recorded lately (direct-mapped by
+/// [`SeriesRef::parts_hash`]; a power of two); a few dozen cover the series a waypoint's
+/// worker sees at a time.
+const RECENT_SLOTS: usize = 64;
+
+/// A series a thread recorded to lately, with the key it was found by.
+struct Recent {
+    /// The [`IstioMetrics::id`] of the registry holding the series.
+    registry: u64,
+    hash: u64,
+    key: SeriesKey,
+    series: Arc<HttpSeries>,
+}
+
+thread_local! {
+    /// The streams of a worker repeat a few series whose keys share the very same label structs
+    /// (one per workload, cluster and `istio.stats` config): finding the series by those
+    /// structs' addresses costs a fraction of hashing and comparing the labels' text in the
+    /// series map and taking its shard's lock. Series are never removed from the map, so a
+    /// cached one is the one the map would give; an entry only holds its key's structs alive
+    /// until another series takes the slot.
+    static RECENT: RefCell<Vec<Option<Recent>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Source of [`IstioMetrics::id`]s.
+static REGISTRY_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The hasher of [`SeriesRef::parts_hash`]: FxHash's rotate-xor-multiply per word. Its input is
+/// a few addresses and small values (and the principal), and a collision costs one lookup in
+/// the series map, so a round per word beats a general-purpose hasher here.
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    /// The slot of [`RECENT`] for the hash: its top bits, the best mixed by the multiply.
+    fn slot(hash: u64) -> usize {
+        (hash >> (64 - RECENT_SLOTS.trailing_zeros())) as usize
+    }
+}
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
     }
 }
 
@@ -774,8 +975,10 @@ const TCP_METRICS: [Metric; 4] = [
 /// The registry of Istio metrics.
 #[derive(Debug)]
 pub struct IstioMetrics {
-    /// Hashes series keys once per record: foldhash (randomly seeded) instead of SipHash, which
-    /// cost ~1.7k instructions per request over the 25 labels.
+    /// Tells registries apart in the threads' [`RECENT`] caches (never reused).
+    id: u64,
+    /// Hashes series keys: foldhash (randomly seeded) instead of SipHash, which cost ~1.7k
+    /// instructions per request over the 25 labels.
     hasher: foldhash::fast::RandomState,
     http: Vec<Shard<HttpSeries>>,
     tcp: Vec<Shard<TcpSeries>>,
@@ -795,6 +998,7 @@ pub struct IstioMetrics {
 impl Default for IstioMetrics {
     fn default() -> Self {
         IstioMetrics {
+            id: REGISTRY_IDS.fetch_add(1, Ordering::Relaxed),
             hasher: Default::default(),
             http: (0..SHARDS).map(|_| RwLock::default()).collect(),
             tcp: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -948,36 +1152,79 @@ impl IstioMetrics {
         Some(s)
     }
 
-    /// Records one finished HTTP stream.
-    pub fn record_http(&self, key: SeriesKey, sample: HttpSample) {
-        if key.plan.custom.is_empty() && HTTP_METRICS.iter().all(|m| self.is_hidden(*m)) {
-            return;
+    /// The HTTP series of `key`: from this thread's [`RECENT`] cache when its label structs
+    /// are the ones a recent stream had, else from the series map (created on first use).
+    fn http_series(&self, key: SeriesRef<'_>) -> Option<Arc<HttpSeries>> {
+        let mut h = WordHasher(self.id);
+        key.parts_hash(&mut h);
+        let hash = h.finish();
+        let slot = WordHasher::slot(hash);
+        let cached = RECENT
+            .try_with(|r| {
+                let r = r.try_borrow().ok()?;
+                r.get(slot)?
+                    .as_ref()
+                    .filter(|e| e.registry == self.id && e.hash == hash && key.same_parts(&e.key))
+                    .map(|e| e.series.clone())
+            })
+            .ok()
+            .flatten();
+        if cached.is_some() {
+            return cached;
         }
-        let plan = key.plan.clone();
-        // What custom metrics read of the key, which the series map takes (nothing is copied
-        // without definitions).
-        let custom = (!plan.custom.is_empty())
-            .then(|| (key.response_code, key.grpc_status, key.extra.clone()));
-        let Some(series) = self.series(&self.http, key, || HttpSeries {
+        let owned = key.to_key();
+        let series = self.series(&self.http, owned.clone(), || HttpSeries {
             requests: AtomicU64::new(0),
             request_messages: AtomicU64::new(0),
             response_messages: AtomicU64::new(0),
             duration: Histogram::new(self.bounds(Metric::RequestDuration)),
             request_bytes: Histogram::new(self.bounds(Metric::RequestBytes)),
             response_bytes: Histogram::new(self.bounds(Metric::ResponseBytes)),
-            custom: self.custom_cells(&plan),
-        }) else {
+            custom: self.custom_cells(key.plan),
+        })?;
+        // A thread being torn down (no cache) or a nested borrow (none today) just skips it.
+        let _ = RECENT.try_with(|r| {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                if r.is_empty() {
+                    r.resize_with(RECENT_SLOTS, || None);
+                }
+                if let Some(entry) = r.get_mut(slot) {
+                    *entry = Some(Recent {
+                        registry: self.id,
+                        hash,
+                        key: owned,
+                        series: series.clone(),
+                    });
+                }
+            }
+        });
+        Some(series)
+    }
+
+    /// Records one finished HTTP stream.
+    pub fn record_http(&self, key: SeriesKey, sample: HttpSample) {
+        self.record_http_ref(key.borrowed(), sample);
+    }
+
+    /// Records one finished HTTP stream by its borrowed key (no label struct is copied unless
+    /// the series is new).
+    pub fn record_http_ref(&self, key: SeriesRef<'_>, sample: HttpSample) {
+        let plan = key.plan;
+        if plan.custom.is_empty() && HTTP_METRICS.iter().all(|m| self.is_hidden(*m)) {
+            return;
+        }
+        let Some(series) = self.http_series(key) else {
             return;
         };
-        if let Some((response_code, grpc_status, extra)) = custom {
+        if !plan.custom.is_empty() {
             record_custom(
                 &series.custom,
                 &CustomInputs {
                     request_bytes: sample.request_bytes,
                     response_bytes: sample.response_bytes,
-                    response_code,
-                    grpc_status,
-                    extra: &extra,
+                    response_code: key.response_code,
+                    grpc_status: key.grpc_status,
+                    extra: key.extra,
                 },
             );
         }
@@ -2208,5 +2455,70 @@ mod tests {
         let m = IstioMetrics::default();
         assert!(m.custom_cells(&Plan::standard("waypoint")).is_empty());
         assert_eq!(m.custom_cells(&custom_plan()).len(), 4);
+    }
+
+    #[test]
+    fn keys_with_the_same_structs_or_equal_ones_share_a_series() {
+        let sample = HttpSample {
+            duration_ms: 1,
+            request_bytes: 10,
+            response_bytes: 20,
+            messages: None,
+        };
+        let requests = |m: &IstioMetrics| {
+            let mut out = String::new();
+            m.render_prometheus(&mut out);
+            out.lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .map(|l| {
+                    let (labels, v) = l.rsplit_once(' ').unwrap_or_default();
+                    let code = labels
+                        .split("response_code=\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or_default();
+                    (code.to_owned(), v.to_owned())
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        let m = IstioMetrics::default();
+        let a = key(Arc::new(Plan::standard("waypoint")));
+        // The same labels in new allocations (as after a config push), the principal too.
+        let mut b = a.clone();
+        b.destination = Some(peer("httpbin", "default", "httpbin"));
+        b.source_principal = a.source_principal.as_deref().map(Arc::from);
+        assert!(a.borrowed().same_parts(&a.clone()) && !a.borrowed().same_parts(&b) && a == b);
+        for k in [&a, &b, &a, &b, &b] {
+            m.record_http(k.clone(), sample);
+        }
+        assert_eq!(m.series_count(), 1);
+        assert_eq!(requests(&m), [("200".to_owned(), "5".to_owned())]);
+        // The same structs with another value are another series.
+        let mut c = a.clone();
+        c.response_code = 503;
+        m.record_http(c.clone(), sample);
+        m.record_http(c, sample);
+        assert_eq!(m.series_count(), 2);
+        assert_eq!(
+            requests(&m),
+            [
+                ("200".to_owned(), "5".to_owned()),
+                ("503".to_owned(), "2".to_owned())
+            ]
+        );
+        // Another registry on this thread does not get this one's series from the cache.
+        let other = IstioMetrics::default();
+        other.record_http(a.clone(), sample);
+        assert_eq!(requests(&other), [("200".to_owned(), "1".to_owned())]);
+        assert_eq!(requests(&m)[0].1, "5");
+        // Equal parts hash alike (the cache's slot); the test above is what decides a hit.
+        let hash = |k: &SeriesKey| {
+            let mut h = WordHasher(7);
+            k.borrowed().parts_hash(&mut h);
+            h.finish()
+        };
+        assert_eq!(hash(&a), hash(&a.clone()));
     }
 }
