@@ -42,7 +42,7 @@ use crate::{
         timeout::{Activity, Expired, Watch},
     },
     listener::conn::{BoxIo, ConnContext, ConnValues},
-    telemetry::istio::Protocol,
+    telemetry::{attributes::ConnectionAttributes, istio::Protocol},
     upstream::{
         cluster_manager::{ClusterRt, original_destination},
         connect::Origin,
@@ -105,26 +105,44 @@ pub async fn serve(
             Ok(_) => ResponseFlags::default(),
             Err(e) => e.response_flags(),
         };
-        let key = labels.key(
+        let upstream = slot.get();
+        let mut key = labels.key(
             &ctx.snapshot,
-            &slot.get(),
+            &upstream,
             Protocol::Tcp,
             0,
             None,
             flags,
             true,
         );
-        dp.server.stats.istio.tcp_series(key)
+        // The dimension values, once per connection (its series is the same at every report),
+        // and only when the plan has dimensions.
+        if !key.plan.dimensions.is_empty() {
+            key.extra = key.plan.evaluate(&ConnectionAttributes {
+                conn: &ctx,
+                cluster: upstream.cluster.as_ref().map(|c| c.name.as_str()),
+                mtls: labels.mutual_tls,
+                source: key.source.as_deref(),
+                destination: key.destination.as_deref(),
+            });
+        }
+        let extra = key.extra.clone();
+        dp.server
+            .stats
+            .istio
+            .tcp_series(key)
+            .map(|series| (series, extra))
     });
-    if let Some(s) = &series {
+    let series = series.as_ref().map(|(s, extra)| (&**s, &**extra));
+    if let Some((s, _)) = series {
         s.opened.fetch_add(1, Ordering::Relaxed);
     }
     let mut upstream = match opened {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(target: "tcp_proxy", stat_prefix = %tp.stat_prefix, flag = %e.flag(), "upstream: {e}");
-            if let Some(s) = &series {
-                s.close(0, 0);
+            if let Some((s, extra)) = series {
+                s.close(0, 0, extra);
             }
             log(&tp, &ctx, started, e.response_flags(), (0, 0), &slot);
             return;
@@ -143,7 +161,7 @@ pub async fn serve(
         .unwrap_or(DEFAULT_TCP_REPORTING);
     let mut reported = (0, 0);
     let report = |reported: &mut (u64, u64)| {
-        if let Some(s) = &series {
+        if let Some((s, _)) = series {
             let (rx, tx) = meter.get();
             s.received.fetch_add(rx - reported.0, Ordering::Relaxed);
             s.sent.fetch_add(tx - reported.1, Ordering::Relaxed);
@@ -174,10 +192,10 @@ pub async fn serve(
     drop(upstream);
     drop(io);
     report(&mut reported);
-    if let Some(s) = &series {
+    if let Some((s, extra)) = series {
         // Also records the custom metrics (`istio.stats` definitions), as at a connection's close.
         let (received, sent) = meter.get();
-        s.close(received, sent);
+        s.close(received, sent, extra);
     }
     let flags = match &ended {
         Ok(_) | Err(Cut::Drained) => ResponseFlags::default(),

@@ -352,6 +352,24 @@ destination_port=\"8000\",request_host=\"httpbin.default.svc.cluster.local:8000\
 /// `patch` changed (from the proxy's own config dump), and waits until the proxy applied it
 /// (a NACK would leave the old version active).
 async fn push_istio_stats(mesh: &WaypointMesh, patch: impl Fn(&mut serde_json::Value)) {
+    push_stats_filters(mesh, Chains::Http, patch).await
+}
+
+/// Which `istio.stats` filters of `main_internal` a push patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chains {
+    /// The HTTP filters of the HTTP connection managers.
+    Http,
+    /// The network filters of the TCP chains.
+    Tcp,
+}
+
+/// As [`push_istio_stats`], for the `istio.stats` filters of `which` chains.
+async fn push_stats_filters(
+    mesh: &WaypointMesh,
+    which: Chains,
+    patch: impl Fn(&mut serde_json::Value),
+) {
     let dump = mesh
         .config_dump("resource=dynamic_listeners")
         .await
@@ -370,6 +388,13 @@ async fn push_istio_stats(mesh: &WaypointMesh, patch: impl Fn(&mut serde_json::V
         .flatten()
     {
         for f in chain["filters"].as_array_mut().into_iter().flatten() {
+            if which == Chains::Tcp {
+                if f["name"] == "istio.stats" {
+                    patch(&mut f["typed_config"]);
+                    patched += 1;
+                }
+                continue;
+            }
             let Some(filters) = f
                 .get_mut("typed_config")
                 .and_then(|t| t.get_mut("http_filters"))
@@ -385,7 +410,10 @@ async fn push_istio_stats(mesh: &WaypointMesh, patch: impl Fn(&mut serde_json::V
             }
         }
     }
-    assert!(patched > 0, "no istio.stats filter in main_internal");
+    assert!(
+        patched > 0,
+        "no {which:?} istio.stats filter in main_internal"
+    );
     // The dump holds it as an Any; istiod-lite takes the message itself.
     if let Some(m) = listener.as_object_mut() {
         m.remove("@type");
@@ -516,6 +544,92 @@ async fn custom_metric_definitions_through_the_waypoint() {
         sample(&merged, "istio_custom_requests", counter),
         Some(N as f64)
     );
+}
+
+/// Dimension expressions on the TCP chains' network `istio.stats` (`metrics[].dimensions`, as
+/// the Telemetry API's `tagOverrides` reach them): a connection's series carries the values of
+/// the upstream peer, the filter state, the destination port and a literal, and `unknown` for
+/// a form that needs a request (istio_stats evaluates a connection's expressions without one).
+/// Opened, closed and byte counters are one series: the values are the same at every report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_dimension_expressions_through_the_waypoint() {
+    let options = MeshOptions::new(
+        "telemetry-tcp-dims",
+        Path::new(env!("CARGO_BIN_EXE_proxy")),
+        &agent_bin(),
+    );
+    let mesh = match WaypointMesh::start(options).await {
+        Ok(m) => m,
+        Err(e) => panic!("the mesh did not start: {e}"),
+    };
+    if let Err(e) = mesh.wait_hbone_ready(Duration::from_secs(30)).await {
+        panic!("{e}");
+    }
+    push_stats_filters(&mesh, Chains::Tcp, |config| {
+        config["metrics"] = serde_json::json!([{
+            "dimensions": {
+                "dest_app": "upstream_peer.app",
+                "dest_port": "string(destination.port)",
+                "peer": "filter_state['io.istio.peer_principal']",
+                "req_host": "request.host",
+                "source_version": "'v9'"
+            }
+        }]);
+    })
+    .await;
+
+    let forwarder = mesh
+        .service_forwarder(TCP_PORT)
+        .await
+        .expect("TCP forwarder");
+    let request = b"GET /tcp HTTP/1.1\r\nhost: httpbin\r\nconnection: close\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(forwarder.addr)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+        .await
+        .expect("TCP exchange in time")
+        .expect("read");
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "TCP service port");
+    drop(s);
+
+    // A standard tag (source_version) is replaced in place; the others follow, in name order.
+    let labels = format!(
+        "{{{},{DESTINATION},request_protocol=\"tcp\",response_flags=\"-\",\
+connection_security_policy=\"mutual_tls\",dest_app=\"httpbin\",dest_port=\"{TCP_PORT}\",\
+peer=\"spiffe://cluster.local/ns/default/sa/sleep\",req_host=\"unknown\"}}",
+        SOURCE.replace("source_version=\"latest\"", "source_version=\"v9\"")
+    );
+    let admin = mesh.admin_addr();
+    let text = scrape_until(admin, "/stats/prometheus", |t| {
+        sample(t, "istio_tcp_connections_closed_total", &labels) == Some(1.0)
+    })
+    .await;
+    for (m, want) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_connections_closed_total", 1.0),
+        ("istio_tcp_received_bytes_total", request.len() as f64),
+        ("istio_tcp_sent_bytes_total", reply.len() as f64),
+    ] {
+        assert_eq!(
+            sample(&text, m, &labels),
+            Some(want),
+            "{m}{labels}:\n{}",
+            istio_lines(&text)
+        );
+    }
+    // No TCP series without the dimensions: the connection was reported under one series only.
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .count(),
+        1,
+        "{}",
+        istio_lines(&text)
+    );
+    promtool("the proxy's /stats/prometheus with TCP dimensions", &text);
 }
 
 /// GET `path` with `Host: host` on a fresh connection: (status, body).

@@ -137,6 +137,95 @@ impl Attributes for StreamAttributes<'_> {
     }
 }
 
+/// One TCP connection (a network `istio.stats` filter's), as expressions see it once its
+/// upstream is chosen. It has no request nor response: as istio_stats evaluates a connection's
+/// expressions with no headers, `request.*`, `response.*` and `xds.route_name` fail there and
+/// render as `unknown`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionAttributes<'a> {
+    /// The downstream connection (addresses, SNI, filter state).
+    pub conn: &'a ConnContext,
+    /// The cluster the tcp_proxy chose.
+    pub cluster: Option<&'a str>,
+    /// Mutual TLS with the downstream peer.
+    pub mtls: bool,
+    /// The downstream peer.
+    pub source: Option<&'a PeerLabels>,
+    /// The upstream peer.
+    pub destination: Option<&'a PeerLabels>,
+}
+
+impl ConnectionAttributes<'_> {
+    /// The same connection seen as a stream without request or response, so both paths read
+    /// connection attributes one way.
+    fn stream(&self) -> StreamAttributes<'_> {
+        StreamAttributes {
+            conn: self.conn,
+            request: None,
+            response_headers: None,
+            response_code: 0,
+            grpc_status: None,
+            cluster: self.cluster,
+            route: None,
+            mtls: self.mtls,
+            source: self.source,
+            destination: self.destination,
+            stream_state: None,
+        }
+    }
+}
+
+impl Attributes for ConnectionAttributes<'_> {
+    fn request_header(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn response_header(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn request(&self, _: &Expr) -> Option<String> {
+        None
+    }
+
+    fn response_code(&self) -> Option<u16> {
+        // No response: Envoy's `response.code` is absent on a connection (not 0).
+        None
+    }
+
+    fn grpc_status(&self) -> Option<u32> {
+        None
+    }
+
+    fn address(&self, source: bool) -> Option<SocketAddr> {
+        self.stream().address(source)
+    }
+
+    fn mtls(&self) -> bool {
+        self.mtls
+    }
+
+    fn sni(&self) -> Option<String> {
+        self.stream().sni()
+    }
+
+    fn cluster(&self) -> Option<String> {
+        self.cluster.map(str::to_owned)
+    }
+
+    fn route(&self) -> Option<String> {
+        None
+    }
+
+    fn peer(&self, side: Side, field: PeerField) -> Option<String> {
+        self.stream().peer(side, field)
+    }
+
+    fn filter_state(&self, key: &str) -> Option<String> {
+        self.conn.filter_state.get(key).map(str::to_owned)
+    }
+}
+
 impl Plan {
     /// The dimension values of a stream, in [`Plan::dimensions`] order.
     pub fn evaluate(&self, attrs: &dyn Attributes) -> Arc<[Arc<str>]> {
@@ -184,5 +273,119 @@ impl Plan {
         self.dimensions
             .iter()
             .any(|e| matches!(e, Expr::ResponseHeader(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{Snapshot, filters::set_filter_state::Sharing},
+        listener::conn::{Addr, StateObject},
+    };
+
+    fn conn() -> ConnContext {
+        let mut c = ConnContext::new(
+            "l",
+            Addr::Socket(([10, 0, 0, 2], 9000).into()),
+            Addr::Socket(([10, 0, 0, 1], 40000).into()),
+            Arc::new(Snapshot::default()),
+        );
+        c.filter_state.set(
+            "k",
+            StateObject {
+                value: "v".into(),
+                sharing: Sharing::None,
+                read_only: false,
+                peer: None,
+            },
+        );
+        c
+    }
+
+    fn plan(exprs: &[&str]) -> Plan {
+        let mut p = Plan::standard("waypoint");
+        p.dimensions = exprs
+            .iter()
+            .map(|t| Expr::parse(t).unwrap_or_else(|e| panic!("{t}: {e}")))
+            .collect();
+        p
+    }
+
+    #[test]
+    fn connection_dimensions_read_what_a_connection_has() {
+        let conn = conn();
+        let dest = PeerLabels {
+            app: "echo".into(),
+            workload: "echo-v1".into(),
+            ..PeerLabels::default()
+        };
+        let cases = [
+            ("upstream_peer.app", "echo"),
+            ("upstream_peer.workload", "echo-v1"),
+            // The source is unknown, and an empty field is absent.
+            ("downstream_peer.app", "unknown"),
+            ("upstream_peer.version", "unknown"),
+            ("filter_state['k']", "v"),
+            ("filter_state['missing']", "unknown"),
+            ("string(destination.port)", "9000"),
+            ("source.address", "10.0.0.1:40000"),
+            ("connection.mtls", "true"),
+            ("xds.cluster_name", "inbound-vip|9000|tcp|echo"),
+            ("'lit'", "lit"),
+        ];
+        let texts: Vec<&str> = cases.iter().map(|(t, _)| *t).collect();
+        let values = plan(&texts).evaluate(&ConnectionAttributes {
+            conn: &conn,
+            cluster: Some("inbound-vip|9000|tcp|echo"),
+            mtls: true,
+            source: None,
+            destination: Some(&dest),
+        });
+        assert_eq!(values.len(), cases.len());
+        for ((text, want), got) in cases.iter().zip(values.iter()) {
+            assert_eq!(&**got, *want, "{text}");
+        }
+    }
+
+    #[test]
+    fn request_and_response_forms_are_unknown_on_a_connection() {
+        let conn = conn();
+        let forms = [
+            "request.headers['x-user']",
+            "request.host",
+            "request.method",
+            "request.path",
+            "request.protocol",
+            "response.code",
+            "response.grpc_status",
+            "response.headers['server']",
+            "xds.route_name",
+            // No TLS on this connection, so no SNI either.
+            "connection.requested_server_name",
+        ];
+        let values = plan(&forms).evaluate(&ConnectionAttributes {
+            conn: &conn,
+            cluster: None,
+            mtls: false,
+            source: None,
+            destination: None,
+        });
+        for (text, got) in forms.iter().zip(values.iter()) {
+            assert_eq!(&**got, "unknown", "{text}");
+        }
+        // Without a cluster, `xds.cluster_name` is unknown too; mTLS reads false.
+        let values =
+            plan(&["xds.cluster_name", "connection.mtls"]).evaluate(&ConnectionAttributes {
+                conn: &conn,
+                cluster: None,
+                mtls: false,
+                source: None,
+                destination: None,
+            });
+        assert_eq!(
+            values.iter().map(|v| &**v).collect::<Vec<_>>(),
+            ["unknown", "false"]
+        );
     }
 }

@@ -465,8 +465,8 @@ impl Plan {
         }
     }
 
-    /// The value of dimension `d` for a series whose evaluated values are `extra`. A series
-    /// whose dimensions were not evaluated (a TCP connection's) still shows a literal's text.
+    /// The value of dimension `d` for a series whose evaluated values are `extra`. A key built
+    /// without evaluating (`extra` empty, as in unit tests) still shows a literal's text.
     fn dimension_value<'s>(&'s self, extra: &'s [Arc<str>], d: usize) -> &'s str {
         match extra.get(d) {
             Some(v) => v,
@@ -860,8 +860,9 @@ impl TcpSeries {
     /// Counts a closed connection that received `received` and sent `sent` bytes downstream
     /// over its life, and records the custom metrics, which istio_stats reports for a
     /// connection once, at its close (`request.total_size` is then the bytes received,
-    /// `response.total_size` the bytes sent; a TCP connection has no response code).
-    pub fn close(&self, received: u64, sent: u64) {
+    /// `response.total_size` the bytes sent; a TCP connection has no response code). `extra` is
+    /// the connection's dimension values (its key's [`SeriesKey::extra`]), which text values read.
+    pub fn close(&self, received: u64, sent: u64, extra: &[Arc<str>]) {
         self.closed.fetch_add(1, Ordering::Relaxed);
         if !self.custom.is_empty() {
             record_custom(
@@ -871,9 +872,9 @@ impl TcpSeries {
                     response_bytes: sent,
                     response_code: 0,
                     grpc_status: None,
-                    // Dimensions are not evaluated for connections: a text value counts 0, as
-                    // istio_stats records an attribute a connection lacks.
-                    extra: &[],
+                    // A text value a connection lacks evaluated to `unknown`, which counts 0
+                    // as istio_stats's integer parse of it fails.
+                    extra,
                 },
             );
         }
@@ -2388,7 +2389,7 @@ mod tests {
         k.protocol = Protocol::Tcp;
         let s = m.tcp_series(k).expect("series");
         s.opened.fetch_add(1, Ordering::Relaxed);
-        s.close(10, 2000);
+        s.close(10, 2000, &[]);
         let mut out = String::new();
         m.render_prometheus(&mut out);
         assert!(out.contains("istio_tcp_connections_closed_total{"), "{out}");
@@ -2402,6 +2403,34 @@ mod tests {
         assert!(out.contains("\nistio_last_code{} 0\n"), "{out}");
         assert!(
             out.contains("\nistio_cost{reporter=\"proxy\"} 0\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn tcp_custom_text_values_read_the_connection_dimensions() {
+        let m = IstioMetrics::default();
+        let mut k = key(custom_plan());
+        k.protocol = Protocol::Tcp;
+        // As tcp_proxy evaluates them once per connection: the literal, then a value that is
+        // an integer (a filter state's, say).
+        let extra: Arc<[Arc<str>]> = Arc::from(vec![Arc::from("proxy"), Arc::from("7")]);
+        k.extra = extra.clone();
+        let s = m.tcp_series(k.clone()).expect("series");
+        s.close(1, 2, &extra);
+        s.close(1, 2, &extra);
+        // A connection's `unknown` (a request header) counts 0.
+        let unknown: Arc<[Arc<str>]> = Arc::from(vec![Arc::from("proxy"), Arc::from(UNKNOWN)]);
+        k.extra = unknown.clone();
+        m.tcp_series(k).expect("series").close(1, 2, &unknown);
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        assert!(
+            out.contains("\nistio_cost{reporter=\"proxy\"} 14\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nistio_calls{reporter=\"proxy\"} 3\n"),
             "{out}"
         );
     }
