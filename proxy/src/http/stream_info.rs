@@ -399,63 +399,36 @@ pub fn header_bytes(headers: &HeaderMap) -> u64 {
 
 /// Counts request body bytes into `info` as they are read, and notes when the body ends.
 pub fn count_request_body(body: Body, info: &Arc<StreamInfo>) -> Body {
-    if body.is_end_stream() {
-        info.request_done();
-        return body;
-    }
-    http_body_util::combinators::BoxBody::new(CountedBody {
-        inner: body,
-        info: info.clone(),
-        frames: info
-            .observe
-            .grpc_messages
-            .then(crate::telemetry::grpc::GrpcFrames::default),
-    })
+    super::observe_request_body(
+        body,
+        RequestCounter {
+            info: info.clone(),
+            frames: info
+                .observe
+                .grpc_messages
+                .then(crate::telemetry::grpc::GrpcFrames::default),
+        },
+    )
 }
 
-/// A request body counted into its stream.
-struct CountedBody {
-    inner: Body,
+/// A request body's bytes (and gRPC messages) counted into its stream.
+struct RequestCounter {
     info: Arc<StreamInfo>,
     frames: Option<crate::telemetry::grpc::GrpcFrames>,
 }
 
-impl HttpBody for CountedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.info
-                        .request_body_bytes
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    let counted = self.frames.as_mut().map(|g| g.feed(d));
-                    if let Some(n) = counted {
-                        self.info.request_messages.store(n, Ordering::Relaxed);
-                    }
-                }
-                if self.inner.is_end_stream() {
-                    self.info.request_done();
-                }
-            }
-            Poll::Ready(None) => self.info.request_done(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+impl super::RequestObserver for RequestCounter {
+    fn data(&mut self, d: &Bytes) {
+        self.info
+            .request_body_bytes
+            .fetch_add(d.len() as u64, Ordering::Relaxed);
+        if let Some(n) = self.frames.as_mut().map(|g| g.feed(d)) {
+            self.info.request_messages.store(n, Ordering::Relaxed);
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(&mut self) {
+        self.info.request_done();
     }
 }
 

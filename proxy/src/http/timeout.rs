@@ -415,54 +415,22 @@ impl Watch {
     }
 }
 
-/// A request body whose frames count as activity and whose end is noted.
-struct ActiveBody {
-    inner: Body,
-    activity: Arc<Activity>,
+/// The HCM's view of a request body: its frames count as activity and its end is noted.
+struct RequestActivity(Arc<Activity>);
+
+impl super::RequestObserver for RequestActivity {
+    fn progress(&mut self) {
+        self.0.touch();
+    }
+
+    fn end(&mut self) {
+        self.0.end_request();
+    }
 }
 
 /// Wraps a request `body` so its frames and its end reach `activity`.
 pub fn observe_request(body: Body, activity: &Arc<Activity>) -> Body {
-    if body.is_end_stream() {
-        activity.end_request();
-        return body;
-    }
-    http_body_util::combinators::BoxBody::new(ActiveBody {
-        inner: body,
-        activity: activity.clone(),
-    })
-}
-
-impl HttpBody for ActiveBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                if self.inner.is_end_stream() {
-                    self.activity.end_request();
-                } else {
-                    self.activity.touch();
-                }
-            }
-            Poll::Ready(None) => self.activity.end_request(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    super::observe_request_body(body, RequestActivity(activity.clone()))
 }
 
 /// What to do when a watch fires on a response body (count the stat, note the flag).
