@@ -599,6 +599,15 @@ async fn unsupported_filter_is_nacked_and_fix_is_acked() {
     {
         panic!("no LDS ACK: {c:#?}\nlog:\n{}", pod.log_tail());
     }
+    // An LDS ACK comes before the initial fetch ends (clusters, secrets): LIVE first, so the
+    // check after the NACK below sees whether a rejected listener takes the proxy out of LIVE.
+    poll(&mut pod, WAIT, "/ready LIVE", || async {
+        match http(port, "GET", "/ready").await {
+            Ok((200, body)) if body == "LIVE\n" => Some(()),
+            _ => None,
+        }
+    })
+    .await;
 
     istiod
         .push_json(ResourceKind::Listener, &lua_listener(true))
@@ -635,8 +644,8 @@ async fn unsupported_filter_is_nacked_and_fix_is_acked() {
     assert!(m.contains("http_filters[0]"), "{m}");
 
     // The rest stays applied and the proxy stays LIVE.
-    let (status, _) = http(port, "GET", "/ready").await.expect("ready");
-    assert_eq!(status, 200);
+    let (status, body) = http(port, "GET", "/ready").await.expect("ready");
+    assert_eq!((status, body.as_str()), (200, "LIVE\n"));
     let dump = get_json(port, "/config_dump?resource=dynamic_listeners").await;
     let active: Vec<String> = dump["configs"]
         .as_array()
