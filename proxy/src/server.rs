@@ -100,6 +100,9 @@ pub struct Server {
     pub started: Instant,
     /// Process start (wall clock).
     pub started_at: SystemTime,
+    /// Returns freed memory to the kernel after a large release (set by the binary, which knows
+    /// its allocator; tests leave it unset).
+    pub give_back_memory: std::sync::OnceLock<fn()>,
 }
 
 impl Server {
@@ -132,6 +135,7 @@ impl Server {
             shutdown,
             started: Instant::now(),
             started_at: SystemTime::now(),
+            give_back_memory: std::sync::OnceLock::new(),
         })
     }
 
@@ -214,6 +218,13 @@ impl Server {
         {
             self.set_state(ServerState::Live);
             tracing::info!(target: "xds", "initial configuration applied: LIVE");
+            // The JSON descriptor pool (~5 MB) served the bootstrap and the initial TypedStruct
+            // configs; until a config dump or a later push needs it again (rebuilt in ~20 ms), it
+            // is idle memory, as is the garbage of compiling the initial config.
+            waypoint_proto::json::release_idle_pool(std::time::Duration::ZERO);
+            if let Some(give_back) = self.give_back_memory.get() {
+                give_back();
+            }
         }
     }
 }

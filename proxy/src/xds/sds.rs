@@ -19,18 +19,24 @@ use std::{
 
 use arc_swap::ArcSwap;
 use prost::Message as _;
-use prost_reflect::{DynamicMessage, ReflectMessage as _, Value};
 use tokio::{sync::mpsc, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use waypoint_proto::{
     envoy::{
-        config::core::v3::{
-            ConfigSource, DataSource, config_source::ConfigSourceSpecifier, data_source::Specifier,
-            grpc_service::TargetSpecifier,
+        config::{
+            cluster::v3::Cluster,
+            core::v3::{
+                ConfigSource, DataSource, TransportSocket, config_source::ConfigSourceSpecifier,
+                data_source::Specifier, grpc_service::TargetSpecifier, transport_socket,
+            },
+            listener::v3::Listener,
         },
-        extensions::transport_sockets::tls::v3::{
-            CommonTlsContext, SdsSecretConfig, Secret, common_tls_context::ValidationContextType,
-            secret,
+        extensions::transport_sockets::{
+            internal_upstream::v3::InternalUpstreamTransport,
+            tls::v3::{
+                CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+                UpstreamTlsContext, common_tls_context::ValidationContextType, secret,
+            },
         },
         service::{
             discovery::v3::{DiscoveryRequest, DiscoveryResponse},
@@ -382,9 +388,13 @@ pub fn redacted(secret: &Secret) -> Secret {
 // ---------------------------------------------------------------------------------------------
 // Finding the secrets listeners and clusters name.
 
-const COMMON_TLS_CONTEXT: &str = "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext";
-/// Bound on Any nesting while scanning (a malformed resource must not recurse forever).
-const MAX_ANY_DEPTH: usize = 16;
+const DOWNSTREAM_TLS_CONTEXT: &str =
+    "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const UPSTREAM_TLS_CONTEXT: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const INTERNAL_UPSTREAM: &str =
+    "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport";
+/// Bound on socket nesting while scanning (a malformed resource must not recurse forever).
+const MAX_SOCKET_DEPTH: usize = 16;
 
 fn secret_ref(cfg: &SdsSecretConfig, grpc_clusters: &BTreeSet<String>) -> SecretRef {
     SecretRef {
@@ -435,63 +445,62 @@ fn context_ref(ctx: &CommonTlsContext, grpc_clusters: &BTreeSet<String>) -> TlsC
     }
 }
 
-/// Walks a message (and the payloads of its Anys) collecting every `CommonTlsContext`.
-fn walk(
-    msg: &DynamicMessage,
+/// Collects the `CommonTlsContext` of a transport socket, looking through the wrappers the config
+/// compiler accepts (`internal_upstream` around an inner socket). Any other socket type is either
+/// plaintext or refused by the compiler, so it names no secret. Typed decoding, not reflection:
+/// this runs on every LDS/CDS update and must not rebuild the JSON descriptor pool (~5 MB).
+fn scan_transport_socket(
+    ts: &TransportSocket,
     depth: usize,
     grpc_clusters: &BTreeSet<String>,
     out: &mut BTreeSet<TlsContextRef>,
 ) {
-    let desc = msg.descriptor();
-    let name = desc.full_name();
-    if name == COMMON_TLS_CONTEXT {
-        if let Ok(ctx) = CommonTlsContext::decode(msg.encode_to_vec().as_slice()) {
-            out.insert(context_ref(&ctx, grpc_clusters));
-        }
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
         return;
-    }
-    if name == "google.protobuf.Any" {
-        if depth >= MAX_ANY_DEPTH {
-            return;
+    };
+    let common = match json::type_name_of_url(&any.type_url) {
+        DOWNSTREAM_TLS_CONTEXT => DownstreamTlsContext::decode(any.value.as_slice())
+            .ok()
+            .and_then(|c| c.common_tls_context),
+        UPSTREAM_TLS_CONTEXT => UpstreamTlsContext::decode(any.value.as_slice())
+            .ok()
+            .and_then(|c| c.common_tls_context),
+        INTERNAL_UPSTREAM if depth < MAX_SOCKET_DEPTH => {
+            if let Some(inner) = InternalUpstreamTransport::decode(any.value.as_slice())
+                .ok()
+                .and_then(|t| t.transport_socket)
+            {
+                scan_transport_socket(&inner, depth + 1, grpc_clusters, out);
+            }
+            None
         }
-        let type_url = match msg.get_field_by_name("type_url").as_deref() {
-            Some(Value::String(s)) => s.clone(),
-            _ => return,
-        };
-        let bytes = match msg.get_field_by_name("value").as_deref() {
-            Some(Value::Bytes(b)) => b.clone(),
-            _ => return,
-        };
-        // Unknown or undecodable payloads are skipped: the config compiler reports them.
-        if let Ok(inner) = json::decode_dynamic(json::type_name_of_url(&type_url), &bytes) {
-            walk(&inner, depth + 1, grpc_clusters, out);
-        }
-        return;
-    }
-    for (_, value) in msg.fields() {
-        walk_value(value, depth, grpc_clusters, out);
+        // Undecodable payloads are skipped: the config compiler reports them.
+        _ => None,
+    };
+    if let Some(ctx) = common {
+        out.insert(context_ref(&ctx, grpc_clusters));
     }
 }
 
-fn walk_value(
-    value: &Value,
-    depth: usize,
+fn scan_listener(
+    l: &Listener,
     grpc_clusters: &BTreeSet<String>,
     out: &mut BTreeSet<TlsContextRef>,
 ) {
-    match value {
-        Value::Message(m) => walk(m, depth, grpc_clusters, out),
-        Value::List(items) => {
-            for item in items {
-                walk_value(item, depth, grpc_clusters, out);
-            }
+    for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+        if let Some(ts) = &chain.transport_socket {
+            scan_transport_socket(ts, 0, grpc_clusters, out);
         }
-        Value::Map(entries) => {
-            for item in entries.values() {
-                walk_value(item, depth, grpc_clusters, out);
-            }
-        }
-        _ => {}
+    }
+}
+
+fn scan_cluster(c: &Cluster, grpc_clusters: &BTreeSet<String>, out: &mut BTreeSet<TlsContextRef>) {
+    let matches = c
+        .transport_socket_matches
+        .iter()
+        .filter_map(|m| m.transport_socket.as_ref());
+    for ts in c.transport_socket.iter().chain(matches) {
+        scan_transport_socket(ts, 0, grpc_clusters, out);
     }
 }
 
@@ -504,23 +513,29 @@ pub fn scan_tls_contexts(server: &Server) -> Vec<TlsContextRef> {
         .map(|(n, _)| n.clone())
         .collect();
     let mut out = BTreeSet::new();
-    let mut scan = |type_name: &str, bytes: &[u8]| {
-        if let Ok(msg) = json::decode_dynamic(type_name, bytes) {
-            walk(&msg, 0, &grpc_clusters, &mut out);
-        }
-    };
     if let Some(statics) = &server.bootstrap.bootstrap.static_resources {
         for l in &statics.listeners {
-            scan("envoy.config.listener.v3.Listener", &l.encode_to_vec());
+            scan_listener(l, &grpc_clusters, &mut out);
         }
         for c in &statics.clusters {
-            scan("envoy.config.cluster.v3.Cluster", &c.encode_to_vec());
+            scan_cluster(c, &grpc_clusters, &mut out);
         }
     }
     for kind in [ResourceKind::Listener, ResourceKind::Cluster] {
-        for entry in server.xds.record(kind).resources.values() {
-            if let Some(any) = &entry.resource {
-                scan(kind.message_name(), &any.value);
+        let record = server.xds.record(kind);
+        for any in record
+            .resources
+            .values()
+            .filter_map(|e| e.resource.as_ref())
+        {
+            let bytes = any.value.as_slice();
+            match kind {
+                ResourceKind::Listener => Listener::decode(bytes)
+                    .map(|l| scan_listener(&l, &grpc_clusters, &mut out))
+                    .unwrap_or_default(),
+                _ => Cluster::decode(bytes)
+                    .map(|c| scan_cluster(&c, &grpc_clusters, &mut out))
+                    .unwrap_or_default(),
             }
         }
     }
@@ -790,6 +805,7 @@ mod tests {
     use waypoint_proto::envoy::extensions::transport_sockets::tls::v3::{
         CertificateValidationContext, TlsCertificate,
     };
+    use waypoint_proto::google::protobuf::Any;
 
     fn inline(s: &str) -> Option<DataSource> {
         Some(DataSource {
@@ -805,6 +821,108 @@ mod tests {
 
     const TEST_CERT: &str = include_str!("../../tests/data/test-cert.pem");
     const TEST_KEY: &str = include_str!("../../tests/data/test-key.pem");
+
+    /// A transport socket of `type_name` around `msg`.
+    fn socket(type_name: &str, msg: &impl prost::Message) -> TransportSocket {
+        TransportSocket {
+            name: "ts".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+                type_url: format!("{}{type_name}", json::TYPE_URL_PREFIX),
+                value: msg.encode_to_vec(),
+            })),
+        }
+    }
+
+    /// TLS contexts naming `cert` (from the `sds-grpc` cluster) and `ca` (from nowhere we follow).
+    fn common(cert: &str, ca: &str) -> CommonTlsContext {
+        use waypoint_proto::envoy::config::core::v3::{ApiConfigSource, GrpcService, grpc_service};
+        let from_grpc = ConfigSource {
+            config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(
+                ApiConfigSource {
+                    grpc_services: vec![GrpcService {
+                        target_specifier: Some(TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: SDS_CLUSTER.into(),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                name: cert.into(),
+                sds_config: Some(from_grpc),
+            }],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                SdsSecretConfig {
+                    name: ca.into(),
+                    sds_config: None,
+                },
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn scan_finds_tls_contexts_through_wrappers_and_matches() {
+        use waypoint_proto::envoy::config::{
+            cluster::v3::cluster::TransportSocketMatch, listener::v3::FilterChain,
+        };
+        let grpc: BTreeSet<String> = [SDS_CLUSTER.to_owned()].into();
+        let downstream = DownstreamTlsContext {
+            common_tls_context: Some(common("server-cert", "server-ca")),
+            ..Default::default()
+        };
+        let listener = Listener {
+            filter_chains: vec![FilterChain::default()],
+            default_filter_chain: Some(FilterChain {
+                transport_socket: Some(socket(DOWNSTREAM_TLS_CONTEXT, &downstream)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let upstream = |cert: &str| UpstreamTlsContext {
+            common_tls_context: Some(common(cert, "ROOTCA")),
+            ..Default::default()
+        };
+        let wrapped = InternalUpstreamTransport {
+            transport_socket: Some(socket(UPSTREAM_TLS_CONTEXT, &upstream("wrapped"))),
+            ..Default::default()
+        };
+        let cluster = Cluster {
+            transport_socket: Some(socket(INTERNAL_UPSTREAM, &wrapped)),
+            transport_socket_matches: vec![TransportSocketMatch {
+                transport_socket: Some(socket(UPSTREAM_TLS_CONTEXT, &upstream("matched"))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut out = BTreeSet::new();
+        scan_listener(&listener, &grpc, &mut out);
+        scan_cluster(&cluster, &grpc, &mut out);
+        let certs: Vec<(String, Option<String>)> = out
+            .iter()
+            .flat_map(|c| c.certificates.iter())
+            .map(|r| (r.name.clone(), r.cluster.clone()))
+            .collect();
+        let sds = Some(SDS_CLUSTER.to_owned());
+        assert_eq!(
+            certs,
+            [
+                ("matched".to_owned(), sds.clone()),
+                ("server-cert".to_owned(), sds.clone()),
+                ("wrapped".to_owned(), sds),
+            ]
+        );
+        let cas: BTreeSet<_> = out.iter().filter_map(|c| c.validation.clone()).collect();
+        assert!(cas.iter().all(|r| r.cluster.is_none()), "{cas:?}");
+        assert_eq!(cas.len(), 2, "server-ca and ROOTCA: {cas:?}");
+    }
 
     #[test]
     fn validation_names_the_field() {
@@ -881,14 +999,13 @@ mod tests {
         let doc = json::yaml_to_json(&text).expect("yaml");
         let clusters: BTreeSet<String> = [SDS_CLUSTER.to_owned()].into();
         let mut out = BTreeSet::new();
-        for (key, ty) in [
-            ("listeners", "envoy.config.listener.v3.Listener"),
-            ("clusters", "envoy.config.cluster.v3.Cluster"),
-        ] {
-            for item in doc[key].as_array().expect("list") {
-                let msg = json::dynamic_from_json(ty, item).expect("parses");
-                walk(&msg, 0, &clusters, &mut out);
-            }
+        for item in doc["listeners"].as_array().expect("list") {
+            let l: Listener = json::from_json(item).expect("listener parses");
+            scan_listener(&l, &clusters, &mut out);
+        }
+        for item in doc["clusters"].as_array().expect("list") {
+            let c: Cluster = json::from_json(item).expect("cluster parses");
+            scan_cluster(&c, &clusters, &mut out);
         }
         let want = TlsContextRef {
             certificates: vec![SecretRef {
