@@ -468,9 +468,19 @@ async fn custom_metric_definitions_through_the_waypoint() {
         config["definitions"] = serde_json::json!([
             {"name": "custom_requests", "value": "1", "type": "COUNTER"},
             {"name": "custom_response_size", "value": "response.total_size", "type": "HISTOGRAM"},
+            {"name": "custom_request_body", "value": "request.size", "type": "COUNTER"},
+            {"name": "custom_response_body", "value": "response.size", "type": "COUNTER"},
         ]);
+        // The peer object's fields and labels map (Istio's documented form).
         config["metrics"] = serde_json::json!([
-            {"name": "custom_requests", "dimensions": {"reporter": "'custom'"}},
+            {"name": "custom_requests", "dimensions": {
+                "reporter": "'custom'",
+                "peer_type": "upstream_peer.type",
+                "peer_name": "upstream_peer.name",
+                "client_name": "downstream_peer.name",
+                "client_role": "downstream_peer.labels['role']",
+                "peer_app": "upstream_peer.labels['app'].value",
+            }},
         ]);
     })
     .await;
@@ -485,7 +495,10 @@ async fn custom_metric_definitions_through_the_waypoint() {
             other => panic!("request {i} through the waypoint: {other:?}"),
         }
     }
-    let counter = "{reporter=\"custom\"}";
+    // WDS gives the pods' type and names; the peers' `labels` map is empty (istio/proxy fills
+    // it from metadata-exchange headers only), so a label reads `unknown`.
+    let counter = "{client_name=\"sleep-7f8d9c6b4-fghij\",client_role=\"unknown\",\
+peer_app=\"unknown\",peer_name=\"httpbin-6b9c7d8f5-abcde\",peer_type=\"pod\",reporter=\"custom\"}";
     let text = scrape_until(admin, "/stats/prometheus", |t| {
         sample(t, "istio_custom_requests", counter) == Some(N as f64)
             && sample(t, "istio_custom_response_size_count", "{}") == Some(N as f64)
@@ -533,6 +546,17 @@ async fn custom_metric_definitions_through_the_waypoint() {
         "{}",
         istio_lines(&text)
     );
+    // Body sizes: GETs have no request body; the responses' bodies are part of their totals.
+    assert_eq!(
+        sample(&text, "istio_custom_request_body", "{}"),
+        Some(0.0),
+        "{custom}"
+    );
+    let response_body = sample(&text, "istio_custom_response_body", "{}").unwrap_or(0.0);
+    assert!(
+        response_body > 0.0 && response_body <= body_bytes as f64 && response_body < sum,
+        "response.size {response_body}, bodies read {body_bytes}, total {sum}: {custom}"
+    );
     promtool("the proxy's /stats/prometheus with custom metrics", &text);
     // The agent's merged scrape has them too.
     let merged = scrape(
@@ -543,6 +567,30 @@ async fn custom_metric_definitions_through_the_waypoint() {
     assert_eq!(
         sample(&merged, "istio_custom_requests", counter),
         Some(N as f64)
+    );
+    // A request body, with its `content-length`.
+    let mut s = tokio::net::TcpStream::connect(mesh.client_addr())
+        .await
+        .expect("connect");
+    let post = format!(
+        "POST /post HTTP/1.1\r\nhost: httpbin\r\ncontent-length: 123\r\nconnection: close\r\n\r\n{}",
+        "x".repeat(123)
+    );
+    s.write_all(post.as_bytes()).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+        .await
+        .expect("POST in time")
+        .expect("read");
+    let text = scrape_until(admin, "/stats/prometheus", |t| {
+        sample(t, "istio_custom_request_body", "{}") == Some(123.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "istio_custom_request_body", "{}"),
+        Some(123.0),
+        "{}",
+        String::from_utf8_lossy(&reply[..reply.len().min(200)])
     );
 }
 
@@ -715,6 +763,18 @@ fn grpc_bootstrap(listen: u16, admin: u16, grpc: u16) -> serde_json::Value {
     })
 }
 
+/// The labels the gRPC message counters of [`grpc_bootstrap`]'s streams carry: the 20 peer and
+/// service labels, known while a stream runs (no source peer: the bootstrap has no WDS).
+const GRPC_STREAM_LABELS: &str = "reporter=\"waypoint\",source_workload=\"unknown\",\
+source_canonical_service=\"unknown\",source_canonical_revision=\"latest\",\
+source_workload_namespace=\"unknown\",source_principal=\"unknown\",source_app=\"unknown\",\
+source_version=\"unknown\",source_cluster=\"unknown\",destination_workload=\"unknown\",\
+destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",\
+destination_app=\"unknown\",destination_version=\"unknown\",\
+destination_service=\"echo.default.svc.cluster.local\",destination_canonical_service=\"unknown\",\
+destination_canonical_revision=\"unknown\",destination_service_name=\"echo\",\
+destination_service_namespace=\"default\",destination_cluster=\"unknown\"";
+
 /// One unary gRPC call over h2c: (HTTP status, grpc-status from trailers or headers).
 async fn grpc_call(addr: SocketAddr, method: &str, message: &[u8]) -> (u16, Option<String>) {
     use http_body_util::BodyExt as _;
@@ -822,17 +882,205 @@ connection_security_policy=\"none\"}}"
             proxy.log_tail()
         );
     }
-    // Messages: the two OK calls sent one request message each and got 1 + 3 replies.
-    let ok = series("0", "-");
+    // Messages: counted per stream without the response's labels (istio_stats adds them while
+    // streams run), so the calls share one series: three calls reached the backend with one
+    // request message each (the aborted one was answered before its body was read) and got
+    // 1 + 3 + 0 replies.
+    let messages = format!("{{{GRPC_STREAM_LABELS}}}");
     assert_eq!(
-        sample(&text, "istio_request_messages_total", &ok),
-        Some(2.0),
+        sample(&text, "istio_request_messages_total", &messages),
+        Some(3.0),
         "{}",
         istio_lines(&text)
     );
     assert_eq!(
-        sample(&text, "istio_response_messages_total", &ok),
-        Some(4.0)
+        sample(&text, "istio_response_messages_total", &messages),
+        Some(4.0),
+        "{}",
+        istio_lines(&text)
     );
     promtool("the proxy's /stats/prometheus (gRPC)", &text);
+}
+
+/// A request body fed from a channel, so a test holds a gRPC stream open between messages.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|m| m.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// gRPC message counters of a long-lived stream are reported every `tcp_reporting_duration`
+/// while it runs (istio_stats's report timer, from the request headers on, once the downstream
+/// peer is known: here from `baggage`), with the 20 stream labels and dimensions evaluated
+/// without the request headers; the stream's end adds the rest and its `istio_requests_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_message_counts_are_reported_while_a_stream_runs() {
+    use http_body_util::BodyExt as _;
+    let echo = waypoint_testbed::echo::EchoServer::bind(&waypoint_testbed::echo::EchoConfig {
+        name: "grpc-echo".into(),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: Some("127.0.0.1:0".parse().expect("addr")),
+    })
+    .await
+    .expect("echo");
+    let grpc_port = echo.grpc_addr().expect("grpc port").port();
+    tokio::spawn(echo.run());
+    let (listen, admin) = (common::free_port(), common::free_port());
+    let mut bootstrap = grpc_bootstrap(listen, admin, grpc_port);
+    let hcm = bootstrap
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+        .expect("hcm");
+    // Without the route that aborts EchoBidi.
+    hcm["route_config"]["virtual_hosts"][0]["routes"]
+        .as_array_mut()
+        .expect("routes")
+        .remove(0);
+    let filters = hcm["http_filters"].as_array_mut().expect("http_filters");
+    filters.insert(
+        0,
+        serde_json::json!({"name": "peer_metadata", "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config",
+            "value": {"downstream_discovery": [{"baggage": {}}]}}}),
+    );
+    let stats = filters
+        .iter_mut()
+        .find(|f| f["name"] == "istio.stats")
+        .expect("istio.stats");
+    stats["typed_config"]["tcp_reporting_duration"] = "0.2s".into();
+    stats["typed_config"]["metrics"] = serde_json::json!([
+        {"name": "request_messages_total", "dimensions": {"x_user": "request.headers['x-user']"}},
+    ]);
+    let dir = common::temp_dir("telemetry-grpc-periodic");
+    let proxy = common::Proxy::start(&dir, &bootstrap);
+    let addr = SocketAddr::from(([127, 0, 0, 1], listen));
+    let deadline = Instant::now() + SCRAPE;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy not listening:\n{}",
+            proxy.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://echo.default.svc.cluster.local/waypoint.echo.v1.EchoService/EchoBidi")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-user", "alice")
+        .header(
+            "baggage",
+            "k8s.namespace.name=default,k8s.deployment.name=client,service.name=client",
+        )
+        .body(ChannelBody(rx))
+        .expect("request");
+    // An empty EchoRequest: a 5-byte message prefix.
+    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 0]);
+    tx.send(message.clone()).await.expect("first message");
+    let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // Each request message gets its reply before the next is sent.
+    let mut replies = 0;
+    let mut next_reply = async || loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("reply in time")
+            .expect("a frame")
+            .expect("frame");
+        if frame.is_data() {
+            return;
+        }
+    };
+    for i in 0..3 {
+        if i > 0 {
+            tx.send(message.clone()).await.expect("message");
+        }
+        next_reply().await;
+        replies += 1;
+    }
+    // Periodic reports while the stream is open: 3 messages each way, the request counter with
+    // the dimension that reads a request header, which istio_stats evaluates without headers.
+    let request_labels = format!("{{{GRPC_STREAM_LABELS},x_user=\"unknown\"}}");
+    let response_labels = format!("{{{GRPC_STREAM_LABELS}}}");
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let text = scrape_until(admin_addr, "/stats/prometheus", |t| {
+        sample(t, "istio_request_messages_total", &request_labels) == Some(3.0)
+            && sample(t, "istio_response_messages_total", &response_labels) == Some(3.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "istio_request_messages_total", &request_labels),
+        Some(3.0),
+        "{}\n{}",
+        istio_lines(&text),
+        proxy.log_tail()
+    );
+    assert_eq!(
+        sample(&text, "istio_response_messages_total", &response_labels),
+        Some(replies as f64),
+        "{}",
+        istio_lines(&text)
+    );
+    assert!(
+        !text.contains("istio_requests_total{"),
+        "the stream is still open: {}",
+        istio_lines(&text)
+    );
+    // One more message, then the end: the rest is added to the same series.
+    tx.send(message).await.expect("last message");
+    next_reply().await;
+    drop(tx);
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("end in time")
+    {
+        frame.expect("frame");
+    }
+    let text = scrape_until(admin_addr, "/stats/prometheus", |t| {
+        sample(t, "istio_request_messages_total", &request_labels) == Some(4.0)
+            && t.contains("istio_requests_total{")
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "istio_request_messages_total", &request_labels),
+        Some(4.0),
+        "{}",
+        istio_lines(&text)
+    );
+    assert_eq!(
+        sample(&text, "istio_response_messages_total", &response_labels),
+        Some(4.0),
+        "{}",
+        istio_lines(&text)
+    );
+    assert!(
+        text.contains("request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"0\""),
+        "{}",
+        istio_lines(&text)
+    );
+    promtool("the proxy's /stats/prometheus (gRPC stream)", &text);
 }

@@ -31,6 +31,7 @@ fn peer(workload: &str, ns: &str) -> Arc<PeerLabels> {
         version: "v1".into(),
         cluster: "Kubernetes".into(),
         identity: format!("spiffe://cluster.local/ns/{ns}/sa/{workload}"),
+        ..PeerLabels::default()
     })
 }
 
@@ -70,8 +71,8 @@ const SAMPLE: HttpSample = HttpSample {
     duration_ms: 3,
     request_bytes: 420,
     response_bytes: 1_300,
-    // A plain HTTP stream: no gRPC message counts.
-    messages: None,
+    request_body: Some(0),
+    response_body: 1_000,
 };
 
 /// `metrics/*`: `record_http` into one hot series and round-robin over 1,000 series (the key is

@@ -45,7 +45,7 @@ pub struct Workload {
     /// `services`: `namespace/hostname` → (service port, target port) pairs.
     pub services: BTreeMap<String, Vec<(u32, u32)>>,
     /// Its telemetry labels (Envoy's conversion of a WDS workload: app = canonical name,
-    /// version = canonical revision), built once.
+    /// version = canonical revision, type and instance name as given), built once.
     pub peer_labels: std::sync::Arc<crate::telemetry::istio::PeerLabels>,
 }
 
@@ -111,6 +111,12 @@ impl Workload {
         }
         use waypoint_proto::istio::workload::WorkloadType;
         let identity = spiffe_id(&w.trust_domain, &w.namespace, &w.service_account);
+        let workload_type = match WorkloadType::try_from(w.workload_type) {
+            Ok(WorkloadType::Cronjob) => "cronjob",
+            Ok(WorkloadType::Pod) => "pod",
+            Ok(WorkloadType::Job) => "job",
+            _ => "deployment",
+        };
         let peer_labels = std::sync::Arc::new(crate::telemetry::istio::PeerLabels {
             workload: w.workload_name.clone(),
             namespace: w.namespace.clone(),
@@ -120,6 +126,8 @@ impl Workload {
             version: w.canonical_revision.clone(),
             cluster: w.cluster_id.clone(),
             identity: identity.clone(),
+            workload_type,
+            instance: w.name.clone(),
         });
         Ok(Workload {
             uid: w.uid.clone(),
@@ -134,12 +142,7 @@ impl Workload {
             canonical_name: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
             workload_name: w.workload_name.clone(),
-            workload_type: match WorkloadType::try_from(w.workload_type) {
-                Ok(WorkloadType::Cronjob) => "cronjob",
-                Ok(WorkloadType::Pod) => "pod",
-                Ok(WorkloadType::Job) => "job",
-                _ => "deployment",
-            },
+            workload_type,
             cluster_id: w.cluster_id.clone(),
             healthy: WorkloadStatus::try_from(w.status) != Ok(WorkloadStatus::Unhealthy),
             authorization_policies: w.authorization_policies.clone(),

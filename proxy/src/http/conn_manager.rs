@@ -1099,6 +1099,8 @@ async fn handle(
         request_headers: logs || dims_read_request,
         grpc_messages: labels.is_some() && grpc,
     });
+    // istio_stats reports a gRPC stream's message counts while it runs, not only at its end.
+    stream_info::report_messages_periodically(&info, &ctx, labels.as_ref(), &dp.server.stats);
     if req.body().is_end_stream() {
         info.request_done();
     }

@@ -210,6 +210,11 @@ pub struct StreamInfo {
     request_body_bytes: AtomicU64,
     /// gRPC messages received ([`Observe::grpc_messages`]).
     request_messages: AtomicU64,
+    /// gRPC messages sent ([`Observe::grpc_messages`]).
+    response_messages: AtomicU64,
+    /// The message counts reported so far ([`Observe::grpc_messages`]; boxed, as few streams
+    /// are gRPC).
+    message_reports: Option<Box<MessageReports>>,
     /// Nanoseconds from `started` to the request's last byte, plus one (0: not yet).
     request_done: AtomicU64,
     observe: Observe,
@@ -227,6 +232,8 @@ impl StreamInfo {
             upstream: UpstreamSlot::default(),
             request_body_bytes: AtomicU64::new(0),
             request_messages: AtomicU64::new(0),
+            response_messages: AtomicU64::new(0),
+            message_reports: observe.grpc_messages.then(Box::default),
             request_done: AtomicU64::new(0),
             observe,
             details: (observe.details || observe.request_headers)
@@ -335,6 +342,191 @@ impl StreamInfo {
             }
         });
     }
+}
+
+/// What a gRPC stream's message counters got so far: istio_stats adds the messages counted
+/// since its last report every `tcp_reporting_duration` while the stream runs (once the
+/// downstream peer is known), and at its end.
+#[derive(Debug, Default)]
+struct MessageReports {
+    state: Mutex<MessageState>,
+    /// The periodic reports' task.
+    timer: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+#[derive(Debug, Default)]
+struct MessageState {
+    /// The series, fixed by the first report as istio_stats fixes a stream's tags.
+    key: Option<SeriesKey>,
+    /// Messages reported (request, response).
+    reported: (u64, u64),
+    /// The end was reported.
+    done: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl MessageReports {
+    fn stop_timer(&self) {
+        if let Some(t) = lock(&self.timer).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for MessageReports {
+    fn drop(&mut self) {
+        // A stream that never got a response (its reporter never ran) stops reporting too.
+        self.stop_timer();
+    }
+}
+
+impl StreamInfo {
+    /// Adds the gRPC messages counted since the last report to the stream's message series
+    /// (`upstream`: the upstream side when the caller holds it). A report before the end waits
+    /// for the downstream peer, as istio_stats waits for its `downstream_peer` filter state.
+    fn report_messages(
+        &self,
+        ctx: &ConnContext,
+        labels: &StreamLabels,
+        stats: &crate::stats::Stats,
+        upstream: Option<&UpstreamInfo>,
+        end: bool,
+    ) {
+        let Some(reports) = self.message_reports.as_deref() else {
+            return;
+        };
+        if end {
+            reports.stop_timer();
+        }
+        // The key is made without the state's lock: the end report holds the upstream side's
+        // lock while it takes the state's, so the timer must not take them the other way round.
+        let needs_key = {
+            let state = lock(&reports.state);
+            if state.done {
+                return;
+            }
+            state.key.is_none()
+        };
+        let fresh = if needs_key {
+            if !end && !self.downstream_peer_known(labels) {
+                return;
+            }
+            Some(match upstream {
+                Some(u) => self.message_key(ctx, labels, u),
+                None => self.upstream.read(|u| self.message_key(ctx, labels, u)),
+            })
+        } else {
+            None
+        };
+        let mut state = lock(&reports.state);
+        if state.done {
+            return;
+        }
+        if state.key.is_none() {
+            state.key = fresh;
+        }
+        let now = (
+            self.request_messages.load(Ordering::Relaxed),
+            self.response_messages.load(Ordering::Relaxed),
+        );
+        let (rq, rs) = state.reported;
+        if let Some(key) = &state.key {
+            stats.istio.record_grpc_messages(
+                key,
+                now.0.saturating_sub(rq),
+                now.1.saturating_sub(rs),
+            );
+        }
+        state.reported = now;
+        state.done = end;
+    }
+
+    /// Whether the `downstream_peer` filter state is set: the connection's (shared by
+    /// `connect_terminate`) or, when the stream's is kept, the stream's own.
+    fn downstream_peer_known(&self, labels: &StreamLabels) -> bool {
+        labels.source.is_some()
+            || self.with_details(|d| {
+                d.filter_state
+                    .as_ref()
+                    .is_some_and(|fs| fs.get(DOWNSTREAM_PEER).is_some())
+            })
+    }
+
+    /// The message series of this stream: its peers and service, none of the response's labels
+    /// (they are not known while it runs), and dimensions evaluated as istio_stats evaluates
+    /// them for these counters, without the request or response headers.
+    fn message_key(
+        &self,
+        ctx: &ConnContext,
+        labels: &StreamLabels,
+        upstream: &UpstreamInfo,
+    ) -> SeriesKey {
+        let mut key = labels.series(
+            &ctx.snapshot,
+            upstream,
+            Protocol::Grpc,
+            (0, None, ResponseFlags::default()),
+            labels.upstream_wds,
+            crate::telemetry::istio::no_dimensions(),
+        );
+        let extra;
+        if !labels.plan.dimensions.is_empty() {
+            extra = self.with_details(|d| {
+                labels
+                    .plan
+                    .evaluate(&crate::telemetry::attributes::RunningStream(
+                        crate::telemetry::attributes::StreamAttributes {
+                            conn: ctx,
+                            request: None,
+                            response_headers: None,
+                            response_code: 0,
+                            grpc_status: None,
+                            cluster: upstream.cluster.as_ref().map(|c| c.name.as_str()),
+                            route: d.route_name.as_deref(),
+                            mtls: labels.mutual_tls,
+                            source: key.source.map(|s| &**s),
+                            destination: key.destination.map(|d| &**d),
+                            stream_state: d.filter_state.as_ref(),
+                        },
+                    ))
+            });
+            key.extra = &extra;
+        }
+        key.to_key()
+    }
+}
+
+/// Starts the periodic message reports of a gRPC stream under `istio.stats` (`labels`), every
+/// `tcp_reporting_duration` from its request headers on, as istio_stats does; the stream's end
+/// reports the rest and stops them. Nothing for another stream.
+pub fn report_messages_periodically(
+    info: &Arc<StreamInfo>,
+    ctx: &Arc<ConnContext>,
+    labels: Option<&StreamLabels>,
+    stats: &Arc<crate::stats::Stats>,
+) {
+    let (Some(reports), Some(labels)) = (info.message_reports.as_deref(), labels) else {
+        return;
+    };
+    let Some(every) = labels.report_interval else {
+        return;
+    };
+    // The task holds the stream weakly: a stream dropped without an end report ends it.
+    let stream = Arc::downgrade(info);
+    let (ctx, labels, stats) = (ctx.clone(), labels.clone(), stats.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(info) = stream.upgrade() else {
+                return;
+            };
+            info.report_messages(&ctx, &labels, &stats, None, false);
+        }
+    });
+    *lock(&reports.timer) = Some(task.abort_handle());
 }
 
 /// `%RESPONSE_CODE_DETAILS%` of a response proxied from the upstream.
@@ -482,6 +674,9 @@ pub struct StreamLabels {
     pub source_principal: Option<Arc<str>>,
     /// `mutual_tls` when both principals are known.
     pub mutual_tls: bool,
+    /// `tcp_reporting_duration` (default 5s), which gRPC streams' message counts are reported
+    /// at while they run; `None` when it is zero (istio_stats would re-arm its timer at once).
+    pub report_interval: Option<std::time::Duration>,
 }
 
 impl StreamLabels {
@@ -501,6 +696,12 @@ impl StreamLabels {
             upstream_wds,
             source: ctx.filter_state.peer(DOWNSTREAM_PEER),
             mutual_tls: peer.is_some() && local.is_some(),
+            report_interval: Some(
+                stats
+                    .tcp_reporting_duration
+                    .unwrap_or(std::time::Duration::from_secs(5)),
+            )
+            .filter(|d| !d.is_zero()),
             // Copied straight into its shared allocation (no interim `String`).
             source_principal: peer.map(Arc::from),
         }
@@ -599,8 +800,6 @@ struct Ending<'a> {
     /// Borrowed from the body, which keeps them for access logs only.
     headers: Option<&'a HeaderMap>,
     trailers: Option<&'a HeaderMap>,
-    /// gRPC messages sent, when counted.
-    response_messages: Option<u64>,
 }
 
 impl Reporter {
@@ -648,17 +847,38 @@ impl Reporter {
                 });
                 key.extra = &extra;
             }
+            // `request.size` as Envoy reads it: the `content-length` (kept with the request
+            // head when a custom metric reads the size), else the body bytes received.
+            // Only a custom metric reads it: other streams skip the lock.
+            let body = self.info.request_body_bytes();
+            let request_body = if labels.plan.custom.is_empty() {
+                Some(body)
+            } else {
+                self.info.with_details(|d| {
+                    match d
+                        .request
+                        .as_ref()
+                        .and_then(|r| r.headers.get(http::header::CONTENT_LENGTH))
+                    {
+                        Some(v) => v.to_str().ok().and_then(|v| v.parse().ok()),
+                        None => Some(body),
+                    }
+                })
+            };
             self.stats.istio.record_http_ref(
                 key,
                 HttpSample {
                     duration_ms: self.info.started.elapsed().as_millis() as u64,
-                    request_bytes: self.request_header_bytes + self.info.request_body_bytes(),
+                    request_bytes: self.request_header_bytes + body,
                     response_bytes: end.response_bytes,
-                    messages: end
-                        .response_messages
-                        .map(|rs| (self.info.request_messages.load(Ordering::Relaxed), rs)),
+                    request_body,
+                    response_body: end.body_bytes,
                 },
             );
+            if self.grpc {
+                self.info
+                    .report_messages(&self.ctx, labels, &self.stats, Some(upstream), true);
+            }
         }
         if let Some(hcm) = &self.access_log {
             self.log(&hcm.access_log, upstream, end);
@@ -784,7 +1004,6 @@ impl ObservedBody {
                 body_bytes: self.body_sent,
                 headers: self.kept.as_ref().map(|k| &k.headers),
                 trailers: self.kept.as_ref().and_then(|k| k.trailers.as_ref()),
-                response_messages: self.frames.as_ref().map(|g| g.count()),
             });
         }
     }
@@ -804,8 +1023,10 @@ impl HttpBody for ObservedBody {
                 if let Some(d) = f.data_ref() {
                     self.sent += d.len() as u64;
                     self.body_sent += d.len() as u64;
-                    if let Some(g) = self.frames.as_mut() {
-                        g.feed(d);
+                    if let Some(n) = self.frames.as_mut().map(|g| g.feed(d))
+                        && let Some(r) = &self.reporter
+                    {
+                        r.info.response_messages.store(n, Ordering::Relaxed);
                     }
                 } else if let Some(t) = f.trailers_ref() {
                     self.sent += header_bytes(t);
@@ -866,6 +1087,69 @@ impl std::fmt::Debug for ObservedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_messages_are_reported_once_the_peer_is_known_and_never_twice() {
+        use crate::listener::conn::{Addr, StateObject};
+        let info = StreamInfo::new(Observe {
+            details: true,
+            request_headers: false,
+            grpc_messages: true,
+        });
+        let ctx = ConnContext::new(
+            "l",
+            Addr::Socket(([10, 0, 0, 2], 9000).into()),
+            Addr::Socket(([10, 0, 0, 1], 40000).into()),
+            Arc::new(Snapshot::default()),
+        );
+        let stats = crate::stats::Stats::default();
+        let labels = StreamLabels {
+            plan: Arc::new(crate::telemetry::istio::Plan::standard("waypoint")),
+            upstream_wds: false,
+            source: None,
+            source_principal: None,
+            mutual_tls: false,
+            report_interval: None,
+        };
+        let value = |family: &str| {
+            let mut out = String::new();
+            stats.istio.render_prometheus(&mut out);
+            out.lines()
+                .find(|l| l.starts_with(&format!("{family}{{")))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        info.request_messages.store(2, Ordering::Relaxed);
+        info.response_messages.store(1, Ordering::Relaxed);
+        // No downstream peer yet: a report while the stream runs waits for it.
+        info.report_messages(&ctx, &labels, &stats, None, false);
+        assert_eq!(stats.istio.series_count(), 0);
+        // The stream's peer_metadata filter found it.
+        info.note(|d| {
+            let mut fs = FilterState::default();
+            fs.set(
+                DOWNSTREAM_PEER,
+                StateObject {
+                    value: "uid".into(),
+                    sharing: crate::config::filters::set_filter_state::Sharing::None,
+                    read_only: false,
+                    peer: Some(Arc::new(PeerLabels::default())),
+                },
+            );
+            d.filter_state = Some(fs);
+        });
+        info.report_messages(&ctx, &labels, &stats, None, false);
+        assert_eq!(value("istio_request_messages_total").as_deref(), Some("2"));
+        assert_eq!(value("istio_response_messages_total").as_deref(), Some("1"));
+        // The end adds what came since, to the same series; nothing is reported after it.
+        info.request_messages.store(5, Ordering::Relaxed);
+        info.report_messages(&ctx, &labels, &stats, Some(&UpstreamInfo::default()), true);
+        info.request_messages.store(9, Ordering::Relaxed);
+        info.report_messages(&ctx, &labels, &stats, None, false);
+        assert_eq!(stats.istio.series_count(), 1);
+        assert_eq!(value("istio_request_messages_total").as_deref(), Some("5"));
+        assert_eq!(value("istio_response_messages_total").as_deref(), Some("1"));
+    }
 
     #[test]
     fn details_are_recorded_only_when_observed() {

@@ -117,6 +117,12 @@ impl Attributes for StreamAttributes<'_> {
             Side::Upstream => self.destination,
         }?;
         let v = match field {
+            PeerField::Type => {
+                return (!p.workload_type.is_empty()).then(|| p.workload_type.into());
+            }
+            // istio/proxy's `serializeAsProto` writes `name` only when the cluster is set.
+            PeerField::Name if p.cluster.is_empty() => return None,
+            PeerField::Name => &p.instance,
             PeerField::Workload => &p.workload,
             PeerField::Namespace => &p.namespace,
             PeerField::Service => &p.canonical_service,
@@ -127,6 +133,13 @@ impl Attributes for StreamAttributes<'_> {
             PeerField::Identity => &p.identity,
         };
         (!v.is_empty()).then(|| v.clone())
+    }
+
+    fn peer_label(&self, _: Side, _: &str) -> Option<String> {
+        // The peers this proxy learns (WDS, baggage) have an empty `labels` map, as istio/proxy's
+        // do: only metadata-exchange headers fill it, and that discovery is refused at config
+        // time. A lookup in it is a missing key, `unknown`.
+        None
     }
 
     fn filter_state(&self, key: &str) -> Option<String> {
@@ -221,8 +234,72 @@ impl Attributes for ConnectionAttributes<'_> {
         self.stream().peer(side, field)
     }
 
+    fn peer_label(&self, side: Side, key: &str) -> Option<String> {
+        self.stream().peer_label(side, key)
+    }
+
     fn filter_state(&self, key: &str) -> Option<String> {
         self.conn.filter_state.get(key).map(str::to_owned)
+    }
+}
+
+/// A stream that is still running, as istio_stats evaluates expressions for the gRPC message
+/// counters it adds while the stream runs and at its end: without the request, the response
+/// headers or trailers, so `request.*`, `response.*` and headers read nothing (`unknown`).
+#[derive(Debug, Clone, Copy)]
+pub struct RunningStream<'a>(pub StreamAttributes<'a>);
+
+impl Attributes for RunningStream<'_> {
+    fn request_header(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn response_header(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn request(&self, _: &Expr) -> Option<String> {
+        None
+    }
+
+    fn response_code(&self) -> Option<u16> {
+        None
+    }
+
+    fn grpc_status(&self) -> Option<u32> {
+        None
+    }
+
+    fn address(&self, source: bool) -> Option<SocketAddr> {
+        self.0.address(source)
+    }
+
+    fn mtls(&self) -> bool {
+        self.0.mtls()
+    }
+
+    fn sni(&self) -> Option<String> {
+        self.0.sni()
+    }
+
+    fn cluster(&self) -> Option<String> {
+        self.0.cluster()
+    }
+
+    fn route(&self) -> Option<String> {
+        self.0.route()
+    }
+
+    fn peer(&self, side: Side, field: PeerField) -> Option<String> {
+        self.0.peer(side, field)
+    }
+
+    fn peer_label(&self, side: Side, key: &str) -> Option<String> {
+        self.0.peer_label(side, key)
+    }
+
+    fn filter_state(&self, key: &str) -> Option<String> {
+        self.0.filter_state(key)
     }
 }
 
@@ -235,25 +312,30 @@ impl Plan {
             .collect()
     }
 
-    /// Whether a dimension reads the request head.
+    /// Whether a dimension reads the request head, or a custom metric its `content-length`
+    /// (`request.size`).
     pub fn reads_request(&self) -> bool {
-        self.dimensions.iter().any(|e| {
-            !matches!(
-                e,
-                Expr::Literal(_)
-                    | Expr::ResponseHeader(_)
-                    | Expr::ResponseCode
-                    | Expr::ResponseGrpcStatus
-                    | Expr::Source(_)
-                    | Expr::Destination(_)
-                    | Expr::ConnectionMtls
-                    | Expr::ConnectionSni
-                    | Expr::XdsCluster
-                    | Expr::XdsRoute
-                    | Expr::Peer(..)
-                    | Expr::FilterState(_)
-            )
-        })
+        self.custom
+            .iter()
+            .any(|c| c.value == ValueSource::RequestSize)
+            || self.dimensions.iter().any(|e| {
+                !matches!(
+                    e,
+                    Expr::Literal(_)
+                        | Expr::ResponseHeader(_)
+                        | Expr::ResponseCode
+                        | Expr::ResponseGrpcStatus
+                        | Expr::Source(_)
+                        | Expr::Destination(_)
+                        | Expr::ConnectionMtls
+                        | Expr::ConnectionSni
+                        | Expr::XdsCluster
+                        | Expr::XdsRoute
+                        | Expr::Peer(..)
+                        | Expr::PeerLabel { .. }
+                        | Expr::FilterState(_)
+                )
+            })
     }
 
     /// Whether a dimension or a custom metric reads the gRPC status (`response.grpc_status`):
@@ -318,14 +400,27 @@ mod tests {
         let dest = PeerLabels {
             app: "echo".into(),
             workload: "echo-v1".into(),
+            workload_type: "deployment",
+            instance: "echo-v1-5d8f".into(),
+            cluster: "Kubernetes".into(),
+            ..PeerLabels::default()
+        };
+        let source = PeerLabels {
+            // No cluster: istio/proxy's peer Struct then has no `name`.
+            instance: "sleep-1".into(),
             ..PeerLabels::default()
         };
         let cases = [
             ("upstream_peer.app", "echo"),
             ("upstream_peer.workload", "echo-v1"),
-            // The source is unknown, and an empty field is absent.
+            // An empty field is absent.
             ("downstream_peer.app", "unknown"),
             ("upstream_peer.version", "unknown"),
+            ("upstream_peer.type", "deployment"),
+            ("upstream_peer.name", "echo-v1-5d8f"),
+            ("downstream_peer.name", "unknown"),
+            ("downstream_peer.type", "unknown"),
+            ("upstream_peer.labels['app']", "unknown"),
             ("filter_state['k']", "v"),
             ("filter_state['missing']", "unknown"),
             ("string(destination.port)", "9000"),
@@ -339,13 +434,64 @@ mod tests {
             conn: &conn,
             cluster: Some("inbound-vip|9000|tcp|echo"),
             mtls: true,
-            source: None,
+            source: Some(&source),
             destination: Some(&dest),
         });
         assert_eq!(values.len(), cases.len());
         for ((text, want), got) in cases.iter().zip(values.iter()) {
             assert_eq!(&**got, *want, "{text}");
         }
+    }
+
+    #[test]
+    fn a_running_stream_reads_no_request_nor_response() {
+        let conn = conn();
+        let dest = PeerLabels {
+            workload: "echo-v1".into(),
+            ..PeerLabels::default()
+        };
+        let parts = http::Request::builder()
+            .uri("/x")
+            .header("x-user", "alice")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let stream = StreamAttributes {
+            conn: &conn,
+            request: Some(&parts),
+            response_headers: None,
+            response_code: 200,
+            grpc_status: Some(0),
+            cluster: Some("c"),
+            route: Some("r"),
+            mtls: true,
+            source: None,
+            destination: Some(&dest),
+            stream_state: None,
+        };
+        let p = plan(&[
+            "request.headers['x-user']",
+            "request.path",
+            "response.code",
+            "response.grpc_status",
+            "upstream_peer.workload",
+            "xds.route_name",
+            "filter_state['k']",
+        ]);
+        let ended: Vec<String> = p.evaluate(&stream).iter().map(|v| v.to_string()).collect();
+        assert_eq!(ended, ["alice", "/x", "200", "0", "echo-v1", "r", "v"]);
+        let running: Vec<String> = p
+            .evaluate(&RunningStream(stream))
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(
+            running,
+            [
+                "unknown", "unknown", "unknown", "unknown", "echo-v1", "r", "v"
+            ]
+        );
     }
 
     #[test]

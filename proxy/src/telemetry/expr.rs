@@ -1,13 +1,15 @@
 //! The attribute expressions of Istio's Telemetry API (`tagOverrides` → `stats.PluginConfig`
 //! `metrics[].dimensions`, CEL), for the forms Istio's documentation uses: attribute paths such as
 //! `request.host`, `request.headers['x-user']`, `destination.port`, `xds.cluster_name`,
-//! `upstream_peer.app`, `filter_state['key']`, string and integer literals, and `string(...)`.
+//! `upstream_peer.app`, `upstream_peer.labels['key']`, `filter_state['key']`, string and integer
+//! literals, and `string(...)`.
 //! Anything else is refused when the config is compiled (a NACK naming the expression), rather
 //! than evaluated wrongly. A value that is absent at run time renders as `unknown`, as Envoy's
 //! evaluator does for an error.
 //!
 //! Custom metric values (`stats.PluginConfig.definitions[].value`) are [`ValueExpr`]s: integer
-//! literals, the size and code attributes, or any of the attribute forms above read as text and
+//! literals, the size attributes (`request.size`, `request.total_size`, `response.size`,
+//! `response.total_size`) and code attributes, or any of the attribute forms above read as text and
 //! counted when that text is an unsigned integer (istio_stats prints the CEL result and parses
 //! it with `SimpleAtoi`, recording 0 when that fails).
 
@@ -22,9 +24,17 @@ pub enum Side {
     Upstream,
 }
 
-/// A peer attribute (`upstream_peer.<field>`, Envoy's `WorkloadMetadataObject`).
+/// A peer attribute (`upstream_peer.<field>`): a field of the Struct istio/proxy's
+/// `WorkloadMetadataObject::serializeAsProto` gives CEL (`type`, `workload`, `name`, `cluster`,
+/// `namespace`, `service`, `revision`, `app`, `version`, `identity`; `labels` is
+/// [`Expr::PeerLabel`]). A field the object leaves empty is absent from the Struct, so reading it
+/// is an error, rendered `unknown`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeerField {
+    /// `type`: the workload kind (`deployment`, `cronjob`, `job`, `pod`).
+    Type,
+    /// `name`: the instance (pod) name.
+    Name,
     /// `workload` (`workload_name`).
     Workload,
     /// `namespace`.
@@ -97,6 +107,17 @@ pub enum Expr {
     XdsRoute,
     /// `upstream_peer.<field>` / `downstream_peer.<field>`.
     Peer(Side, PeerField),
+    /// `upstream_peer.labels['key']` / `downstream_peer.labels['key']`; `value` is the `.value`
+    /// suffix of Istio's older documented form (`labels['app'].value`, from the flatbuffer peer
+    /// of the Wasm era), which on today's string-valued map is a CEL error.
+    PeerLabel {
+        /// Which peer.
+        side: Side,
+        /// The label.
+        key: String,
+        /// Followed by `.value`.
+        value: bool,
+    },
     /// `filter_state['key']`.
     FilterState(String),
 }
@@ -135,6 +156,8 @@ pub trait Attributes {
     fn route(&self) -> Option<String>;
     /// A peer attribute.
     fn peer(&self, side: Side, field: PeerField) -> Option<String>;
+    /// A label of the peer's `labels` map.
+    fn peer_label(&self, side: Side, key: &str) -> Option<String>;
     /// A filter state object's string value.
     fn filter_state(&self, key: &str) -> Option<String>;
 }
@@ -152,6 +175,11 @@ impl Expr {
         if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
             return Ok(Expr::Literal(t.to_owned()));
         }
+        // `labels['k'].value`: the one form whose index is followed by a field.
+        let (t, value_field) = match t.strip_suffix("].value") {
+            Some(head) if head.contains("_peer.labels[") => (&t[..head.len() + 1], true),
+            _ => (t, false),
+        };
         let (path, index) = match t.split_once('[') {
             Some((p, rest)) => {
                 let inner = rest
@@ -173,6 +201,16 @@ impl Expr {
             ("request.headers", Some(h)) => Expr::RequestHeader(h.to_ascii_lowercase()),
             ("response.headers", Some(h)) => Expr::ResponseHeader(h.to_ascii_lowercase()),
             ("filter_state", Some(k)) => Expr::FilterState(k),
+            ("upstream_peer.labels", Some(key)) => Expr::PeerLabel {
+                side: Side::Upstream,
+                key,
+                value: value_field,
+            },
+            ("downstream_peer.labels", Some(key)) => Expr::PeerLabel {
+                side: Side::Downstream,
+                key,
+                value: value_field,
+            },
             (_, Some(_)) => return Err(unsupported()),
             ("request.host", None) => Expr::RequestHost,
             ("request.method", None) => Expr::RequestMethod,
@@ -201,6 +239,8 @@ impl Expr {
                     _ => return Err(unsupported()),
                 };
                 let field = match field {
+                    "type" => PeerField::Type,
+                    "name" => PeerField::Name,
                     "workload" => PeerField::Workload,
                     "namespace" => PeerField::Namespace,
                     "service" => PeerField::Service,
@@ -236,6 +276,9 @@ impl Expr {
             Expr::XdsCluster => a.cluster(),
             Expr::XdsRoute => a.route(),
             Expr::Peer(side, field) => a.peer(*side, *field),
+            // A label is a string: CEL has no `.value` field on it (an error, `unknown`).
+            Expr::PeerLabel { value: true, .. } => None,
+            Expr::PeerLabel { side, key, .. } => a.peer_label(*side, key),
             Expr::FilterState(k) => a.filter_state(k),
             request => a.request(request),
         };
@@ -248,8 +291,13 @@ impl Expr {
 pub enum ValueExpr {
     /// An integer literal (`"1"` counts streams).
     Integer(u64),
+    /// `request.size`: the request body's size, Envoy's way (the `content-length` header when
+    /// there is one, else the body bytes received).
+    RequestSize,
     /// `request.total_size`: request headers and body.
     RequestTotalSize,
+    /// `response.size`: the response body bytes sent.
+    ResponseSize,
     /// `response.total_size`: response headers, body and trailers.
     ResponseTotalSize,
     /// `response.code` (0 when no response was sent).
@@ -291,15 +339,12 @@ impl ValueExpr {
             )));
         }
         match t {
+            "request.size" => return Ok(ValueExpr::RequestSize),
             "request.total_size" => return Ok(ValueExpr::RequestTotalSize),
+            "response.size" => return Ok(ValueExpr::ResponseSize),
             "response.total_size" => return Ok(ValueExpr::ResponseTotalSize),
             "response.code" => return Ok(ValueExpr::ResponseCode),
             "response.grpc_status" => return Ok(ValueExpr::ResponseGrpcStatus),
-            "request.size" | "response.size" => {
-                return Err(ExprError(format!(
-                    "'{text}': body-only sizes are not tracked per stream; request.total_size and response.total_size are"
-                )));
-            }
             "request.duration" | "response.duration" => {
                 // istio_stats prints a CEL duration ("12ms") and its integer parse fails, so the
                 // metric would only ever record 0.
@@ -382,7 +427,15 @@ mod tests {
             Some("default".into())
         }
         fn peer(&self, side: Side, field: PeerField) -> Option<String> {
-            (side == Side::Upstream && field == PeerField::App).then(|| "httpbin".to_owned())
+            match (side, field) {
+                (Side::Upstream, PeerField::App) => Some("httpbin".to_owned()),
+                (Side::Upstream, PeerField::Type) => Some("deployment".to_owned()),
+                (Side::Downstream, PeerField::Name) => Some("sleep-7d9f".to_owned()),
+                _ => None,
+            }
+        }
+        fn peer_label(&self, side: Side, key: &str) -> Option<String> {
+            (side == Side::Downstream && key == "role").then(|| "client".to_owned())
         }
         fn filter_state(&self, key: &str) -> Option<String> {
             (key == "k").then(|| "v".to_owned())
@@ -404,6 +457,15 @@ mod tests {
             ("xds.route_name", "default"),
             ("upstream_peer.app", "httpbin"),
             ("downstream_peer.app", "unknown"),
+            ("upstream_peer.type", "deployment"),
+            ("downstream_peer.name", "sleep-7d9f"),
+            ("upstream_peer.name", "unknown"),
+            ("downstream_peer.labels['role']", "client"),
+            ("downstream_peer.labels[\"role\"]", "client"),
+            ("upstream_peer.labels['role']", "unknown"),
+            ("upstream_peer.labels['app']", "unknown"),
+            // Istio's documented `.value` form: a field of a string, a CEL error.
+            ("downstream_peer.labels['role'].value", "unknown"),
             ("filter_state['k']", "v"),
             ("'fixed'", "fixed"),
             ("42", "42"),
@@ -427,6 +489,16 @@ mod tests {
             ("'five'", ValueExpr::Integer(0)),
             ("request.total_size", ValueExpr::RequestTotalSize),
             ("uint(response.total_size)", ValueExpr::ResponseTotalSize),
+            ("request.size", ValueExpr::RequestSize),
+            ("int(response.size)", ValueExpr::ResponseSize),
+            (
+                "upstream_peer.labels['cost']",
+                ValueExpr::Text(Expr::PeerLabel {
+                    side: Side::Upstream,
+                    key: "cost".into(),
+                    value: false,
+                }),
+            ),
             ("response.code", ValueExpr::ResponseCode),
             ("response.grpc_status", ValueExpr::ResponseGrpcStatus),
             (
@@ -445,7 +517,7 @@ mod tests {
             ("-1", "negative"),
             ("99999999999999999999", "does not fit"),
             ("request.duration", "duration"),
-            ("response.size", "body-only"),
+            ("response.duration", "duration"),
             ("request.total_size * 2", "only attribute paths"),
             ("int(has(request.headers.x))", "only attribute paths"),
             ("", "only attribute paths"),
@@ -473,6 +545,9 @@ mod tests {
             "has(request.headers.x)",
             "node.metadata['X']",
             "upstream_peer.labels",
+            "upstream_peer.labels['a'].key",
+            "request.headers['a'].value",
+            "upstream_peer.owner",
             "request.headers[0]",
             "a ? b : c",
             "",

@@ -32,7 +32,11 @@ pub const UNKNOWN: &str = "unknown";
 pub const SHARDS: usize = 16;
 
 /// A peer's telemetry labels (Envoy's `WorkloadMetadataObject`), from WDS or baggage.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// It has no `labels` map: istio/proxy fills the object's map only from metadata-exchange
+/// headers (`istio_headers` discovery, with the filter's `additional_labels`), which this proxy
+/// refuses; WDS and baggage peers leave it empty, so `*_peer.labels[...]` reads nothing.
+#[derive(Debug, Clone, Default, Eq)]
 pub struct PeerLabels {
     /// `workload_name` (the owning Deployment …).
     pub workload: String,
@@ -50,6 +54,28 @@ pub struct PeerLabels {
     pub cluster: String,
     /// SPIFFE identity.
     pub identity: String,
+    /// The workload kind as Istio spells it (`deployment`, `cronjob`, `job`, `pod`; empty:
+    /// unknown), CEL's `type`.
+    pub workload_type: &'static str,
+    /// The instance (pod) name, CEL's `name`.
+    pub instance: String,
+}
+
+/// Equal when every label a series shows is: the instance name is left out, as no standard
+/// label reads it (an expression that does carries its value in [`SeriesKey::extra`]), so the
+/// pods of one workload share their series.
+impl PartialEq for PeerLabels {
+    fn eq(&self, o: &Self) -> bool {
+        self.workload == o.workload
+            && self.namespace == o.namespace
+            && self.canonical_service == o.canonical_service
+            && self.canonical_revision == o.canonical_revision
+            && self.app == o.app
+            && self.version == o.version
+            && self.cluster == o.cluster
+            && self.identity == o.identity
+            && self.workload_type == o.workload_type
+    }
 }
 
 /// Hashes only what tells peers apart in practice (a subset of the fields, so equal labels
@@ -243,6 +269,9 @@ pub const TAGS: [&str; 25] = [
     "connection_security_policy",
 ];
 
+/// The standard labels known while a stream runs ([`TAGS`] up to `request_protocol`).
+const STREAM_TAGS: usize = 20;
+
 /// Index of a standard tag.
 pub fn tag_index(name: &str) -> Option<usize> {
     TAGS.iter().position(|t| *t == name)
@@ -297,8 +326,13 @@ impl CustomKind {
 pub enum ValueSource {
     /// A constant.
     Integer(u64),
+    /// `request.size`: the request's `content-length`, else its body bytes received (0 when the
+    /// header is not a number: Envoy's attribute is then absent).
+    RequestSize,
     /// The stream's request bytes (headers and body), as `istio_request_bytes` counts them.
     RequestTotalSize,
+    /// `response.size`: the response body bytes sent.
+    ResponseSize,
     /// The stream's response bytes (headers, body and trailers), as `istio_response_bytes`.
     ResponseTotalSize,
     /// The response code (0: none).
@@ -393,7 +427,9 @@ pub fn custom_metrics(
         };
         let value = match ValueExpr::parse(&d.value).map_err(|e| error("value", e.0))? {
             ValueExpr::Integer(v) => ValueSource::Integer(v),
+            ValueExpr::RequestSize => ValueSource::RequestSize,
             ValueExpr::RequestTotalSize => ValueSource::RequestTotalSize,
+            ValueExpr::ResponseSize => ValueSource::ResponseSize,
             ValueExpr::ResponseTotalSize => ValueSource::ResponseTotalSize,
             ValueExpr::ResponseCode => ValueSource::ResponseCode,
             ValueExpr::ResponseGrpcStatus => ValueSource::ResponseGrpcStatus,
@@ -414,6 +450,8 @@ pub fn custom_metrics(
 struct CustomInputs<'a> {
     request_bytes: u64,
     response_bytes: u64,
+    request_body: Option<u64>,
+    response_body: u64,
     response_code: u16,
     grpc_status: Option<u32>,
     extra: &'a [Arc<str>],
@@ -423,7 +461,9 @@ impl ValueSource {
     fn eval(self, i: &CustomInputs<'_>) -> u64 {
         match self {
             ValueSource::Integer(v) => v,
+            ValueSource::RequestSize => i.request_body.unwrap_or(0),
             ValueSource::RequestTotalSize => i.request_bytes,
+            ValueSource::ResponseSize => i.response_body,
             ValueSource::ResponseTotalSize => i.response_bytes,
             ValueSource::ResponseCode => u64::from(i.response_code),
             ValueSource::ResponseGrpcStatus => i.grpc_status.map_or(0, u64::from),
@@ -620,14 +660,23 @@ impl SeriesKey {
         ]
     }
 
-    /// The labels of `metric` for this series as (name, value) pairs, overrides applied.
+    /// The labels of `metric` for this series as (name, value) pairs, overrides applied. The
+    /// gRPC message counters have only the 20 peer and service labels: istio_stats adds them
+    /// while a stream runs, before `request_protocol`, `response_code`,
+    /// `grpc_response_status`, `response_flags` and `connection_security_policy` are known
+    /// (its `server_request_messages.yaml` shows the set).
     fn label_pairs<'s>(
         &'s self,
         metric: Metric,
         computed: &'s Computed,
     ) -> impl Iterator<Item = (&'s str, &'s str)> + 's {
-        self.plan
-            .label_pairs(metric, self.standard(computed), &self.extra)
+        let mut standard = self.standard(computed);
+        if matches!(metric, Metric::RequestMessages | Metric::ResponseMessages) {
+            for v in &mut standard[STREAM_TAGS..] {
+                *v = None;
+            }
+        }
+        self.plan.label_pairs(metric, standard, &self.extra)
     }
 
     /// The rendered labels of `metric` for this series.
@@ -832,8 +881,6 @@ impl Hasher for WordHasher {
 #[derive(Debug)]
 struct HttpSeries {
     requests: AtomicU64,
-    request_messages: AtomicU64,
-    response_messages: AtomicU64,
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
@@ -870,6 +917,9 @@ impl TcpSeries {
                 &CustomInputs {
                     request_bytes: received,
                     response_bytes: sent,
+                    // A connection has no headers: its sizes are its bytes.
+                    request_body: Some(received),
+                    response_body: sent,
                     response_code: 0,
                     grpc_status: None,
                     // A text value a connection lacks evaluated to `unknown`, which counts 0
@@ -930,8 +980,18 @@ pub struct HttpSample {
     pub request_bytes: u64,
     /// Bytes sent to the downstream (headers and body).
     pub response_bytes: u64,
-    /// gRPC messages (request, response), for gRPC streams.
-    pub messages: Option<(u64, u64)>,
+    /// `request.size` (the `content-length`, else the body bytes received; `None`: the header
+    /// is not a number).
+    pub request_body: Option<u64>,
+    /// Response body bytes sent (`response.size`).
+    pub response_body: u64,
+}
+
+/// The gRPC message counters of one series ([`IstioMetrics::record_grpc_messages`]).
+#[derive(Debug, Default)]
+struct MessageSeries {
+    request: AtomicU64,
+    response: AtomicU64,
 }
 
 /// Series of one shard by key hash (computed once per record; collisions share a bucket).
@@ -955,15 +1015,16 @@ impl Hasher for KeyHashed {
     }
 }
 
-/// The metrics an HTTP stream records.
-const HTTP_METRICS: [Metric; 6] = [
+/// The metrics an HTTP stream records at its end.
+const HTTP_METRICS: [Metric; 4] = [
     Metric::RequestsTotal,
     Metric::RequestDuration,
     Metric::RequestBytes,
     Metric::ResponseBytes,
-    Metric::RequestMessages,
-    Metric::ResponseMessages,
 ];
+
+/// The metrics a gRPC stream adds to while it runs.
+const MESSAGE_METRICS: [Metric; 2] = [Metric::RequestMessages, Metric::ResponseMessages];
 
 /// The metrics a TCP connection records.
 const TCP_METRICS: [Metric; 4] = [
@@ -983,6 +1044,9 @@ pub struct IstioMetrics {
     hasher: foldhash::fast::RandomState,
     http: Vec<Shard<HttpSeries>>,
     tcp: Vec<Shard<TcpSeries>>,
+    /// gRPC message counters, by a key without the response's labels (they are added while
+    /// streams run).
+    messages: Vec<Shard<MessageSeries>>,
     buckets: RwLock<BTreeMap<Metric, Arc<[f64]>>>,
     default_buckets: Arc<[f64]>,
     build: RwLock<Option<String>>,
@@ -1003,6 +1067,7 @@ impl Default for IstioMetrics {
             hasher: Default::default(),
             http: (0..SHARDS).map(|_| RwLock::default()).collect(),
             tcp: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            messages: (0..SHARDS).map(|_| RwLock::default()).collect(),
             buckets: RwLock::default(),
             default_buckets: Arc::from(DEFAULT_BUCKETS),
             build: RwLock::default(),
@@ -1176,8 +1241,6 @@ impl IstioMetrics {
         let owned = key.to_key();
         let series = self.series(&self.http, owned.clone(), || HttpSeries {
             requests: AtomicU64::new(0),
-            request_messages: AtomicU64::new(0),
-            response_messages: AtomicU64::new(0),
             duration: Histogram::new(self.bounds(Metric::RequestDuration)),
             request_bytes: Histogram::new(self.bounds(Metric::RequestBytes)),
             response_bytes: Histogram::new(self.bounds(Metric::ResponseBytes)),
@@ -1223,6 +1286,8 @@ impl IstioMetrics {
                 &CustomInputs {
                     request_bytes: sample.request_bytes,
                     response_bytes: sample.response_bytes,
+                    request_body: sample.request_body,
+                    response_body: sample.response_body,
                     response_code: key.response_code,
                     grpc_status: key.grpc_status,
                     extra: key.extra,
@@ -1241,9 +1306,21 @@ impl IstioMetrics {
         if !plan.drop[Metric::ResponseBytes.index()] {
             series.response_bytes.record(sample.response_bytes);
         }
-        if let Some((rq, rs)) = sample.messages {
-            series.request_messages.fetch_add(rq, Ordering::Relaxed);
-            series.response_messages.fetch_add(rs, Ordering::Relaxed);
+    }
+
+    /// Adds `request` and `response` gRPC messages to the message counters of `key` (whose
+    /// response labels are not shown: see [`SeriesKey::labels`]). istio_stats adds a stream's
+    /// new messages every `tcp_reporting_duration` while it runs and at its end.
+    pub fn record_grpc_messages(&self, key: &SeriesKey, request: u64, response: u64) {
+        // A report with no new message still makes the series (at 0), as Envoy's counter is
+        // made by the add.
+        let shown = |m: Metric| !key.plan.drop[m.index()] && !self.is_hidden(m);
+        if !MESSAGE_METRICS.into_iter().any(shown) {
+            return;
+        }
+        if let Some(s) = self.series(&self.messages, key.clone(), MessageSeries::default) {
+            s.request.fetch_add(request, Ordering::Relaxed);
+            s.response.fetch_add(response, Ordering::Relaxed);
         }
     }
 
@@ -1267,7 +1344,7 @@ impl IstioMetrics {
                 .map(|s| read(s).values().map(Vec::len).sum::<usize>())
                 .sum()
         }
-        count(&self.http) + count(&self.tcp)
+        count(&self.http) + count(&self.tcp) + count(&self.messages)
     }
 
     /// Appends the Prometheus text exposition of every Istio metric to `out`.
@@ -1283,10 +1360,12 @@ impl IstioMetrics {
         // Copies of the series, so a shard's lock is held only while it is copied.
         let http = snapshot_series(&self.http);
         let tcp = snapshot_series(&self.tcp);
+        let messages = snapshot_series(&self.messages);
         let keys: Vec<&SeriesKey> = http
             .iter()
             .map(|(k, _)| k)
             .chain(tcp.iter().map(|(k, _)| k))
+            .chain(messages.iter().map(|(k, _)| k))
             .collect();
         let computed: Vec<Computed> = keys.iter().map(|k| Computed::new(k)).collect();
         let mut texts = Texts::default();
@@ -1302,16 +1381,6 @@ impl IstioMetrics {
                 Metric::RequestsTotal,
                 Value::Counter(s.requests.load(Ordering::Relaxed)),
             );
-            if key.protocol == Protocol::Grpc {
-                add(
-                    Metric::RequestMessages,
-                    Value::Counter(s.request_messages.load(Ordering::Relaxed)),
-                );
-                add(
-                    Metric::ResponseMessages,
-                    Value::Counter(s.response_messages.load(Ordering::Relaxed)),
-                );
-            }
             for (m, h) in [
                 (Metric::RequestDuration, &s.duration),
                 (Metric::RequestBytes, &s.request_bytes),
@@ -1331,6 +1400,22 @@ impl IstioMetrics {
                 (Metric::TcpClosed, &s.closed),
                 (Metric::TcpSent, &s.sent),
                 (Metric::TcpReceived, &s.received),
+            ] {
+                if !key.plan.drop[m.index()] && !hidden[m.index()] {
+                    families[m.index()].add(
+                        ids[m.index()],
+                        i,
+                        Value::Counter(v.load(Ordering::Relaxed)),
+                    );
+                }
+            }
+        }
+        for (j, (key, s)) in messages.iter().enumerate() {
+            let i = http.len() + tcp.len() + j;
+            let ids = texts.of_series(key, &computed[i], &MESSAGE_METRICS);
+            for (m, v) in [
+                (Metric::RequestMessages, &s.request),
+                (Metric::ResponseMessages, &s.response),
             ] {
                 if !key.plan.drop[m.index()] && !hidden[m.index()] {
                     families[m.index()].add(
@@ -1821,6 +1906,7 @@ mod tests {
             version: "v1".into(),
             cluster: "Kubernetes".into(),
             identity: format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            ..PeerLabels::default()
         })
     }
 
@@ -1844,6 +1930,143 @@ mod tests {
     }
 
     #[test]
+    fn grpc_message_counters_carry_the_stream_labels_only() {
+        let m = IstioMetrics::default();
+        let mut plan = Plan::standard("waypoint");
+        // A dimension added to the message counters, and one replacing a label they lack.
+        plan.dimensions = vec![super::super::expr::Expr::Literal("lit".into())];
+        plan.additions[Metric::RequestMessages.index()].push(("x_tag".into(), 0));
+        plan.overrides[Metric::ResponseMessages.index()]
+            .insert(tag_index("response_code").unwrap_or(0), Some(0));
+        let mut k = key(Arc::new(plan));
+        k.protocol = Protocol::Grpc;
+        k.response_code = 0;
+        // Two reports of one stream (periodic, then the end) and one of another that saw no
+        // message: the series is made at 0 all the same.
+        m.record_grpc_messages(&k, 2, 3);
+        m.record_grpc_messages(&k, 1, 0);
+        let mut other = k.clone();
+        other.destination = Some(peer("ratings", "default", "ratings"));
+        m.record_grpc_messages(&other, 0, 0);
+        assert_eq!(m.series_count(), 2);
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        // A family's lines, the httpbin stream's first.
+        let lines = |family: &str| -> Vec<&str> {
+            let mut v: Vec<&str> = out
+                .lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .collect();
+            v.sort_by_key(|l| !l.contains("destination_workload=\"httpbin\""));
+            v
+        };
+        let requests = lines("istio_request_messages_total");
+        let responses = lines("istio_response_messages_total");
+        assert_eq!(requests.len(), 2, "{out}");
+        assert_eq!(responses.len(), 2, "{out}");
+        let names = |line: &str| -> Vec<String> {
+            line.split_once('{')
+                .map(|(_, rest)| rest)
+                .unwrap_or_default()
+                .split("\",")
+                .map(|kv| kv.split('=').next().unwrap_or_default().to_owned())
+                .collect()
+        };
+        let mut want: Vec<String> = TAGS[..20].iter().map(|t| (*t).to_owned()).collect();
+        want.push("x_tag".into());
+        assert_eq!(names(requests[0]), want, "{}", requests[0]);
+        assert!(requests[0].contains("destination_workload=\"httpbin\""));
+        assert!(requests[0].ends_with("x_tag=\"lit\"} 3"), "{}", requests[0]);
+        assert!(requests[1].ends_with("} 0"), "{}", requests[1]);
+        // A replaced label the counters do not have stays absent.
+        assert_eq!(names(responses[0]), TAGS[..20].to_vec(), "{}", responses[0]);
+        assert!(responses[0].ends_with("} 3"), "{}", responses[0]);
+        assert!(!out.contains("istio_requests_total{"), "{out}");
+        // Dropped: no series at all.
+        let mut dropped = Plan::standard("waypoint");
+        dropped.drop[Metric::RequestMessages.index()] = true;
+        dropped.drop[Metric::ResponseMessages.index()] = true;
+        let none = IstioMetrics::default();
+        none.record_grpc_messages(&key(Arc::new(dropped)), 5, 5);
+        assert_eq!(none.series_count(), 0);
+    }
+
+    #[test]
+    fn body_sizes_are_custom_values() {
+        use waypoint_proto::istio::stats::MetricType;
+        let mut plan = Plan::standard("waypoint");
+        custom_metrics(
+            &[
+                definition("rq_body", "request.size", MetricType::Counter),
+                definition("rs_body", "int(response.size)", MetricType::Counter),
+                definition("rq_total", "request.total_size", MetricType::Counter),
+            ],
+            &mut plan,
+        )
+        .expect("definitions compile");
+        assert_eq!(
+            plan.custom.iter().map(|c| c.value).collect::<Vec<_>>(),
+            [
+                ValueSource::RequestSize,
+                ValueSource::ResponseSize,
+                ValueSource::RequestTotalSize
+            ]
+        );
+        let plan = Arc::new(plan);
+        let m = IstioMetrics::default();
+        let sample = |request_body| HttpSample {
+            duration_ms: 1,
+            request_bytes: 300,
+            response_bytes: 900,
+            request_body,
+            response_body: 700,
+        };
+        m.record_http(key(plan.clone()), sample(Some(11)));
+        // A `content-length` that is not a number: Envoy's attribute is absent, 0 is recorded.
+        m.record_http(key(plan.clone()), sample(None));
+        fn value(out: &str, family: &str) -> Option<String> {
+            out.lines()
+                .find(|l| {
+                    l.strip_prefix(family)
+                        .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        }
+        let mut out = String::new();
+        m.render_prometheus(&mut out);
+        for (family, want) in [
+            ("istio_rq_body", "11"),
+            ("istio_rs_body", "1400"),
+            ("istio_rq_total", "600"),
+        ] {
+            assert_eq!(
+                value(&out, family).as_deref(),
+                Some(want),
+                "{family} in\n{out}"
+            );
+        }
+        // A connection's sizes are its bytes (no headers).
+        let mut t = key(plan);
+        t.protocol = Protocol::Tcp;
+        let tcp = IstioMetrics::default();
+        tcp.tcp_series(t).expect("tcp series").close(40, 50, &[]);
+        let mut out = String::new();
+        tcp.render_prometheus(&mut out);
+        for (family, want) in [
+            ("istio_rq_body", "40"),
+            ("istio_rs_body", "50"),
+            ("istio_rq_total", "40"),
+        ] {
+            assert_eq!(
+                value(&out, family).as_deref(),
+                Some(want),
+                "{family} in\n{out}"
+            );
+        }
+    }
+
+    #[test]
     fn http_series_render_with_istio_labels_in_order() {
         let m = IstioMetrics::default();
         let plan = Arc::new(Plan::standard("waypoint"));
@@ -1851,7 +2074,8 @@ mod tests {
             duration_ms: 3,
             request_bytes: 120,
             response_bytes: 2000,
-            messages: None,
+            request_body: None,
+            response_body: 0,
         };
         m.record_http(key(plan.clone()), sample);
         m.record_http(key(plan.clone()), sample);
@@ -1937,7 +2161,8 @@ mod tests {
             duration_ms: 1,
             request_bytes: 1,
             response_bytes: 1,
-            messages: None,
+            request_body: None,
+            response_body: 0,
         };
         let mut a = key(plan.clone());
         a.extra = Arc::from(vec![Arc::from("fixed"), Arc::from("alice")]);
@@ -1973,7 +2198,8 @@ mod tests {
                 duration_ms: 2,
                 request_bytes: 5,
                 response_bytes: 5,
-                messages: None,
+                request_body: None,
+                response_body: 0,
             },
         );
         let mut out = String::new();
@@ -2001,7 +2227,8 @@ mod tests {
             duration_ms: 3,
             request_bytes: 120,
             response_bytes: 2000,
-            messages: None,
+            request_body: None,
+            response_body: 0,
         };
         m.record_http(key(plan.clone()), sample);
         let mut out = String::new();
@@ -2065,18 +2292,6 @@ mod tests {
                 &k,
                 s.requests.load(Ordering::Relaxed),
             );
-            if k.protocol == Protocol::Grpc {
-                count(
-                    Metric::RequestMessages,
-                    &k,
-                    s.request_messages.load(Ordering::Relaxed),
-                );
-                count(
-                    Metric::ResponseMessages,
-                    &k,
-                    s.response_messages.load(Ordering::Relaxed),
-                );
-            }
             for (metric, h) in [
                 (Metric::RequestDuration, &s.duration),
                 (Metric::RequestBytes, &s.request_bytes),
@@ -2092,6 +2307,18 @@ mod tests {
                     }
                 }
             }
+        }
+        for (k, s) in snapshot_series(&m.messages) {
+            count(
+                Metric::RequestMessages,
+                &k,
+                s.request.load(Ordering::Relaxed),
+            );
+            count(
+                Metric::ResponseMessages,
+                &k,
+                s.response.load(Ordering::Relaxed),
+            );
         }
         for (k, s) in snapshot_series(&m.tcp) {
             count(Metric::TcpOpened, &k, s.opened.load(Ordering::Relaxed));
@@ -2183,9 +2410,13 @@ mod tests {
                         duration_ms: i * 37 + r * 1000,
                         request_bytes: i * 101,
                         response_bytes: i * 977 + r,
-                        messages: Some((i, r)),
+                        request_body: None,
+                        response_body: 0,
                     },
                 );
+            }
+            if k.protocol == Protocol::Grpc {
+                m.record_grpc_messages(&k, i, i % 3);
             }
             let mut t = k.clone();
             t.protocol = Protocol::Tcp;
@@ -2340,7 +2571,8 @@ mod tests {
                     duration_ms: 1,
                     request_bytes: 100,
                     response_bytes,
-                    messages: None,
+                    request_body: None,
+                    response_body: 0,
                 },
             );
         }
@@ -2442,7 +2674,8 @@ mod tests {
             duration_ms: 1,
             request_bytes: 1,
             response_bytes: 3,
-            messages: None,
+            request_body: None,
+            response_body: 0,
         };
         let hidden = IstioMetrics::default();
         hidden.hide(|_| true);
@@ -2492,7 +2725,8 @@ mod tests {
             duration_ms: 1,
             request_bytes: 10,
             response_bytes: 20,
-            messages: None,
+            request_body: None,
+            response_body: 0,
         };
         let requests = |m: &IstioMetrics| {
             let mut out = String::new();
