@@ -1255,6 +1255,7 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("require_expiration"),
             imp("max_lifetime"),
             imp("local_jwks"),
+            imp("remote_jwks"),
             imp("forward"),
             imp("from_headers"),
             imp("from_params"),
@@ -1272,6 +1273,41 @@ pub static MESSAGES: &[MessageRule] = &[
                 "sizes Envoy's verified-token cache; we verify every token (a cache is an optimisation)",
             ),
         ],
+    ),
+    msg(
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        &[
+            imp("http_uri"),
+            imp("cache_duration"),
+            imp("async_fetch"),
+            imp("retry_policy"),
+        ],
+    ),
+    msg(
+        "envoy.config.core.v3.HttpUri",
+        &[imp("uri"), imp("cluster"), imp("timeout")],
+    ),
+    msg(
+        "envoy.extensions.filters.http.jwt_authn.v3.JwksAsyncFetch",
+        &[
+            imp("failed_refetch_duration"),
+            ok(
+                "fast_listener",
+                "Envoy holds a new listener until the first fetch ends unless it is set; we fetch \
+                 at the same moment the listener is published and a request that needs the keys \
+                 before the fetch ends waits for it, so no token is judged without them either way",
+            ),
+        ],
+    ),
+    // Only `remote_jwks.retry_policy` compiles it; Envoy's conversion ignores the other fields
+    // (fixed retry_on), so they stay refused rather than silently dropped.
+    msg(
+        "envoy.config.core.v3.RetryPolicy",
+        &[imp("retry_back_off"), imp("num_retries")],
+    ),
+    msg(
+        "envoy.config.core.v3.BackoffStrategy",
+        &[imp("base_interval"), imp("max_interval")],
     ),
     msg(
         "envoy.extensions.filters.http.jwt_authn.v3.JwtHeader",

@@ -879,8 +879,10 @@ fn rbac_check(
 /// Runs one jwt_authn filter: verifies the request's tokens, applies what verified tokens do to
 /// the request (token removal, payload and claim headers) and puts their payloads into the
 /// stream's dynamic metadata. Returns whether the route must be picked again
-/// (`clear_route_cache` after claim headers were added).
-fn jwt_check(
+/// (`clear_route_cache` after claim headers were added). A token whose provider's remote JWKS
+/// is not cached waits for it to be fetched through `dp`'s clusters.
+async fn jwt_check(
+    dp: &Arc<DataPlane>,
     jwt: &crate::config::filters::jwt::JwtAuthn,
     per_route: Option<&crate::config::filters::jwt::PerRoute>,
     hcm: &HttpConnectionManager,
@@ -888,17 +890,12 @@ fn jwt_check(
     parts: &mut http::request::Parts,
     metadata: &mut stream_info::DynamicMetadata,
 ) -> Result<bool, ProxyError> {
-    let counters = jwt.stats.get_or_init(|| {
-        Arc::new(super::jwt::JwtStats::new(
-            stats,
-            &hcm.stat_prefix,
-            &jwt.stat_prefix,
-        ))
-    });
+    let counters = jwt.counters(stats, &hcm.stat_prefix);
+    jwt.bind(dp, counters);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match jwt.run(per_route, parts, metadata, now) {
+    match jwt.verify(per_route, parts, metadata, now).await {
         Ok(passed) => {
             counters.allowed.inc();
             if passed.cors_preflight_bypassed {
@@ -919,16 +916,18 @@ fn jwt_check(
 /// payloads as dynamic metadata, RBAC (with per-route overrides) allows or denies on both.
 /// CORS and the local rate limit leave their response work in `filtered`, or a reply that ends
 /// the chain (a preflight, a 429). Filters whose effects belong to later work (stats,
-/// grpc_stats, peer metadata, fault) pass the request on.
-fn request_filters<'a>(
+/// grpc_stats, peer metadata, fault) pass the request on. Async only because jwt_authn may wait
+/// for a remote JWKS.
+async fn request_filters<'a>(
+    dp: &Arc<DataPlane>,
     hcm: &'a HttpConnectionManager,
     ctx: &'a ConnContext,
     current: &'a Snapshot,
-    stats: &crate::stats::Stats,
     parts: &mut http::request::Parts,
     mut matched: Option<Matched<'a>>,
     filtered: &mut Filtered,
 ) -> Result<(FilterState, Option<&'a Fault>, Option<Matched<'a>>), ProxyError> {
+    let stats: &crate::stats::Stats = &dp.server.stats;
     let mut state = FilterState::default();
     let mut metadata = stream_info::DynamicMetadata::default();
     let mut fault = None;
@@ -972,7 +971,18 @@ fn request_filters<'a>(
                     Some(PerFilterConfig::JwtAuthn(p)) => Some(p),
                     _ => None,
                 };
-                if jwt_check(jwt, per_route, hcm, stats, parts, &mut metadata)? {
+                // Boxed: a remote JWKS wait is rare, and its state must not grow every
+                // request's future (the HCM's is copied as it moves through the timers).
+                let check = Box::pin(jwt_check(
+                    dp,
+                    jwt,
+                    per_route,
+                    hcm,
+                    stats,
+                    parts,
+                    &mut metadata,
+                ));
+                if check.await? {
                     // Envoy's clearRouteCache: the filters after this one and the router see
                     // the route the new headers select.
                     matched = self::route_config(hcm, current).and_then(|rc| {
@@ -1188,14 +1198,16 @@ async fn route_and_forward(
     }
     let mut filtered = Filtered::default();
     let (state, fault, selected) = match request_filters(
+        &dp,
         &hcm,
         &ctx,
         current,
-        &dp.server.stats,
         &mut parts,
         selected,
         &mut filtered,
-    ) {
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => return local(&e),
     };
@@ -1386,15 +1398,8 @@ async fn connect_stream(
     let selected = route_select::select(rc, &view, rand::random()).map(|(vh, r)| (rc, vh, r));
     // CONNECT termination: faults do not apply to tunnels (istiod configures none there).
     let mut filtered = Filtered::default();
-    let (state, _, selected) = request_filters(
-        hcm,
-        ctx,
-        current,
-        &dp.server.stats,
-        &mut parts,
-        selected,
-        &mut filtered,
-    )?;
+    let (state, _, selected) =
+        request_filters(dp, hcm, ctx, current, &mut parts, selected, &mut filtered).await?;
     if let Some(stop) = filtered.stop {
         return Err(stop.into_error());
     }

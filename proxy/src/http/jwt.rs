@@ -5,10 +5,11 @@
 //! Envoy is the spec: its filter (`source/extensions/filters/http/jwt_authn`) and
 //! `google/jwt_verify_lib` decide the order of the checks, which failure a request reports, the
 //! failure strings (they are the body of the 401 and part of `%RESPONSE_CODE_DETAILS%`) and the
-//! `www-authenticate` header. The JWKS of every provider is parsed once, when the config is
-//! compiled ([`Jwks::parse`]); requests only verify.
+//! `www-authenticate` header. An inline JWKS is parsed once, when the config is compiled
+//! ([`Jwks::parse`]); a remote one is fetched by [`super::jwks_fetch`] when a token first needs
+//! it (the request waits, [`JwtAuthn::verify`]) or ahead of time with `async_fetch`.
 
-use std::{collections::BTreeSet, fmt};
+use std::{collections::BTreeSet, fmt, sync::Arc};
 
 use base64::{
     Engine as _, alphabet,
@@ -18,9 +19,16 @@ use http::{HeaderValue, StatusCode, request::Parts};
 use ring::{hmac, signature};
 use serde_json::{Map, Value as Json};
 
-use super::{route_select, stream_info::DynamicMetadata};
-use crate::config::filters::jwt::{
-    ClaimToHeader, JwtAuthn, PerRoute, Provider, Requirement, TokenLocation,
+use super::{
+    jwks_fetch::{ClusterSource, Outcome, RemoteJwks},
+    route_select,
+    stream_info::DynamicMetadata,
+};
+use crate::{
+    config::filters::jwt::{
+        ClaimToHeader, JwksSource, JwtAuthn, PerRoute, Provider, Requirement, TokenLocation,
+    },
+    dataplane::DataPlane,
 };
 
 /// The dynamic metadata namespace jwt_authn writes (`payload_in_metadata`, `header_in_metadata`).
@@ -131,6 +139,9 @@ pub enum Status {
     /// No key of the JWKS has the token's `kid` and `alg`.
     #[error("Jwks doesn't have key to match kid or alg from Jwt")]
     JwksKidAlgMismatch,
+    /// The provider's `remote_jwks` could not be fetched.
+    #[error("Jwks remote fetch is failed")]
+    JwksFetchFail,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,10 +777,10 @@ fn lifetime_allowed(p: &Provider, jwt: &Jwt<'_>, now: u64) -> bool {
     }
 }
 
-/// Checks everything Envoy checks of one token for provider `p` before its success actions:
+/// Checks the claims of one token for provider `p` as Envoy does before it looks for keys:
 /// time, audiences (`audiences` overrides the provider's for `provider_and_audiences`), subject,
-/// lifetime, then the signature.
-pub fn verify_claims_and_signature(
+/// lifetime. The signature is checked against the provider's keys after this.
+pub fn verify_claims(
     p: &Provider,
     jwt: &Jwt<'_>,
     audiences: Option<&[String]>,
@@ -785,7 +796,7 @@ pub fn verify_claims_and_signature(
     if !lifetime_allowed(p, jwt, now) {
         return Err(Status::VerificationFail);
     }
-    p.jwks.verify(jwt)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1049,6 +1060,36 @@ struct Run<'c> {
     now: u64,
     extracted: Map<String, Json>,
     clear_route_cache: bool,
+    /// Remote keys fetched for this request (they win over the cache, which a zero-length
+    /// `cache_duration` leaves empty).
+    fetched: &'c Fetched,
+    /// Whether a remote provider without keys may ask for a fetch ([`Run::pending`]) instead of
+    /// failing at once.
+    can_fetch: bool,
+    /// The first remote provider found without keys: the run's outcome is void, the caller
+    /// fetches and runs again.
+    pending: Option<Arc<RemoteJwks>>,
+}
+
+/// Outcomes of the fetches one request waited for.
+#[derive(Default)]
+struct Fetched(Vec<(Arc<RemoteJwks>, Outcome)>);
+
+impl Fetched {
+    fn get(&self, r: &Arc<RemoteJwks>) -> Option<&Outcome> {
+        self.0
+            .iter()
+            .find(|(h, _)| Arc::ptr_eq(h, r))
+            .map(|(_, o)| o)
+    }
+}
+
+/// One pass of the filter over a request.
+enum Attempt {
+    /// The verdict.
+    Done(Result<Passed, Denial>),
+    /// A token needs the keys of this remote provider first.
+    NeedKeys(Arc<RemoteJwks>),
 }
 
 impl<'c> Run<'c> {
@@ -1147,6 +1188,10 @@ impl<'c> Run<'c> {
         parts: &mut Parts,
     ) -> Result<(), Status> {
         let cfg = self.cfg;
+        // A fetch is due: nothing else counts until it is done.
+        if self.pending.is_some() {
+            return Err(Status::JwksFetchFail);
+        }
         let jwt = Jwt::parse(&t.value)?;
         if !t.issuers.allows(&jwt.iss) {
             return Err(Status::UnknownIssuer);
@@ -1156,9 +1201,29 @@ impl<'c> Run<'c> {
             Who::Anyone { .. } => (cfg.provider_for_issuer(&jwt.iss), None),
         };
         let provider = provider.ok_or(Status::UnknownIssuer)?;
-        verify_claims_and_signature(provider, &jwt, audiences, self.now)?;
+        verify_claims(provider, &jwt, audiences, self.now)?;
+        self.keys(provider)?.verify(&jwt)?;
         self.succeed(provider, t, &jwt, parts);
         Ok(())
+    }
+
+    /// The provider's keys: inline, fetched for this request, or cached and fresh. A remote
+    /// provider without them fails the token, after recording that a fetch is due when the
+    /// caller can fetch.
+    fn keys(&mut self, p: &Provider) -> Result<Arc<Jwks>, Status> {
+        match &p.jwks {
+            JwksSource::Local(k) => Ok(k.clone()),
+            JwksSource::Remote(r) => match self.fetched.get(r) {
+                Some(Ok(k)) => Ok(k.clone()),
+                Some(Err(_)) => Err(Status::JwksFetchFail),
+                None => r.fresh().ok_or_else(|| {
+                    if self.can_fetch {
+                        self.pending = Some(r.clone());
+                    }
+                    Status::JwksFetchFail
+                }),
+            },
+        }
     }
 
     /// Envoy's `handleGoodJwt`: payload header, claim headers, token removal, metadata.
@@ -1337,8 +1402,10 @@ impl JwtAuthn {
         }
     }
 
-    /// Runs the filter on one request. `per_route` is the route's `PerRouteConfig`, if any;
-    /// `now` is Unix seconds. Verified payloads go to `metadata` under [`METADATA_NAMESPACE`].
+    /// Runs the filter on one request without waiting for the network: remote providers use the
+    /// keys they have cached, and a token whose provider has none fails as a failed fetch.
+    /// `per_route` is the route's `PerRouteConfig`, if any; `now` is Unix seconds. Verified
+    /// payloads go to `metadata` under [`METADATA_NAMESPACE`].
     pub fn run(
         &self,
         per_route: Option<&PerRoute>,
@@ -1346,13 +1413,112 @@ impl JwtAuthn {
         metadata: &mut DynamicMetadata,
         now: u64,
     ) -> Result<Passed, Denial> {
+        match self.attempt(per_route, parts, metadata, now, &Fetched::default(), false) {
+            Attempt::Done(r) => r,
+            // Unreachable without `can_fetch`; failing closed is the safe answer regardless.
+            Attempt::NeedKeys(_) => Err(self.denial(
+                StatusCode::UNAUTHORIZED,
+                Status::JwksFetchFail.to_string(),
+                None,
+            )),
+        }
+    }
+
+    /// Runs the filter on one request as Envoy's does: a token whose remote provider has no
+    /// fresh keys waits for them to be fetched (one fetch per provider at a time, bounded by
+    /// `http_uri.timeout`), then verification goes on where it stopped. Without remote
+    /// providers this is [`JwtAuthn::run`].
+    pub async fn verify(
+        &self,
+        per_route: Option<&PerRoute>,
+        parts: &mut Parts,
+        metadata: &mut DynamicMetadata,
+        now: u64,
+    ) -> Result<Passed, Denial> {
+        if !self.has_remote {
+            return self.run(per_route, parts, metadata, now);
+        }
+        let mut fetched = Fetched::default();
+        // Each pass either ends or adds a provider to `fetched`, which never asks again: at most
+        // one pass per remote provider, plus one.
+        loop {
+            // A pass that stops for keys must leave the request as it was (a verified token of
+            // another provider may already have been removed), so passes work on a copy.
+            let mut trial = parts.clone();
+            match self.attempt(per_route, &mut trial, metadata, now, &fetched, true) {
+                Attempt::Done(r) => {
+                    *parts = trial;
+                    return r;
+                }
+                Attempt::NeedKeys(r) => {
+                    let outcome = r.get().await;
+                    fetched.0.push((r, outcome));
+                }
+            }
+        }
+    }
+
+    /// The filter's counters (`http.<hcm_prefix>.jwt_authn.<stat_prefix>*`), registered on
+    /// first use.
+    pub fn counters(&self, stats: &crate::stats::Stats, hcm_prefix: &str) -> &Arc<JwtStats> {
+        self.stats
+            .get_or_init(|| Arc::new(JwtStats::new(stats, hcm_prefix, &self.stat_prefix)))
+    }
+
+    /// Lets the remote providers fetch through `dp`'s clusters and count into `stats` (once;
+    /// [`super::jwks_fetch::bind_snapshot`] usually did it when the listener was published).
+    pub fn bind(&self, dp: &Arc<DataPlane>, stats: &Arc<JwtStats>) {
+        if !self.has_remote {
+            return;
+        }
+        for p in self.providers.values() {
+            if let JwksSource::Remote(r) = &p.jwks
+                && !r.is_bound()
+            {
+                r.bind(ClusterSource::shared(dp), Some(stats));
+            }
+        }
+    }
+
+    /// One pass: the verdict, or the remote provider whose keys must be fetched first (only
+    /// with `can_fetch`; `metadata` is then untouched).
+    fn attempt(
+        &self,
+        per_route: Option<&PerRoute>,
+        parts: &mut Parts,
+        metadata: &mut DynamicMetadata,
+        now: u64,
+        fetched: &Fetched,
+        can_fetch: bool,
+    ) -> Attempt {
+        let r = self.pass(per_route, parts, now, fetched, can_fetch);
+        match r {
+            Pass::NeedKeys(h) => Attempt::NeedKeys(h),
+            Pass::Done(result, extracted) => {
+                if !extracted.is_empty() {
+                    metadata.merge(METADATA_NAMESPACE, extracted);
+                }
+                Attempt::Done(result)
+            }
+        }
+    }
+
+    fn pass(
+        &self,
+        per_route: Option<&PerRoute>,
+        parts: &mut Parts,
+        now: u64,
+        fetched: &Fetched,
+        can_fetch: bool,
+    ) -> Pass {
+        let done = |r| Pass::Done(r, Map::new());
         // Before anything else, including requests that skip verification (Envoy's API doc).
         self.sanitize(parts);
         if self.bypass_cors_preflight && is_cors_preflight(parts) {
-            return Ok(Passed {
+            return done(Ok(Passed {
                 cors_preflight_bypassed: true,
                 ..Passed::default()
-            });
+            }));
         }
         let requirement = match per_route {
             Some(PerRoute::Disabled) => None,
@@ -1365,7 +1531,7 @@ impl JwtAuthn {
                         "Wrong requirement_name: {n}. It should be one of [{}]",
                         names.join(",")
                     );
-                    return Err(Denial {
+                    return done(Err(Denial {
                         status: StatusCode::FORBIDDEN,
                         body: if self.strip_failure_response {
                             String::new()
@@ -1374,7 +1540,7 @@ impl JwtAuthn {
                         },
                         reason,
                         www_authenticate: None,
-                    });
+                    }));
                 }
             },
             None => {
@@ -1386,7 +1552,7 @@ impl JwtAuthn {
             }
         };
         let Some(requirement) = requirement else {
-            return Ok(Passed::default());
+            return done(Ok(Passed::default()));
         };
         let uri = original_uri(parts);
         let mut run = Run {
@@ -1394,12 +1560,15 @@ impl JwtAuthn {
             now,
             extracted: Map::new(),
             clear_route_cache: false,
+            fetched,
+            can_fetch,
+            pending: None,
         };
         let result = run.requirement(requirement, parts);
-        if !run.extracted.is_empty() {
-            metadata.merge(METADATA_NAMESPACE, run.extracted);
+        if let Some(r) = run.pending {
+            return Pass::NeedKeys(r);
         }
-        match result {
+        let verdict = match result {
             Ok(()) => Ok(Passed {
                 clear_route_cache: run.clear_route_cache,
                 cors_preflight_bypassed: false,
@@ -1417,8 +1586,17 @@ impl JwtAuthn {
                 };
                 Err(self.denial(status, s.to_string(), Some(realm)))
             }
-        }
+        };
+        Pass::Done(verdict, run.extracted)
     }
+}
+
+/// What [`JwtAuthn::pass`] ended with.
+enum Pass {
+    /// The verdict and the metadata verified tokens extracted.
+    Done(Result<Passed, Denial>, Map<String, Json>),
+    /// Keys must be fetched first.
+    NeedKeys(Arc<RemoteJwks>),
 }
 
 /// `http.<hcm stat_prefix>.jwt_authn.<filter stat_prefix>` counters (Envoy's names).
@@ -1430,20 +1608,22 @@ pub struct JwtStats {
     pub denied: std::sync::Arc<crate::stats::Stat>,
     /// CORS preflights passed without verification.
     pub cors_preflight_bypassed: std::sync::Arc<crate::stats::Stat>,
+    /// Remote JWKS fetches that succeeded.
+    pub jwks_fetch_success: std::sync::Arc<crate::stats::Stat>,
+    /// Remote JWKS fetches that failed.
+    pub jwks_fetch_failed: std::sync::Arc<crate::stats::Stat>,
 }
 
 impl JwtStats {
     /// The counters of a filter with `filter_prefix` in an HCM with `hcm_prefix`.
     pub fn new(stats: &crate::stats::Stats, hcm_prefix: &str, filter_prefix: &str) -> JwtStats {
         let name = |n: &str| format!("http.{hcm_prefix}.jwt_authn.{filter_prefix}{n}");
-        let jwks_fetch = |n: &str| stats.counter(&name(n));
-        // Registered for parity with Envoy's stat set; JWKS are inline, so they stay 0.
-        jwks_fetch("jwks_fetch_success");
-        jwks_fetch("jwks_fetch_failed");
         JwtStats {
             allowed: stats.counter(&name("allowed")),
             denied: stats.counter(&name("denied")),
             cors_preflight_bypassed: stats.counter(&name("cors_preflight_bypassed")),
+            jwks_fetch_success: stats.counter(&name("jwks_fetch_success")),
+            jwks_fetch_failed: stats.counter(&name("jwks_fetch_failed")),
         }
     }
 }
@@ -1466,6 +1646,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::http::jwks_fetch::{FetchError, RemoteJwksConfig, Source};
 
     /// A fixed RSA-2048 key (ring cannot generate RSA keys), shared with `tests/jwt.rs`.
     const RSA_PEM: &str = include_str!("../../tests/data/jwt-rsa-2048.pem");
@@ -2256,6 +2437,89 @@ mod tests {
         );
         assert!(r.is_ok());
         assert!(!md.is_empty());
+    }
+
+    /// Serves `jwks` (or fails), counting fetches.
+    struct Served(Option<Json>, std::sync::atomic::AtomicUsize);
+
+    impl Source for Served {
+        fn fetch(
+            &self,
+            _: Arc<RemoteJwksConfig>,
+        ) -> futures::future::BoxFuture<'static, Result<Jwks, FetchError>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let r = match &self.0 {
+                Some(j) => {
+                    Jwks::parse(&j.to_string()).map_err(|e| FetchError::InvalidJwks(e.to_string()))
+                }
+                None => Err(FetchError::Status(503)),
+            };
+            Box::pin(async move { r })
+        }
+    }
+
+    #[tokio::test]
+    async fn remote_keys_are_fetched_as_tokens_need_them() {
+        let remote = |iss: &str, extra: Json| {
+            let mut p = json!({"issuer": iss, "remote_jwks": {"http_uri": {
+                "uri": "http://jwks.local/keys", "cluster": "jwks", "timeout": "1s"}}});
+            if let (Json::Object(p), Json::Object(e)) = (&mut p, extra) {
+                p.extend(e);
+            }
+            p
+        };
+        let cfg = compile(&json!({
+            "providers": {"a": remote(ISS, json!({})),
+                "b": remote("second", json!({"from_headers": [{"name": "x-second"}]}))},
+            "rules": [{"match": {"prefix": "/only-a"}, "requires": {"provider_name": "a"}},
+                {"match": {"prefix": "/"}, "requires": {"requires_all": {"requirements": [
+                {"provider_name": "a"}, {"provider_name": "b"}]}}}]}));
+        assert!(cfg.has_remote);
+        let good = Arc::new(Served(Some(all_keys()), Default::default()));
+        let down = Arc::new(Served(None, Default::default()));
+        for (name, source) in [("a", good.clone()), ("b", down.clone())] {
+            let JwksSource::Remote(r) = &cfg.providers[name].jwks else {
+                panic!("remote")
+            };
+            r.bind(source, None);
+        }
+        let calls = |s: &Served| s.1.load(std::sync::atomic::Ordering::SeqCst);
+        let a = bearer(&token("ES256", &claims()));
+        let mut second = claims();
+        second["iss"] = json!("second");
+        let b = token("ES256", &second);
+        // Without waiting (`run`), nothing is cached: the token fails as a failed fetch.
+        let d = run(&cfg, &mut request("/only-a", &[("authorization", &a)]))
+            .0
+            .expect_err("no keys yet");
+        assert_eq!(d.body, "Jwks remote fetch is failed");
+        assert_eq!(calls(&good), 0, "run never fetches");
+        // a's keys arrive, b's fetch fails: Envoy's 401 with its reason.
+        let mut md = DynamicMetadata::default();
+        let mut parts = request("/", &[("authorization", &a), ("x-second", &b)]);
+        let d = cfg
+            .verify(None, &mut parts, &mut md, NOW)
+            .await
+            .expect_err("b has no keys");
+        assert_eq!(
+            (d.status, d.body.as_str()),
+            (StatusCode::UNAUTHORIZED, "Jwks remote fetch is failed")
+        );
+        assert_eq!(
+            d.www_authenticate.as_deref(),
+            Some(r#"Bearer realm="http://svc.local/", error="invalid_token""#)
+        );
+        assert_eq!((calls(&good), calls(&down)), (1, 1));
+        // a's keys are cached now; b is fetched again (failures are not cached).
+        let mut parts = request("/only-a", &[("authorization", &a)]);
+        assert!(cfg.verify(None, &mut parts, &mut md, NOW).await.is_ok());
+        assert!(
+            parts.headers.get("authorization").is_none(),
+            "the verified token is removed"
+        );
+        let mut parts = request("/", &[("authorization", &a), ("x-second", &b)]);
+        assert!(cfg.verify(None, &mut parts, &mut md, NOW).await.is_err());
+        assert_eq!((calls(&good), calls(&down)), (1, 2));
     }
 
     #[test]

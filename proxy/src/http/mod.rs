@@ -3,6 +3,7 @@
 pub mod conn_manager;
 pub mod cors;
 pub mod fault;
+pub mod jwks_fetch;
 pub mod jwt;
 pub mod local_ratelimit;
 pub mod mirror;

@@ -378,6 +378,8 @@ impl ListenerHooks for Hooks {
 
     fn published(&self, snapshot: &Arc<Snapshot>) {
         if let Some(dp) = self.0.upgrade() {
+            // jwt_authn's remote JWKS: bound to the clusters, `async_fetch` started.
+            crate::http::jwks_fetch::bind_snapshot(&dp, snapshot);
             dp.listeners.reconcile(&dp, snapshot);
         }
     }

@@ -1,6 +1,8 @@
 //! `jwt_authn` (RequestAuthentication): providers with inline JWKS (istiod fetches and inlines
-//! them), token locations, claim-to-header copies and per-route requirements. The JWKS is parsed
-//! here, once; [`crate::http::jwt`] verifies requests against the compiled form.
+//! them) or remote ones (`remote_jwks`, with `PILOT_JWT_ENABLE_REMOTE_JWKS=envoy`), token
+//! locations, claim-to-header copies and per-route requirements. An inline JWKS is parsed here,
+//! once; a remote one compiles into a [`RemoteJwks`] handle whose keys the data plane fetches
+//! ([`crate::http::jwks_fetch`]). [`crate::http::jwt`] verifies requests against the compiled form.
 
 use std::{
     collections::BTreeMap,
@@ -8,19 +10,39 @@ use std::{
     time::Duration,
 };
 
-use waypoint_proto::envoy::extensions::filters::http::jwt_authn::v3::{
-    JwtAuthentication, JwtProvider, JwtRequirement, PerRouteConfig,
-    jwt_provider::JwksSourceSpecifier, jwt_requirement::RequiresType,
-    per_route_config::RequirementSpecifier, requirement_rule::RequirementType,
+use waypoint_proto::envoy::{
+    config::core::v3::{RetryPolicy as CoreRetryPolicy, http_uri::HttpUpstreamType},
+    extensions::filters::http::jwt_authn::v3::{
+        JwtAuthentication, JwtProvider, JwtRequirement, PerRouteConfig,
+        RemoteJwks as RawRemoteJwks, jwt_provider::JwksSourceSpecifier,
+        jwt_requirement::RequiresType, per_route_config::RequirementSpecifier,
+        requirement_rule::RequirementType,
+    },
 };
 
 use crate::{
     config::{
-        CompileResult, ConfigError, field, index, inline_text, key, matchers::StringMatch,
-        opt_duration, route::RouteMatch,
+        CompileResult, ConfigError, duration, field, index, inline_text, key,
+        matchers::StringMatch, opt_duration, route::RouteMatch,
     },
-    http::jwt::{Jwks, JwtStats},
+    http::{
+        jwks_fetch::{
+            AsyncFetch, DEFAULT_CACHE_DURATION, DEFAULT_FAILED_REFETCH, FetchRetry, RemoteJwks,
+            RemoteJwksConfig,
+        },
+        jwt::{Jwks, JwtStats},
+    },
 };
+
+/// Where a provider's keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    /// `local_jwks`, parsed at compile time. Without usable keys every token of the provider
+    /// fails, as in Envoy.
+    Local(Arc<Jwks>),
+    /// `remote_jwks`: fetched from a cluster by the data plane.
+    Remote(Arc<RemoteJwks>),
+}
 
 /// Where a token is looked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,9 +73,8 @@ pub struct Provider {
     pub require_expiration: bool,
     /// `max_lifetime`.
     pub max_lifetime: Option<Duration>,
-    /// The parsed JWKS (`local_jwks`); without usable keys every token of the provider fails,
-    /// as in Envoy.
-    pub jwks: Jwks,
+    /// The keys: `local_jwks` or `remote_jwks`.
+    pub jwks: JwksSource,
     /// `forward`: keep the token in the request.
     pub forward: bool,
     /// Token locations (`from_headers`, `from_params`, `from_cookies`; default: Authorization Bearer
@@ -176,6 +197,8 @@ pub struct JwtAuthn {
     pub stat_prefix: String,
     /// The filter's counters, looked up on first use (the HCM's stat prefix is known then).
     pub stats: OnceLock<Arc<JwtStats>>,
+    /// Some provider has `remote_jwks` (requests may have to wait for keys).
+    pub has_remote: bool,
 }
 
 fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
@@ -188,15 +211,17 @@ fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
                 // Envoy accepts the config too ("Invalid inline jwks") and fails the tokens.
                 tracing::warn!(target: "config", "{jpath}: JWKS key skipped: {why} ({} usable keys)", jwks.len());
             }
-            jwks
+            JwksSource::Local(Arc::new(jwks))
         }
-        Some(JwksSourceSpecifier::RemoteJwks(_)) => {
+        Some(JwksSourceSpecifier::RemoteJwks(r)) => JwksSource::Remote(RemoteJwks::new(
+            remote_jwks(r, &field(path, "remote_jwks"))?,
+        )),
+        None => {
             return Err(ConfigError::new(
-                field(path, "remote_jwks"),
-                "remote JWKS fetching is not supported; let istiod inline the keys (PILOT_JWT_ENABLE_REMOTE_JWKS=false)",
+                path,
+                "one of local_jwks and remote_jwks is required",
             ));
         }
-        None => return Err(ConfigError::new(path, "local_jwks is required")),
     };
     let mut locations = Vec::new();
     for (i, h) in p.from_headers.iter().enumerate() {
@@ -293,6 +318,116 @@ fn provider(p: &JwtProvider, path: &str) -> CompileResult<Provider> {
         }),
         claim_to_headers,
         clear_route_cache: p.clear_route_cache,
+    })
+}
+
+/// Compiles `remote_jwks` (at `path`) with Envoy's validation rules.
+fn remote_jwks(r: &RawRemoteJwks, path: &str) -> CompileResult<RemoteJwksConfig> {
+    let upath = field(path, "http_uri");
+    let u = r
+        .http_uri
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(&upath, "http_uri is required"))?;
+    let uri: http::Uri = u.uri.parse().map_err(|e| {
+        ConfigError::new(
+            field(&upath, "uri"),
+            format!("'{}' is not a URI: {e}", u.uri),
+        )
+    })?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(ConfigError::new(
+            field(&upath, "uri"),
+            format!("'{}' must be an absolute http or https URI", u.uri),
+        ));
+    }
+    let cluster = match &u.http_upstream_type {
+        Some(HttpUpstreamType::Cluster(c)) if !c.is_empty() => c.clone(),
+        _ => {
+            return Err(ConfigError::new(
+                field(&upath, "cluster"),
+                "cluster is required",
+            ));
+        }
+    };
+    let tpath = field(&upath, "timeout");
+    let timeout = duration(
+        u.timeout
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&tpath, "timeout is required"))?,
+        &tpath,
+    )?;
+    let cpath = field(path, "cache_duration");
+    let cache_duration =
+        opt_duration(r.cache_duration.as_ref(), &cpath)?.unwrap_or(DEFAULT_CACHE_DURATION);
+    if cache_duration < Duration::from_millis(1) {
+        return Err(ConfigError::new(cpath, "must be at least 1ms"));
+    }
+    let async_fetch = r
+        .async_fetch
+        .as_ref()
+        .map(|a| -> CompileResult<AsyncFetch> {
+            Ok(AsyncFetch {
+                fast_listener: a.fast_listener,
+                failed_refetch: opt_duration(
+                    a.failed_refetch_duration.as_ref(),
+                    &field(&field(path, "async_fetch"), "failed_refetch_duration"),
+                )?
+                .unwrap_or(DEFAULT_FAILED_REFETCH),
+            })
+        })
+        .transpose()?;
+    let retry = r
+        .retry_policy
+        .as_ref()
+        .map(|p| retry_policy(p, &field(path, "retry_policy")))
+        .transpose()?;
+    Ok(RemoteJwksConfig {
+        uri,
+        cluster,
+        // Envoy's async client treats a zero timeout as none.
+        timeout: (!timeout.is_zero()).then_some(timeout),
+        cache_duration,
+        async_fetch,
+        retry,
+    })
+}
+
+/// `remote_jwks.retry_policy` as Envoy validates and converts it (`validateCoreRetryPolicy`,
+/// `convertCoreToRouteRetryPolicy`); its other fields are refused by the allowlist.
+fn retry_policy(p: &CoreRetryPolicy, path: &str) -> CompileResult<FetchRetry> {
+    const DEFAULT_BASE: Duration = Duration::from_millis(1000);
+    let (base, max) = match &p.retry_back_off {
+        None => (DEFAULT_BASE, DEFAULT_BASE * 10),
+        Some(b) => {
+            let bpath = field(path, "retry_back_off");
+            let base_path = field(&bpath, "base_interval");
+            let base = duration(
+                b.base_interval
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::new(&base_path, "base_interval is required"))?,
+                &base_path,
+            )?;
+            if base < Duration::from_millis(1) {
+                return Err(ConfigError::new(base_path, "must be at least 1ms"));
+            }
+            let max_path = field(&bpath, "max_interval");
+            let max = opt_duration(b.max_interval.as_ref(), &max_path)?.unwrap_or(base * 10);
+            if max.is_zero() {
+                return Err(ConfigError::new(max_path, "must be greater than 0"));
+            }
+            if max < base {
+                return Err(ConfigError::new(
+                    max_path,
+                    "max_interval must be greater than or equal to the base_interval",
+                ));
+            }
+            (base, max)
+        }
+    };
+    Ok(FetchRetry {
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        base,
+        max,
     })
 }
 
@@ -404,7 +539,11 @@ impl JwtAuthn {
                 requires,
             });
         }
+        let has_remote = providers
+            .values()
+            .any(|p| matches!(p.jwks, JwksSource::Remote(_)));
         Ok(JwtAuthn {
+            has_remote,
             providers,
             rules,
             requirement_map,
@@ -455,7 +594,7 @@ mod tests {
         ))
         .expect("compiles");
         let p = &j.providers["p"];
-        assert_eq!(p.jwks.len(), 1);
+        assert_eq!(local(p).len(), 1);
         assert_eq!(p.clock_skew, Duration::from_secs(60));
         assert_eq!(p.space_delimited_claims, ["scope"]);
         assert_eq!(
@@ -513,6 +652,134 @@ mod tests {
             json!({"local_jwks": {"inline_string": "not json"}}),
         ))
         .expect("accepted like Envoy");
-        assert!(j.providers["p"].jwks.is_empty());
+        assert!(local(&j.providers["p"]).is_empty());
+    }
+
+    fn local(p: &Provider) -> &Jwks {
+        match &p.jwks {
+            JwksSource::Local(j) => j,
+            JwksSource::Remote(_) => panic!("remote"),
+        }
+    }
+
+    fn remote(doc: Json) -> CompileResult<RemoteJwksConfig> {
+        let j = compile(&with_provider(json!({"issuer": "i", "remote_jwks": doc})))?;
+        assert!(j.has_remote);
+        match &j.providers["p"].jwks {
+            JwksSource::Remote(r) => Ok(r.config().clone()),
+            JwksSource::Local(_) => panic!("local"),
+        }
+    }
+
+    #[test]
+    fn remote_jwks_compiles_istio_shape_with_envoy_defaults() {
+        // What istiod emits with PILOT_JWT_ENABLE_REMOTE_JWKS=envoy.
+        let c = remote(
+            json!({"http_uri": {"uri": "https://issuer.example.com/jwks",
+            "cluster": "outbound|443||issuer.example.com", "timeout": "5s"},
+            "cache_duration": "300s"}),
+        )
+        .expect("compiles");
+        assert_eq!(c.uri, "https://issuer.example.com/jwks");
+        assert_eq!(c.cluster, "outbound|443||issuer.example.com");
+        assert_eq!(c.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.cache_duration, Duration::from_secs(300));
+        assert_eq!((c.async_fetch, c.retry), (None, None));
+        let c = remote(
+            json!({"http_uri": {"uri": "http://h/k", "cluster": "c", "timeout": "0s"},
+            "async_fetch": {}, "retry_policy": {}}),
+        )
+        .expect("compiles");
+        assert_eq!(c.timeout, None, "0: no timeout");
+        assert_eq!(c.cache_duration, DEFAULT_CACHE_DURATION);
+        assert_eq!(
+            c.async_fetch,
+            Some(AsyncFetch {
+                fast_listener: false,
+                failed_refetch: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            c.retry,
+            Some(FetchRetry {
+                num_retries: 1,
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(10)
+            })
+        );
+        let c = remote(
+            json!({"http_uri": {"uri": "http://h/k", "cluster": "c", "timeout": "1s"},
+            "async_fetch": {"fast_listener": true, "failed_refetch_duration": "3s"},
+            "retry_policy": {"num_retries": 4, "retry_back_off": {"base_interval": "0.01s"}}}),
+        )
+        .expect("compiles");
+        assert_eq!(
+            c.async_fetch.map(|a| a.failed_refetch),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            c.retry,
+            Some(FetchRetry {
+                num_retries: 4,
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(100)
+            })
+        );
+    }
+
+    #[test]
+    fn the_allowlist_accepts_remote_jwks_and_refuses_what_envoy_ignores() {
+        let problems = |remote: Json| {
+            let doc = with_provider(json!({"issuer": "i", "remote_jwks": remote}));
+            let dynamic = pjson::dynamic_from_json(
+                "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                &doc,
+            )
+            .expect("json");
+            crate::config::allowlist::check(&dynamic)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        let uri = json!({"uri": "http://h/k", "cluster": "c", "timeout": "1s"});
+        assert_eq!(
+            problems(json!({"http_uri": uri, "cache_duration": "60s",
+                "async_fetch": {"fast_listener": true, "failed_refetch_duration": "2s"},
+                "retry_policy": {"num_retries": 2,
+                    "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}})),
+            Vec::<String>::new()
+        );
+        let p = problems(json!({"http_uri": uri, "retry_policy": {"retry_on": "5xx"}}));
+        assert!(
+            p.len() == 1 && p[0].contains("remote_jwks.retry_policy.retry_on"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_remote_jwks_is_refused_with_its_path() {
+        let err = |doc: Json| remote(doc).err().map(|e| e.to_string()).unwrap_or_default();
+        let p = "jwt.providers[\"p\"].remote_jwks";
+        let e = err(json!({"cache_duration": "1s"}));
+        assert!(e.contains(&format!("{p}.http_uri")), "{e}");
+        let e = err(json!({"http_uri": {"uri": "/relative", "cluster": "c", "timeout": "1s"}}));
+        assert!(e.contains(&format!("{p}.http_uri.uri")), "{e}");
+        let e = err(json!({"http_uri": {"uri": "http://h/", "timeout": "1s"}}));
+        assert!(e.contains(&format!("{p}.http_uri.cluster")), "{e}");
+        let e = err(json!({"http_uri": {"uri": "http://h/", "cluster": "c"}}));
+        assert!(e.contains(&format!("{p}.http_uri.timeout")), "{e}");
+        let e = err(
+            json!({"http_uri": {"uri": "http://h/", "cluster": "c", "timeout": "1s"},
+            "retry_policy": {"retry_back_off": {"base_interval": "2s", "max_interval": "1s"}}}),
+        );
+        assert!(
+            e.contains(&format!("{p}.retry_policy.retry_back_off.max_interval")),
+            "{e}"
+        );
+        let e = err(
+            json!({"http_uri": {"uri": "http://h/", "cluster": "c", "timeout": "1s"},
+            "retry_policy": {"retry_back_off": {"max_interval": "1s"}}}),
+        );
+        assert!(e.contains("base_interval is required"), "{e}");
     }
 }
