@@ -27,7 +27,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{
-    Body, cors, fault, full, local_ratelimit, route_select, router, stream_info,
+    Body, cors, empty, fault, full, local_ratelimit, route_select, router, stream_info,
     timeout::{self, Activity, ConnActivity, Expired, TimedBody, Watch},
 };
 use crate::{
@@ -209,6 +209,9 @@ pub async fn serve(
             stats.codes.record(&dp.server.stats, resp.status().as_u16());
             drop(active);
             let mut resp = resp.map(|b| timeout::hold(b, stream));
+            if resp.extensions().get::<router::Upgraded>().is_some() {
+                resp = tunnel_lifetime(resp);
+            }
             if last {
                 // `max_requests_per_connection`: this response is the connection's last.
                 stats.cx_max_requests_reached.inc();
@@ -253,6 +256,22 @@ pub async fn serve(
             tracing::debug!(target: "http", "drain time over; closing the connection with streams open");
         }
     }
+}
+
+/// An upgraded stream's 101: hyper gets it with an empty body, while the body the stream built
+/// (the tunnel's lifetime under the HCM's and the router's timers, its report, its hold on the
+/// connection) is polled here until the tunnel ends or a timer ends it — which resets the
+/// tunnel, as Envoy resets a stream whose response already started.
+fn tunnel_lifetime(resp: Response<Body>) -> Response<Body> {
+    let (head, mut lifetime) = resp.into_parts();
+    tokio::spawn(async move {
+        while let Some(frame) = lifetime.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    });
+    Response::from_parts(head, empty())
 }
 
 /// The drain signal a CONNECT-terminating connection watches: set once the server drains or the
@@ -466,26 +485,44 @@ impl StreamTimers {
     }
 
     /// Counts the request body's frames as activity and hands the stream's activity to the
-    /// router (whose timers start at the request's end).
-    fn observe(&self, body: Body, parts: &mut http::request::Parts) -> Body {
+    /// router (whose timers start at the request's end). An `upgrade`'s request does not end
+    /// with its (empty) body: Envoy's HTTP/1 codec stops at its headers without ending the
+    /// request, the payload after the 101 being its body, so `request_timeout` runs until the
+    /// 101 (the response's start) and a timer firing before it answers 408.
+    fn observe(&self, body: Body, parts: &mut http::request::Parts, upgrade: bool) -> Body {
         match &self.watch {
             Some(w) => {
                 parts.extensions.insert(w.activity().clone());
-                timeout::observe_request(body, w.activity())
+                if upgrade {
+                    body
+                } else {
+                    timeout::observe_request(body, w.activity())
+                }
             }
             None => body,
         }
     }
 
-    /// Guards the response body with the timers still running.
-    fn guard(self, resp: Response<Body>) -> Response<Body> {
+    /// Guards the response body with the timers still running. A timer that cuts the response
+    /// names itself in the stream's details, as Envoy's `sendLocalReply` does when the response
+    /// already started (it resets the stream and sets the details).
+    fn guard(
+        self,
+        resp: Response<Body>,
+        info: Option<&Arc<stream_info::StreamInfo>>,
+    ) -> Response<Body> {
         let Some(w) = self.watch else {
             return resp;
         };
         w.activity().start_response();
         let stats = self.stats;
-        let on_expire: timeout::OnExpire =
-            Box::new(move |k| count_stream_expiry(stats.as_deref(), k));
+        let info = info.cloned();
+        let on_expire: timeout::OnExpire = Box::new(move |k| {
+            count_stream_expiry(stats.as_deref(), k);
+            if let Some(i) = info {
+                i.responded(k.code_details());
+            }
+        });
         let (head, body) = resp.into_parts();
         Response::from_parts(head, TimedBody::wrap(body, w, true, Some(on_expire)))
     }
@@ -1284,7 +1321,8 @@ async fn route_and_forward(
                 }
                 None => body,
             };
-            let body = timers.observe(body, &mut parts);
+            let upgrade = router::upgrade_of(&parts, &hcm, fwd).is_some();
+            let body = timers.observe(body, &mut parts, upgrade);
             // Boxed: the router's future is large, and passing it by value through the timers'
             // `select!` copied it several times per request.
             let forwarded = timers
@@ -1313,7 +1351,7 @@ async fn route_and_forward(
         }
     };
     filtered.encode(&mut resp);
-    timers.guard(resp)
+    timers.guard(resp, info)
 }
 
 /// `connect_terminate`: every CONNECT stream of an HBONE connection.

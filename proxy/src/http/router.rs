@@ -186,7 +186,11 @@ fn cluster_name(
 }
 
 /// The WebSocket (or other) upgrade a request asks for and the config allows.
-fn upgrade_of(parts: &Parts, hcm: &HttpConnectionManager, fwd: &Forward) -> Option<String> {
+pub(super) fn upgrade_of(
+    parts: &Parts,
+    hcm: &HttpConnectionManager,
+    fwd: &Forward,
+) -> Option<String> {
     let conn_upgrade = parts
         .headers
         .get_all(header::CONNECTION)
@@ -650,10 +654,9 @@ pub async fn forward(
     // is still reported `URX`.
     let policy = retry_config.filter(|p| !p.retry_on.is_empty() && upgrade.is_none());
     // Timeouts (Envoy's `finalTimeout`, which also consumes the `x-envoy-*` timeout headers and
-    // sets `x-envoy-expected-rq-timeout-ms`); an upgraded stream has none.
-    let timeouts = if upgrade.is_some() {
-        timeout::RouteTimeouts::default()
-    } else {
+    // sets `x-envoy-expected-rq-timeout-ms`), upgrades included: an upgrade's route timeout
+    // covers its handshake (see `attempt_watch`).
+    let timeouts = {
         let router_filter = router_config(hcm);
         let grpc = super::stream_info::is_grpc(&parts.headers);
         timeout::route_timeouts(
@@ -671,18 +674,22 @@ pub async fn forward(
             router_filter.is_some_and(|r| r.respect_expected_rq_timeout),
         )
     };
-    // The cluster's `max_stream_duration`: each upstream stream's lifetime.
+    // The cluster's `max_stream_duration`: each upstream stream's lifetime, an upgraded one's
+    // tunnel included (Envoy's upstream request keeps its duration timer after the 101).
     let upstream_duration = rt
         .cluster
         .http
         .as_ref()
         .and_then(|h| h.common.max_stream_duration)
-        .filter(|d| !d.is_zero() && upgrade.is_none());
+        .filter(|d| !d.is_zero());
     // The stream's activity: the HCM's when it watches the stream, else ours when a timer needs it.
     let needs_activity =
         timeouts != timeout::RouteTimeouts::default() || upstream_duration.is_some();
     let (activity, body) = match parts.extensions.remove::<Arc<Activity>>() {
         Some(a) => (Some(a), body),
+        // An upgrade's request does not end with its (empty) body: what follows the 101 is its
+        // payload (Envoy's HTTP/1 codec pauses at the upgrade's headers without ending them).
+        None if needs_activity && upgrade.is_some() => (Some(Activity::new()), body),
         None if needs_activity => {
             let a = Activity::new();
             let b = timeout::observe_request(body, &a);
@@ -762,6 +769,7 @@ pub async fn forward(
                     upstream_duration,
                     forward_start,
                     tokio::time::Instant::now(),
+                    upgrade.is_some(),
                 )
             })
             .filter(|w| !w.is_empty());
@@ -873,12 +881,40 @@ pub async fn forward(
     if let Some(a) = &activity {
         a.start_response();
     }
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    // An upgrade the upstream accepted: the bytes that follow are joined end to end, and the
+    // response's body becomes the tunnel's lifetime, so the timers guarding it (below, and the
+    // HCM's) and the stream's report run until the tunnel ends (see `UpgradedBody`).
+    let tunnel = match downstream_upgrade {
+        Some(down) if switching && upgrade.is_some() => {
+            let up = hyper::upgrade::on(&mut resp);
+            // The upstream stream (its `max_requests` slot, its connection's count) and the
+            // host's active request last as long as the tunnel.
+            let (head, upstream) = resp.into_parts();
+            let (body, ended) = UpgradedBody::open(TunnelHold {
+                _upstream: upstream,
+                _host: target.guard.take(),
+            });
+            resp = Response::from_parts(head, body);
+            resp.extensions_mut().insert(Upgraded);
+            Some((down, up, ended))
+        }
+        _ => None,
+    };
     // The last attempt's timers go on guarding the response body (the route timeout, the per-try
     // idle timeout and the cluster's stream duration run until the response ends).
     if let Some(w) = watch.take() {
         let stats = rt.stats.clone();
         let (head, body) = resp.into_parts();
-        let on_expire: timeout::OnExpire = Box::new(move |k| count_expiry(&stats, k));
+        // A timer cutting the started response names itself in the details (Envoy's
+        // `sendLocalReply` after the headers: reset, details set).
+        let noted = info.clone();
+        let on_expire: timeout::OnExpire = Box::new(move |k| {
+            count_expiry(&stats, k);
+            if let Some(i) = noted {
+                i.responded(k.code_details());
+            }
+        });
         resp = Response::from_parts(head, TimedBody::wrap(body, w, true, Some(on_expire)));
     }
     if call.vh.include_attempt_count_in_response {
@@ -886,14 +922,19 @@ pub async fn forward(
             .insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
     }
     // Response shaping.
-    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if !switching {
         request::strip_hop_by_hop(resp.headers_mut(), false);
     }
     // Cookies a hash policy made up go on the upstream's response (never on a local reply),
-    // before the route's response header operations, as Envoy's router adds them.
-    for c in set_cookies {
-        resp.headers_mut().append(header::SET_COOKIE, c);
+    // before the route's response header operations, as Envoy's router adds them. Envoy makes
+    // them up in `computeHashKey`, which its ring hash and Maglev balancers call on every host
+    // pick — the first and each retry's — appending to one list the final response gets whole:
+    // a retried request's answer carries the cookie once per attempt. The value hashes the
+    // downstream connection's addresses, never the host that answered.
+    for _ in 0..attempt {
+        for c in &set_cookies {
+            resp.headers_mut().append(header::SET_COOKIE, c.clone());
+        }
     }
     {
         let values = ConnValues {
@@ -914,26 +955,106 @@ pub async fn forward(
         *resp.headers_mut() = headers;
     }
     request::server_header(resp.headers_mut(), hcm.server_header, &hcm.server_name);
-    let elapsed = call.started.elapsed().as_millis().to_string();
-    if let Ok(v) = HeaderValue::from_str(&elapsed) {
-        resp.headers_mut().insert(UPSTREAM_SERVICE_TIME, v);
+    // Envoy sets it only once the whole request was received, which an upgrade's never is
+    // before its 101.
+    if upgrade.is_none() {
+        let elapsed = call.started.elapsed().as_millis().to_string();
+        if let Ok(v) = HeaderValue::from_str(&elapsed) {
+            resp.headers_mut().insert(UPSTREAM_SERVICE_TIME, v);
+        }
     }
-    if switching && let Some(down) = downstream_upgrade {
-        let up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(down, up) {
-                Ok((d, u)) => {
-                    let mut d = hyper_util::rt::TokioIo::new(d);
-                    let mut u = hyper_util::rt::TokioIo::new(u);
-                    if let (_, _, Some(e)) = crate::io::join(&mut d, &mut u).await {
-                        tracing::debug!(target: "http", "upgraded stream ended: {e}");
-                    }
-                }
-                Err(e) => tracing::debug!(target: "http", "upgrade failed: {e}"),
-            }
-        });
+    if let Some((down, up, ended)) = tunnel {
+        tokio::spawn(splice(down, up, activity, ended));
     }
     Ok(resp)
+}
+
+/// Marks the response of an upgraded stream, whose body is an [`UpgradedBody`]: the HCM hands
+/// hyper an empty 101 and polls that body itself until the tunnel ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Upgraded;
+
+/// The body of an upgraded stream's 101: no frames; it ends when the tunnel ends. Dropping it
+/// (a timer guarding it fired) ends the tunnel.
+struct UpgradedBody {
+    ended: tokio::sync::oneshot::Receiver<()>,
+    /// Released when the tunnel ends.
+    held: Option<TunnelHold>,
+}
+
+/// What an upgraded stream holds while its tunnel is open.
+struct TunnelHold {
+    /// The upstream's 101 body: its `max_requests` slot and its connection's stream count.
+    _upstream: Body,
+    /// The host's active request (least request).
+    _host: Option<crate::upstream::lb::RequestGuard>,
+}
+
+impl UpgradedBody {
+    /// The body holding `held`, and the sender the tunnel drops when it ends.
+    fn open(held: TunnelHold) -> (Body, tokio::sync::oneshot::Sender<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let body = UpgradedBody {
+            ended: rx,
+            held: Some(held),
+        };
+        (http_body_util::combinators::BoxBody::new(body), tx)
+    }
+}
+
+impl hyper::body::Body for UpgradedBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        use std::future::Future as _;
+        if self.held.is_none() {
+            return std::task::Poll::Ready(None);
+        }
+        // Sent or dropped, the tunnel is over either way.
+        std::task::ready!(std::pin::Pin::new(&mut self.ended).poll(cx)).ok();
+        self.held = None;
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none()
+    }
+}
+
+/// Joins an upgraded downstream connection to the upstream's once both sides switched, until
+/// either ends it or the stream's body is dropped (a timer fired). Bytes either way count as the
+/// stream's activity, so `stream_idle_timeout` and the route's `idle_timeout` go on applying to
+/// the tunnel as Envoy's HCM does for upgrade payload (every data frame resets its idle timer).
+async fn splice(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    activity: Option<Arc<Activity>>,
+    mut ended: tokio::sync::oneshot::Sender<()>,
+) {
+    let joined = async {
+        match tokio::try_join!(down, up) {
+            Ok((d, u)) => {
+                let d = hyper_util::rt::TokioIo::new(d);
+                let mut u = hyper_util::rt::TokioIo::new(u);
+                let activity = activity.unwrap_or_else(Activity::new);
+                let mut d = timeout::WatchedIo::new(d, Watch::new(activity), None);
+                if let (_, _, Some(e)) = crate::io::join(&mut d, &mut u).await {
+                    tracing::debug!(target: "http", "upgraded stream ended: {e}");
+                }
+            }
+            Err(e) => tracing::debug!(target: "http", "upgrade failed: {e}"),
+        }
+    };
+    tokio::select! {
+        () = joined => {}
+        () = ended.closed() => {
+            tracing::debug!(target: "http", "upgraded stream ended by its timers");
+        }
+    }
 }
 
 /// A retriable outcome that is not retried: a response goes back with `flag` added, a failure
@@ -968,14 +1089,30 @@ fn router_config(hcm: &HttpConnectionManager) -> Option<&crate::config::filters:
 /// request's end, across attempts), `per_try_timeout` (from the later of the request's end and
 /// the attempt's start, until response headers), `per_try_idle_timeout` (from the attempt's
 /// start, response body included) and the cluster's `max_stream_duration`.
+///
+/// An `upgrade`'s request does not end before its 101, so its route timeout runs from the
+/// attempt's start until the response's headers (Envoy ≥ 1.36, envoyproxy/envoy#41075: the
+/// router arms it when the upgrade goes upstream and the upstream codec filter disarms it, with
+/// the per-try timeouts, on the 101); the per-try timers (retries do not apply to upgrades) are
+/// not armed; the cluster's `max_stream_duration` goes on capping the tunnel.
 fn attempt_watch(
     activity: &Arc<Activity>,
     t: &timeout::RouteTimeouts,
     upstream_duration: Option<std::time::Duration>,
     forward_start: tokio::time::Instant,
     attempt_start: tokio::time::Instant,
+    upgrade: bool,
 ) -> Watch {
     let mut w = Watch::new(activity.clone());
+    if upgrade {
+        if let Some(g) = t.global {
+            w = w.response_by(attempt_start + g, Expired::Route);
+        }
+        if let Some(d) = upstream_duration {
+            w = w.at(attempt_start + d, Expired::UpstreamDuration);
+        }
+        return w;
+    }
     if let Some(g) = t.global {
         w = w.after_request(g, forward_start, false, Expired::Route);
     }

@@ -10,6 +10,9 @@
 //! earliest deadline it knows and, when activity has moved that deadline by the time it wakes,
 //! sleeps again (the optimisation Envoy's own `resetIdleTimer` comment asks for).
 //!
+//! An upgraded stream keeps its watches after the 101: the tunnel's bytes either way are its
+//! activity and the 101's body lasts as long as the tunnel (see the router's `UpgradedBody`).
+//!
 //! A connection's [`ConnActivity`] counts its streams in flight and when the last one ended, for
 //! the connection `idle_timeout` of HTTP connection managers and upstream pools.
 
@@ -225,6 +228,9 @@ enum Clock {
     },
     /// At a fixed instant unless the request ended or the response started first.
     RequestBy(Instant),
+    /// At a fixed instant unless the response started first (an upgrade's handshake: its
+    /// request never ends).
+    ResponseBy(Instant),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -312,6 +318,13 @@ impl Watch {
         self.push(Clock::RequestBy(at), Expired::Request)
     }
 
+    /// Fires at `at` unless the response started first: the route timeout of an upgrade, whose
+    /// request does not end before its 101 (Envoy's `setupRouteTimeoutForWebsocketUpgrade`,
+    /// disarmed by the 101).
+    pub fn response_by(self, at: Instant, kind: Expired) -> Watch {
+        self.push(Clock::ResponseBy(at), kind)
+    }
+
     /// Whether no timer is set.
     pub fn is_empty(&self) -> bool {
         self.rules.iter().all(Option::is_none)
@@ -340,6 +353,7 @@ impl Watch {
                     Some(t)
                 }
             }
+            Clock::ResponseBy(t) => (!a.response_started()).then_some(t),
         }
     }
 
@@ -544,19 +558,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    self.watch.activity.touch();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.check(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
+        // The timers first: a tunnel whose reads are always ready must still end at its
+        // deadline (`max_stream_duration`).
+        if let Some(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
         }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() && buf.filled().len() > before {
+            self.watch.activity.touch();
+        }
+        polled
     }
 }
 
@@ -566,25 +578,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if let Some(e) = self
-            .expired
-            .map(|k| std::io::Error::new(std::io::ErrorKind::TimedOut, k))
-        {
+        if let Some(e) = self.check(cx) {
             return Poll::Ready(Err(e));
         }
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.watch.activity.touch();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match self.check(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.watch.activity.touch();
         }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -1227,6 +1228,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_upgrade_route_timer_ignores_the_request_and_stops_at_the_response() {
+        // The handshake took too long: fires at its deadline though the request never ended.
+        let a = Activity::new();
+        let start = a.started();
+        let mut w = Watch::new(a.clone())
+            .response_by(start + Duration::from_secs(2), Expired::Route)
+            .at(start + Duration::from_secs(9), Expired::UpstreamDuration);
+        assert_eq!(w.expired().await, Expired::Route);
+        assert_eq!(Instant::now().duration_since(start), Duration::from_secs(2));
+        // The 101 came in time: only the duration cap is left.
+        let a = Activity::new();
+        let start = a.started();
+        let mut w = Watch::new(a.clone())
+            .response_by(start + Duration::from_secs(2), Expired::Route)
+            .at(start + Duration::from_secs(9), Expired::UpstreamDuration);
+        let switched = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                a.start_response();
+            })
+        };
+        assert_eq!(w.expired().await, Expired::UpstreamDuration);
+        assert_eq!(Instant::now().duration_since(start), Duration::from_secs(9));
+        switched.await.expect("joined");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_watch_without_timers_never_fires() {
         let mut w = Watch::new(Activity::new());
         assert!(w.is_empty());
@@ -1283,6 +1312,33 @@ mod tests {
             Duration::from_secs(12)
         );
         sender.abort();
+    }
+
+    #[tokio::test]
+    async fn a_busy_tunnel_still_ends_at_its_deadline() {
+        use tokio::io::AsyncReadExt as _;
+        let a = Activity::new();
+        let deadline = a.started() + Duration::from_millis(200);
+        // Reads that never wait.
+        let mut io = WatchedIo::new(
+            tokio::io::repeat(7),
+            Watch::new(a.clone()).at(deadline, Expired::StreamDuration),
+            None,
+        );
+        let mut buf = [0u8; 256];
+        let err = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = io.read(&mut buf).await {
+                    break e;
+                }
+            }
+        })
+        .await
+        .expect("ended within the bound");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(io.expired(), Some(Expired::StreamDuration));
+        assert!(Instant::now() >= deadline);
+        assert!(a.last() > a.started(), "reads counted as activity");
     }
 
     #[tokio::test(start_paused = true)]
