@@ -12,7 +12,10 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -556,18 +559,49 @@ pub fn claim_principal(claim: &str, value: &str) -> Json {
 /// metadata, `requires_any{provider, allow_missing}`, CORS preflights bypassed) goes first, then
 /// the RBAC filter (jwt_authn before rbac), then the fixture's filters.
 pub fn jwt_listener(fixture: &Fixture, jwks: &Json) -> Result<Json, ScenarioError> {
+    jwt_policy_listener(
+        fixture,
+        "local_jwks",
+        json!({"inline_string": jwks.to_string()}),
+    )
+}
+
+/// [`jwt_listener`] for `jwtRules: [{issuer: testing@secure.istio.io, jwksUri: <uri>}]` under
+/// `PILOT_JWT_ENABLE_REMOTE_JWKS=envoy`, the JWKS server being a ServiceEntry host istiod finds a
+/// cluster for (`model.LookupCluster`): the provider's `remote_jwks` names that cluster, with
+/// istiod's default 5 s fetch timeout and 300 s `cache_duration`, and no `async_fetch` (istiod
+/// sets none, so the keys are fetched on the first request that needs them).
+pub fn remote_jwks_listener(fixture: &Fixture, jwks: &JwksServer) -> Result<Json, ScenarioError> {
+    jwt_policy_listener(
+        fixture,
+        "remote_jwks",
+        json!({
+            "http_uri": {"uri": jwks.uri(), "cluster": jwks.cluster_name(), "timeout": "5s"},
+            "cache_duration": "300s"
+        }),
+    )
+}
+
+/// The RequestAuthentication + AuthorizationPolicy listener with the provider's JWKS source
+/// `source_field: source`.
+fn jwt_policy_listener(
+    fixture: &Fixture,
+    source_field: &str,
+    source: Json,
+) -> Result<Json, ScenarioError> {
     let mut l = fixture.main_internal();
     let hcm = service_hcm(&mut l)?;
+    let mut provider = json!({
+        "issuer": ISSUER,
+        "payload_in_metadata": "payload",
+        "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]}
+    });
+    provider[source_field] = source;
     let jwt = json!({
         "name": JWT_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            "providers": {"origins-0": {
-                "issuer": ISSUER,
-                "local_jwks": {"inline_string": jwks.to_string()},
-                "payload_in_metadata": "payload",
-                "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]}
-            }},
+            "providers": {"origins-0": provider},
             "rules": [{
                 "match": {"prefix": "/"},
                 "requires": {"requires_any": {"requirements": [
@@ -671,6 +705,32 @@ pub fn rate_limit_listener(fixture: &Fixture, tokens: usize) -> Result<Json, Sce
             "typed_config": local_rate_limit_config(json!({"stat_prefix": "http_local_rate_limiter"}))
         }),
     );
+    Ok(l)
+}
+
+/// `main_internal` with a WebSocket route whose streams end after `idle` without a byte either
+/// way. No VirtualService field sets a route's `idle_timeout` (and the waypoint's HCM keeps
+/// `stream_idle_timeout: 0s`), so it comes from an EnvoyFilter on the waypoint merging into the
+/// VirtualService's route:
+///
+/// ```yaml
+/// # VirtualService httpbin
+/// http:
+/// - {name: ws, match: [{uri: {prefix: /ws}}], route: [{destination: {host: httpbin.default.svc.cluster.local}}]}
+/// - {name: default, route: [{destination: {host: httpbin.default.svc.cluster.local}}]}
+/// # EnvoyFilter ws-idle (targetRefs: [{kind: Gateway, name: waypoint}])
+/// configPatches:
+/// - applyTo: HTTP_ROUTE
+///   match: {routeConfiguration: {vhost: {route: {name: ws}}}}
+///   patch: {operation: MERGE, value: {route: {idle_timeout: <idle>}}}
+/// ```
+pub fn ws_idle_listener(fixture: &Fixture, idle: Duration) -> Result<Json, ScenarioError> {
+    let mut l = fixture.main_internal();
+    let vhost = service_vhost(service_hcm(&mut l)?)?;
+    let default = default_route(vhost)?;
+    let mut ws = vs_route(&default, "ws", "/ws", None);
+    ws["route"]["idle_timeout"] = json!(format!("{}s", idle.as_secs_f64()));
+    vhost["routes"] = json!([ws, vs_route(&default, "default", "/", None)]);
     Ok(l)
 }
 
@@ -1004,6 +1064,178 @@ impl Issuer {
             .sign(&self.rng, input.as_bytes())
             .map_err(|e| ScenarioError::Signing(format!("sign the token: {e}")))?;
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+    }
+}
+
+/// The host of the JWKS server's ServiceEntry (`resolution: STATIC`, one endpoint on loopback).
+pub const JWKS_HOST: &str = "jwks.mesh.local";
+/// The path [`JwksServer`] serves the JWKS on.
+pub const JWKS_PATH: &str = "/keys";
+
+/// An HTTP server on 127.0.0.1 serving a JWKS on [`JWKS_PATH`] (404 elsewhere) and counting the
+/// fetches, standing for the `jwksUri` of a RequestAuthentication; the waypoint reaches it
+/// through the cluster istiod renders for the ServiceEntry `jwks.mesh.local` whose port is the
+/// server's. Stops when dropped.
+#[derive(Debug)]
+pub struct JwksServer {
+    addr: SocketAddr,
+    fetches: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    /// Binds 127.0.0.1 on a free port and serves `jwks`.
+    pub async fn start(jwks: &Json) -> Result<Self, ScenarioError> {
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(|source| ScenarioError::Io {
+                what: "binding the JWKS server".to_owned(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ScenarioError::Io {
+            what: "the JWKS server's address".to_owned(),
+            source,
+        })?;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let body = Bytes::from(jwks.to_string());
+        let counted = fetches.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in the set, so that dropping the server ends them too.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                while conns.try_join_next().is_some() {}
+                let (counted, body) = (counted.clone(), body.clone());
+                conns.spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (counted, body) = (counted.clone(), body.clone());
+                            async move {
+                                let mut answer = http::Response::new(Full::new(Bytes::new()));
+                                if req.uri().path() == JWKS_PATH {
+                                    counted.fetch_add(1, Ordering::SeqCst);
+                                    *answer.body_mut() = Full::new(body);
+                                    answer.headers_mut().insert(
+                                        http::header::CONTENT_TYPE,
+                                        http::HeaderValue::from_static("application/json"),
+                                    );
+                                } else {
+                                    *answer.status_mut() = StatusCode::NOT_FOUND;
+                                }
+                                Ok::<_, std::convert::Infallible>(answer)
+                            }
+                        });
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await
+                    {
+                        tracing::debug!("a JWKS server connection ended: {e}");
+                    }
+                });
+            }
+        });
+        Ok(JwksServer {
+            addr,
+            fetches,
+            task,
+        })
+    }
+
+    /// The RequestAuthentication's `jwksUri`: the ServiceEntry host on the server's port.
+    pub fn uri(&self) -> String {
+        format!("http://{JWKS_HOST}:{}{JWKS_PATH}", self.addr.port())
+    }
+
+    /// The cluster istiod finds for the `jwksUri` (`outbound|<port>||<host>`).
+    pub fn cluster_name(&self) -> String {
+        format!("outbound|{}||{JWKS_HOST}", self.addr.port())
+    }
+
+    /// How many times the JWKS has been fetched.
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// The cluster istiod renders for the ServiceEntry (`resolution: STATIC`: EDS over ADS),
+    /// with its default connection pool, load balancer and service metadata.
+    pub fn cluster(&self) -> Json {
+        let name = self.cluster_name();
+        json!({
+            "name": name,
+            "type": "EDS",
+            "eds_cluster_config": {
+                "service_name": name,
+                "eds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+            },
+            "connect_timeout": "10s",
+            "lb_policy": "LEAST_REQUEST",
+            "common_lb_config": {},
+            "circuit_breakers": {"thresholds": [{
+                "max_connections": 4_294_967_295u64,
+                "max_pending_requests": 4_294_967_295u64,
+                "max_requests": 4_294_967_295u64,
+                "max_retries": 4_294_967_295u64,
+                "track_remaining": true
+            }]},
+            "metadata": {"filter_metadata": {"istio": {"services": [
+                {"host": JWKS_HOST, "name": JWKS_HOST, "namespace": "default"}
+            ]}}}
+        })
+    }
+
+    /// The cluster's EDS: the ServiceEntry's one endpoint, the server.
+    pub fn endpoints(&self) -> Json {
+        json!({
+            "cluster_name": self.cluster_name(),
+            "endpoints": [{"locality": {}, "lb_endpoints": [{
+                "endpoint": {"address": {"socket_address": {
+                    "address": self.addr.ip().to_string(),
+                    "port_value": self.addr.port()
+                }}},
+                "health_status": "HEALTHY",
+                "load_balancing_weight": 1
+            }]}]
+        })
+    }
+
+    /// Pushes the cluster as istiod does when the ServiceEntry appears (EDS, sent once the
+    /// cluster asks for it, then CDS) and waits until it has a healthy endpoint.
+    pub async fn install(&self, mesh: &WaypointMesh) -> Result<(), ScenarioError> {
+        push_unacked(
+            mesh,
+            ResourceKind::Endpoint,
+            &self.endpoints(),
+            "the JWKS server's endpoints",
+        )
+        .await?;
+        push(
+            mesh,
+            ResourceKind::Cluster,
+            &self.cluster(),
+            "the JWKS server's cluster",
+        )
+        .await?;
+        wait_stat(
+            mesh,
+            &format!("cluster.{}.membership_healthy", self.cluster_name()),
+            1,
+            ACK_WAIT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the cluster and its EDS again (after a listener that names it is gone).
+    pub async fn uninstall(&self, mesh: &WaypointMesh) -> Result<(), ScenarioError> {
+        let name = self.cluster_name();
+        remove(mesh, ResourceKind::Cluster, &name).await?;
+        mesh.istiod.remove(ResourceKind::Endpoint, &name).await;
+        Ok(())
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -2229,5 +2461,62 @@ mod tests {
                 "forged: {forged}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn remote_jwks_listener_names_the_service_entry_cluster_and_the_server_counts_fetches() {
+        let issuer = Issuer::new().expect("keys");
+        let server = JwksServer::start(&issuer.jwks()).await.expect("server");
+        let port = server.addr.port();
+        let mut l = remote_jwks_listener(&fixture(), &server).expect("listener");
+        let filters = http_filters(service_hcm(&mut l).expect("hcm")).expect("filters");
+        assert_eq!(filters[0]["name"], JWT_FILTER);
+        let provider = &filters[0]["typed_config"]["providers"]["origins-0"];
+        assert!(provider.get("local_jwks").is_none(), "{provider}");
+        assert_eq!(
+            provider["remote_jwks"],
+            json!({
+                "http_uri": {
+                    "uri": format!("http://jwks.mesh.local:{port}/keys"),
+                    "cluster": format!("outbound|{port}||jwks.mesh.local"),
+                    "timeout": "5s"
+                },
+                "cache_duration": "300s"
+            })
+        );
+        assert_eq!(server.cluster()["name"], server.cluster_name());
+        assert_eq!(
+            server.endpoints()["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            port
+        );
+
+        assert_eq!(server.fetches(), 0);
+        let keys = send(server.addr, "GET", JWKS_PATH, &[], Bytes::new())
+            .await
+            .expect("fetch");
+        assert_eq!(keys.status, StatusCode::OK);
+        assert_eq!(
+            serde_json::from_slice::<Json>(&keys.body).expect("json"),
+            issuer.jwks()
+        );
+        let other = send(server.addr, "GET", "/other", &[], Bytes::new())
+            .await
+            .expect("other");
+        assert_eq!(other.status, StatusCode::NOT_FOUND);
+        assert_eq!(server.fetches(), 1, "only JWKS_PATH counts");
+    }
+
+    #[test]
+    fn ws_idle_listener_sets_the_ws_routes_idle_timeout_only() {
+        let mut l = ws_idle_listener(&fixture(), Duration::from_millis(1500)).expect("listener");
+        let vhost = service_vhost(service_hcm(&mut l).expect("hcm")).expect("vhost");
+        let routes = vhost["routes"].as_array().expect("routes");
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0]["name"], "ws");
+        assert_eq!(routes[0]["match"]["prefix"], "/ws");
+        assert_eq!(routes[0]["route"]["idle_timeout"], "1.5s");
+        assert_eq!(routes[1]["name"], "default");
+        assert!(routes[1]["route"].get("idle_timeout").is_none());
     }
 }

@@ -56,12 +56,12 @@ use waypoint_testbed::{
     echo::SERVER_HEADER,
     hbone::{HboneForwarder, HbonePool, PoolSettings},
     scenarios::{
-        self, ALLOWED_ORIGIN, BatchRequest, Fixture, Issuer, LoadBalancer, MIRROR_PORT, MirrorEcho,
-        OTHER_ORIGIN, OutlierPolicy, Pod, PodSpec, SHADOW_HOST, ScenarioError, ServicePods, Tally,
-        VIP_STATS, breaker_cluster, cookie_listener, cors_listener, dr_cluster, h2c_batch,
-        istio_stats_listener, jwt_claims, jwt_listener, lb_listener, mirror_endpoints,
-        mirror_listener, path_policy_listener, rate_limit_listener, retries_policy,
-        timeout_listener, vs_listener,
+        self, ALLOWED_ORIGIN, BatchRequest, Fixture, Issuer, JwksServer, LoadBalancer, MIRROR_PORT,
+        MirrorEcho, OTHER_ORIGIN, OutlierPolicy, Pod, PodSpec, SHADOW_HOST, ScenarioError,
+        ServicePods, Tally, VIP_STATS, breaker_cluster, cookie_listener, cors_listener, dr_cluster,
+        h2c_batch, istio_stats_listener, jwt_claims, jwt_listener, lb_listener, mirror_endpoints,
+        mirror_listener, path_policy_listener, rate_limit_listener, remote_jwks_listener,
+        retries_policy, timeout_listener, vs_listener, ws_idle_listener,
     },
     uds,
     waypoint::{
@@ -1137,6 +1137,8 @@ async fn traffic_management(mesh: &WaypointMesh, expect: &mut Expectations) {
         ("timeout", scenario_timeout(mesh, &fixture).await),
         ("mirror", scenario_mirror(mesh, &fixture).await),
         ("jwt", scenario_jwt(mesh, &fixture).await),
+        ("jwks-remote", scenario_jwks_remote(mesh, &fixture).await),
+        ("ws-idle", scenario_ws_idle(mesh, &fixture).await),
         ("authz", scenario_path_template(mesh, &fixture).await),
         ("cors", scenario_cors(mesh, &fixture).await),
         ("ratelimit", scenario_rate_limit(mesh, &fixture).await),
@@ -1641,6 +1643,210 @@ async fn scenario_jwt(mesh: &WaypointMesh, fixture: &Fixture) -> Result<Finding,
         wanted: "valid+claim 200, no claim 403, expired 401, bad signature 401, no token 403"
             .to_owned(),
     })
+}
+
+/// Valid tokens sent once the remote JWKS is in force: all of them must be served from one fetch.
+const JWKS_REQUESTS: usize = 4;
+
+/// RequestAuthentication with `jwksUri` as istiod renders it under
+/// `PILOT_JWT_ENABLE_REMOTE_JWKS=envoy` (the claim policy of [`scenario_jwt`] alongside): the
+/// waypoint fetches the keys from the JWKS server through the ServiceEntry's cluster on the first
+/// request, then verifies from its cache. The cluster goes away again afterwards.
+async fn scenario_jwks_remote(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    let issuer = Issuer::new()?;
+    let server = JwksServer::start(&issuer.jwks()).await?;
+    let driven = async {
+        server.install(mesh).await?;
+        scenarios::push(
+            mesh,
+            ResourceKind::Listener,
+            &remote_jwks_listener(fixture, &server)?,
+            "main_internal with the jwksUri RequestAuthentication and the claim policy",
+        )
+        .await?;
+        // istiod sets no `async_fetch`: nothing is fetched until a request needs the keys.
+        let before = server.fetches();
+        let valid = format!(
+            "Bearer {}",
+            issuer.token(&jwt_claims(Some(json!("admins")), 600), false)?
+        );
+        let mut statuses = Vec::new();
+        for _ in 0..JWKS_REQUESTS {
+            let a = scenarios::send(
+                mesh.client_addr(),
+                "GET",
+                "/jwt/remote",
+                &[("authorization", valid.as_str())],
+                Bytes::new(),
+            )
+            .await?;
+            statuses.push(a.status.as_u16());
+        }
+        let forged = format!(
+            "Bearer {}",
+            issuer.token(&jwt_claims(Some(json!("admins")), 600), true)?
+        );
+        let bad = scenarios::send(
+            mesh.client_addr(),
+            "GET",
+            "/jwt/remote",
+            &[("authorization", forged.as_str())],
+            Bytes::new(),
+        )
+        .await?;
+        Ok::<_, ScenarioError>((before, statuses, bad.status.as_u16(), server.fetches()))
+    }
+    .await;
+    // The fixture's listener first: the cluster must not go while a listener still names it.
+    let restored = scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await;
+    // Also after a failed install: a cluster pushed but never healthy must not stay.
+    let removed = server.uninstall(mesh).await;
+    // The scenario's own error first: a failed removal after it is a consequence.
+    let (before, statuses, bad, fetches) = driven?;
+    restored?;
+    removed?;
+    let all_ok = statuses.iter().all(|s| *s == 200);
+    let shown: Vec<String> = statuses.iter().map(u16::to_string).collect();
+    Ok(Finding {
+        text: format!(
+            "RequestAuthentication jwksUri {} via {}: valid token {} ({}), bad signature {bad}, \
+             JWKS fetched {fetches}x ({before} before the first request)",
+            server.uri(),
+            server.cluster_name(),
+            if all_ok { "200" } else { "NOT 200" },
+            shown.join("/"),
+        ),
+        held: all_ok && bad == 401 && before == 0 && fetches == 1,
+        wanted: format!(
+            "{JWKS_REQUESTS} valid tokens 200, bad signature 401, the JWKS fetched once, on demand"
+        ),
+    })
+}
+
+/// The route's stream idle timeout the ws-idle EnvoyFilter sets.
+const WS_IDLE: Duration = Duration::from_secs(1);
+/// Bound for the waypoint to close a silent WebSocket.
+const WS_IDLE_BOUND: Duration = Duration::from_secs(5);
+/// How often the talking WebSocket exchanges a message, and for how long.
+const WS_TALK_EVERY: Duration = Duration::from_millis(300);
+const WS_TALK_FOR: Duration = Duration::from_secs(2);
+
+/// A route `idle_timeout` of 1 s (EnvoyFilter `HTTP_ROUTE` MERGE on the VirtualService's `ws`
+/// route) applied to WebSockets through the waypoint: a silent one is closed after about 1 s,
+/// one that exchanges a message every 300 ms for 2 s stays open and closes cleanly.
+async fn scenario_ws_idle(
+    mesh: &WaypointMesh,
+    fixture: &Fixture,
+) -> Result<Finding, ScenarioError> {
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &ws_idle_listener(fixture, WS_IDLE)?,
+        "main_internal with the ws route's idle_timeout (EnvoyFilter)",
+    )
+    .await?;
+    let client = mesh.client_addr();
+    let (silent, talking) = tokio::join!(ws_silent(client), ws_talking(client));
+    scenarios::push(
+        mesh,
+        ResourceKind::Listener,
+        &fixture.main_internal(),
+        "the fixture's main_internal",
+    )
+    .await?;
+    // Not before the timer could have fired (a little slack for the clock), within the bound.
+    let silent_held = silent
+        .as_ref()
+        .is_ok_and(|d| *d >= WS_IDLE.mul_f64(0.8) && *d <= WS_IDLE_BOUND);
+    let want_echoes = (WS_TALK_FOR.as_millis() / WS_TALK_EVERY.as_millis()) as usize;
+    let talking_held = talking
+        .as_ref()
+        .is_ok_and(|(n, open)| *n >= want_echoes && *open >= WS_TALK_FOR);
+    Ok(Finding {
+        text: format!(
+            "EnvoyFilter route idle_timeout {}s on /ws: silent WebSocket {}, one talking every {} {}",
+            WS_IDLE.as_secs_f64(),
+            match &silent {
+                Ok(d) => format!("closed by the waypoint after {}", secs(*d)),
+                Err(e) => format!("NOT closed as wanted: {e}"),
+            },
+            secs(WS_TALK_EVERY),
+            match &talking {
+                Ok((n, open)) => format!("open for {} ({n} echoes), then close 1000", secs(*open)),
+                Err(e) => format!("FAILED: {e}"),
+            },
+        ),
+        held: silent_held && talking_held,
+        wanted: format!(
+            "silent WebSocket closed after {}..{}, talking one open {} with every echo",
+            secs(WS_IDLE.mul_f64(0.8)),
+            secs(WS_IDLE_BOUND),
+            secs(WS_TALK_FOR)
+        ),
+    })
+}
+
+/// Opens a WebSocket and sends nothing: how long after the `101` the connection ended.
+async fn ws_silent(addr: SocketAddr) -> Result<Duration, String> {
+    let mut ws = WsClient::connect(addr, HOST, "/ws", REQUEST)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    match tokio::time::timeout(WS_IDLE_BOUND, ws.recv()).await {
+        Err(_) => Err(format!("still open after {}", secs(WS_IDLE_BOUND))),
+        Ok(Ok(frame)) => Err(format!("a frame came instead of the end: {frame:?}")),
+        // The end of the stream (EOF or a reset) is what the idle timeout does.
+        Ok(Err(_)) => Ok(t0.elapsed()),
+    }
+}
+
+/// Opens a WebSocket and exchanges one text frame every [`WS_TALK_EVERY`] for [`WS_TALK_FOR`],
+/// then closes it with 1000: the echoes counted and how long it stayed open.
+async fn ws_talking(addr: SocketAddr) -> Result<(usize, Duration), String> {
+    let mut ws = WsClient::connect(addr, HOST, "/ws", REQUEST)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let mut every = tokio::time::interval(WS_TALK_EVERY);
+    let mut echoes = 0usize;
+    while t0.elapsed() < WS_TALK_FOR {
+        every.tick().await;
+        let text = format!("tick {echoes}");
+        let exchange = async {
+            ws.send(ws_opcode::TEXT, text.as_bytes()).await?;
+            ws.recv().await
+        };
+        let back = tokio::time::timeout(REQUEST, exchange)
+            .await
+            .map_err(|_| format!("echo {echoes}: nothing within {REQUEST:?}"))?
+            .map_err(|e| format!("echo {echoes} after {}: {e}", secs(t0.elapsed())))?;
+        if back != (ws_opcode::TEXT, text.into_bytes()) {
+            return Err(format!("echo {echoes} came back as {back:?}"));
+        }
+        echoes += 1;
+    }
+    let open = t0.elapsed();
+    let close = async {
+        ws.send(ws_opcode::CLOSE, &1000u16.to_be_bytes()).await?;
+        ws.recv().await
+    };
+    let close = tokio::time::timeout(REQUEST, close)
+        .await
+        .map_err(|_| format!("no close within {REQUEST:?}"))?
+        .map_err(|e| format!("closing after {}: {e}", secs(open)))?;
+    if close != (ws_opcode::CLOSE, 1000u16.to_be_bytes().to_vec()) {
+        return Err(format!("close came back as {close:?}"));
+    }
+    Ok((echoes, open))
 }
 
 /// VirtualService `corsPolicy` on `/cors`: preflights from the allowed origin and another one.
@@ -2849,6 +3055,11 @@ async fn read_sds(path: &Path, root_pem: &str) -> anyhow::Result<(pem::CertInfo,
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A duration in seconds, to two places.
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
 }
 
 fn status_text(r: &Result<u16, String>) -> String {
