@@ -501,26 +501,10 @@ async fn attempt(dp: &Arc<DataPlane>, cfg: &RemoteJwksConfig) -> Result<bytes::B
     let target = router::pick_target(&rt, &ctx, None, &[], None).map_err(Attempt::Failed)?;
     let proto = rt.protocol(Version::HTTP_11);
     let request = build(cfg, proto).map_err(|e| Attempt::Failed(ProxyError::BadRequest(e)))?;
-    let origin = Origin::default();
-    rt.stats.rq_total.inc();
-    let pool = rt
-        .pool(&target.key, proto, origin.shared.sharing_hash(), false)
-        .map_err(Attempt::Failed)?;
-    let dial = router::dialer(dp, &rt, &target, &origin);
-    let limits = rt.limits(false);
-    let active = router::ActiveGuard::new(&rt.stats.rq_active);
-    let outcome = pool.send(request, dial, false, &limits).await;
-    rt.report_attempt(
-        target.host.as_deref(),
-        outcome
-            .as_ref()
-            .map(|r| r.status().as_u16())
-            .map_err(|e| &e.error),
-    );
-    let response = outcome.map_err(|e| Attempt::Failed(e.error))?;
-    rt.stats
-        .codes
-        .record(&dp.server.stats, response.status().as_u16());
+    let (response, active) =
+        router::send_single(dp, &rt, &target, &Origin::default(), (proto, request))
+            .await
+            .map_err(Attempt::Failed)?;
     let (parts, body) = response.into_parts();
     if parts.status != StatusCode::OK {
         return Err(Attempt::Status(parts.status, parts.headers));

@@ -259,30 +259,8 @@ async fn send(
             return;
         }
     };
-    rt.stats.rq_total.inc();
-    let pool = match rt.pool(&target.key, proto, origin.shared.sharing_hash(), false) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(target: "http", "mirror to {}: {e}", rt.cluster.name);
-            return;
-        }
-    };
-    let dial = router::dialer(dp, rt, &target, origin);
-    let limits = rt.limits(false);
-    let active = router::ActiveGuard::new(&rt.stats.rq_active);
-    let outcome = pool.send(request, dial, false, &limits).await;
-    rt.report_attempt(
-        target.host.as_deref(),
-        outcome
-            .as_ref()
-            .map(|r| r.status().as_u16())
-            .map_err(|e| &e.error),
-    );
-    match outcome {
-        Ok(resp) => {
-            rt.stats
-                .codes
-                .record(&dp.server.stats, resp.status().as_u16());
+    match router::send_single(dp, rt, &target, origin, (proto, request)).await {
+        Ok((resp, _active)) => {
             // Discarded, but read through: an unread body would close a pooled connection.
             let mut body = resp.into_body();
             while let Some(frame) = body.frame().await {
@@ -291,9 +269,8 @@ async fn send(
                 }
             }
         }
-        Err(e) => tracing::debug!(target: "http", "mirror to {}: {}", rt.cluster.name, e.error),
+        Err(e) => tracing::debug!(target: "http", "mirror to {}: {e}", rt.cluster.name),
     }
-    drop(active);
 }
 
 /// What a tee and one of its copies share.

@@ -279,6 +279,37 @@ pub(super) fn dialer(
     }
 }
 
+/// One request to `target` outside a route's retry loop (a mirror copy, a JWKS fetch), counted
+/// and reported as a routed attempt is: `upstream_rq_total`, the cluster's pool and breakers,
+/// outlier detection, the response-code stats. The guard keeps `upstream_rq_active` up while the
+/// caller reads the response.
+pub(super) async fn send_single(
+    dp: &Arc<DataPlane>,
+    rt: &ClusterRt,
+    target: &Target,
+    origin: &Origin,
+    (proto, request): (Proto, Request<Body>),
+) -> Result<(Response<Body>, ActiveGuard), ProxyError> {
+    rt.stats.rq_total.inc();
+    let pool = rt.pool(&target.key, proto, origin.shared.sharing_hash(), false)?;
+    let dial = dialer(dp, rt, target, origin);
+    let limits = rt.limits(false);
+    let active = ActiveGuard::new(&rt.stats.rq_active);
+    let outcome = pool.send(request, dial, false, &limits).await;
+    rt.report_attempt(
+        target.host.as_deref(),
+        outcome
+            .as_ref()
+            .map(|r| r.status().as_u16())
+            .map_err(|e| &e.error),
+    );
+    let response = outcome.map_err(|e| e.error)?;
+    rt.stats
+        .codes
+        .record(&dp.server.stats, response.status().as_u16());
+    Ok((response, active))
+}
+
 /// `x-envoy-original-dst-host` (names parsed once: a `&str` key is parsed on every lookup).
 pub(super) const ORIGINAL_DST_HOST: HeaderName =
     HeaderName::from_static("x-envoy-original-dst-host");

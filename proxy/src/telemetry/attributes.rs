@@ -189,27 +189,6 @@ impl ConnectionAttributes<'_> {
 }
 
 impl Attributes for ConnectionAttributes<'_> {
-    fn request_header(&self, _: &str) -> Option<String> {
-        None
-    }
-
-    fn response_header(&self, _: &str) -> Option<String> {
-        None
-    }
-
-    fn request(&self, _: &Expr) -> Option<String> {
-        None
-    }
-
-    fn response_code(&self) -> Option<u16> {
-        // No response: Envoy's `response.code` is absent on a connection (not 0).
-        None
-    }
-
-    fn grpc_status(&self) -> Option<u32> {
-        None
-    }
-
     fn address(&self, source: bool) -> Option<SocketAddr> {
         self.stream().address(source)
     }
@@ -250,26 +229,6 @@ impl Attributes for ConnectionAttributes<'_> {
 pub struct RunningStream<'a>(pub StreamAttributes<'a>);
 
 impl Attributes for RunningStream<'_> {
-    fn request_header(&self, _: &str) -> Option<String> {
-        None
-    }
-
-    fn response_header(&self, _: &str) -> Option<String> {
-        None
-    }
-
-    fn request(&self, _: &Expr) -> Option<String> {
-        None
-    }
-
-    fn response_code(&self) -> Option<u16> {
-        None
-    }
-
-    fn grpc_status(&self) -> Option<u32> {
-        None
-    }
-
     fn address(&self, source: bool) -> Option<SocketAddr> {
         self.0.address(source)
     }

@@ -133,17 +133,30 @@ impl fmt::Display for ExprError {
 }
 
 /// What an expression can read about a stream.
+///
+/// The request and response attributes read nothing by default: a connection, or a stream that
+/// is still running, has none (Envoy's `response.code` is absent there, not 0).
 pub trait Attributes {
     /// A request header (lower-case name).
-    fn request_header(&self, name: &str) -> Option<String>;
+    fn request_header(&self, _name: &str) -> Option<String> {
+        None
+    }
     /// A response header (lower-case name).
-    fn response_header(&self, name: &str) -> Option<String>;
+    fn response_header(&self, _name: &str) -> Option<String> {
+        None
+    }
     /// `:authority`, method, path with query, scheme, protocol.
-    fn request(&self, e: &Expr) -> Option<String>;
+    fn request(&self, _e: &Expr) -> Option<String> {
+        None
+    }
     /// The response code (0 when none was sent).
-    fn response_code(&self) -> Option<u16>;
+    fn response_code(&self) -> Option<u16> {
+        None
+    }
     /// The gRPC status.
-    fn grpc_status(&self) -> Option<u32>;
+    fn grpc_status(&self) -> Option<u32> {
+        None
+    }
     /// Source (true) or destination address.
     fn address(&self, source: bool) -> Option<std::net::SocketAddr>;
     /// Mutual TLS on the downstream connection.
