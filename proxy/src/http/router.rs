@@ -296,6 +296,17 @@ pub(super) async fn send_single(
     let limits = rt.limits(false);
     let active = ActiveGuard::new(&rt.stats.rq_active);
     let outcome = pool.send(request, dial, false, &limits).await;
+    record_outcome(dp, rt, target, &outcome);
+    Ok((outcome.map_err(|e| e.error)?, active))
+}
+
+/// An attempt's outcome for outlier detection and, for a response, the response-code stats.
+fn record_outcome(
+    dp: &DataPlane,
+    rt: &ClusterRt,
+    target: &Target,
+    outcome: &Result<Response<Body>, SendError>,
+) {
     rt.report_attempt(
         target.host.as_deref(),
         outcome
@@ -303,11 +314,9 @@ pub(super) async fn send_single(
             .map(|r| r.status().as_u16())
             .map_err(|e| &e.error),
     );
-    let response = outcome.map_err(|e| e.error)?;
-    rt.stats
-        .codes
-        .record(&dp.server.stats, response.status().as_u16());
-    Ok((response, active))
+    if let Ok(r) = outcome {
+        rt.stats.codes.record(&dp.server.stats, r.status().as_u16());
+    }
 }
 
 /// `x-envoy-original-dst-host` (names parsed once: a `&str` key is parsed on every lookup).
@@ -824,16 +833,7 @@ pub async fn forward(
             None => sent.await,
         };
         drop(active);
-        rt.report_attempt(
-            target.host.as_deref(),
-            outcome
-                .as_ref()
-                .map(|r| r.status().as_u16())
-                .map_err(|e| &e.error),
-        );
-        if let Ok(r) = &outcome {
-            rt.stats.codes.record(&dp.server.stats, r.status().as_u16());
-        }
+        record_outcome(dp, &rt, &target, &outcome);
         // The route timeout is final: Envoy's route timer answers 504 `UT` itself, never retries.
         let overall_expired =
             expired == Some(Expired::Route) || activity.as_deref().is_some_and(route_expired);
