@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -234,6 +234,8 @@ pub struct Pool {
     h2_settings: H2ClientSettings,
     idle: Mutex<Vec<Idle>>,
     h2: tokio::sync::Mutex<Option<(conn::http2::SendRequest<Body>, Arc<ConnMeta>)>>,
+    /// The HTTP/2 connection is being opened (dial and handshake, under the `h2` lock).
+    h2_connecting: AtomicBool,
     /// Connections open or opening.
     open: Arc<AtomicU64>,
     /// Woken when an HTTP/1.1 connection comes back idle.
@@ -259,6 +261,7 @@ impl Pool {
             h2_settings: settings.h2,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            h2_connecting: AtomicBool::new(false),
             open: Arc::new(AtomicU64::new(0)),
             returned: tokio::sync::Notify::new(),
         }
@@ -553,17 +556,30 @@ impl Pool {
         limits: &Limits,
         rq: Slot,
     ) -> Result<Response<Body>, SendError> {
+        // Requests that find the connection being opened wait for it as pending requests, as
+        // in Envoy's HTTP/2 pool: counted in `upstream_rq_pending_*`, refused with an overflow
+        // past `max_pending_requests`.
+        let mut waiting = if self.h2_connecting.load(Ordering::Acquire) {
+            match limits.pending() {
+                Ok(p) => Some(p),
+                Err(e) => return Err(SendError::unsent(e, req)),
+            }
+        } else {
+            None
+        };
         let (mut send, meta) = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref() {
                 Some((s, m)) if !s.is_closed() && !m.retired() => (s.clone(), m.clone()),
                 _ => {
-                    // The request that opens the connection is pending until it is up; the
-                    // pool's one connection is opened even over `max_connections`.
-                    let pending = match limits.pending() {
+                    // The request that opens the connection is pending until it is up (a
+                    // waiter whose connection failed keeps its slot); the pool's one
+                    // connection is opened even over `max_connections`.
+                    let pending = match waiting.take().map_or_else(|| limits.pending(), Ok) {
                         Ok(p) => p,
                         Err(e) => return Err(SendError::unsent(e, req)),
                     };
+                    let _connecting = Flag::raise(&self.h2_connecting);
                     let mut overflow_counted = false;
                     let cx = match self.connection(limits, &mut overflow_counted) {
                         Some(cx) => cx,
@@ -621,6 +637,7 @@ impl Pool {
                 }
             }
         };
+        drop(waiting);
         // Counted before the send, so the connection is not idle while the request waits.
         let stream = meta.activity.stream();
         meta.request(self.max_requests, &limits.stats);
@@ -639,6 +656,22 @@ impl Pool {
             // The stream counts for the connection's idle timeout until its response ends.
             timeout::hold(body, stream)
         }))
+    }
+}
+
+/// An [`AtomicBool`] raised while the guard lives (lowered on every way out).
+struct Flag<'a>(&'a AtomicBool);
+
+impl<'a> Flag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Flag(flag)
+    }
+}
+
+impl Drop for Flag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -889,6 +922,86 @@ mod tests {
         assert_eq!(limits.stats.rq_pending_total.get(), 2);
         assert_eq!(limits.stats.rq_pending_active.get(), 0);
         assert_eq!(limits.manager.default.requests.count(), 0);
+    }
+
+    /// An HTTP/2 server on loopback answering `ok` at once.
+    async fn h2_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Response::builder()
+                            .status(200)
+                            .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn h2_requests_waiting_for_the_connection_are_pending() {
+        let addr = h2_server().await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |cb| cb.default.max_pending_requests = 2);
+        let pool = Arc::new(Pool::new(Proto::Http2, PoolSettings::default()));
+        // The first request opens the connection, whose dial waits for the gate.
+        let gate = Arc::new(Semaphore::new(0));
+        let first = {
+            let (pool, limits, gate) = (pool.clone(), limits.clone(), gate.clone());
+            let dial = move || -> Dial<'static> {
+                Box::pin(async move {
+                    let _ = gate.acquire().await;
+                    dialer(addr)().await
+                })
+            };
+            tokio::spawn(async move { pool.send(request(), dial, false, &limits).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pool.h2_connecting.load(Ordering::Acquire) {
+            assert!(tokio::time::Instant::now() < deadline, "first not dialing");
+            tokio::task::yield_now().await;
+        }
+        // The second waits for that connection: pending too.
+        let second = {
+            let (pool, limits) = (pool.clone(), limits.clone());
+            tokio::spawn(async move { pool.send(request(), dialer(addr), false, &limits).await })
+        };
+        while limits.stats.rq_pending_active.get() != 2 {
+            assert!(tokio::time::Instant::now() < deadline, "second not pending");
+            tokio::task::yield_now().await;
+        }
+        // The third finds the pending queue full.
+        let third = pool.send(request(), dialer(addr), false, &limits).await;
+        let Err(SendError {
+            error: ProxyError::Overflow(what),
+            request: Some(_),
+        }) = third
+        else {
+            panic!("expected an unsent overflow");
+        };
+        assert_eq!(what, "max_pending_requests");
+        gate.add_permits(1);
+        for task in [first, second] {
+            let resp = match task.await.expect("joined") {
+                Ok(r) => r,
+                Err(e) => panic!("send failed: {}", e.error),
+            };
+            assert_eq!(body(resp).await, "ok");
+        }
+        assert_eq!(limits.stats.cx_total.get(), 1, "one connection served both");
+        assert_eq!(limits.stats.rq_pending_total.get(), 2);
+        assert_eq!(limits.stats.rq_pending_overflow.get(), 1);
+        assert_eq!(limits.stats.rq_pending_active.get(), 0);
+        assert!(!pool.h2_connecting.load(Ordering::Acquire));
     }
 
     #[tokio::test]
