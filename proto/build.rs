@@ -158,14 +158,15 @@ fn envoy_proto_dir(manifest_dir: &Path) -> Result<PathBuf, Box<dyn std::error::E
         return Ok(PathBuf::from(dir));
     }
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            "--manifest-path",
-        ])
+    let mut cmd = Command::new(cargo);
+    cmd.args(["metadata", "--format-version", "1", "--offline"]);
+    // Offline, a resolve over every platform needs packages a build never downloads (a
+    // Windows-only dependency of a dependency): ask only about the platform being built.
+    if let Ok(target) = env::var("TARGET") {
+        cmd.args(["--filter-platform", &target]);
+    }
+    let output = cmd
+        .arg("--manifest-path")
         .arg(manifest_dir.join("Cargo.toml"))
         .output()?;
     if !output.status.success() {
