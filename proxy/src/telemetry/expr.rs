@@ -360,10 +360,10 @@ impl ValueExpr {
             "response.grpc_status" => return Ok(ValueExpr::ResponseGrpcStatus),
             "request.duration" | "response.duration" => {
                 // istio_stats prints a CEL duration ("12ms") and its integer parse fails, so the
-                // metric would only ever record 0.
-                return Err(ExprError(format!(
-                    "'{text}' is a duration, which istio_stats records as 0 (its text is not an integer)"
-                )));
+                // metric only ever records 0. Istio accepts the config; so do we, with the same
+                // result, and say so once.
+                tracing::warn!(target: "config", "custom metric value '{text}' is a duration: istio_stats records it as 0 (its text is not an integer)");
+                return Ok(ValueExpr::Integer(0));
             }
             _ => {}
         }
@@ -526,11 +526,13 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(ValueExpr::parse(text), Ok(want), "{text}");
         }
+        // Durations print as text istio_stats cannot parse as an integer: always 0.
+        for text in ["request.duration", "response.duration"] {
+            assert_eq!(ValueExpr::parse(text), Ok(ValueExpr::Integer(0)), "{text}");
+        }
         for (text, why) in [
             ("-1", "negative"),
             ("99999999999999999999", "does not fit"),
-            ("request.duration", "duration"),
-            ("response.duration", "duration"),
             ("request.total_size * 2", "only attribute paths"),
             ("int(has(request.headers.x))", "only attribute paths"),
             ("", "only attribute paths"),

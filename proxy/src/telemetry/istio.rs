@@ -2499,14 +2499,14 @@ mod tests {
         let e = custom_metrics(
             &[
                 definition("fine", "1", MetricType::Counter),
-                definition("latency", "request.duration", MetricType::Histogram),
+                definition("latency", "request.total_size * 2", MetricType::Histogram),
             ],
             &mut plan,
         )
-        .expect_err("a duration value");
+        .expect_err("arithmetic in a value");
         assert_eq!((e.index, e.field), (1, "value"));
         assert!(
-            e.to_string().contains("'latency'") && e.reason.contains("request.duration"),
+            e.to_string().contains("'latency'") && e.reason.contains("request.total_size * 2"),
             "{e}"
         );
         let mut bad_type = definition("t", "1", MetricType::Counter);
