@@ -238,6 +238,16 @@ fn socket_addr(
 
 /// The single endpoint of a STATIC cluster, if it is a pipe or socket address.
 fn cluster_target(c: &Cluster, path: &str) -> Result<Option<GrpcTarget>, BootstrapError> {
+    use waypoint_proto::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+    // A DNS cluster's endpoints are names resolved at run time (upstream/dns.rs), not gRPC
+    // targets for the bootstrap's own clients.
+    if let Some(ClusterDiscoveryType::Type(t)) = &c.cluster_discovery_type
+        && (*t == DiscoveryType::StrictDns as i32 || *t == DiscoveryType::LogicalDns as i32)
+    {
+        return Ok(None);
+    }
     let Some(la) = c.load_assignment.as_ref() else {
         return Ok(None);
     };

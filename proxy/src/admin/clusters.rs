@@ -89,6 +89,73 @@ fn is_original_dst(c: &Cluster) -> bool {
     matches!(&c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::OriginalDst as i32)
 }
 
+fn is_dns(c: &Cluster) -> bool {
+    matches!(&c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t))
+        if *t == DiscoveryType::StrictDns as i32 || *t == DiscoveryType::LogicalDns as i32)
+}
+
+/// A STRICT_DNS / LOGICAL_DNS cluster's hosts are its latest resolution (the live host set),
+/// named by the DNS name as Envoy shows them; none before the first resolution.
+fn dns_hosts(admin: &Admin, name: &str) -> Vec<HostStatus> {
+    use waypoint_proto::envoy::config::{
+        core::v3::SocketAddress,
+        endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints},
+    };
+    let Some(live) = live_hosts(&admin.server.stats, name) else {
+        return Vec::new();
+    };
+    let endpoints = live
+        .hosts()
+        .iter()
+        .filter_map(|h| {
+            let EndpointAddress::Socket(a) = &h.address else {
+                return None;
+            };
+            let health = match h.health {
+                crate::config::endpoint::Health::Unknown
+                | crate::config::endpoint::Health::Healthy => HealthStatus::Healthy,
+                crate::config::endpoint::Health::Unhealthy => HealthStatus::Unhealthy,
+                crate::config::endpoint::Health::Draining => HealthStatus::Draining,
+                crate::config::endpoint::Health::Timeout => HealthStatus::Timeout,
+                crate::config::endpoint::Health::Degraded => HealthStatus::Degraded,
+            };
+            Some(LocalityLbEndpoints {
+                priority: h.priority,
+                locality: h
+                    .locality
+                    .as_ref()
+                    .map(|(region, zone, sub_zone)| Locality {
+                        region: region.clone(),
+                        zone: zone.clone(),
+                        sub_zone: sub_zone.clone(),
+                    }),
+                lb_endpoints: vec![LbEndpoint {
+                    health_status: health as i32,
+                    load_balancing_weight: Some(UInt32Value { value: h.weight }),
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(Address {
+                            address: Some(address::Address::SocketAddress(SocketAddress {
+                                address: a.ip().to_string(),
+                                port_specifier: Some(PortSpecifier::PortValue(a.port().into())),
+                                ..Default::default()
+                            })),
+                        }),
+                        hostname: h.hostname.clone().unwrap_or_default(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        })
+        .collect();
+    hosts_of(&ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints,
+        ..Default::default()
+    })
+}
+
 fn eds_name(c: &Cluster) -> String {
     c.eds_cluster_config
         .as_ref()
@@ -157,6 +224,8 @@ fn cluster_views(admin: &Admin) -> Vec<ClusterView> {
         for c in &statics.clusters {
             let hosts = if is_original_dst(c) {
                 Vec::new()
+            } else if is_dns(c) {
+                dns_hosts(admin, &c.name)
             } else {
                 c.load_assignment.as_ref().map(hosts_of).unwrap_or_default()
             };
@@ -188,6 +257,8 @@ fn cluster_views(admin: &Admin) -> Vec<ClusterView> {
             (Some(service), hosts)
         } else if is_original_dst(&c) {
             (None, Vec::new())
+        } else if is_dns(&c) {
+            (None, dns_hosts(admin, &c.name))
         } else {
             (
                 None,

@@ -6,7 +6,7 @@
 //! * `enable_reuse_port: field 'enable_reuse_port' of envoy.config.listener.v3.Listener is not supported`
 //! * `filter_chains[0].filters[0].typed_config.http_filters[2].typed_config: extension
 //!   type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua is not supported`
-//! * `type: value LOGICAL_DNS of envoy.config.cluster.v3.Cluster.type is not supported`
+//! * `lb_policy: value LOAD_BALANCING_POLICY_CONFIG of envoy.config.cluster.v3.Cluster.lb_policy is not supported`
 //!
 //! Harmless fields are not walked: their content does not matter to us.
 

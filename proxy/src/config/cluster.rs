@@ -1,4 +1,4 @@
-//! Clusters: discovery (STATIC, EDS, ORIGINAL_DST), load balancing (round robin, least request,
+//! Clusters: discovery (STATIC, EDS, ORIGINAL_DST, STRICT_DNS, LOGICAL_DNS), load balancing (round robin, least request,
 //! random, ring hash, maglev, cluster-provided), connect timeout, circuit breakers, outlier
 //! detection, transport socket, HTTP protocol options and Istio service metadata.
 
@@ -63,6 +63,312 @@ pub enum Discovery {
     },
     /// The connection's original destination.
     OriginalDst(OriginalDstConfig),
+    /// STRICT_DNS / LOGICAL_DNS: `load_assignment` hostnames resolved at run time
+    /// (`crate::upstream::dns`).
+    Dns(Arc<DnsConfig>),
+}
+
+/// Which DNS cluster type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsKind {
+    /// `STRICT_DNS`: every resolved address is a host.
+    Strict,
+    /// `LOGICAL_DNS`: one host at the first address of the latest resolution.
+    Logical,
+}
+
+/// `dns_lookup_family`, as Envoy defines the values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupFamily {
+    /// IPv6 addresses if there are any, else IPv4.
+    Auto,
+    /// IPv4 only.
+    V4Only,
+    /// IPv6 only.
+    V6Only,
+    /// IPv4 addresses if there are any, else IPv6.
+    V4Preferred,
+    /// Both families (IPv4 first).
+    All,
+}
+
+/// One endpoint's DNS name and port (`endpoint.address.socket_address`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTarget {
+    /// The name to resolve.
+    pub name: String,
+    /// `port_value`.
+    pub port: u16,
+}
+
+/// The resolver to use (`typed_dns_resolver_config`, or the deprecated `dns_resolvers`,
+/// `use_tcp_for_dns_lookups`, `dns_resolution_config`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolverSpec {
+    /// Name servers replacing `/etc/resolv.conf`'s (empty: the system's).
+    pub name_servers: Vec<std::net::SocketAddr>,
+    /// `use_resolvers_as_fallback`: the name servers only when the system has none.
+    pub servers_as_fallback: bool,
+    /// `use_tcp_for_dns_lookups`.
+    pub use_tcp: bool,
+    /// `no_default_search_domain`: no `search` list from `/etc/resolv.conf`.
+    pub no_default_search_domain: bool,
+    /// `query_timeout_seconds` (Envoy's c-ares default 5 s).
+    pub timeout: Option<Duration>,
+    /// `query_tries` / getaddrinfo `num_retries` + 1.
+    pub attempts: Option<u32>,
+}
+
+/// A DNS cluster's discovery settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    /// STRICT or LOGICAL.
+    pub kind: DnsKind,
+    /// `load_assignment` with every endpoint address still unresolved (the IP is a placeholder,
+    /// the port is the configured one): weights, health, locality, priority and metadata.
+    pub template: LoadAssignment,
+    /// Per locality of `template`, per endpoint: what to resolve.
+    pub targets: Vec<Vec<DnsTarget>>,
+    /// `dns_lookup_family`.
+    pub family: LookupFamily,
+    /// `dns_refresh_rate` (default 5 s).
+    pub refresh_rate: Duration,
+    /// `dns_jitter`: a random extra delay up to this, added to each refresh.
+    pub jitter: Option<Duration>,
+    /// `dns_failure_refresh_rate` (base, max) for the back-off after failures; without it
+    /// failures retry at `refresh_rate`.
+    pub failure_refresh: Option<(Duration, Duration)>,
+    /// `respect_dns_ttl`: refresh at the records' TTL instead.
+    pub respect_ttl: bool,
+    /// The resolver.
+    pub resolver: ResolverSpec,
+}
+
+/// Envoy's default `dns_refresh_rate`.
+const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
+/// The c-ares resolver config type.
+const CARES: &str = "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
+/// The getaddrinfo resolver config type.
+const GETADDRINFO: &str =
+    "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig";
+
+fn positive_ms(d: Duration, path: &str) -> CompileResult<Duration> {
+    if d < Duration::from_millis(1) {
+        return Err(ConfigError::new(path, "must be at least 1ms"));
+    }
+    Ok(d)
+}
+
+fn resolver_addresses(
+    list: &[waypoint_proto::envoy::config::core::v3::Address],
+    path: &str,
+    name: &str,
+) -> CompileResult<Vec<std::net::SocketAddr>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let p = index(path, name, i);
+            let (mut addr, _) = super::listener::socket_address(a, &p)?;
+            // c-ares's default DNS port when none is given.
+            if addr.port() == 0 {
+                addr.set_port(53);
+            }
+            Ok(addr)
+        })
+        .collect()
+}
+
+impl DnsConfig {
+    // The DNS fields of `Cluster` are deprecated in favour of the `envoy.clusters.dns` extension,
+    // but istiod still sets them.
+    #[allow(deprecated)]
+    fn compile(c: &RawCluster, kind: DnsKind, path: &str) -> CompileResult<Self> {
+        use waypoint_proto::envoy::config::{
+            cluster::v3::cluster::DnsLookupFamily,
+            core::v3::{address, socket_address::PortSpecifier},
+        };
+        let lpath = field(path, "load_assignment");
+        let mut raw_la = c.load_assignment.clone().unwrap_or_default();
+        let mut targets = Vec::with_capacity(raw_la.endpoints.len());
+        for (i, group) in raw_la.endpoints.iter_mut().enumerate() {
+            let gpath = index(&lpath, "endpoints", i);
+            let mut names = Vec::with_capacity(group.lb_endpoints.len());
+            for (j, lb) in group.lb_endpoints.iter_mut().enumerate() {
+                use waypoint_proto::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+                let apath = field(
+                    &field(&index(&gpath, "lb_endpoints", j), "endpoint"),
+                    "address",
+                );
+                let sa = match &mut lb.host_identifier {
+                    Some(HostIdentifier::Endpoint(e)) => {
+                        match e.address.as_mut().and_then(|a| a.address.as_mut()) {
+                            Some(address::Address::SocketAddress(sa)) => sa,
+                            _ => {
+                                return Err(ConfigError::new(
+                                    field(&apath, "socket_address"),
+                                    "a DNS cluster's endpoints need a socket_address",
+                                ));
+                            }
+                        }
+                    }
+                    // LoadAssignment::compile reports the other shapes.
+                    _ => continue,
+                };
+                let spath = field(&apath, "socket_address");
+                if sa.address.is_empty() {
+                    return Err(ConfigError::new(
+                        field(&spath, "address"),
+                        "address is required",
+                    ));
+                }
+                if !sa.resolver_name.is_empty() {
+                    return Err(ConfigError::new(
+                        field(&spath, "resolver_name"),
+                        "custom resolvers are not supported",
+                    ));
+                }
+                let port = match sa.port_specifier {
+                    Some(PortSpecifier::PortValue(p)) => u16::try_from(p).map_err(|_| {
+                        ConfigError::new(
+                            field(&spath, "port_value"),
+                            format!("port {p} out of range"),
+                        )
+                    })?,
+                    _ => {
+                        return Err(ConfigError::new(
+                            field(&spath, "port_value"),
+                            "a DNS cluster's endpoints need a port_value",
+                        ));
+                    }
+                };
+                names.push(DnsTarget {
+                    name: std::mem::replace(&mut sa.address, "0.0.0.0".to_owned()),
+                    port,
+                });
+            }
+            targets.push(names);
+        }
+        if kind == DnsKind::Logical
+            && (raw_la.endpoints.len() != 1 || raw_la.endpoints[0].lb_endpoints.len() != 1)
+        {
+            return Err(ConfigError::new(
+                lpath,
+                "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+            ));
+        }
+        let template = LoadAssignment::compile(&raw_la, &lpath)?;
+        let family = match DnsLookupFamily::try_from(c.dns_lookup_family) {
+            Ok(DnsLookupFamily::Auto) => LookupFamily::Auto,
+            Ok(DnsLookupFamily::V4Only) => LookupFamily::V4Only,
+            Ok(DnsLookupFamily::V6Only) => LookupFamily::V6Only,
+            Ok(DnsLookupFamily::V4Preferred) => LookupFamily::V4Preferred,
+            Ok(DnsLookupFamily::All) => LookupFamily::All,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    field(path, "dns_lookup_family"),
+                    format!("unknown value {}", c.dns_lookup_family),
+                ));
+            }
+        };
+        let refresh_rate = match &c.dns_refresh_rate {
+            Some(d) => positive_ms(
+                duration(d, &field(path, "dns_refresh_rate"))?,
+                &field(path, "dns_refresh_rate"),
+            )?,
+            None => DEFAULT_DNS_REFRESH,
+        };
+        let jitter = opt_duration(c.dns_jitter.as_ref(), &field(path, "dns_jitter"))?
+            .filter(|d| !d.is_zero());
+        let failure_refresh = match &c.dns_failure_refresh_rate {
+            None => None,
+            Some(r) => {
+                let rpath = field(path, "dns_failure_refresh_rate");
+                let base = r
+                    .base_interval
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::new(field(&rpath, "base_interval"), "required"))?;
+                let base = positive_ms(
+                    duration(base, &field(&rpath, "base_interval"))?,
+                    &field(&rpath, "base_interval"),
+                )?;
+                let max = opt_duration(r.max_interval.as_ref(), &field(&rpath, "max_interval"))?
+                    .unwrap_or(base * 10);
+                if max < base {
+                    return Err(ConfigError::new(
+                        field(&rpath, "max_interval"),
+                        "must not be below base_interval",
+                    ));
+                }
+                Some((base, max))
+            }
+        };
+        Ok(DnsConfig {
+            kind,
+            template,
+            targets,
+            family,
+            refresh_rate,
+            jitter,
+            failure_refresh,
+            respect_ttl: c.respect_dns_ttl,
+            resolver: ResolverSpec::compile(c, path)?,
+        })
+    }
+}
+
+impl ResolverSpec {
+    fn compile(c: &RawCluster, path: &str) -> CompileResult<Self> {
+        let mut spec = ResolverSpec::default();
+        if let Some(t) = &c.typed_dns_resolver_config {
+            let tpath = field(path, "typed_dns_resolver_config");
+            let cpath = field(&tpath, "typed_config");
+            let any = t
+                .typed_config
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(&cpath, "typed_config is required"))?;
+            let typed = Typed::new(any, &cpath)?;
+            let name = typed
+                .check_kind(&[ExtensionKind::DnsResolver], "a DNS resolver", &cpath)?
+                .to_owned();
+            let ipath = typed.inner_path(&cpath);
+            if name == CARES {
+                use waypoint_proto::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
+                let cfg: CaresDnsResolverConfig = typed.decode(&name, &cpath)?;
+                spec.name_servers = resolver_addresses(&cfg.resolvers, &ipath, "resolvers")?;
+                spec.servers_as_fallback = cfg.use_resolvers_as_fallback;
+                if let Some(o) = &cfg.dns_resolver_options {
+                    spec.use_tcp = o.use_tcp_for_dns_lookups;
+                    spec.no_default_search_domain = o.no_default_search_domain;
+                }
+                spec.timeout = cfg
+                    .query_timeout_seconds
+                    .map(|v| Duration::from_secs(v.value))
+                    .filter(|d| !d.is_zero());
+                spec.attempts = cfg.query_tries.map(|v| v.value).filter(|n| *n > 0);
+            } else if name == GETADDRINFO {
+                use waypoint_proto::envoy::extensions::network::dns_resolver::getaddrinfo::v3::GetAddrInfoDnsResolverConfig;
+                let cfg: GetAddrInfoDnsResolverConfig = typed.decode(&name, &cpath)?;
+                spec.attempts = cfg.num_retries.map(|v| v.value.saturating_add(1));
+            }
+            return Ok(spec);
+        }
+        // The deprecated spellings, honoured only without typed_dns_resolver_config (as Envoy).
+        #[allow(deprecated)]
+        {
+            if let Some(r) = &c.dns_resolution_config {
+                let rpath = field(path, "dns_resolution_config");
+                spec.name_servers = resolver_addresses(&r.resolvers, &rpath, "resolvers")?;
+                if let Some(o) = &r.dns_resolver_options {
+                    spec.use_tcp = o.use_tcp_for_dns_lookups;
+                    spec.no_default_search_domain = o.no_default_search_domain;
+                }
+            } else {
+                spec.name_servers = resolver_addresses(&c.dns_resolvers, path, "dns_resolvers")?;
+                spec.use_tcp = c.use_tcp_for_dns_lookups;
+            }
+        }
+        Ok(spec)
+    }
 }
 
 /// Load balancing.
@@ -581,14 +887,11 @@ impl Cluster {
                 };
                 Discovery::OriginalDst(cfg)
             }
-            other => {
-                return Err(ConfigError::new(
-                    field(path, "type"),
-                    format!(
-                        "value {} of envoy.config.cluster.v3.Cluster.type is not supported",
-                        other.as_str_name()
-                    ),
-                ));
+            DiscoveryType::StrictDns => {
+                Discovery::Dns(Arc::new(DnsConfig::compile(&c, DnsKind::Strict, path)?))
+            }
+            DiscoveryType::LogicalDns => {
+                Discovery::Dns(Arc::new(DnsConfig::compile(&c, DnsKind::Logical, path)?))
             }
         };
         if raw_lb == RawLbPolicy::ClusterProvided && kind != DiscoveryType::OriginalDst {
@@ -896,6 +1199,80 @@ mod tests {
         assert!(cb.default.track_remaining);
         assert_eq!(cb.high.max_requests, 7);
         assert!(!cb.high.track_remaining);
+    }
+
+    /// A DNS ServiceEntry's cluster as istiod renders it (cluster_builder.go).
+    fn dns_cluster(kind: &str, cares: Json) -> Json {
+        json!({"name": "outbound|80||example.com", "type": kind, "connect_timeout": "10s",
+            "lb_policy": "LEAST_REQUEST", "dns_lookup_family": "V4_ONLY",
+            "dns_refresh_rate": "60s", "respect_dns_ttl": true,
+            "dns_failure_refresh_rate": {"base_interval": "1s", "max_interval": "10s"},
+            "typed_dns_resolver_config": {"name": "envoy.network.dns_resolver.cares",
+                "typed_config": cares},
+            "load_assignment": {"cluster_name": "outbound|80||example.com", "endpoints": [{
+                "locality": {"region": "r"},
+                "lb_endpoints": [{"endpoint": {"address": {"socket_address":
+                    {"address": "example.com", "port_value": 80}}},
+                    "load_balancing_weight": 2}]}]}})
+    }
+
+    #[test]
+    fn dns_clusters_are_accepted_and_compiled() {
+        let store = ConfigStore::default();
+        let cares = json!({
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": [{"socket_address": {"address": "127.0.0.53", "port_value": 53}}],
+            "dns_resolver_options": {"use_tcp_for_dns_lookups": true, "no_default_search_domain": true},
+            "udp_max_queries": 100});
+        for kind in ["STRICT_DNS", "LOGICAL_DNS"] {
+            let errors = apply(&store, &dns_cluster(kind, cares.clone()));
+            assert!(errors.is_empty(), "{kind}: {errors:?}");
+            let snap = store.snapshot();
+            let Discovery::Dns(d) = &snap.clusters["outbound|80||example.com"].discovery else {
+                panic!("{kind}: not a DNS cluster");
+            };
+            assert_eq!(d.refresh_rate, Duration::from_secs(60));
+            assert!(d.respect_ttl);
+            assert_eq!(d.family, LookupFamily::V4Only);
+            assert_eq!(
+                d.failure_refresh,
+                Some((Duration::from_secs(1), Duration::from_secs(10)))
+            );
+            assert_eq!(
+                d.resolver.name_servers,
+                vec!["127.0.0.53:53".parse().expect("addr")]
+            );
+            assert!(d.resolver.use_tcp && d.resolver.no_default_search_domain);
+            assert_eq!(d.targets[0][0].name, "example.com");
+            assert_eq!(d.template.localities[0].endpoints[0].weight, 2);
+        }
+    }
+
+    #[test]
+    fn dns_cluster_settings_we_do_not_implement_are_nacked() {
+        let store = ConfigStore::default();
+        let cares = json!({
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "filter_unroutable_families": true});
+        let errors = apply(&store, &dns_cluster("STRICT_DNS", cares));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("typed_dns_resolver_config.typed_config.filter_unroutable_families"),
+            "{errors:?}"
+        );
+        let mut two = dns_cluster(
+            "LOGICAL_DNS",
+            json!({"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig"}),
+        );
+        let ep = two["load_assignment"]["endpoints"][0]["lb_endpoints"][0].clone();
+        two["load_assignment"]["endpoints"][0]["lb_endpoints"] = json!([ep.clone(), ep]);
+        let errors = apply(&store, &two);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("load_assignment") && e.contains("single")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -256,6 +256,8 @@ impl ConfigStore {
         let next = Arc::new(next);
         self.current.store(next.clone());
         if let Some(h) = hooks {
+            // Static clusters that resolve DNS start resolving now, as the dynamic ones do.
+            h.upstreams_published(&next);
             h.published(&next);
         }
         problems

@@ -89,6 +89,8 @@ pub enum ExtensionKind {
     BootstrapExtension,
     /// `OverloadManager.resource_monitors`.
     ResourceMonitor,
+    /// `Cluster.typed_dns_resolver_config.typed_config`.
+    DnsResolver,
     /// `udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct`: a wrapper, judged by its inner type.
     Wrapper,
 }
@@ -1489,6 +1491,55 @@ pub static MESSAGES: &[MessageRule] = &[
                 "wait_for_warm_on_init",
                 "orders Envoy's cluster warming at start-up; our snapshots never wait on a cluster",
             ),
+            // STRICT_DNS / LOGICAL_DNS (upstream/dns.rs).
+            imp("dns_refresh_rate"),
+            imp("dns_jitter"),
+            imp("dns_failure_refresh_rate"),
+            imp("respect_dns_ttl"),
+            imp("dns_lookup_family"),
+            imp("dns_resolvers"),
+            imp("use_tcp_for_dns_lookups"),
+            imp("dns_resolution_config"),
+            imp("typed_dns_resolver_config"),
+        ],
+    ),
+    msg(
+        "envoy.config.cluster.v3.Cluster.RefreshRate",
+        &[imp("base_interval"), imp("max_interval")],
+    ),
+    msg(
+        "envoy.config.core.v3.DnsResolutionConfig",
+        &[imp("resolvers"), imp("dns_resolver_options")],
+    ),
+    msg(
+        "envoy.config.core.v3.DnsResolverOptions",
+        &[
+            imp("use_tcp_for_dns_lookups"),
+            imp("no_default_search_domain"),
+        ],
+    ),
+    msg(
+        "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        &[
+            imp("resolvers"),
+            imp("use_resolvers_as_fallback"),
+            imp("dns_resolver_options"),
+            imp("query_timeout_seconds"),
+            imp("query_tries"),
+            ok(
+                "udp_max_queries",
+                "caps queries per c-ares UDP socket; our resolver opens a socket per query",
+            ),
+        ],
+    ),
+    msg(
+        "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig",
+        &[
+            imp("num_retries"),
+            ok(
+                "num_resolver_threads",
+                "sizes getaddrinfo's blocking thread pool; our resolver is asynchronous",
+            ),
         ],
     ),
     msg(
@@ -2128,6 +2179,14 @@ pub static EXTENSIONS: &[ExtensionRule] = &[
         "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
         ExtensionKind::ResourceMonitor,
     ),
+    ext(
+        "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        ExtensionKind::DnsResolver,
+    ),
+    ext(
+        "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig",
+        ExtensionKind::DnsResolver,
+    ),
 ];
 
 /// Enum fields for which we implement only some values.
@@ -2136,7 +2195,7 @@ pub static ENUMS: &[EnumRule] = &[
     enums(
         "envoy.config.cluster.v3.Cluster",
         "type",
-        &["STATIC", "EDS", "ORIGINAL_DST"],
+        &["STATIC", "EDS", "ORIGINAL_DST", "STRICT_DNS", "LOGICAL_DNS"],
     ),
     enums(
         "envoy.config.cluster.v3.Cluster",

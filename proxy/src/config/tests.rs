@@ -315,12 +315,10 @@ fn unimplemented_fields_are_rejected_by_name() {
         )
     );
     let mut c = named(ResourceKind::Cluster, "main_internal");
-    c["dns_lookup_family"] = json!("V4_ONLY");
+    c["lrs_server"] = json!({"self": {}});
     assert_eq!(
         reject(ResourceKind::Cluster, &c).as_deref(),
-        Some(
-            "dns_lookup_family: field 'dns_lookup_family' of envoy.config.cluster.v3.Cluster is not supported"
-        )
+        Some("lrs_server: field 'lrs_server' of envoy.config.cluster.v3.Cluster is not supported")
     );
     // Nested: a field of the HCM inside the typed_config.
     let mut l = named(ResourceKind::Listener, "connect_terminate");
@@ -455,7 +453,7 @@ fn istio_stats_overrides_compile_and_unsupported_cel_is_refused() {
     assert_eq!(labels(1), [("z".to_owned(), Expr::Literal("all".into()))]);
     l["filter_chains"][chain]["filters"][fi]["typed_config"]["definitions"] = json!([
         {"name": "ok", "value": "1"},
-        {"name": "latency", "value": "request.duration", "type": "HISTOGRAM"}]);
+        {"name": "latency", "value": "request.total_size * 2", "type": "HISTOGRAM"}]);
     let msg = reject(ResourceKind::Listener, &l).expect("refused");
     assert!(
         msg.contains("definitions[1].value") && msg.contains("'latency'"),
@@ -487,11 +485,11 @@ fn tracing_sampling_is_accepted_and_a_tracer_is_refused() {
 #[test]
 fn unimplemented_enum_values_are_named() {
     let mut c = named(ResourceKind::Cluster, "main_internal");
-    c["type"] = json!("LOGICAL_DNS");
+    c["lb_policy"] = json!("LOAD_BALANCING_POLICY_CONFIG");
     let msg = reject(ResourceKind::Cluster, &c).expect("rejected");
     assert!(
         msg.starts_with(
-            "type: value LOGICAL_DNS of envoy.config.cluster.v3.Cluster.type is not supported"
+            "lb_policy: value LOAD_BALANCING_POLICY_CONFIG of envoy.config.cluster.v3.Cluster.lb_policy is not supported"
         ),
         "{msg}"
     );
@@ -786,7 +784,8 @@ fn bootstrap_problems_carry_bootstrap_paths() {
     .expect("fixture");
     let mut doc: Json = serde_json::from_str(&text).expect("json");
     doc["static_resources"]["listeners"][1]["enable_reuse_port"] = json!(true);
-    doc["static_resources"]["clusters"][0]["type"] = json!("STRICT_DNS");
+    // Every cluster type is implemented now; an lb_policy we do not implement stands in.
+    doc["static_resources"]["clusters"][0]["lb_policy"] = json!("LOAD_BALANCING_POLICY_CONFIG");
     doc["watchdogs"] = json!({});
     let b: waypoint_proto::envoy::config::bootstrap::v3::Bootstrap =
         pjson::from_json(&doc).expect("bootstrap");
@@ -799,9 +798,9 @@ fn bootstrap_problems_carry_bootstrap_paths() {
         "{problems:#?}"
     );
     assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with("static_resources.clusters[0].type: value STRICT_DNS")),
+        problems.iter().any(|p| p.starts_with(
+            "static_resources.clusters[0].lb_policy: value LOAD_BALANCING_POLICY_CONFIG"
+        )),
         "{problems:#?}"
     );
     assert!(

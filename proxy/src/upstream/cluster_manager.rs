@@ -384,6 +384,8 @@ pub fn original_destination(
 pub struct ClusterManager {
     runtimes: ArcSwap<HashMap<String, Arc<ClusterRt>, foldhash::fast::RandomState>>,
     write: Mutex<()>,
+    /// STRICT_DNS / LOGICAL_DNS resolution, per cluster.
+    pub dns: super::dns::DnsClusters,
 }
 
 impl ClusterManager {
@@ -392,7 +394,19 @@ impl ClusterManager {
     /// removed and its ejections lifted, endpoints gone from `/clusters`, breaker limits) shows
     /// at once, not on the cluster's next request. Clusters no longer in `snapshot` are dropped.
     pub fn refresh(&self, dp: &DataPlane, snapshot: &Snapshot) {
-        let names: Vec<String> = self.runtimes.load().keys().cloned().collect();
+        // DNS clusters resolve from the moment they are published (not from their first
+        // request), and get a runtime so that resolutions reach their host set and `/clusters`.
+        self.dns.sync(snapshot);
+        let mut names: Vec<String> = self.runtimes.load().keys().cloned().collect();
+        let dns_clusters: Vec<String> = snapshot
+            .clusters
+            .iter()
+            .filter(|(n, c)| {
+                matches!(c.discovery, Discovery::Dns(_)) && !names.iter().any(|x| x == *n)
+            })
+            .map(|(n, _)| n.to_string())
+            .collect();
+        names.extend(dns_clusters);
         for name in &names {
             // A removed cluster yields None here; the next rebuild's filter drops its runtime.
             let _ = self.get(dp, snapshot, name);
@@ -419,8 +433,10 @@ impl ClusterManager {
     /// The runtime of cluster `name` in `snapshot` (built or rebuilt on demand).
     pub fn get(&self, dp: &DataPlane, snapshot: &Snapshot, name: &str) -> Option<Arc<ClusterRt>> {
         let cluster = snapshot.clusters.get(name)?;
+        let dns = self.dns.ensure(cluster);
         let assignment = match &cluster.discovery {
             Discovery::Eds { service_name, .. } => snapshot.endpoints.get(service_name).cloned(),
+            Discovery::Dns(_) => dns.as_ref().and_then(|d| d.latest()),
             _ => None,
         };
         let fresh = |rt: &ClusterRt| {
@@ -453,7 +469,7 @@ impl ClusterManager {
         };
         let la: &LoadAssignment = match (&cluster.discovery, &assignment) {
             (Discovery::Static(la), _) => la,
-            (Discovery::Eds { .. }, Some(a)) => a,
+            (Discovery::Eds { .. } | Discovery::Dns(_), Some(a)) => a,
             _ => &empty,
         };
         let previous = current.get(name);
@@ -494,6 +510,9 @@ impl ClusterManager {
         };
         if previous.is_none_or(|p| !Arc::ptr_eq(&p.hosts, &hosts)) {
             register(stats, name, &hosts);
+        }
+        if let Some(d) = &dns {
+            d.bind(&hosts, cluster.lb_policy, cluster.common_lb);
         }
         let rt = Arc::new(ClusterRt {
             cluster: cluster.clone(),

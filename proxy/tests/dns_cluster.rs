@@ -1,0 +1,248 @@
+//! STRICT_DNS and LOGICAL_DNS clusters from a static bootstrap: `localhost` resolved through
+//! `/etc/hosts`, and a name served by a tiny UDP DNS responder on 127.0.0.1 (the cluster's c-ares
+//! `resolvers`) whose answers the test changes between refreshes, so re-resolution adds and
+//! removes hosts. Loopback only: the responder answers the test name and refuses every other.
+
+mod common;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{StaticProxy, WAIT, echo, free_ports, request};
+use tokio::net::UdpSocket;
+use waypoint_testbed::echo::{EchoConfig, EchoServer};
+
+const NAME: &str = "svc.dns.test";
+
+const BOOTSTRAP: &str = r#"
+node: {id: "dns~127.0.0.1~dns.default~default.svc.cluster.local", cluster: dns}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADMIN}}}}
+static_resources:
+  listeners:
+  - name: dns
+    address: {socket_address: {address: 127.0.0.1, port_value: ${LISTEN}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: dns
+          route_config:
+            name: dns
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: /strict}
+                route: {cluster: strict}
+              - match: {prefix: /logical}
+                route: {cluster: logical}
+              - match: {prefix: /served}
+                route: {cluster: served}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: strict
+    type: STRICT_DNS
+    connect_timeout: 2s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 60s
+    respect_dns_ttl: true
+    load_assignment:
+      cluster_name: strict
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: localhost, port_value: ${BACKEND}}}}}]}]
+  - name: logical
+    type: LOGICAL_DNS
+    connect_timeout: 2s
+    dns_lookup_family: V4_ONLY
+    load_assignment:
+      cluster_name: logical
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: localhost, port_value: ${BACKEND}}}}}]}]
+  - name: served
+    type: STRICT_DNS
+    connect_timeout: 2s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 0.1s
+    dns_failure_refresh_rate: {base_interval: 0.1s, max_interval: 0.5s}
+    typed_dns_resolver_config:
+      name: envoy.network.dns_resolver.cares
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+        resolvers: [{socket_address: {address: 127.0.0.1, port_value: ${DNS}}}]
+        dns_resolver_options: {no_default_search_domain: true}
+        udp_max_queries: 100
+    load_assignment:
+      cluster_name: served
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: svc.dns.test, port_value: ${SERVED}}}}}]}]
+"#;
+
+/// Answers A queries for [`NAME`] with the current addresses (TTL 1 s), no records for AAAA, and
+/// REFUSED for any other name. Returns the shared answer list.
+async fn dns_responder(socket: UdpSocket) -> Arc<Mutex<Vec<Ipv4Addr>>> {
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let current = answers.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let addrs = current.lock().expect("answers").clone();
+            if let Some(reply) = answer(&buf[..n], &addrs) {
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        }
+    });
+    answers
+}
+
+/// The reply to one query (`None` for what is not a query).
+fn answer(query: &[u8], addrs: &[Ipv4Addr]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // The question: labels, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *query.get(i)? != 0 {
+        let len = usize::from(query[i]);
+        labels.push(String::from_utf8_lossy(query.get(i + 1..i + 1 + len)?).to_lowercase());
+        i += 1 + len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i + 1)?, *query.get(i + 2)?]);
+    let question_end = i + 5;
+    let question = query.get(12..question_end)?;
+    let ours = labels.join(".") == NAME;
+    let records: &[Ipv4Addr] = if ours && qtype == 1 { addrs } else { &[] };
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&query[0..2]);
+    // QR, RD, RA; rcode 0, or 5 (REFUSED) for names that are not ours.
+    out.extend_from_slice(&[0x81, if ours { 0x80 } else { 0x85 }]);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(question);
+    for a in records {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&4u16.to_be_bytes());
+        out.extend_from_slice(&a.octets());
+    }
+    Some(out)
+}
+
+/// An echo server named `name` on `ip:port`.
+async fn echo_at(name: &str, ip: Ipv4Addr, port: u16) {
+    let echo = EchoServer::bind(&EchoConfig {
+        name: name.into(),
+        http: SocketAddr::from((ip, port)),
+        grpc: None,
+    })
+    .await
+    .expect("echo binds");
+    tokio::spawn(echo.run());
+}
+
+/// Waits (bounded) until `/clusters` has every line of `want` and none of `gone`.
+async fn wait_clusters(proxy: &StaticProxy, want: &[String], gone: &[String]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, text) = proxy.admin_get("/clusters").await;
+        let has = |l: &String| text.lines().any(|x| x == l);
+        if want.iter().all(has) && !gone.iter().any(has) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "want {want:?}, gone {gone:?} in /clusters:\n{text}\n{}",
+            proxy.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (bounded) until a request to `path` is answered by the echo server `name`.
+async fn wait_served_by(proxy: &StaticProxy, path: &str, name: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = request(proxy.addr(), "dns.test", path, &[]).await;
+        if r.status == 200 && r.json()["server"] == name {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never reached {name}: {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_and_logical_dns_clusters_resolve_and_re_resolve() {
+    let backend = echo("localhost-backend").await;
+    // One port free on both 127.0.0.2 and 127.0.0.3 for the served name's two backends.
+    let served = free_ports(Ipv4Addr::new(127, 0, 0, 2), 1)[0];
+    echo_at("two", Ipv4Addr::new(127, 0, 0, 2), served).await;
+    echo_at("three", Ipv4Addr::new(127, 0, 0, 3), served).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let dns_port = socket.local_addr().expect("addr").port();
+    let answers = dns_responder(socket).await;
+    *answers.lock().expect("answers") = vec![Ipv4Addr::new(127, 0, 0, 2)];
+
+    let proxy = StaticProxy::start(
+        "dns",
+        BOOTSTRAP,
+        &[("BACKEND", backend), ("SERVED", served), ("DNS", dns_port)],
+    )
+    .await;
+
+    // `localhost` through /etc/hosts, for both cluster types.
+    let strict_host = format!("strict::127.0.0.1:{backend}::hostname::localhost");
+    let logical_host = format!("logical::127.0.0.1:{backend}::hostname::localhost");
+    wait_clusters(&proxy, &[strict_host, logical_host], &[]).await;
+    for path in ["/strict", "/logical"] {
+        let r = request(proxy.addr(), "dns.test", path, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.json()["server"], "localhost-backend", "{path}");
+    }
+
+    // The served name: 127.0.0.2, then 127.0.0.3 only, then both.
+    let two = format!("served::127.0.0.2:{served}::hostname::{NAME}");
+    let three = format!("served::127.0.0.3:{served}::hostname::{NAME}");
+    wait_clusters(
+        &proxy,
+        std::slice::from_ref(&two),
+        std::slice::from_ref(&three),
+    )
+    .await;
+    wait_served_by(&proxy, "/served", "two").await;
+
+    *answers.lock().expect("answers") = vec![Ipv4Addr::new(127, 0, 0, 3)];
+    wait_clusters(
+        &proxy,
+        std::slice::from_ref(&three),
+        std::slice::from_ref(&two),
+    )
+    .await;
+    wait_served_by(&proxy, "/served", "three").await;
+    for _ in 0..5 {
+        let r = request(proxy.addr(), "dns.test", "/served", &[]).await;
+        assert_eq!(
+            r.json()["server"],
+            "three",
+            "the removed host gets no traffic"
+        );
+    }
+
+    *answers.lock().expect("answers") =
+        vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
+    wait_clusters(&proxy, &[two.clone(), three.clone()], &[]).await;
+    wait_served_by(&proxy, "/served", "two").await;
+    wait_served_by(&proxy, "/served", "three").await;
+}
