@@ -197,7 +197,9 @@ pub async fn serve(
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (dp, ctx, hcm, stats) = (dp.clone(), ctx.clone(), hcm.clone(), stats.clone());
         let state = state.clone();
-        async move {
+        // Boxed: the request's future is large, and HTTP/2 spawns one task per stream, which
+        // moved it by value into the task (and again into the task's stage) on every request.
+        Box::pin(async move {
             stats.rq_total.inc();
             // The stream counts for the connection's idle timeout until its response ends.
             let stream = state.activity.stream();
@@ -224,7 +226,7 @@ pub async fn serve(
                 state.max_requests_hit.notify_one();
             }
             Ok::<_, Infallible>(resp)
-        }
+        })
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
