@@ -1067,7 +1067,7 @@ impl Issuer {
     }
 }
 
-/// The host of the JWKS server's ServiceEntry (`resolution: STATIC`, one endpoint on loopback).
+/// The host of the JWKS server's ServiceEntry (`resolution: DNS`, one endpoint `localhost`).
 pub const JWKS_HOST: &str = "jwks.mesh.local";
 /// The path [`JwksServer`] serves the JWKS on.
 pub const JWKS_PATH: &str = "/keys";
@@ -1155,16 +1155,23 @@ impl JwksServer {
         self.fetches.load(Ordering::SeqCst)
     }
 
-    /// The cluster istiod renders for the ServiceEntry (`resolution: STATIC`: EDS over ADS),
-    /// with its default connection pool, load balancer and service metadata.
+    /// The cluster istiod renders for the ServiceEntry (`resolution: DNS`, its one endpoint
+    /// `localhost`, which /etc/hosts resolves to the server's 127.0.0.1): STRICT_DNS with
+    /// istiod's DNS settings, default connection pool, load balancer and service metadata.
     pub fn cluster(&self) -> Json {
         let name = self.cluster_name();
         json!({
             "name": name,
-            "type": "EDS",
-            "eds_cluster_config": {
-                "service_name": name,
-                "eds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+            "type": "STRICT_DNS",
+            "dns_lookup_family": "V4_ONLY",
+            "dns_refresh_rate": "60s",
+            "respect_dns_ttl": true,
+            "typed_dns_resolver_config": {
+                "name": "envoy.network.dns_resolver.cares",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                    "udp_max_queries": 100
+                }
             },
             "connect_timeout": "10s",
             "lb_policy": "LEAST_REQUEST",
@@ -1176,37 +1183,25 @@ impl JwksServer {
                 "max_retries": 4_294_967_295u64,
                 "track_remaining": true
             }]},
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"locality": {}, "lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": "localhost",
+                        "port_value": self.addr.port()
+                    }}},
+                    "load_balancing_weight": 1
+                }]}]
+            },
             "metadata": {"filter_metadata": {"istio": {"services": [
                 {"host": JWKS_HOST, "name": JWKS_HOST, "namespace": "default"}
             ]}}}
         })
     }
 
-    /// The cluster's EDS: the ServiceEntry's one endpoint, the server.
-    pub fn endpoints(&self) -> Json {
-        json!({
-            "cluster_name": self.cluster_name(),
-            "endpoints": [{"locality": {}, "lb_endpoints": [{
-                "endpoint": {"address": {"socket_address": {
-                    "address": self.addr.ip().to_string(),
-                    "port_value": self.addr.port()
-                }}},
-                "health_status": "HEALTHY",
-                "load_balancing_weight": 1
-            }]}]
-        })
-    }
-
-    /// Pushes the cluster as istiod does when the ServiceEntry appears (EDS, sent once the
-    /// cluster asks for it, then CDS) and waits until it has a healthy endpoint.
+    /// Pushes the cluster as istiod does when the ServiceEntry appears and waits until its
+    /// first resolution gave it a healthy host.
     pub async fn install(&self, mesh: &WaypointMesh) -> Result<(), ScenarioError> {
-        push_unacked(
-            mesh,
-            ResourceKind::Endpoint,
-            &self.endpoints(),
-            "the JWKS server's endpoints",
-        )
-        .await?;
         push(
             mesh,
             ResourceKind::Cluster,
@@ -1224,12 +1219,9 @@ impl JwksServer {
         Ok(())
     }
 
-    /// Removes the cluster and its EDS again (after a listener that names it is gone).
+    /// Removes the cluster again (after a listener that names it is gone).
     pub async fn uninstall(&self, mesh: &WaypointMesh) -> Result<(), ScenarioError> {
-        let name = self.cluster_name();
-        remove(mesh, ResourceKind::Cluster, &name).await?;
-        mesh.istiod.remove(ResourceKind::Endpoint, &name).await;
-        Ok(())
+        remove(mesh, ResourceKind::Cluster, &self.cluster_name()).await
     }
 }
 
@@ -2484,12 +2476,13 @@ mod tests {
                 "cache_duration": "300s"
             })
         );
-        assert_eq!(server.cluster()["name"], server.cluster_name());
-        assert_eq!(
-            server.endpoints()["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-                ["port_value"],
-            port
-        );
+        let cluster = server.cluster();
+        assert_eq!(cluster["name"], server.cluster_name());
+        assert_eq!(cluster["type"], "STRICT_DNS");
+        let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        assert_eq!(address["address"], "localhost");
+        assert_eq!(address["port_value"], port);
 
         assert_eq!(server.fetches(), 0);
         let keys = send(server.addr, "GET", JWKS_PATH, &[], Bytes::new())

@@ -1718,8 +1718,9 @@ async fn scenario_jwks_remote(
     let shown: Vec<String> = statuses.iter().map(u16::to_string).collect();
     Ok(Finding {
         text: format!(
-            "RequestAuthentication jwksUri {} via {}: valid token {} ({}), bad signature {bad}, \
-             JWKS fetched {fetches}x ({before} before the first request)",
+            "RequestAuthentication jwksUri {} via {} (STRICT_DNS, endpoint localhost): valid \
+             token {} ({}), bad signature {bad}, JWKS fetched {fetches}x ({before} before the \
+             first request)",
             server.uri(),
             server.cluster_name(),
             if all_ok { "200" } else { "NOT 200" },
