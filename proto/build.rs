@@ -170,6 +170,13 @@ fn envoy_proto_dir(manifest_dir: &Path) -> Result<PathBuf, Box<dyn std::error::E
         .arg(manifest_dir.join("Cargo.toml"))
         .output()?;
     if !output.status.success() {
+        // Offline, `cargo metadata` needs every package of the workspace, dev-dependencies
+        // included, which a first `cargo build --bins` on a fresh machine has not downloaded.
+        // The package the build itself uses is then in the registry's sources already.
+        if let Some(dir) = registry_proto_dir(manifest_dir) {
+            println!("cargo:rerun-if-changed={}", dir.display());
+            return Ok(dir);
+        }
         return Err(format!(
             "cargo metadata failed: {}",
             String::from_utf8_lossy(&output.stderr)
@@ -193,4 +200,30 @@ fn envoy_proto_dir(manifest_dir: &Path) -> Result<PathBuf, Box<dyn std::error::E
         .join("proto");
     println!("cargo:rerun-if-changed={}", dir.display());
     Ok(dir)
+}
+
+/// The `proto/` folder of the `envoy-types` version that the workspace's `Cargo.lock` pins, in the
+/// cargo registry's unpacked sources (`$CARGO_HOME/registry/src/<index>/envoy-types-<version>`).
+fn registry_proto_dir(manifest_dir: &Path) -> Option<PathBuf> {
+    let lock = std::fs::read_to_string(manifest_dir.parent()?.join("Cargo.lock")).ok()?;
+    let mut lines = lock.lines();
+    let version = loop {
+        if lines.next()?.trim() == "name = \"envoy-types\"" {
+            let v = lines.next()?.trim().strip_prefix("version = \"")?;
+            break v.strip_suffix('"')?.to_owned();
+        }
+    };
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    std::fs::read_dir(home.join("registry").join("src"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|index| {
+            index
+                .path()
+                .join(format!("envoy-types-{version}"))
+                .join("proto")
+        })
+        .find(|dir| dir.is_dir())
 }
