@@ -3,7 +3,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -88,6 +88,9 @@ pub struct Server {
     state: AtomicU8,
     /// The initial xDS fetch is complete (LIVE once no listener warms).
     initial_fetch_done: AtomicBool,
+    /// Clusters whose initialization LIVE waits for (DNS clusters with `wait_for_warm_on_init`
+    /// before their first resolution), as Envoy's cluster manager holds server init.
+    clusters_initializing: AtomicUsize,
     /// `/healthcheck/fail` was called.
     pub health_check_failed: AtomicBool,
     /// Set when listeners should drain (`/drain_listeners`).
@@ -129,6 +132,7 @@ impl Server {
             stats,
             state: AtomicU8::new(ServerState::PreInitializing as u8),
             initial_fetch_done: AtomicBool::new(false),
+            clusters_initializing: AtomicUsize::new(0),
             health_check_failed: AtomicBool::new(false),
             drain,
             listener_stop,
@@ -209,11 +213,25 @@ impl Server {
         self.maybe_live();
     }
 
+    /// A cluster that LIVE must wait for started initializing (only counted before LIVE).
+    pub fn cluster_initializing(&self) {
+        self.clusters_initializing.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A cluster counted by [`Server::cluster_initializing`] is initialized.
+    pub fn cluster_initialized(&self) {
+        let _ = self
+            .clusters_initializing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.maybe_live();
+    }
+
     /// Goes LIVE if the initial fetch is done and no listener warms (only the first time: later
     /// warming listeners do not take the server out of LIVE).
     pub fn maybe_live(&self) {
         if self.initial_fetch_done.load(Ordering::SeqCst)
             && self.warming.is_empty()
+            && self.clusters_initializing.load(Ordering::SeqCst) == 0
             && self.state() == ServerState::PreInitializing
         {
             self.set_state(ServerState::Live);

@@ -7,12 +7,15 @@ mod common;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
-use common::{StaticProxy, WAIT, echo, free_ports, request};
-use tokio::net::UdpSocket;
+use common::{StaticProxy, WAIT, echo, free_port, free_ports, http, request};
+use tokio::{net::UdpSocket, sync::watch};
 use waypoint_testbed::echo::{EchoConfig, EchoServer};
 
 const NAME: &str = "svc.dns.test";
@@ -83,21 +86,35 @@ static_resources:
 /// Answers A queries for [`NAME`] with the current addresses (TTL 1 s), no records for AAAA, and
 /// REFUSED for any other name. Returns the shared answer list.
 async fn dns_responder(socket: UdpSocket) -> Arc<Mutex<Vec<Ipv4Addr>>> {
+    let (_, gate) = watch::channel(true);
+    gated_responder(socket, gate).0
+}
+
+/// [`dns_responder`] that receives queries (counted) but answers them only once `gate` is true.
+fn gated_responder(
+    socket: UdpSocket,
+    mut gate: watch::Receiver<bool>,
+) -> (Arc<Mutex<Vec<Ipv4Addr>>>, Arc<AtomicUsize>) {
     let answers = Arc::new(Mutex::new(Vec::new()));
-    let current = answers.clone();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let (current, seen) = (answers.clone(), queries.clone());
     tokio::spawn(async move {
         let mut buf = [0u8; 512];
         loop {
             let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
                 return;
             };
+            seen.fetch_add(1, Ordering::SeqCst);
+            if gate.wait_for(|open| *open).await.is_err() {
+                return;
+            }
             let addrs = current.lock().expect("answers").clone();
             if let Some(reply) = answer(&buf[..n], &addrs) {
                 let _ = socket.send_to(&reply, peer).await;
             }
         }
     });
-    answers
+    (answers, queries)
 }
 
 /// The reply to one query (`None` for what is not a query).
@@ -245,4 +262,128 @@ async fn strict_and_logical_dns_clusters_resolve_and_re_resolve() {
     wait_clusters(&proxy, &[two.clone(), three.clone()], &[]).await;
     wait_served_by(&proxy, "/served", "two").await;
     wait_served_by(&proxy, "/served", "three").await;
+}
+
+/// Two STRICT_DNS clusters whose resolvers hold their answers: LIVE waits for the one with the
+/// default `wait_for_warm_on_init` (true), not for the one that sets it false.
+const WARM_BOOTSTRAP: &str = r#"
+node: {id: "dns~127.0.0.1~warm.default~default.svc.cluster.local", cluster: warm}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADMIN}}}}
+static_resources:
+  listeners:
+  - name: warm
+    address: {socket_address: {address: 127.0.0.1, port_value: ${LISTEN}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: warm
+          route_config:
+            name: warm
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: /held}
+                route: {cluster: held}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: held
+    type: STRICT_DNS
+    connect_timeout: 2s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 60s
+    typed_dns_resolver_config:
+      name: envoy.network.dns_resolver.cares
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+        resolvers: [{socket_address: {address: 127.0.0.1, port_value: ${DNS_HELD}}}]
+        dns_resolver_options: {no_default_search_domain: true}
+        query_timeout_seconds: 60
+        query_tries: 1
+    load_assignment:
+      cluster_name: held
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: svc.dns.test, port_value: ${SERVED}}}}}]}]
+  - name: lazy
+    type: STRICT_DNS
+    connect_timeout: 2s
+    wait_for_warm_on_init: false
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 60s
+    typed_dns_resolver_config:
+      name: envoy.network.dns_resolver.cares
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+        resolvers: [{socket_address: {address: 127.0.0.1, port_value: ${DNS_LAZY}}}]
+        dns_resolver_options: {no_default_search_domain: true}
+        query_timeout_seconds: 60
+        query_tries: 1
+    load_assignment:
+      cluster_name: lazy
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: svc.dns.test, port_value: ${SERVED}}}}}]}]
+"#;
+
+/// Waits (bounded) until `counter` is at least 1.
+async fn wait_query(counter: &AtomicUsize, what: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while counter.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: no DNS query within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_waits_for_the_first_resolution_of_clusters_that_wait_for_warm() {
+    let served = free_ports(Ipv4Addr::new(127, 0, 0, 2), 1)[0];
+    echo_at("two", Ipv4Addr::new(127, 0, 0, 2), served).await;
+    let (open_held, held_gate) = watch::channel(false);
+    let (_never, lazy_gate) = watch::channel(false);
+    let held_socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let lazy_socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let held_port = held_socket.local_addr().expect("addr").port();
+    let lazy_port = lazy_socket.local_addr().expect("addr").port();
+    let (held_answers, held_queries) = gated_responder(held_socket, held_gate);
+    let (_, lazy_queries) = gated_responder(lazy_socket, lazy_gate);
+    *held_answers.lock().expect("answers") = vec![Ipv4Addr::new(127, 0, 0, 2)];
+
+    let admin = free_port();
+    let start = tokio::spawn(async move {
+        let ports = [
+            ("ADMIN", admin),
+            ("SERVED", served),
+            ("DNS_HELD", held_port),
+            ("DNS_LAZY", lazy_port),
+        ];
+        StaticProxy::start("dns-warm", WARM_BOOTSTRAP, &ports).await
+    });
+    // Both clusters asked; neither has an answer: the server is still initializing.
+    wait_query(&held_queries, "held").await;
+    wait_query(&lazy_queries, "lazy").await;
+    let (status, body) = http(admin, "GET", "/ready").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "PRE_INITIALIZING\n"),
+        "LIVE before the held cluster resolved"
+    );
+
+    // The held cluster's answer makes the server LIVE, while the lazy one still has none.
+    open_held.send_replace(true);
+    let proxy = tokio::time::timeout(WAIT, start)
+        .await
+        .expect("LIVE once the held cluster resolved")
+        .expect("start task");
+    assert_eq!(
+        lazy_queries.load(Ordering::SeqCst),
+        1,
+        "the lazy query is pending"
+    );
+    let r = request(proxy.addr(), "dns.test", "/held", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "two");
 }

@@ -142,6 +142,9 @@ pub struct DnsConfig {
     pub respect_ttl: bool,
     /// The resolver.
     pub resolver: ResolverSpec,
+    /// `wait_for_warm_on_init` (default true): the server does not go LIVE before the first
+    /// resolution of every endpoint has completed.
+    pub wait_for_warm: bool,
 }
 
 /// Envoy's default `dns_refresh_rate`.
@@ -312,6 +315,7 @@ impl DnsConfig {
             failure_refresh,
             respect_ttl: c.respect_dns_ttl,
             resolver: ResolverSpec::compile(c, path)?,
+            wait_for_warm: c.wait_for_warm_on_init.is_none_or(|b| b.value),
         })
     }
 }

@@ -1487,10 +1487,9 @@ pub static MESSAGES: &[MessageRule] = &[
             imp("typed_extension_protocol_options"),
             ok("alt_stat_name", STATS_ONLY),
             ok("track_cluster_stats", STATS_ONLY),
-            ok(
-                "wait_for_warm_on_init",
-                "orders Envoy's cluster warming at start-up; our snapshots never wait on a cluster",
-            ),
+            // STRICT_DNS / LOGICAL_DNS hold LIVE until their first resolution (other cluster
+            // types are ready as soon as they are published).
+            imp("wait_for_warm_on_init"),
             // STRICT_DNS / LOGICAL_DNS (upstream/dns.rs).
             imp("dns_refresh_rate"),
             imp("dns_jitter"),

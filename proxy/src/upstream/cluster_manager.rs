@@ -397,6 +397,9 @@ impl ClusterManager {
         // DNS clusters resolve from the moment they are published (not from their first
         // request), and get a runtime so that resolutions reach their host set and `/clusters`.
         self.dns.sync(snapshot);
+        if dp.server.state() == crate::server::ServerState::PreInitializing {
+            self.hold_init_for_dns(dp, snapshot);
+        }
         let mut names: Vec<String> = self.runtimes.load().keys().cloned().collect();
         let dns_clusters: Vec<String> = snapshot
             .clusters
@@ -430,28 +433,56 @@ impl ClusterManager {
         }
     }
 
+    /// Holds the server's LIVE until the DNS clusters of `snapshot` that `wait_for_warm_on_init`
+    /// have completed their first resolution (successful or not), as Envoy initializes a DNS
+    /// cluster after its first resolution and goes LIVE after its cluster manager initialized.
+    fn hold_init_for_dns(&self, dp: &DataPlane, snapshot: &Snapshot) {
+        for c in snapshot.clusters.values() {
+            let Some(d) = self.dns.ensure(c) else {
+                continue;
+            };
+            if !d.hold_init() {
+                continue;
+            }
+            dp.server.cluster_initializing();
+            let server = dp.server.clone();
+            tokio::spawn(async move {
+                // The first resolution ends with an answer or the resolver's own timeout.
+                d.warmed().await;
+                server.cluster_initialized();
+            });
+        }
+    }
+
     /// The runtime of cluster `name` in `snapshot` (built or rebuilt on demand).
     pub fn get(&self, dp: &DataPlane, snapshot: &Snapshot, name: &str) -> Option<Arc<ClusterRt>> {
         let cluster = snapshot.clusters.get(name)?;
-        let dns = self.dns.ensure(cluster);
-        let assignment = match &cluster.discovery {
+        let eds = match &cluster.discovery {
             Discovery::Eds { service_name, .. } => snapshot.endpoints.get(service_name).cloned(),
-            Discovery::Dns(_) => dns.as_ref().and_then(|d| d.latest()),
             _ => None,
         };
+        // A DNS cluster's resolutions go straight into its host set (`DnsCluster::bind`), so
+        // its runtime stays current as long as the cluster itself does: no lock per request.
+        let is_dns = matches!(cluster.discovery, Discovery::Dns(_));
         let fresh = |rt: &ClusterRt| {
             Arc::ptr_eq(&rt.cluster, cluster)
-                && match (&rt.assignment, &assignment) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    _ => false,
-                }
+                && (is_dns
+                    || match (&rt.assignment, &eds) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    })
         };
         if let Some(rt) = self.runtimes.load().get(name)
             && fresh(rt)
         {
             return Some(rt.clone());
         }
+        let dns = self.dns.ensure(cluster);
+        let assignment = match &dns {
+            Some(d) => d.latest(),
+            None => eds.clone(),
+        };
         let _guard = match self.write.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -513,6 +544,13 @@ impl ClusterManager {
         }
         if let Some(d) = &dns {
             d.bind(&hosts, cluster.lb_policy, cluster.common_lb);
+            // A resolution that landed between `latest()` above and the binding went to the
+            // previous host set only.
+            if let Some(la) = d.latest()
+                && !assignment.as_ref().is_some_and(|a| Arc::ptr_eq(a, &la))
+            {
+                hosts.update(&la, cluster.lb_policy, &cluster.common_lb);
+            }
         }
         let rt = Arc::new(ClusterRt {
             cluster: cluster.clone(),

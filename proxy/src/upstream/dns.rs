@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, Ordering as AtomicOrdering},
+    },
     time::{Duration, Instant},
 };
 
@@ -179,6 +182,8 @@ pub struct DnsCluster {
     bound: Mutex<Bound>,
     /// Targets whose first resolution has not completed yet.
     warming: watch::Sender<usize>,
+    /// The server's LIVE waits on this cluster (see [`DnsCluster::hold_init`]).
+    holds_init: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -203,6 +208,7 @@ impl DnsCluster {
             latest: ArcSwapOption::empty(),
             bound: Mutex::new(None),
             warming,
+            holds_init: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
         });
         let resolver = Arc::new(resolver(&config.resolver, config.family));
@@ -238,6 +244,14 @@ impl DnsCluster {
     pub async fn warmed(&self) {
         let mut rx = self.warming.subscribe();
         let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Whether the server's initialization should now start waiting for this cluster: true once,
+    /// for a cluster with `wait_for_warm_on_init` that is still warming.
+    pub fn hold_init(&self) -> bool {
+        self.config.wait_for_warm
+            && !self.is_warm()
+            && !self.holds_init.swap(true, AtomicOrdering::SeqCst)
     }
 
     /// Later resolutions also go straight into `hosts` (so `/clusters` and the balancer see

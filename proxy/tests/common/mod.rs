@@ -254,7 +254,7 @@ impl Launch {
             .await
     }
 
-    /// Picks a free port for each of `names` (`ADMIN` among them: the admin address readiness is
+    /// Picks a free port for each of `names` (`ADMIN` among them unless given: the admin address readiness is
     /// read from), writes `bootstrap(dir, ports)` (the picked ones and those given to
     /// [`Launch::template`]) and starts the proxy; returns once its admin
     /// `/ready` says LIVE. When the proxy exits because one of the ports was taken meanwhile
@@ -265,7 +265,7 @@ impl Launch {
         bootstrap: impl Fn(&Path, &Ports) -> String,
     ) -> StaticProxy {
         assert!(
-            names.contains(&"ADMIN"),
+            names.contains(&"ADMIN") || self.given.0.contains_key("ADMIN"),
             "{}: no ADMIN port among {names:?}",
             self.tag
         );
