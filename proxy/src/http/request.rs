@@ -58,14 +58,22 @@ pub fn normalize_path(
     normalize: bool,
     merge_slashes: bool,
     escaped_slashes: EscapedSlashes,
-) -> Result<String, PathError> {
+) -> Result<Cow<'_, str>, PathError> {
+    // Most paths have nothing any of the steps below would change: no escape, backslash, dot
+    // segment or (when merging) double slash. They are kept as they are, without a copy.
+    if !path_and_query.contains('#') {
+        let path = path_and_query.split('?').next().unwrap_or("");
+        if is_plain(path, merge_slashes) {
+            return Ok(Cow::Borrowed(path_and_query));
+        }
+    }
     let without_fragment = path_and_query.split('#').next().unwrap_or("");
     let (path, query) = match without_fragment.find('?') {
         Some(q) => without_fragment.split_at(q),
         None => (without_fragment, ""),
     };
     if path == "*" {
-        return Ok(without_fragment.to_owned());
+        return Ok(Cow::Owned(without_fragment.to_owned()));
     }
     let mut path = Cow::Borrowed(path);
     let mut redirect = false;
@@ -93,7 +101,21 @@ pub fn normalize_path(
     if redirect {
         return Err(PathError::Redirect(out));
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
+}
+
+/// Whether normalization leaves `path` as it is: it starts with `/` and has only unreserved
+/// characters and slashes, no `.` or `..` segment, and no `//` when slashes are merged.
+fn is_plain(path: &str, merge_slashes: bool) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let safe = b
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'/' | b'-' | b'_' | b'~' | b'.'));
+    safe && !(merge_slashes && path.contains("//"))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// `path` with `%2F`/`%5C` (any case) decoded, or `None` when it has none.
@@ -486,8 +508,7 @@ const EDGE_ONLY_HEADERS: &[&str] = &[
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Ensures `x-request-id` (a UUID v4) when `generate`: an absent or empty id is generated; an edge
-/// request's own id (`is_internal` false) is replaced unless `preserve_external`. Returns the id the
-/// request carries afterwards.
+/// request's own id (`is_internal` false) is replaced unless `preserve_external`.
 ///
 /// `is_internal` is the opposite of [`ClientAddress::edge`]: only edge requests have their id
 /// replaced, as in Envoy.
@@ -496,26 +517,23 @@ pub fn ensure_request_id(
     generate: bool,
     preserve_external: bool,
     is_internal: bool,
-) -> Option<String> {
-    let current = headers
-        .get(REQUEST_ID)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .filter(|v| !v.is_empty());
+) {
+    let present = headers.get(REQUEST_ID).is_some_and(|v| !v.is_empty());
     let force = !preserve_external && !is_internal;
-    if !generate || (current.is_some() && !force) {
-        return current;
+    if !generate || (present && !force) {
+        return;
     }
     // The thread's seeded generator instead of `Uuid::new_v4` (a getrandom system call per
-    // request).
+    // request), formatted on the stack.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = uuid::Builder::from_random_bytes(rand::random())
         .into_uuid()
         .hyphenated()
-        .to_string();
+        .encode_lower(&mut buf);
     // A hyphenated UUID is always a valid header value.
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Ok(v) = HeaderValue::from_str(id) {
         headers.insert(REQUEST_ID, v);
     }
-    Some(id)
 }
 
 /// Applies one level of header operations as Envoy's `HeaderParser` does: removals first; then every
@@ -866,7 +884,7 @@ mod tests {
     }
 
     fn norm(p: &str) -> Result<String, PathError> {
-        normalize_path(p, true, false, EscapedSlashes::KeepUnchanged)
+        normalize_path(p, true, false, EscapedSlashes::KeepUnchanged).map(Cow::into_owned)
     }
 
     // ---- normalize_path ----
@@ -951,8 +969,36 @@ mod tests {
     }
 
     #[test]
+    fn plain_paths_are_kept_without_a_copy() {
+        let borrowed = |p: &str, merge: bool| {
+            matches!(
+                normalize_path(p, true, merge, EscapedSlashes::UnescapeAndRedirect),
+                Ok(Cow::Borrowed(b)) if b == p
+            )
+        };
+        for p in [
+            "/",
+            "/bench",
+            "/a/b.html?x=1&y=/../z",
+            "/v1/x-y_z~w/..a/b..",
+            "/a//b",
+        ] {
+            assert!(borrowed(p, false), "{p}");
+        }
+        // Anything a step could change goes the long way, whose result the tests above check.
+        for p in [
+            "", "a", "/a/./b", "/a/../b", "/a/..", "/%61", "/a\\b", "/a b", "/a#f",
+        ] {
+            assert!(!borrowed(p, false), "{p}");
+        }
+        assert!(!borrowed("/a//b", true));
+        assert_eq!(norm("/a//b").as_deref(), Ok("/a//b"));
+    }
+
+    #[test]
     fn merge_slashes_after_normalization() {
-        let merge = |p: &str| normalize_path(p, false, true, EscapedSlashes::Default);
+        let merge =
+            |p: &str| normalize_path(p, false, true, EscapedSlashes::Default).map(Cow::into_owned);
         for (input, want) in [
             ("//a//b///c", "/a/b/c"),
             ("/a/b/c//", "/a/b/c/"),
@@ -1242,35 +1288,33 @@ mod tests {
 
     #[test]
     fn request_id_is_generated_kept_or_replaced() {
-        let is_uuid = |s: &str| uuid::Uuid::parse_str(s).is_ok_and(|u| u.get_version_num() == 4);
+        let is_uuid = |s: Option<String>| {
+            s.and_then(|s| uuid::Uuid::parse_str(&s).ok())
+                .is_some_and(|u| u.get_version_num() == 4)
+        };
+        let id = |h: &HeaderMap| one(h, REQUEST_ID.as_str());
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h, true, false, true).expect("generated");
-        assert!(is_uuid(&id));
-        assert_eq!(one(&h, REQUEST_ID.as_str()), Some(id));
+        ensure_request_id(&mut h, true, false, true);
+        assert!(is_uuid(id(&h)), "generated: {h:?}");
         // Internal: kept.
         let mut h = headers(&[("x-request-id", "abc")]);
-        assert_eq!(
-            ensure_request_id(&mut h, true, false, true).as_deref(),
-            Some("abc")
-        );
+        ensure_request_id(&mut h, true, false, true);
+        assert_eq!(id(&h).as_deref(), Some("abc"));
         // Edge: replaced unless preserved.
         let mut h = headers(&[("x-request-id", "abc")]);
-        let id = ensure_request_id(&mut h, true, false, false).expect("id");
-        assert!(is_uuid(&id));
+        ensure_request_id(&mut h, true, false, false);
+        assert!(is_uuid(id(&h)), "replaced: {h:?}");
         let mut h = headers(&[("x-request-id", "abc")]);
-        assert_eq!(
-            ensure_request_id(&mut h, true, true, false).as_deref(),
-            Some("abc")
-        );
+        ensure_request_id(&mut h, true, true, false);
+        assert_eq!(id(&h).as_deref(), Some("abc"));
         // Not generating: nothing changes.
         let mut h = HeaderMap::new();
-        assert_eq!(ensure_request_id(&mut h, false, false, false), None);
+        ensure_request_id(&mut h, false, false, false);
         assert!(h.is_empty());
         // An empty id is replaced.
         let mut h = headers(&[("x-request-id", "")]);
-        assert!(is_uuid(
-            &ensure_request_id(&mut h, true, true, true).expect("id")
-        ));
+        ensure_request_id(&mut h, true, true, true);
+        assert!(is_uuid(id(&h)), "empty replaced: {h:?}");
     }
 
     // ---- header operations ----

@@ -82,13 +82,14 @@ pub fn prepare_downstream(
             request::PathError::Redirect(location) => ProxyError::Redirect(location),
             other => ProxyError::BadRequest(format!("path: {other}")),
         })?;
-        if normalized != pq.as_str() {
+        if let std::borrow::Cow::Owned(normalized) = normalized
+            && normalized != pq.as_str()
+        {
+            let path_and_query = normalized
+                .parse()
+                .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?;
             let mut p = std::mem::take(&mut parts.uri).into_parts();
-            p.path_and_query = Some(
-                normalized
-                    .parse()
-                    .map_err(|e| ProxyError::BadRequest(format!("path: {e}")))?,
-            );
+            p.path_and_query = Some(path_and_query);
             parts.uri = Uri::from_parts(p).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         }
     }
@@ -816,10 +817,14 @@ pub async fn forward(
         // Counted while the attempt waits; a guard, so a cancelled downstream request (the
         // future dropped mid-wait) still decrements.
         let active = ActiveGuard::new(&rt.stats.rq_active);
-        let sent = pool.send(req, dial, upgrade.is_some(), &limits);
+        // The send future is made where it is awaited: a local holding it across the await
+        // would take its size again in this (large) future.
         let mut expired = None;
         let outcome = match watch.as_mut() {
-            Some(w) => match w.run(sent).await {
+            Some(w) => match w
+                .run(pool.send(req, dial, upgrade.is_some(), &limits))
+                .await
+            {
                 Ok(r) => r,
                 Err(kind) => {
                     expired = Some(kind);
@@ -830,7 +835,7 @@ pub async fn forward(
                     })
                 }
             },
-            None => sent.await,
+            None => pool.send(req, dial, upgrade.is_some(), &limits).await,
         };
         drop(active);
         record_outcome(dp, &rt, &target, &outcome);

@@ -482,22 +482,40 @@ impl Pool {
                 _ = returned => {}
             }
         };
-        let io = match dial().await {
-            Ok(io) => io,
+        // Opening a connection is the rare path: boxed, so that its futures (dial, handshake)
+        // do not make every request's future larger.
+        let (mut send, meta, stream) = match Box::pin(self.open_h1(dial, limits, cx)).await {
+            Ok(c) => c,
             Err(e) => return Err(SendError::unsent(e, req)),
         };
-        let (mut send, connection) = match conn::http1::Builder::new()
+        drop(pending);
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(upstream_error(e)))?;
+        meta.request(self.max_requests, &limits.stats);
+        Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq))
+    }
+
+    /// Opens an HTTP/1.1 connection with `dial` and starts its task (which holds `cx`).
+    async fn open_h1(
+        &self,
+        dial: impl FnOnce() -> Dial<'static>,
+        limits: &Limits,
+        cx: Connection,
+    ) -> Result<
+        (
+            conn::http1::SendRequest<Body>,
+            Arc<ConnMeta>,
+            timeout::StreamGuard,
+        ),
+        ProxyError,
+    > {
+        let io = dial().await?;
+        let (send, connection) = conn::http1::Builder::new()
             .handshake::<_, Body>(TokioIo::new(io))
             .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(SendError::unsent(
-                    ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}")),
-                    req,
-                ));
-            }
-        };
+            .map_err(|e| ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}")))?;
         let meta = ConnMeta::new();
         let stream = meta.activity.stream();
         let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
@@ -513,13 +531,7 @@ impl Pool {
             )
             .await;
         });
-        drop(pending);
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::sent(upstream_error(e)))?;
-        meta.request(self.max_requests, &limits.stats);
-        Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq))
+        Ok((send, meta, stream))
     }
 
     fn finish_h1(
@@ -595,42 +607,11 @@ impl Pool {
                             }
                         }
                     };
-                    let io = match dial().await {
-                        Ok(io) => io,
+                    // Boxed, as for HTTP/1.1: the rare path keeps its futures to itself.
+                    let (send, meta) = match Box::pin(self.open_h2(dial, limits, cx)).await {
+                        Ok(c) => c,
                         Err(e) => return Err(SendError::unsent(e, req)),
                     };
-                    let mut b = conn::http2::Builder::new(TokioExecutor::new());
-                    b.timer(TokioTimer::new());
-                    if let Some(w) = self.h2_settings.initial_stream_window {
-                        b.initial_stream_window_size(w);
-                    }
-                    if let Some(w) = self.h2_settings.initial_connection_window {
-                        b.initial_connection_window_size(w);
-                    }
-                    if let Some(i) = self.h2_settings.keepalive_interval {
-                        // Envoy PINGs on its interval whether or not streams are open.
-                        b.keep_alive_interval(i).keep_alive_while_idle(true);
-                        if let Some(t) = self.h2_settings.keepalive_timeout {
-                            b.keep_alive_timeout(t);
-                        }
-                    }
-                    let (send, connection) = match b.handshake::<_, Body>(TokioIo::new(io)).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            return Err(SendError::unsent(
-                                ProxyError::ConnectFailure(format!("HTTP/2 handshake: {e}")),
-                                req,
-                            ));
-                        }
-                    };
-                    let meta = ConnMeta::new();
-                    let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
-                    let (task_meta, stats) = (meta.clone(), limits.stats.clone());
-                    tokio::spawn(async move {
-                        let _cx = cx;
-                        Self::run_connection(connection, task_meta, idle, max_duration, stats)
-                            .await;
-                    });
                     drop(pending);
                     *slot = Some((send.clone(), meta.clone()));
                     (send, meta)
@@ -656,6 +637,42 @@ impl Pool {
             // The stream counts for the connection's idle timeout until its response ends.
             timeout::hold(body, stream)
         }))
+    }
+    /// Opens an HTTP/2 connection with `dial` and starts its task (which holds `cx`).
+    async fn open_h2(
+        &self,
+        dial: impl FnOnce() -> Dial<'static>,
+        limits: &Limits,
+        cx: Connection,
+    ) -> Result<(conn::http2::SendRequest<Body>, Arc<ConnMeta>), ProxyError> {
+        let io = dial().await?;
+        let mut b = conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new());
+        if let Some(w) = self.h2_settings.initial_stream_window {
+            b.initial_stream_window_size(w);
+        }
+        if let Some(w) = self.h2_settings.initial_connection_window {
+            b.initial_connection_window_size(w);
+        }
+        if let Some(i) = self.h2_settings.keepalive_interval {
+            // Envoy PINGs on its interval whether or not streams are open.
+            b.keep_alive_interval(i).keep_alive_while_idle(true);
+            if let Some(t) = self.h2_settings.keepalive_timeout {
+                b.keep_alive_timeout(t);
+            }
+        }
+        let (send, connection) = b
+            .handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::ConnectFailure(format!("HTTP/2 handshake: {e}")))?;
+        let meta = ConnMeta::new();
+        let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
+        let (task_meta, stats) = (meta.clone(), limits.stats.clone());
+        tokio::spawn(async move {
+            let _cx = cx;
+            Self::run_connection(connection, task_meta, idle, max_duration, stats).await;
+        });
+        Ok((send, meta))
     }
 }
 
