@@ -248,6 +248,26 @@ async fn strict_and_logical_dns_clusters_resolve_and_re_resolve() {
     )
     .await;
     wait_served_by(&proxy, "/served", "three").await;
+    // config_dump shows the resolution, not the configured name, as Envoy's does.
+    let (status, dump) = proxy.admin_get("/config_dump?include_eds").await;
+    assert_eq!(status, 200, "{dump}");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump JSON");
+    let served_eps = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["static_endpoint_configs"].as_array())
+        .flatten()
+        .find(|e| e["endpoint_config"]["cluster_name"] == "served")
+        .map(|e| e["endpoint_config"]["endpoints"].clone())
+        .expect("served in static_endpoint_configs");
+    let endpoint = &served_eps[0]["lb_endpoints"][0]["endpoint"];
+    assert_eq!(
+        endpoint["address"]["socket_address"]["address"], "127.0.0.3",
+        "{served_eps}"
+    );
+    assert_eq!(endpoint["hostname"], NAME, "{served_eps}");
+    assert_eq!(served_eps.as_array().map(Vec::len), Some(1), "{served_eps}");
     for _ in 0..5 {
         let r = request(proxy.addr(), "dns.test", "/served", &[]).await;
         assert_eq!(

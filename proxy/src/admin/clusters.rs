@@ -89,7 +89,7 @@ fn is_original_dst(c: &Cluster) -> bool {
     matches!(&c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::OriginalDst as i32)
 }
 
-fn is_dns(c: &Cluster) -> bool {
+pub fn is_dns(c: &Cluster) -> bool {
     matches!(&c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t))
         if *t == DiscoveryType::StrictDns as i32 || *t == DiscoveryType::LogicalDns as i32)
 }
@@ -97,13 +97,23 @@ fn is_dns(c: &Cluster) -> bool {
 /// A STRICT_DNS / LOGICAL_DNS cluster's hosts are its latest resolution (the live host set),
 /// named by the DNS name as Envoy shows them; none before the first resolution.
 fn dns_hosts(admin: &Admin, name: &str) -> Vec<HostStatus> {
+    dns_assignment(&admin.server.stats, name)
+        .map(|cla| hosts_of(&cla))
+        .unwrap_or_default()
+}
+
+/// The latest resolution of DNS cluster `name` as an assignment (one locality entry per host,
+/// with its address, DNS name, weight, health, priority and locality); `None` before the cluster
+/// has a host set. `/clusters` and config_dump's `static_endpoint_configs` show it.
+pub fn dns_assignment(
+    stats: &std::sync::Arc<crate::stats::Stats>,
+    name: &str,
+) -> Option<ClusterLoadAssignment> {
     use waypoint_proto::envoy::config::{
         core::v3::SocketAddress,
         endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints},
     };
-    let Some(live) = live_hosts(&admin.server.stats, name) else {
-        return Vec::new();
-    };
+    let live = live_hosts(stats, name)?;
     let endpoints = live
         .hosts()
         .iter()
@@ -149,7 +159,7 @@ fn dns_hosts(admin: &Admin, name: &str) -> Vec<HostStatus> {
             })
         })
         .collect();
-    hosts_of(&ClusterLoadAssignment {
+    Some(ClusterLoadAssignment {
         cluster_name: name.to_owned(),
         endpoints,
         ..Default::default()

@@ -26,7 +26,11 @@ use waypoint_proto::{
             routes_config_dump::StaticRouteConfig,
             secrets_config_dump::DynamicSecret,
         },
-        config::listener::v3::{Listener, filter::ConfigType},
+        config::{
+            cluster::v3::Cluster,
+            endpoint::v3::ClusterLoadAssignment,
+            listener::v3::{Listener, filter::ConfigType},
+        },
         extensions::filters::network::http_connection_manager::v3::{
             HttpConnectionManager, http_connection_manager::RouteSpecifier,
         },
@@ -134,23 +138,48 @@ pub fn build(admin: &Admin, include_eds: bool) -> ConfigDump {
 
     if include_eds {
         let eds = server.xds.record(ResourceKind::Endpoint);
-        configs.push(pack(&EndpointsConfigDump {
-            static_endpoint_configs: statics
-                .clusters
-                .iter()
-                .filter_map(|c| {
-                    c.load_assignment.as_ref().map(|la| {
-                        let mut la = la.clone();
-                        if la.cluster_name.is_empty() {
-                            la.cluster_name = c.name.clone();
-                        }
-                        StaticEndpointConfig {
-                            endpoint_config: Some(pack(&la)),
-                            last_updated: Some(started),
-                        }
-                    })
+        // Static clusters show their assignment; DNS clusters (from the bootstrap or CDS) their
+        // latest resolution, as Envoy dumps every non-EDS cluster's current hosts.
+        let mut static_endpoint_configs: Vec<StaticEndpointConfig> = statics
+            .clusters
+            .iter()
+            .filter(|c| !super::clusters::is_dns(c))
+            .filter_map(|c| {
+                c.load_assignment.as_ref().map(|la| {
+                    let mut la = la.clone();
+                    if la.cluster_name.is_empty() {
+                        la.cluster_name = c.name.clone();
+                    }
+                    StaticEndpointConfig {
+                        endpoint_config: Some(pack(&la)),
+                        last_updated: Some(started),
+                    }
                 })
-                .collect(),
+            })
+            .collect();
+        let dynamic_dns = cds.resources.values().filter_map(|e| {
+            let any = e.resource.as_ref()?;
+            let c = Cluster::decode(any.value.as_slice()).ok()?;
+            Some((c, Some(ts(e.last_updated))))
+        });
+        let static_dns = statics.clusters.iter().map(|c| (c.clone(), Some(started)));
+        for (c, last_updated) in static_dns.chain(dynamic_dns) {
+            if !super::clusters::is_dns(&c) {
+                continue;
+            }
+            let cla = super::clusters::dns_assignment(&server.stats, &c.name).unwrap_or(
+                ClusterLoadAssignment {
+                    cluster_name: c.name.clone(),
+                    ..Default::default()
+                },
+            );
+            static_endpoint_configs.push(StaticEndpointConfig {
+                endpoint_config: Some(pack(&cla)),
+                last_updated,
+            });
+        }
+        configs.push(pack(&EndpointsConfigDump {
+            static_endpoint_configs,
             dynamic_endpoint_configs: eds
                 .resources
                 .values()
