@@ -1,7 +1,9 @@
 //! STRICT_DNS and LOGICAL_DNS clusters from a static bootstrap: `localhost` resolved through
 //! `/etc/hosts`, and a name served by a tiny UDP DNS responder on 127.0.0.1 (the cluster's c-ares
 //! `resolvers`) whose answers the test changes between refreshes, so re-resolution adds and
-//! removes hosts. Loopback only: the responder answers the test name and refuses every other.
+//! removes hosts. LIVE waits for the first resolution of clusters with `wait_for_warm_on_init`; a
+//! CDS update that changes a DNS cluster's resolver keeps its hosts serving until the new
+//! resolution answers. Loopback only: the responder answers the test name and refuses every other.
 
 mod common;
 
@@ -14,9 +16,11 @@ use std::{
     time::Duration,
 };
 
-use common::{StaticProxy, WAIT, echo, free_port, free_ports, http, request};
+use common::{PlainAds, StaticProxy, WAIT, echo, free_port, free_ports, http, request};
 use tokio::{net::UdpSocket, sync::watch};
+use waypoint_proto::resource::ResourceKind;
 use waypoint_testbed::echo::{EchoConfig, EchoServer};
+use waypoint_testbed::istiod_lite::Resource;
 
 const NAME: &str = "svc.dns.test";
 
@@ -406,4 +410,126 @@ async fn live_waits_for_the_first_resolution_of_clusters_that_wait_for_warm() {
     let r = request(proxy.addr(), "dns.test", "/held", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["server"], "two");
+}
+
+/// Everything but the ADS server's address comes over ADS: listener `upd` (LDS) to cluster `upd`
+/// (CDS).
+const UPDATE_BOOTSTRAP: &str = r#"
+node: {id: "dns~127.0.0.1~upd.default~default.svc.cluster.local", cluster: upd}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADMIN}}}}
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    transport_api_version: V3
+    grpc_services: [{envoy_grpc: {cluster_name: xds-grpc}}]
+  cds_config: {ads: {}, resource_api_version: V3}
+  lds_config: {ads: {}, resource_api_version: V3}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ${ADS}}}}}]}]
+"#;
+
+/// LDS listener `upd` on `port`, every request to cluster `upd`.
+fn update_listener(port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "name": "upd",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "upd",
+                "route_config": {"name": "upd", "virtual_hosts": [{
+                    "name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upd"}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+            }
+        }]}]
+    })
+}
+
+/// CDS cluster `upd`: STRICT_DNS for [`NAME`] through the resolver on `dns_port`.
+fn update_cluster(dns_port: u16, served: u16) -> serde_json::Value {
+    serde_json::json!({
+        "name": "upd",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "dns_lookup_family": "V4_ONLY",
+        "dns_refresh_rate": "60s",
+        "typed_dns_resolver_config": {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": dns_port}}],
+                "dns_resolver_options": {"no_default_search_domain": true},
+                "query_timeout_seconds": 60,
+                "query_tries": 1
+            }
+        },
+        "load_assignment": {"cluster_name": "upd", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": NAME, "port_value": served}}}}]}]}
+    })
+}
+
+async fn push(ads: &PlainAds, kind: ResourceKind, doc: &serde_json::Value) {
+    let r = Resource::from_json(kind, doc).unwrap_or_else(|e| panic!("{e}"));
+    ads.store.push(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_dns_cluster_keeps_its_hosts_until_the_new_resolution() {
+    let served = free_ports(Ipv4Addr::new(127, 0, 0, 2), 1)[0];
+    echo_at("two", Ipv4Addr::new(127, 0, 0, 2), served).await;
+    echo_at("three", Ipv4Addr::new(127, 0, 0, 3), served).await;
+    let (_open, open_gate) = watch::channel(true);
+    let (open_new, new_gate) = watch::channel(false);
+    let old_socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let new_socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let old_port = old_socket.local_addr().expect("addr").port();
+    let new_port = new_socket.local_addr().expect("addr").port();
+    let (old_answers, _) = gated_responder(old_socket, open_gate);
+    let (new_answers, new_queries) = gated_responder(new_socket, new_gate);
+    *old_answers.lock().expect("answers") = vec![Ipv4Addr::new(127, 0, 0, 2)];
+    *new_answers.lock().expect("answers") = vec![Ipv4Addr::new(127, 0, 0, 3)];
+
+    let ads = PlainAds::start().await;
+    let listen = free_port();
+    push(
+        &ads,
+        ResourceKind::Cluster,
+        &update_cluster(old_port, served),
+    )
+    .await;
+    push(&ads, ResourceKind::Listener, &update_listener(listen)).await;
+    let proxy = StaticProxy::start(
+        "dns-update",
+        UPDATE_BOOTSTRAP,
+        &[("ADS", ads.addr.port()), ("LISTEN", listen)],
+    )
+    .await;
+    wait_served_by(&proxy, "/", "two").await;
+
+    // New DNS settings: the cluster resolves anew through a resolver that has not answered yet.
+    push(
+        &ads,
+        ResourceKind::Cluster,
+        &update_cluster(new_port, served),
+    )
+    .await;
+    wait_query(&new_queries, "the new resolver").await;
+    for _ in 0..5 {
+        let r = request(proxy.addr(), "dns.test", "/", &[]).await;
+        assert_eq!(r.status, 200, "the old hosts keep serving: {}", r.text());
+        assert_eq!(r.json()["server"], "two");
+    }
+
+    // Its answer replaces them.
+    open_new.send_replace(true);
+    wait_served_by(&proxy, "/", "three").await;
 }

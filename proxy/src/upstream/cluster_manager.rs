@@ -513,9 +513,15 @@ impl ClusterManager {
         let stats = &dp.server.stats;
         // The host set, breakers and detector carry over: unchanged hosts keep their identity,
         // live counters (least request needs them) and ejections; counts in use stay counted.
+        // A DNS cluster whose DNS settings changed resolves anew: until its first answer the
+        // previous hosts keep serving (the new resolution replaces them through `bind`), as
+        // Envoy keeps the old cluster active while the new one warms.
+        let awaiting_dns = matches!(cluster.discovery, Discovery::Dns(_)) && assignment.is_none();
         let hosts = match previous {
             Some(p) => {
-                p.hosts.update(la, cluster.lb_policy, &cluster.common_lb);
+                if !awaiting_dns {
+                    p.hosts.update(la, cluster.lb_policy, &cluster.common_lb);
+                }
                 p.hosts.clone()
             }
             None => Arc::new(Hosts::new(la, cluster.lb_policy, &cluster.common_lb)),
