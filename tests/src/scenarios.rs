@@ -1145,6 +1145,11 @@ impl JwksServer {
         format!("http://{JWKS_HOST}:{}{JWKS_PATH}", self.addr.port())
     }
 
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// The cluster istiod finds for the `jwksUri` (`outbound|<port>||<host>`).
     pub fn cluster_name(&self) -> String {
         format!("outbound|{}||{JWKS_HOST}", self.addr.port())

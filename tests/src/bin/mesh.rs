@@ -1697,7 +1697,17 @@ async fn scenario_jwks_remote(
             Bytes::new(),
         )
         .await?;
-        Ok::<_, ScenarioError>((before, statuses, bad.status.as_u16(), server.fetches()))
+        // The DNS cluster's resolution as config_dump shows it (Envoy dumps non-EDS clusters'
+        // hosts under static_endpoint_configs).
+        let dump = mesh.config_dump("include_eds").await?;
+        let resolved = resolved_addresses(&dump, &server.cluster_name());
+        Ok::<_, ScenarioError>((
+            before,
+            statuses,
+            bad.status.as_u16(),
+            server.fetches(),
+            resolved,
+        ))
     }
     .await;
     // The fixture's listener first: the cluster must not go while a listener still names it.
@@ -1711,26 +1721,62 @@ async fn scenario_jwks_remote(
     // Also after a failed install: a cluster pushed but never healthy must not stay.
     let removed = server.uninstall(mesh).await;
     // The scenario's own error first: a failed removal after it is a consequence.
-    let (before, statuses, bad, fetches) = driven?;
+    let (before, statuses, bad, fetches, resolved) = driven?;
     restored?;
     removed?;
     let all_ok = statuses.iter().all(|s| *s == 200);
     let shown: Vec<String> = statuses.iter().map(u16::to_string).collect();
+    let want_resolved = format!("127.0.0.1:{}", server.port());
     Ok(Finding {
         text: format!(
-            "RequestAuthentication jwksUri {} via {} (STRICT_DNS, endpoint localhost): valid \
-             token {} ({}), bad signature {bad}, JWKS fetched {fetches}x ({before} before the \
-             first request)",
+            "RequestAuthentication jwksUri {} via {} (STRICT_DNS, endpoint localhost, \
+             config_dump: {}): valid token {} ({}), bad signature {bad}, JWKS fetched \
+             {fetches}x ({before} before the first request)",
             server.uri(),
             server.cluster_name(),
+            if resolved.is_empty() {
+                "NOT resolved".to_owned()
+            } else {
+                resolved.join(",")
+            },
             if all_ok { "200" } else { "NOT 200" },
             shown.join("/"),
         ),
-        held: all_ok && bad == 401 && before == 0 && fetches == 1,
+        held: all_ok
+            && bad == 401
+            && before == 0
+            && fetches == 1
+            && resolved.contains(&want_resolved),
         wanted: format!(
-            "{JWKS_REQUESTS} valid tokens 200, bad signature 401, the JWKS fetched once, on demand"
+            "{JWKS_REQUESTS} valid tokens 200, bad signature 401, the JWKS fetched once, on \
+             demand, localhost resolved to {want_resolved}"
         ),
     })
+}
+
+/// The `address:port` of every endpoint of cluster `name` in a config dump's
+/// `static_endpoint_configs`.
+fn resolved_addresses(dump: &Json, name: &str) -> Vec<String> {
+    let configs = dump["configs"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    configs
+        .iter()
+        .filter_map(|c| c["static_endpoint_configs"].as_array())
+        .flatten()
+        .map(|e| &e["endpoint_config"])
+        .filter(|cla| cla["cluster_name"] == name)
+        .filter_map(|cla| cla["endpoints"].as_array())
+        .flatten()
+        .filter_map(|l| l["lb_endpoints"].as_array())
+        .flatten()
+        .filter_map(|ep| {
+            let sa = &ep["endpoint"]["address"]["socket_address"];
+            Some(format!(
+                "{}:{}",
+                sa["address"].as_str()?,
+                sa["port_value"].as_u64()?
+            ))
+        })
+        .collect()
 }
 
 /// The route's stream idle timeout the ws-idle EnvoyFilter sets.
