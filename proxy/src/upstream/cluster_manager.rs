@@ -446,9 +446,11 @@ impl ClusterManager {
             }
             dp.server.cluster_initializing();
             let server = dp.server.clone();
+            // The first resolution ends with an answer or the resolver's own timeout; a cluster
+            // replaced or removed meanwhile ends the wait too.
+            let warmed = d.warmed();
             tokio::spawn(async move {
-                // The first resolution ends with an answer or the resolver's own timeout.
-                d.warmed().await;
+                warmed.await;
                 server.cluster_initialized();
             });
         }
@@ -480,7 +482,8 @@ impl ClusterManager {
         }
         let dns = self.dns.ensure(cluster);
         let assignment = match &dns {
-            Some(d) => d.latest(),
+            // A DNS cluster serves its resolution only once warm (see `DnsCluster::bind`).
+            Some(d) => d.latest().filter(|_| d.is_warm()),
             None => eds.clone(),
         };
         let _guard = match self.write.lock() {
@@ -513,13 +516,12 @@ impl ClusterManager {
         let stats = &dp.server.stats;
         // The host set, breakers and detector carry over: unchanged hosts keep their identity,
         // live counters (least request needs them) and ejections; counts in use stay counted.
-        // A DNS cluster whose DNS settings changed resolves anew: until its first answer the
-        // previous hosts keep serving (the new resolution replaces them through `bind`), as
-        // Envoy keeps the old cluster active while the new one warms.
-        let awaiting_dns = matches!(cluster.discovery, Discovery::Dns(_)) && assignment.is_none();
+        // A DNS cluster's host set is updated by `DnsCluster::bind` below, and only once the
+        // cluster is warm: one whose DNS settings changed resolves anew while the previous hosts
+        // keep serving, as Envoy keeps the old cluster active while the new one warms.
         let hosts = match previous {
             Some(p) => {
-                if !awaiting_dns {
+                if !is_dns {
                     p.hosts.update(la, cluster.lb_policy, &cluster.common_lb);
                 }
                 p.hosts.clone()
@@ -549,14 +551,8 @@ impl ClusterManager {
             register(stats, name, &hosts);
         }
         if let Some(d) = &dns {
+            // From here the host set follows the resolutions (the latest one now, if warm).
             d.bind(&hosts, cluster.lb_policy, cluster.common_lb);
-            // A resolution that landed between `latest()` above and the binding went to the
-            // previous host set only.
-            if let Some(la) = d.latest()
-                && !assignment.as_ref().is_some_and(|a| Arc::ptr_eq(a, &la))
-            {
-                hosts.update(&la, cluster.lb_policy, &cluster.common_lb);
-            }
         }
         let rt = Arc::new(ClusterRt {
             cluster: cluster.clone(),

@@ -240,10 +240,13 @@ impl DnsCluster {
         *self.warming.borrow() == 0
     }
 
-    /// Waits until [`is_warm`](Self::is_warm).
-    pub async fn warmed(&self) {
+    /// A future that ends once the cluster [`is_warm`](Self::is_warm), or is dropped (it holds
+    /// no reference to the cluster, so a replaced one can go).
+    pub fn warmed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.warming.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        async move {
+            let _ = rx.wait_for(|n| *n == 0).await;
+        }
     }
 
     /// Whether the server's initialization should now start waiting for this cluster: true once,
@@ -254,11 +257,40 @@ impl DnsCluster {
             && !self.holds_init.swap(true, AtomicOrdering::SeqCst)
     }
 
-    /// Later resolutions also go straight into `hosts` (so `/clusters` and the balancer see
-    /// them without waiting for the next request).
+    /// Makes `hosts` follow this cluster's resolutions (so `/clusters` and the balancer see
+    /// them without waiting for a request). Nothing is pushed before the cluster is warm (every
+    /// endpoint's first resolution ended, successfully or not), as Envoy only uses a DNS cluster
+    /// once it is initialized: a cluster that replaces another keeps the other's hosts serving
+    /// until then. Once warm, `hosts` gets the latest resolution now and every later one.
     pub fn bind(&self, hosts: &Arc<Hosts>, policy: LbPolicy, common: CommonLb) {
-        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((Arc::downgrade(hosts), policy, common));
+        let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        *bound = Some((Arc::downgrade(hosts), policy, common));
+        // Under the lock `record` pushes under: whichever runs last pushes the newest result.
+        if self.is_warm()
+            && let Some(la) = self.latest.load_full()
+        {
+            hosts.update(&la, policy, &common);
+        }
+    }
+
+    /// Stops pushing resolutions anywhere (the cluster was replaced or removed; its own tasks
+    /// end when it is dropped).
+    pub fn unbind(&self) {
+        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Pushes the latest resolution to the bound host set, once warm.
+    fn push(&self) {
+        let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.is_warm() {
+            return;
+        }
+        if let Some((hosts, policy, common)) = bound.as_ref()
+            && let Some(h) = hosts.upgrade()
+            && let Some(la) = self.latest.load_full()
+        {
+            h.update(&la, *policy, common);
+        }
     }
 
     /// Records a resolution of target (`i`, `j`); `None` is a failure (the previous addresses
@@ -271,13 +303,7 @@ impl DnsCluster {
                 (Some(slot), Some(a)) if slot.as_ref() != Some(&a) => {
                     *slot = Some(a);
                     let la = Arc::new(expand(&self.config, &resolved));
-                    self.latest.store(Some(la.clone()));
-                    let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let Some((hosts, policy, common)) = bound.as_ref()
-                        && let Some(h) = hosts.upgrade()
-                    {
-                        h.update(&la, *policy, common);
-                    }
+                    self.latest.store(Some(la));
                     true
                 }
                 _ => false,
@@ -292,6 +318,10 @@ impl DnsCluster {
                     .store(Some(Arc::new(expand(&self.config, &resolved))));
             }
             self.warming.send_modify(|n| *n = n.saturating_sub(1));
+        }
+        if changed || first {
+            // The first push happens when the last endpoint's first resolution ends.
+            self.push();
         }
         changed
     }
@@ -387,7 +417,9 @@ impl DnsClusters {
             return Some(d.clone());
         }
         let d = DnsCluster::start(cfg.clone(), &cluster.name);
-        by_name.insert(cluster.name.clone(), d.clone());
+        if let Some(old) = by_name.insert(cluster.name.clone(), d.clone()) {
+            old.unbind();
+        }
         Some(d)
     }
 
@@ -395,11 +427,15 @@ impl DnsClusters {
     pub fn sync(&self, snapshot: &Snapshot) {
         {
             let mut by_name = self.by_name.lock().unwrap_or_else(PoisonError::into_inner);
-            by_name.retain(|n, _| {
-                snapshot
+            by_name.retain(|n, d| {
+                let kept = snapshot
                     .clusters
                     .get(n.as_str())
-                    .is_some_and(|c| matches!(c.discovery, Discovery::Dns(_)))
+                    .is_some_and(|c| matches!(c.discovery, Discovery::Dns(_)));
+                if !kept {
+                    d.unbind();
+                }
+                kept
             });
         }
         for c in snapshot.clusters.values() {
@@ -541,6 +577,57 @@ mod tests {
                 .iter()
                 .any(|h| h.address == EndpointAddress::Socket("127.0.0.2:8080".parse().expect("a")))
         );
+    }
+
+    #[test]
+    fn a_bound_host_set_follows_resolutions_only_once_warm() {
+        // Two endpoints: warm once both first resolutions ended.
+        let mut cfg = config(DnsKind::Strict);
+        let second_target = cfg.targets[0][0].clone();
+        cfg.targets[0].push(second_target);
+        let second_endpoint = cfg.template.localities[0].endpoints[0].clone();
+        cfg.template.localities[0].endpoints.push(second_endpoint);
+        let addrs = |h: &Hosts| {
+            let mut v: Vec<String> = h
+                .hosts()
+                .iter()
+                .map(|h| match &h.address {
+                    EndpointAddress::Socket(a) => a.ip().to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // The host set of the cluster this one replaces.
+        let previous = expand(&cfg, &[vec![Some(ips(&["10.0.0.1"])), None]]);
+        let hosts = Arc::new(Hosts::new(
+            &previous,
+            LbPolicy::RoundRobin,
+            &CommonLb::default(),
+        ));
+        // Outside a runtime nothing resolves: the test records resolutions itself.
+        let d = DnsCluster::start(Arc::new(cfg), "d");
+        d.bind(&hosts, LbPolicy::RoundRobin, CommonLb::default());
+        d.record(0, 0, Some(ips(&["10.0.0.2"])), true);
+        assert!(!d.is_warm());
+        assert_eq!(
+            addrs(&hosts),
+            ["10.0.0.1"],
+            "not warm: the previous hosts serve"
+        );
+        // The other endpoint's first attempt fails: warm, with what resolved.
+        d.record(0, 1, None, true);
+        assert!(d.is_warm());
+        assert_eq!(addrs(&hosts), ["10.0.0.2"]);
+        d.record(0, 1, Some(ips(&["10.0.0.3"])), false);
+        assert_eq!(addrs(&hosts), ["10.0.0.2", "10.0.0.3"]);
+        // Unbound (replaced): later resolutions go nowhere; a new binding gets the latest.
+        d.unbind();
+        d.record(0, 0, Some(ips(&["10.0.0.4"])), false);
+        assert_eq!(addrs(&hosts), ["10.0.0.2", "10.0.0.3"]);
+        d.bind(&hosts, LbPolicy::RoundRobin, CommonLb::default());
+        assert_eq!(addrs(&hosts), ["10.0.0.3", "10.0.0.4"]);
     }
 
     #[test]
