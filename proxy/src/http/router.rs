@@ -61,6 +61,9 @@ pub struct Call<'a> {
     pub started: Instant,
 }
 
+/// Headers the proxy typically adds to a request on its way upstream.
+const REQUEST_HEADERS_ADDED: usize = 6;
+
 /// Normalizes and annotates a downstream request before routing (path normalization,
 /// `x-forwarded-*`, `x-request-id`). A path that cannot be normalized is a 400.
 pub fn prepare_downstream(
@@ -69,6 +72,10 @@ pub fn prepare_downstream(
     internal_only: &[String],
     parts: &mut Parts,
 ) -> Result<(), ProxyError> {
+    // The proxy adds a few headers to every request (x-forwarded-proto, x-request-id,
+    // x-envoy-expected-rq-timeout-ms, ...); a map parsed to fit the client's headers would grow
+    // (and rehash) on the first of them and maybe again: one growth here instead.
+    let _ = parts.headers.try_reserve(REQUEST_HEADERS_ADDED);
     if parts.method != http::Method::CONNECT
         && let Some(pq) = parts.uri.path_and_query()
     {

@@ -838,18 +838,23 @@ pub fn route_timeouts(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
-    if respect_expected && headers.contains_key(&EXPECTED_RQ_TIMEOUT) {
-        if let Some(t) = header_ms(headers, &EXPECTED_RQ_TIMEOUT) {
-            global = t;
+    // The timeout headers are all `x-envoy-*`: one pass over the names (a request has few)
+    // spares hashing three long names for lookups that nearly always miss.
+    let has_envoy = headers.keys().any(|n| n.as_str().starts_with("x-envoy-"));
+    if has_envoy {
+        if respect_expected && headers.contains_key(&EXPECTED_RQ_TIMEOUT) {
+            if let Some(t) = header_ms(headers, &EXPECTED_RQ_TIMEOUT) {
+                global = t;
+            }
+        } else if headers.contains_key(&UPSTREAM_RQ_TIMEOUT) {
+            if let Some(t) = header_ms(headers, &UPSTREAM_RQ_TIMEOUT) {
+                global = t;
+            }
+            headers.remove(&UPSTREAM_RQ_TIMEOUT);
         }
-    } else if headers.contains_key(&UPSTREAM_RQ_TIMEOUT) {
-        if let Some(t) = header_ms(headers, &UPSTREAM_RQ_TIMEOUT) {
-            global = t;
-        }
-        headers.remove(&UPSTREAM_RQ_TIMEOUT);
     }
     let mut per_try = cfg.per_try_timeout.map_or(0, ms);
-    if headers.contains_key(&PER_TRY_TIMEOUT) {
+    if has_envoy && headers.contains_key(&PER_TRY_TIMEOUT) {
         if let Some(t) = header_ms(headers, &PER_TRY_TIMEOUT) {
             per_try = t;
         }
