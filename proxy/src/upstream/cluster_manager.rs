@@ -480,7 +480,9 @@ impl ClusterManager {
         {
             return Some(rt.clone());
         }
-        let dns = self.dns.ensure(cluster);
+        // Started by `refresh` when the snapshot was published; looked up only, so that a
+        // request on an older snapshot does not restart the resolver with older settings.
+        let dns = self.dns.find(cluster);
         let assignment = match &dns {
             // A DNS cluster serves its resolution only once warm (see `DnsCluster::bind`).
             Some(d) => d.latest().filter(|_| d.is_warm()),

@@ -423,6 +423,21 @@ impl DnsClusters {
         Some(d)
     }
 
+    /// The resolution state of `cluster` if it is a DNS cluster that [`ensure`](Self::ensure)
+    /// started with the same DNS settings; never starts or replaces one. The data path uses
+    /// this: a request still holding an older snapshot must not restart a resolver with the
+    /// settings that snapshot had.
+    pub fn find(&self, cluster: &Cluster) -> Option<Arc<DnsCluster>> {
+        let Discovery::Dns(cfg) = &cluster.discovery else {
+            return None;
+        };
+        let by_name = self.by_name.lock().unwrap_or_else(PoisonError::into_inner);
+        by_name
+            .get(&cluster.name)
+            .filter(|d| Arc::ptr_eq(&d.config, cfg) || *d.config == **cfg)
+            .cloned()
+    }
+
     /// Starts the DNS clusters of `snapshot` and stops those it no longer has.
     pub fn sync(&self, snapshot: &Snapshot) {
         {
@@ -628,6 +643,31 @@ mod tests {
         assert_eq!(addrs(&hosts), ["10.0.0.2", "10.0.0.3"]);
         d.bind(&hosts, LbPolicy::RoundRobin, CommonLb::default());
         assert_eq!(addrs(&hosts), ["10.0.0.3", "10.0.0.4"]);
+    }
+
+    #[test]
+    fn find_never_starts_or_replaces_a_cluster() {
+        let cluster = |refresh: &str| {
+            let raw: waypoint_proto::envoy::config::cluster::v3::Cluster =
+                waypoint_proto::json::from_json(&serde_json::json!({
+                    "name": "d", "type": "STRICT_DNS", "dns_refresh_rate": refresh,
+                    "load_assignment": {"cluster_name": "d", "endpoints": [{"lb_endpoints": [{
+                        "endpoint": {"address": {"socket_address": {
+                            "address": "svc.test", "port_value": 8080}}}}]}]}
+                }))
+                .expect("decodes");
+            Cluster::compile(raw, "").expect("compiles")
+        };
+        let (current, older) = (cluster("5s"), cluster("9s"));
+        let all = DnsClusters::default();
+        assert!(all.find(&current).is_none(), "nothing started yet");
+        let started = all.ensure(&current).expect("a DNS cluster");
+        let found = all.find(&current).expect("found");
+        assert!(Arc::ptr_eq(&started, &found));
+        // Another snapshot's settings: not found, and the running one stays.
+        assert!(all.find(&older).is_none());
+        let still = all.find(&current).expect("still there");
+        assert!(Arc::ptr_eq(&started, &still));
     }
 
     #[test]
