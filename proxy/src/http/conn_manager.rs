@@ -231,14 +231,28 @@ pub async fn serve(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut drain = drain;
-    let reason = tokio::select! {
+    let mut watchdog = timeout::Watchdog::spawn(async move {
+        let reason = conn_state.until_drain(&mut drain, &mut chain).await;
+        (reason, chain)
+    });
+    let (reason, mut chain) = tokio::select! {
+        biased;
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(target: "http", "connection ended: {e}");
             }
             return;
         }
-        reason = conn_state.until_drain(&mut drain, &mut chain) => reason,
+        w = &mut watchdog => match w {
+            Some(w) => w,
+            None => {
+                tracing::warn!(target: "http", "connection limit task failed; serving without limits");
+                if let Err(e) = conn.await {
+                    tracing::debug!(target: "http", "connection ended: {e}");
+                }
+                return;
+            }
+        },
     };
     match reason {
         DrainReason::Server | DrainReason::Listener => drain_close.inc(),

@@ -604,7 +604,10 @@ pub struct ConnActivity {
     active: AtomicUsize,
     /// Nanoseconds after `origin` when the connection last became idle.
     idle_since: AtomicU64,
-    /// Woken when the last stream ends.
+    /// Set once something waits for the last stream to end ([`ConnActivity::idle_for`] with a
+    /// zero timeout); until then ending a stream wakes nobody.
+    watched: AtomicBool,
+    /// Woken when the last stream ends (once `watched`).
     became_idle: tokio::sync::Notify,
 }
 
@@ -615,41 +618,67 @@ impl ConnActivity {
             origin: Instant::now(),
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
             became_idle: tokio::sync::Notify::new(),
         })
     }
 
     /// Counts a stream until the guard is dropped.
     pub fn stream(self: &Arc<Self>) -> StreamGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
+        self.active.fetch_add(1, Ordering::SeqCst);
         StreamGuard(self.clone())
     }
 
     /// Streams in flight.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.active.load(Ordering::SeqCst)
     }
 
     /// Resolves once the connection has had no stream for `idle` (at once for zero when no
-    /// stream is in flight).
+    /// stream is in flight; never when `idle` is too long to be a deadline).
+    ///
+    /// Streams starting and ending do not touch the timer: it is set for the earliest moment the
+    /// connection could be idle that long, and on firing looks at the streams again (a stream in
+    /// flight now cannot end before now, so `now + idle` is never late). A connection that is busy
+    /// for an hour with a one-hour timeout wakes its task once, not once per request.
     pub async fn idle_for(&self, idle: Duration) {
+        if idle.is_zero() {
+            return self.no_stream().await;
+        }
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        loop {
+            let now = Instant::now();
+            let next = if self.active() == 0 {
+                let since =
+                    self.origin + Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
+                since.checked_add(idle)
+            } else {
+                now.checked_add(idle)
+            };
+            let Some(at) = next else {
+                return std::future::pending().await;
+            };
+            if at <= now && self.active() == 0 {
+                return;
+            }
+            sleep.as_mut().reset(at);
+            sleep.as_mut().await;
+        }
+    }
+
+    /// Resolves once no stream is in flight.
+    async fn no_stream(&self) {
+        self.watched.store(true, Ordering::SeqCst);
         loop {
             // Registered before the count is read, so a last stream ending in between wakes us.
             let became_idle = self.became_idle.notified();
             tokio::pin!(became_idle);
             became_idle.as_mut().enable();
             if self.active() == 0 {
-                let since =
-                    self.origin + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-                let at = since + idle;
-                if at <= Instant::now() {
-                    return;
-                }
-                // A stream that starts and ends meanwhile moves `since`: look again on waking.
-                tokio::time::sleep_until(at).await;
-            } else {
-                became_idle.await;
+                return;
             }
+            became_idle.await;
         }
     }
 }
@@ -663,10 +692,43 @@ impl Drop for StreamGuard {
         let c = &self.0;
         // Stamp before the count drops, so a watcher that sees zero also sees the new stamp.
         let now = nanos(Instant::now().saturating_duration_since(c.origin));
-        c.idle_since.fetch_max(now, Ordering::AcqRel);
-        if c.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        c.idle_since.fetch_max(now, Ordering::SeqCst);
+        // SeqCst with `no_stream`'s flag store and count load: either it sees the count at zero
+        // or this sees the flag and wakes it.
+        if c.active.fetch_sub(1, Ordering::SeqCst) == 1 && c.watched.load(Ordering::SeqCst) {
             c.became_idle.notify_waiters();
         }
+    }
+}
+
+/// A connection's limit timers (idle, duration, drain) run in a task of their own beside it: in
+/// a `select!` with the connection they would be polled on each of its wake-ups, several per
+/// request, while they fire about never. Resolves with the task's output; dropping it stops the
+/// task.
+pub struct Watchdog<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> Watchdog<T> {
+    /// Runs `watch` on this runtime (the connection's worker).
+    pub fn spawn<F>(watch: F) -> Watchdog<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        Watchdog(tokio::spawn(watch))
+    }
+}
+
+impl<T> Future for Watchdog<T> {
+    /// `None` if the task panicked.
+    type Output = Option<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        Pin::new(&mut self.0).poll(cx).map(Result::ok)
+    }
+}
+
+impl<T> Drop for Watchdog<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1344,6 +1406,77 @@ mod tests {
         assert_eq!(io.expired(), Some(Expired::StreamDuration));
         assert!(Instant::now() >= deadline);
         assert!(a.last() > a.started(), "reads counted as activity");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_idle_follows_streams_that_come_and_go() {
+        let c = ConnActivity::new();
+        let start = Instant::now();
+        let busy = c.clone();
+        // A half-second stream every second for 25 s: the connection is never idle for 10 s
+        // until 10 s after the last one ends (24.5 s).
+        let streams = tokio::spawn(async move {
+            for _ in 0..25 {
+                let guard = busy.stream();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                drop(guard);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        c.idle_for(Duration::from_secs(10)).await;
+        assert_eq!(
+            Instant::now().duration_since(start),
+            Duration::from_millis(34_500)
+        );
+        streams.await.expect("joined");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_idle_resolves_when_the_last_stream_ends() {
+        let c = ConnActivity::new();
+        let (first, second) = (c.stream(), c.stream());
+        let start = Instant::now();
+        let holder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(first);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            drop(second);
+        });
+        c.idle_for(Duration::ZERO).await;
+        assert_eq!(Instant::now().duration_since(start), Duration::from_secs(7));
+        assert_eq!(c.active(), 0);
+        holder.await.expect("joined");
+        // No stream: at once.
+        c.idle_for(Duration::ZERO).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_too_long_for_a_deadline_never_fires() {
+        let c = ConnActivity::new();
+        let fired = tokio::time::timeout(
+            Duration::from_secs(3600),
+            c.idle_for(Duration::from_secs(u64::MAX)),
+        )
+        .await;
+        assert!(fired.is_err(), "an unrepresentable deadline is never");
+    }
+
+    #[tokio::test]
+    async fn a_watchdog_stops_with_its_handle() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let dog = Watchdog::spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(dog);
+        // The task was aborted: its sender is dropped, so the receiver ends.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .expect("within the bound")
+                .is_err()
+        );
+        assert_eq!(Watchdog::spawn(async { 7 }).await, Some(7));
     }
 
     #[tokio::test(start_paused = true)]

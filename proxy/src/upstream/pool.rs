@@ -246,6 +246,13 @@ pub struct Pool {
 pub type Dial<'a> =
     Pin<Box<dyn std::future::Future<Output = Result<BoxIo, ProxyError>> + Send + 'a>>;
 
+/// Which limit ended an upstream connection's watch.
+enum Limit {
+    /// `idle_timeout` with no stream.
+    Idle,
+    /// `max_connection_duration`: no new streams; the ones in flight finish.
+    Retire,
+}
 impl Pool {
     /// A pool speaking `proto`.
     pub fn new(proto: Proto, settings: PoolSettings) -> Self {
@@ -370,34 +377,51 @@ impl Pool {
     {
         tokio::pin!(conn);
         let opened = tokio::time::Instant::now();
-        let retire = async {
-            match max_duration {
-                Some(d) => tokio::time::sleep_until(opened + d).await,
-                None => std::future::pending().await,
+        let activity = meta.activity.clone();
+        let mut watchdog = timeout::Watchdog::spawn(async move {
+            let retire = async {
+                match max_duration.and_then(|d| opened.checked_add(d)) {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let idle_closed = async {
+                if idle == Duration::MAX {
+                    std::future::pending::<()>().await;
+                }
+                activity.idle_for(idle).await;
+            };
+            tokio::select! {
+                _ = idle_closed => Limit::Idle,
+                _ = retire => Limit::Retire,
             }
-        };
-        let idle_closed = async {
-            if idle == Duration::MAX {
-                std::future::pending::<()>().await;
-            }
-            meta.activity.idle_for(idle).await;
-        };
+        });
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::trace!(target: "upstream", "connection ended: {e}");
                 }
                 return;
             }
-            _ = idle_closed => {
-                stats.cx_idle_timeout.inc();
-                tracing::trace!(target: "upstream", "idle timeout: closing the connection");
-                return;
-            }
-            _ = retire => {
-                meta.retired.store(true, Ordering::Release);
-                stats.cx_max_duration_reached.inc();
-            }
+            limit = &mut watchdog => match limit {
+                Some(Limit::Idle) => {
+                    stats.cx_idle_timeout.inc();
+                    tracing::trace!(target: "upstream", "idle timeout: closing the connection");
+                    return;
+                }
+                Some(Limit::Retire) => {
+                    meta.retired.store(true, Ordering::Release);
+                    stats.cx_max_duration_reached.inc();
+                }
+                None => {
+                    tracing::warn!(target: "upstream", "connection limit task failed; serving without limits");
+                    if let Err(e) = conn.await {
+                        tracing::trace!(target: "upstream", "connection ended: {e}");
+                    }
+                    return;
+                }
+            },
         }
         // Retired: the streams in flight finish, then the connection closes.
         tokio::select! {
