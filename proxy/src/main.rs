@@ -22,20 +22,27 @@ static MALLOC_CONF: Option<&'static std::ffi::c_char> =
     // SAFETY: a pointer to the first byte of a NUL-terminated string literal, valid forever.
     Some(unsafe { &*c"dirty_decay_ms:30,muzzy_decay_ms:0".as_ptr() });
 
-/// Hands every jemalloc arena's unused dirty pages back to the kernel now. jemalloc purges them
-/// only as a side effect of later allocations in the same arena (there is no background thread:
-/// its wake-ups cost ~2 % CPU per request under load), so what a thread frees before it goes
-/// idle stays resident: the start-up config work, a dropped descriptor pool. Called after such
-/// one-off releases, never on the data path.
+/// Hands what this thread's jemalloc cache holds, and every arena's unused dirty pages, back to
+/// the kernel now. jemalloc purges pages only as a side effect of later allocations in the same
+/// arena (there is no background thread: its wake-ups cost ~2 % CPU per request under load), and
+/// a thread's cache gives its objects back only as that thread allocates on, so what a thread
+/// frees before it goes idle stays resident: the start-up config work (bootstrap parsing on the
+/// main thread, the initial xDS on the control thread), a dropped descriptor pool. Called after
+/// such one-off releases, never on the data path.
 fn purge_allocator() {
+    mallctl_run(c"thread.tcache.flush");
     // `MALLCTL_ARENAS_ALL`: the purge applies to every arena.
-    const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+    mallctl_run(c"arena.4096.purge");
+}
+
+/// Runs a jemalloc control that reads and writes nothing.
+fn mallctl_run(name: &std::ffi::CStr) {
     #[allow(unsafe_code)]
-    // SAFETY: the name is a NUL-terminated literal; this control reads and writes nothing, so
-    // every other argument is null/0 as jemalloc requires.
+    // SAFETY: the name is a NUL-terminated string; the controls passed here read and write
+    // nothing, so every other argument is null/0 as jemalloc requires.
     let rc = unsafe {
         tikv_jemalloc_sys::mallctl(
-            PURGE_ALL.as_ptr(),
+            name.as_ptr(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
@@ -43,7 +50,7 @@ fn purge_allocator() {
         )
     };
     if rc != 0 {
-        tracing::debug!("jemalloc {PURGE_ALL:?}: error {rc}");
+        tracing::debug!("jemalloc {name:?}: error {rc}");
     }
 }
 
@@ -211,6 +218,9 @@ async fn run(server: Arc<Server>, logging: Option<Arc<LogControl>>) -> ExitCode 
             }
         }
     });
+    // This thread parsed and compiled the bootstrap and now only waits for signals: what its
+    // cache kept of that work goes back now (the control thread's goes back at LIVE).
+    purge_allocator();
     let mut shutdown = server.shutdown.subscribe();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
