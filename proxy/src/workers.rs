@@ -10,6 +10,7 @@ use std::{
     cell::Cell,
     sync::{OnceLock, mpsc},
     thread,
+    time::Duration,
 };
 
 use tokio::runtime::Handle;
@@ -62,7 +63,7 @@ pub fn start(count: usize) -> Result<(), WorkerError> {
                     }
                 };
                 let _ = tx.send(Ok(runtime.handle().clone()));
-                runtime.block_on(std::future::pending::<()>());
+                runtime.block_on(timer_floor());
             })
             .map_err(|source| WorkerError::Start { index, source })?;
         match rx.recv() {
@@ -74,6 +75,24 @@ pub fn start(count: usize) -> Result<(), WorkerError> {
     WORKERS
         .set(handles)
         .map_err(|_| WorkerError::AlreadyStarted)
+}
+
+/// How far ahead a worker always has a timer due (see [`timer_floor`]).
+const TIMER_FLOOR: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`TIMER_FLOOR`] in the worker's timer wheel. tokio wakes its driver
+/// (an eventfd write, then one more turn through `epoll_wait`) whenever a timer is registered
+/// that is due before every timer the driver last saw; on a worker whose other timers are
+/// connection idle timeouts (1 h), each request's route and stream timers (15 s, 5 min) were
+/// such timers: two system calls and a wake-up per request, for nothing, since the driver is
+/// not asleep while this thread registers them. With a timer due within a second, timers of a
+/// second or more never come first. It costs an idle worker one wake-up per second.
+async fn timer_floor() {
+    let mut tick = tokio::time::interval(TIMER_FLOOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// The worker runtimes, when [`start`] ran.
