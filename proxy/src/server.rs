@@ -106,6 +106,9 @@ pub struct Server {
     /// Returns freed memory to the kernel after a large release (set by the binary, which knows
     /// its allocator; tests leave it unset).
     pub give_back_memory: std::sync::OnceLock<fn()>,
+    /// Bumped after each LDS or CDS response is recorded: the SDS client then re-reads which
+    /// secrets the listeners and clusters name.
+    pub lds_cds_applied: watch::Sender<u64>,
 }
 
 impl Server {
@@ -123,6 +126,7 @@ impl Server {
         let (drain, _) = watch::channel(false);
         let (listener_stop, _) = watch::channel(ListenerStop::Serving);
         let (shutdown, _) = watch::channel(false);
+        let (lds_cds_applied, _) = watch::channel(0);
         Arc::new(Server {
             options,
             bootstrap,
@@ -140,6 +144,7 @@ impl Server {
             started: Instant::now(),
             started_at: SystemTime::now(),
             give_back_memory: std::sync::OnceLock::new(),
+            lds_cds_applied,
         })
     }
 

@@ -438,6 +438,11 @@ pub(crate) fn apply(server: &Server, kind: ResourceKind, received: Received) -> 
         }
         rec.last_updated = Some(now);
     });
+    if matches!(kind, ResourceKind::Listener | ResourceKind::Cluster) {
+        server
+            .lds_cds_applied
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
     if kind == ResourceKind::Endpoint {
         for u in &updates {
             if !failed.contains(u.name.as_str()) {

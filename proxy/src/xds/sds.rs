@@ -66,8 +66,6 @@ pub const REDACTED: &str = "[redacted]";
 
 /// gRPC code carried in NACKs (INVALID_ARGUMENT, as Envoy).
 const NACK_CODE: i32 = 3;
-/// How often the subscription set is re-checked against LDS/CDS changes.
-const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Errors of one SDS stream.
 #[derive(Debug, thiserror::Error)]
@@ -559,75 +557,71 @@ pub async fn run(server: Arc<Server>, store: Arc<SecretStore>) {
     };
     let mut streams: BTreeMap<String, (String, JoinHandle<()>)> = BTreeMap::new();
     let mut warned: BTreeSet<String> = BTreeSet::new();
-    let attempts = [
-        server.stats.counter("listener_manager.lds.update_attempt"),
-        server.stats.counter("cluster_manager.cds.update_attempt"),
-    ];
-    let mut seen: Option<(u64, u64)> = None;
-    let mut ticker = tokio::time::interval(SCAN_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Woken by each LDS/CDS response once it is recorded (several in a row coalesce): no polling
+    // while the configuration does not change.
+    let mut applied = server.lds_cds_applied.subscribe();
     loop {
-        let now = (attempts[0].get(), attempts[1].get());
-        if seen != Some(now) {
-            seen = Some(now);
-            // Decoding every listener and cluster is CPU work: keep it off the async workers.
-            let contexts = {
-                let server = server.clone();
-                tokio::task::spawn_blocking(move || scan_tls_contexts(&server))
-                    .await
-                    .unwrap_or_default()
-            };
-            let mut wanted: BTreeMap<String, String> =
-                pinned.iter().map(|(c, n)| (n.clone(), c.clone())).collect();
-            for ctx in &contexts {
-                for r in ctx.certificates.iter().chain(ctx.validation.iter()) {
-                    match &r.cluster {
-                        Some(cluster) => {
-                            wanted
-                                .entry(r.name.clone())
-                                .or_insert_with(|| cluster.clone());
-                        }
-                        None => {
-                            if warned.insert(r.name.clone()) {
-                                tracing::warn!(target: "sds", secret = %r.name, "secret is not served by a bootstrap gRPC cluster (ADS or file SDS sources are not supported); not subscribed");
-                            }
+        applied.borrow_and_update();
+        // Decoding every listener and cluster is CPU work: keep it off the async workers.
+        let contexts = {
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || scan_tls_contexts(&server))
+                .await
+                .unwrap_or_default()
+        };
+        let mut wanted: BTreeMap<String, String> =
+            pinned.iter().map(|(c, n)| (n.clone(), c.clone())).collect();
+        for ctx in &contexts {
+            for r in ctx.certificates.iter().chain(ctx.validation.iter()) {
+                match &r.cluster {
+                    Some(cluster) => {
+                        wanted
+                            .entry(r.name.clone())
+                            .or_insert_with(|| cluster.clone());
+                    }
+                    None => {
+                        if warned.insert(r.name.clone()) {
+                            tracing::warn!(target: "sds", secret = %r.name, "secret is not served by a bootstrap gRPC cluster (ADS or file SDS sources are not supported); not subscribed");
                         }
                     }
                 }
             }
-            store.contexts.store(Arc::new(contexts));
-            let stale: Vec<String> = streams
-                .iter()
-                .filter(|(name, (cluster, _))| wanted.get(*name) != Some(cluster))
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in stale {
-                if let Some((_, task)) = streams.remove(&name) {
-                    task.abort();
-                }
-                store.unsubscribe_name(&name);
-                tracing::info!(target: "sds", secret = %name, "unsubscribed");
-            }
-            for (name, cluster) in wanted {
-                if streams.contains_key(&name) {
-                    continue;
-                }
-                let Some(target) = targets.get(&cluster).cloned() else {
-                    continue;
-                };
-                store.subscribe_name(&name, &cluster);
-                tracing::debug!(target: "sds", secret = %name, %cluster, "subscribing");
-                let task = tokio::spawn(stream_secret(
-                    server.clone(),
-                    store.clone(),
-                    cluster.clone(),
-                    target,
-                    name.clone(),
-                ));
-                streams.insert(name, (cluster, task));
-            }
         }
-        ticker.tick().await;
+        store.contexts.store(Arc::new(contexts));
+        let stale: Vec<String> = streams
+            .iter()
+            .filter(|(name, (cluster, _))| wanted.get(*name) != Some(cluster))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, task)) = streams.remove(&name) {
+                task.abort();
+            }
+            store.unsubscribe_name(&name);
+            tracing::info!(target: "sds", secret = %name, "unsubscribed");
+        }
+        for (name, cluster) in wanted {
+            if streams.contains_key(&name) {
+                continue;
+            }
+            let Some(target) = targets.get(&cluster).cloned() else {
+                continue;
+            };
+            store.subscribe_name(&name, &cluster);
+            tracing::debug!(target: "sds", secret = %name, %cluster, "subscribing");
+            let task = tokio::spawn(stream_secret(
+                server.clone(),
+                store.clone(),
+                cluster.clone(),
+                target,
+                name.clone(),
+            ));
+            streams.insert(name, (cluster, task));
+        }
+        if applied.changed().await.is_err() {
+            // The server (which holds the sender) is gone.
+            return;
+        }
     }
 }
 
