@@ -1001,10 +1001,9 @@ pub async fn forward(
     // Envoy sets it only once the whole request was received, which an upgrade's never is
     // before its 101.
     if upgrade.is_none() {
-        let elapsed = call.started.elapsed().as_millis().to_string();
-        if let Ok(v) = HeaderValue::from_str(&elapsed) {
-            resp.headers_mut().insert(UPSTREAM_SERVICE_TIME, v);
-        }
+        let ms = u64::try_from(call.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        resp.headers_mut()
+            .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
     }
     if let Some((down, up, ended)) = tunnel {
         tokio::spawn(splice(down, up, activity, ended));
