@@ -396,8 +396,12 @@ impl ConnState {
             }
         };
         let duration = async {
-            match self.limits.max_duration {
-                Some(d) => tokio::time::sleep_until(self.opened + d).await,
+            match self
+                .limits
+                .max_duration
+                .and_then(|d| self.opened.checked_add(d))
+            {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };

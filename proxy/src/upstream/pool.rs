@@ -377,51 +377,61 @@ impl Pool {
     {
         tokio::pin!(conn);
         let opened = tokio::time::Instant::now();
-        let activity = meta.activity.clone();
-        let mut watchdog = timeout::Watchdog::spawn(async move {
-            let retire = async {
-                match max_duration.and_then(|d| opened.checked_add(d)) {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+        let watch = || {
+            let activity = meta.activity.clone();
+            timeout::Watchdog::spawn(async move {
+                let retire = async {
+                    match max_duration.and_then(|d| opened.checked_add(d)) {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let idle_closed = async {
+                    if idle == Duration::MAX {
+                        std::future::pending::<()>().await;
+                    }
+                    activity.idle_for(idle).await;
+                };
+                tokio::select! {
+                    _ = idle_closed => Limit::Idle,
+                    _ = retire => Limit::Retire,
                 }
-            };
-            let idle_closed = async {
-                if idle == Duration::MAX {
-                    std::future::pending::<()>().await;
-                }
-                activity.idle_for(idle).await;
-            };
+            })
+        };
+        let mut watchdog = watch();
+        loop {
             tokio::select! {
-                _ = idle_closed => Limit::Idle,
-                _ = retire => Limit::Retire,
-            }
-        });
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::trace!(target: "upstream", "connection ended: {e}");
-                }
-                return;
-            }
-            limit = &mut watchdog => match limit {
-                Some(Limit::Idle) => {
-                    stats.cx_idle_timeout.inc();
-                    tracing::trace!(target: "upstream", "idle timeout: closing the connection");
-                    return;
-                }
-                Some(Limit::Retire) => {
-                    meta.retired.store(true, Ordering::Release);
-                    stats.cx_max_duration_reached.inc();
-                }
-                None => {
-                    tracing::warn!(target: "upstream", "connection limit task failed; serving without limits");
-                    if let Err(e) = conn.await {
+                biased;
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
                         tracing::trace!(target: "upstream", "connection ended: {e}");
                     }
                     return;
                 }
-            },
+                limit = &mut watchdog => match limit {
+                    // The watch found no stream, but a request may have taken the connection
+                    // since (the pool only checks that it is open): close it only if it is
+                    // still idle now, in this poll, where no request can start.
+                    Some(Limit::Idle) if meta.activity.active() > 0 => watchdog = watch(),
+                    Some(Limit::Idle) => {
+                        stats.cx_idle_timeout.inc();
+                        tracing::trace!(target: "upstream", "idle timeout: closing the connection");
+                        return;
+                    }
+                    Some(Limit::Retire) => {
+                        meta.retired.store(true, Ordering::Release);
+                        stats.cx_max_duration_reached.inc();
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(target: "upstream", "connection limit task failed; serving without limits");
+                        if let Err(e) = conn.await {
+                            tracing::trace!(target: "upstream", "connection ended: {e}");
+                        }
+                        return;
+                    }
+                },
+            }
         }
         // Retired: the streams in flight finish, then the connection closes.
         tokio::select! {
