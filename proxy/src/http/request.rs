@@ -627,21 +627,21 @@ pub fn matched_len(matcher: &RouteMatch, path_and_query: &str) -> usize {
 
 /// The upstream `:path` after the route's `prefix_rewrite` (which replaces what the path rule
 /// matched: the prefix, or the whole path for exact and regex rules) or `regex_rewrite` (applied to
-/// the path without the query). The query is kept.
-pub fn rewrite_path(path_and_query: &str, fwd: &Forward, matcher: &RouteMatch) -> String {
+/// the path without the query). The query is kept. `None` when the route rewrites nothing.
+pub fn rewrite_path(path_and_query: &str, fwd: &Forward, matcher: &RouteMatch) -> Option<String> {
     if let Some(prefix) = &fwd.prefix_rewrite {
         let len = matched_len(matcher, path_and_query);
-        return format!("{prefix}{}", &path_and_query[len..]);
+        return Some(format!("{prefix}{}", &path_and_query[len..]));
     }
     if let Some(rewrite) = &fwd.regex_rewrite {
         let end = path_end(path_and_query);
-        return format!(
+        return Some(format!(
             "{}{}",
             rewrite.apply(&path_and_query[..end]),
             &path_and_query[end..]
-        );
+        ));
     }
-    path_and_query.to_owned()
+    None
 }
 
 /// `:authority` or `Host`.
@@ -1480,35 +1480,47 @@ mod tests {
             json!({"prefix": "/api"}),
             json!({"cluster": "c", "prefix_rewrite": "/v2"}),
         );
-        assert_eq!(rewrite_path("/api/users?id=1", &f, &m), "/v2/users?id=1");
-        assert_eq!(rewrite_path("/api", &f, &m), "/v2");
+        assert_eq!(
+            rewrite_path("/api/users?id=1", &f, &m).as_deref(),
+            Some("/v2/users?id=1")
+        );
+        assert_eq!(rewrite_path("/api", &f, &m).as_deref(), Some("/v2"));
         // Envoy's documented trailing-slash behaviour: prefix "/api/" → "/" keeps one slash.
         let (f, m) = forward(
             json!({"prefix": "/api/"}),
             json!({"cluster": "c", "prefix_rewrite": "/"}),
         );
-        assert_eq!(rewrite_path("/api/users", &f, &m), "/users");
+        assert_eq!(
+            rewrite_path("/api/users", &f, &m).as_deref(),
+            Some("/users")
+        );
         let (f, m) = forward(
             json!({"prefix": "/API", "case_sensitive": false}),
             json!({"cluster": "c", "prefix_rewrite": "/x"}),
         );
-        assert_eq!(rewrite_path("/api/y", &f, &m), "/x/y");
+        assert_eq!(rewrite_path("/api/y", &f, &m).as_deref(), Some("/x/y"));
         let (f, m) = forward(
             json!({"path_separated_prefix": "/svc"}),
             json!({"cluster": "c", "prefix_rewrite": "/"}),
         );
-        assert_eq!(rewrite_path("/svc/a?b", &f, &m), "//a?b");
+        assert_eq!(rewrite_path("/svc/a?b", &f, &m).as_deref(), Some("//a?b"));
         // An exact or regex rule matched the whole path: it is replaced, the query stays.
         let (f, m) = forward(
             json!({"path": "/old"}),
             json!({"cluster": "c", "prefix_rewrite": "/new"}),
         );
-        assert_eq!(rewrite_path("/old?x=1", &f, &m), "/new?x=1");
+        assert_eq!(
+            rewrite_path("/old?x=1", &f, &m).as_deref(),
+            Some("/new?x=1")
+        );
         let (f, m) = forward(
             json!({"safe_regex": {"regex": "/r/.*"}}),
             json!({"cluster": "c", "prefix_rewrite": "/fixed"}),
         );
-        assert_eq!(rewrite_path("/r/abc?x", &f, &m), "/fixed?x");
+        assert_eq!(
+            rewrite_path("/r/abc?x", &f, &m).as_deref(),
+            Some("/fixed?x")
+        );
     }
 
     #[test]
@@ -1519,17 +1531,20 @@ mod tests {
                 "pattern": {"regex": "^/service/([^/]+)(/.*)$"}, "substitution": "\\2/instance/\\1"}}),
         );
         assert_eq!(
-            rewrite_path("/service/foo/v1/api?service=/service/x/y", &f, &m),
-            "/v1/api/instance/foo?service=/service/x/y"
+            rewrite_path("/service/foo/v1/api?service=/service/x/y", &f, &m).as_deref(),
+            Some("/v1/api/instance/foo?service=/service/x/y")
         );
         let (f, m) = forward(
             json!({"prefix": "/"}),
             json!({"cluster": "c", "regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}}),
         );
-        assert_eq!(rewrite_path("/aaa?a=a", &f, &m), "/bbb?a=a");
+        assert_eq!(
+            rewrite_path("/aaa?a=a", &f, &m).as_deref(),
+            Some("/bbb?a=a")
+        );
         // No rewrite configured: unchanged.
         let (f, m) = forward(json!({"prefix": "/"}), json!({"cluster": "c"}));
-        assert_eq!(rewrite_path("/x?y", &f, &m), "/x?y");
+        assert_eq!(rewrite_path("/x?y", &f, &m), None);
     }
 
     // ---- host rewrites ----

@@ -5,7 +5,11 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
-use http::{HeaderName, HeaderValue, Request, Response, Uri, header, request::Parts};
+use http::{
+    HeaderName, HeaderValue, Request, Response, Uri, header,
+    request::Parts,
+    uri::{Authority, PathAndQuery},
+};
 
 use super::{
     Body, request, retry,
@@ -142,6 +146,37 @@ pub fn redirect_response(rd: &Redirect, parts: &Parts, matcher: &RouteMatch) -> 
 }
 
 /// `:authority` or `Host`.
+/// The URI of the upstream request: origin-form for HTTP/1.1, `http://host/path` for HTTP/2. The
+/// received path and authority are reused (shared, not copied or re-validated) when they are the
+/// ones sent.
+fn upstream_uri(
+    proto: Proto,
+    received: &Uri,
+    host: &str,
+    received_pq: Option<PathAndQuery>,
+    rewritten_pq: Option<String>,
+) -> Result<Uri, http::Error> {
+    let pq = match (rewritten_pq, received_pq) {
+        (Some(p), _) => PathAndQuery::try_from(p)?,
+        (None, Some(p)) => p,
+        (None, None) => PathAndQuery::from_static("/"),
+    };
+    Ok(match proto {
+        Proto::Http1 => Uri::from(pq),
+        Proto::Http2 => {
+            let authority = match received.authority() {
+                Some(a) if a.as_str() == host => a.clone(),
+                _ => Authority::try_from(host)?,
+            };
+            Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(pq)
+                .build()?
+        }
+    })
+}
+
 pub fn authority(parts: &Parts) -> Option<String> {
     parts
         .uri
@@ -628,12 +663,17 @@ pub async fn forward(
         request::rewrite_host(&mut parts, rewrite, None, fwd.append_x_forwarded_host);
     }
     let host = authority(&parts).unwrap_or(original_authority);
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
-    let pq = request::rewrite_path(&pq, fwd, &call.route.matcher);
+    // The request's path as received (a shared handle, no copy) unless the route rewrites it.
+    let received_pq = parts.uri.path_and_query().cloned();
+    let rewritten_pq = request::rewrite_path(
+        received_pq.as_ref().map_or("/", PathAndQuery::as_str),
+        fwd,
+        &call.route.matcher,
+    );
+    let pq = rewritten_pq
+        .as_deref()
+        .or(received_pq.as_ref().map(PathAndQuery::as_str))
+        .unwrap_or("/");
     let proto = if upgrade.is_some() {
         Proto::Http1
     } else {
@@ -665,21 +705,23 @@ pub async fn forward(
     };
     // Mirrors copy the request as it leaves; the primary sends the tee (see `mirror`).
     let body = if upgrade.is_none() {
-        super::mirror::start_routed(&call, &parts, &host, &pq, &origin, body)
+        super::mirror::start_routed(&call, &parts, &host, pq, &origin, body)
     } else {
         body
     };
     // The upstream request.
-    let uri: Uri = match proto {
-        Proto::Http1 => pq.parse(),
-        Proto::Http2 => format!("http://{host}{pq}").parse(),
-    }
-    .map_err(|e| ProxyError::BadRequest(format!("upstream URI: {e}")))?;
-    parts.uri = uri;
+    parts.uri = upstream_uri(proto, &parts.uri, &host, received_pq, rewritten_pq)
+        .map_err(|e| ProxyError::BadRequest(format!("upstream URI: {e}")))?;
     match proto {
         Proto::Http1 => {
             parts.version = http::Version::HTTP_11;
-            if let Ok(v) = HeaderValue::from_str(&host) {
+            // An HTTP/1.1 request usually carries the one Host already.
+            let mut hosts = parts.headers.get_all(header::HOST).iter();
+            let has_host = hosts
+                .next()
+                .is_some_and(|v| v.as_bytes() == host.as_bytes())
+                && hosts.next().is_none();
+            if !has_host && let Ok(v) = HeaderValue::from_str(&host) {
                 parts.headers.insert(header::HOST, v);
             }
         }
