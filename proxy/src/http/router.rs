@@ -145,21 +145,21 @@ pub fn redirect_response(rd: &Redirect, parts: &Parts, matcher: &RouteMatch) -> 
     r
 }
 
-/// `:authority` or `Host`.
-/// The URI of the upstream request: origin-form for HTTP/1.1, `http://host/path` for HTTP/2. The
-/// received path and authority are reused (shared, not copied or re-validated) when they are the
-/// ones sent.
+/// The URI of the upstream request: origin-form for HTTP/1.1, `http://host/path` for HTTP/2, with
+/// the route's rewritten path if it has one. The received path and authority are reused (shared,
+/// not copied or re-validated) when they are the ones sent.
 fn upstream_uri(
     proto: Proto,
     received: &Uri,
     host: &str,
-    received_pq: Option<PathAndQuery>,
-    rewritten_pq: Option<String>,
+    rewritten_pq: Option<&str>,
 ) -> Result<Uri, http::Error> {
-    let pq = match (rewritten_pq, received_pq) {
-        (Some(p), _) => PathAndQuery::try_from(p)?,
-        (None, Some(p)) => p,
-        (None, None) => PathAndQuery::from_static("/"),
+    let pq = match rewritten_pq {
+        Some(p) => PathAndQuery::try_from(p)?,
+        None => received
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
     };
     Ok(match proto {
         Proto::Http1 => Uri::from(pq),
@@ -177,6 +177,7 @@ fn upstream_uri(
     })
 }
 
+/// `:authority` or `Host`.
 pub fn authority(parts: &Parts) -> Option<String> {
     parts
         .uri
@@ -663,22 +664,21 @@ pub async fn forward(
         request::rewrite_host(&mut parts, rewrite, None, fwd.append_x_forwarded_host);
     }
     let host = authority(&parts).unwrap_or(original_authority);
-    // The request's path as received (a shared handle, no copy) unless the route rewrites it.
-    let received_pq = parts.uri.path_and_query().cloned();
     let rewritten_pq = request::rewrite_path(
-        received_pq.as_ref().map_or("/", PathAndQuery::as_str),
+        parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
         fwd,
         &call.route.matcher,
     );
-    let pq = rewritten_pq
-        .as_deref()
-        .or(received_pq.as_ref().map(PathAndQuery::as_str))
-        .unwrap_or("/");
     let proto = if upgrade.is_some() {
         Proto::Http1
     } else {
         rt.protocol(downstream_version)
     };
+    // The upstream request's URI, made before any mirror sees the request: a host or path that
+    // cannot form one fails the request, and mirrors get exactly the path the primary sends.
+    let uri = upstream_uri(proto, &parts.uri, &host, rewritten_pq.as_deref())
+        .map_err(|e| ProxyError::BadRequest(format!("upstream URI: {e}")))?;
+    let pq = uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let header_dst = parts
         .headers
         .get(&ORIGINAL_DST_HOST)
@@ -710,8 +710,7 @@ pub async fn forward(
         body
     };
     // The upstream request.
-    parts.uri = upstream_uri(proto, &parts.uri, &host, received_pq, rewritten_pq)
-        .map_err(|e| ProxyError::BadRequest(format!("upstream URI: {e}")))?;
+    parts.uri = uri;
     match proto {
         Proto::Http1 => {
             parts.version = http::Version::HTTP_11;
@@ -1403,5 +1402,54 @@ mod tests {
             !set.contains("Max-Age"),
             "a zero ttl is a session cookie: {set}"
         );
+    }
+
+    fn uri(s: &str) -> Uri {
+        s.parse().expect("uri")
+    }
+
+    #[test]
+    fn the_upstream_uri_keeps_the_received_path_unless_rewritten() {
+        let origin = uri("/a/b?c=d");
+        let up = upstream_uri(Proto::Http1, &origin, "svc", None).expect("h1");
+        assert_eq!(up.to_string(), "/a/b?c=d");
+        assert!(up.authority().is_none(), "HTTP/1.1 sends origin-form");
+        // Absolute-form in: origin-form out.
+        let absolute = uri("http://svc:8000/x?y");
+        let up = upstream_uri(Proto::Http1, &absolute, "svc:8000", None).expect("h1");
+        assert_eq!(up.to_string(), "/x?y");
+        // A rewritten path replaces the received one.
+        let up = upstream_uri(Proto::Http1, &origin, "svc", Some("/v2/b?c=d")).expect("rw");
+        assert_eq!(up.to_string(), "/v2/b?c=d");
+        // No path at all (CONNECT's authority-form): `/`, as before.
+        let connect = uri("svc:443");
+        let up = upstream_uri(Proto::Http1, &connect, "svc:443", None).expect("connect");
+        assert_eq!(up.to_string(), "/");
+    }
+
+    #[test]
+    fn the_upstream_uri_for_http2_carries_the_host_as_authority() {
+        // The received authority is reused when it is the host sent…
+        let received = uri("http://svc.ns:8000/p?q");
+        let up = upstream_uri(Proto::Http2, &received, "svc.ns:8000", None).expect("same");
+        assert_eq!(up.to_string(), "http://svc.ns:8000/p?q");
+        // …and replaced by a rewritten host.
+        let up = upstream_uri(Proto::Http2, &received, "other:80", None).expect("rewritten");
+        assert_eq!(up.authority().map(|a| a.as_str()), Some("other:80"));
+        assert_eq!(up.path(), "/p");
+        // A request without an authority (HTTP/1.1 in origin-form) takes the Host.
+        let up = upstream_uri(Proto::Http2, &uri("/p"), "h", Some("/r")).expect("host");
+        assert_eq!(up.to_string(), "http://h/r");
+    }
+
+    #[test]
+    fn an_upstream_uri_that_cannot_be_formed_is_an_error() {
+        let origin = uri("/admin");
+        // A Host with a path in it must not become part of the upstream path.
+        assert!(upstream_uri(Proto::Http2, &origin, "svc/admin", None).is_err());
+        assert!(upstream_uri(Proto::Http2, &origin, "", None).is_err());
+        // A rewrite that leaves no leading slash.
+        assert!(upstream_uri(Proto::Http1, &origin, "svc", Some("users")).is_err());
+        assert!(upstream_uri(Proto::Http2, &origin, "svc", Some("users")).is_err());
     }
 }
