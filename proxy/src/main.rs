@@ -50,6 +50,19 @@ fn purge_allocator() {
     mallctl_run(c"arena.4096.purge");
 }
 
+/// Gives what this thread's jemalloc cache holds back to its arena, and lets the arenas purge the
+/// pages unused for `dirty_decay_ms`. Each worker runs it once a second. A thread's cache is
+/// trimmed only as that thread allocates, and purging happens only as arenas are used, so a
+/// worker kept what a burst left behind for as long as it stayed quiet: after 4 s of h2c c64
+/// (640 streams) the plain proxy stayed at 45-49 MiB when idle, and is at 29-30 MiB 3 s later
+/// with this. Once a second costs a busy worker a few hundred cache refills against tens of
+/// thousands of requests.
+fn trim_thread_cache() {
+    mallctl_run(c"thread.tcache.flush");
+    // `MALLCTL_ARENAS_ALL`, as in `purge_allocator`.
+    mallctl_run(c"arena.4096.decay");
+}
+
 /// Runs a jemalloc control that reads and writes nothing.
 fn mallctl_run(name: &std::ffi::CStr) {
     #[allow(unsafe_code)]
@@ -134,6 +147,7 @@ fn main() -> ExitCode {
     };
     // Envoy's threading: `--concurrency` workers own the connections; the main runtime (one
     // thread) runs xDS, SDS, the admin API and config compilation.
+    proxy::workers::on_tick(trim_thread_cache);
     if let Err(e) = proxy::workers::start(threads) {
         eprintln!("proxy: {e}");
         return ExitCode::from(1);

@@ -18,6 +18,9 @@ use tokio::runtime::Handle;
 /// The data-path runtimes.
 static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
 
+/// Run on each worker at every [`TIMER_FLOOR`] tick (see [`on_tick`]).
+static TICK_HOOK: OnceLock<fn()> = OnceLock::new();
+
 thread_local! {
     /// 1 + this thread's worker index; 0 off the workers.
     static INDEX: Cell<usize> = const { Cell::new(0) };
@@ -92,7 +95,16 @@ async fn timer_floor() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if let Some(hook) = TICK_HOOK.get() {
+            hook();
+        }
     }
+}
+
+/// Has every worker run `hook` once a second, on its own thread (the proxy binary trims the
+/// thread's allocator cache there). Only the first hook set counts; `false` for a later one.
+pub fn on_tick(hook: fn()) -> bool {
+    TICK_HOOK.set(hook).is_ok()
 }
 
 /// The worker runtimes, when [`start`] ran.
@@ -104,4 +116,41 @@ pub fn handles() -> Option<&'static [Handle]> {
 /// worker (as Envoy's are), so a request and its upstream connection share a thread.
 pub fn current() -> usize {
     INDEX.get()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Instant,
+    };
+
+    use super::*;
+
+    static TICKS_ON_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_if_on_a_worker() {
+        if current() > 0 {
+            TICKS_ON_WORKERS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_tick_hook_runs_on_the_workers() {
+        assert!(on_tick(count_if_on_a_worker));
+        assert!(!on_tick(count_if_on_a_worker), "only the first hook counts");
+        match start(1) {
+            Ok(()) | Err(WorkerError::AlreadyStarted) => {}
+            Err(e) => panic!("workers: {e}"),
+        }
+        // Bounded wait for the condition (the first tick is due at once, the next after 1 s).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TICKS_ON_WORKERS.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no worker ran the hook within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
