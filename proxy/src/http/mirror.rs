@@ -322,6 +322,15 @@ impl Tee {
             copies,
         )
     }
+
+    /// The body ended: only copies still fed are complete; an aborted one stays aborted.
+    fn complete(&mut self) {
+        for out in &mut self.outputs {
+            if out.tx.take().is_some() {
+                out.state.complete.store(true, Ordering::Release);
+            }
+        }
+    }
 }
 
 impl HttpBody for Tee {
@@ -357,15 +366,12 @@ impl HttpBody for Tee {
                         out.tx = None;
                     }
                 }
-            }
-            Poll::Ready(None) => {
-                // Only copies still fed are complete; an aborted one stays aborted.
-                for out in &mut this.outputs {
-                    if out.tx.take().is_some() {
-                        out.state.complete.store(true, Ordering::Release);
-                    }
+                // The last frame: a reader may stop here without asking for the end.
+                if this.inner.is_end_stream() {
+                    this.complete();
                 }
             }
+            Poll::Ready(None) => this.complete(),
             // A failed downstream body: the mirrors' senders drop without `complete`.
             Poll::Ready(Some(Err(_))) => {
                 for out in &mut this.outputs {

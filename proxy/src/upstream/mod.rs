@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod cluster_manager;
 pub mod connect;
 pub mod dns;
+pub mod h1;
 pub mod lb;
 pub mod outlier;
 pub mod pool;

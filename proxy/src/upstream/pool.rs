@@ -23,21 +23,23 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll},
-    time::{Duration, Instant},
+    task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::{
-    body::{Body as HttpBody, Frame, Incoming, SizeHint},
+    body::{Body as HttpBody, Frame, SizeHint},
     client::conn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sync_wrapper::SyncWrapper;
 
 use super::{
     breaker::{Breakers, Holding, ResourceManager, Slot},
     cluster_manager::ClusterStats,
+    h1,
 };
 use crate::{
     config::{Cluster, protocol::UpstreamProtocol},
@@ -219,10 +221,31 @@ impl ConnMeta {
     }
 }
 
+/// The pool's bookkeeping for one HTTP/1.1 connection.
+struct H1State {
+    _cx: Connection,
+    opened: tokio::time::Instant,
+    /// Requests sent on it.
+    served: u32,
+    stats: Arc<ClusterStats>,
+}
+
+type H1Conn = h1::Conn<H1State>;
+
+/// An HTTP/1.1 connection waiting for a request.
 struct Idle {
-    send: conn::http1::SendRequest<Body>,
-    since: Instant,
-    meta: Arc<ConnMeta>,
+    conn: H1Conn,
+    since: tokio::time::Instant,
+}
+
+/// The idle HTTP/1.1 connections and their reaper: a task per pool, running while there are
+/// idle connections, that closes them at the idle timeout or `max_connection_duration` and when
+/// the server closes one (each idle connection's read side wakes it).
+#[derive(Default)]
+struct IdleList {
+    conns: Vec<Idle>,
+    reaper: Option<Waker>,
+    reaping: bool,
 }
 
 /// One pool.
@@ -232,7 +255,7 @@ pub struct Pool {
     max_connection_duration: Option<Duration>,
     max_requests: Option<u32>,
     h2_settings: H2ClientSettings,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<IdleList>,
     h2: tokio::sync::Mutex<Option<(conn::http2::SendRequest<Body>, Arc<ConnMeta>)>>,
     /// The HTTP/2 connection is being opened (dial and handshake, under the `h2` lock).
     h2_connecting: AtomicBool,
@@ -266,7 +289,7 @@ impl Pool {
             max_connection_duration: settings.max_connection_duration.filter(|d| !d.is_zero()),
             max_requests: settings.max_requests_per_connection.filter(|n| *n > 0),
             h2_settings: settings.h2,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(IdleList::default()),
             h2: tokio::sync::Mutex::new(None),
             h2_connecting: AtomicBool::new(false),
             open: Arc::new(AtomicU64::new(0)),
@@ -317,51 +340,145 @@ impl Pool {
         })
     }
 
-    fn has_idle(&self) -> bool {
+    fn idle_list(&self) -> std::sync::MutexGuard<'_, IdleList> {
         match self.idle.lock() {
-            Ok(g) => !g.is_empty(),
-            Err(p) => !p.into_inner().is_empty(),
-        }
-    }
-
-    fn take_idle(&self) -> Option<(conn::http1::SendRequest<Body>, Arc<ConnMeta>)> {
-        let mut idle = match self.idle.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
-        };
-        let now = Instant::now();
-        while let Some(c) = idle.pop() {
-            // The connection's own task closes it at its idle timeout; this check covers the
-            // moment in between.
-            if c.send.is_closed()
-                || c.meta.retired()
-                || now.duration_since(c.since) > self.idle_timeout
-            {
-                continue;
-            }
-            if c.send.is_ready() {
-                return Some((c.send, c.meta));
-            }
         }
-        None
     }
 
-    fn put_idle(&self, send: conn::http1::SendRequest<Body>, meta: Arc<ConnMeta>) {
-        // A retired connection is not reused: dropping its sender lets it close.
-        if send.is_closed() || meta.retired() {
+    fn has_idle(&self) -> bool {
+        !self.idle_list().conns.is_empty()
+    }
+
+    /// Which limit, if any, an idle connection has reached at `now` (counted).
+    fn expired(&self, c: &Idle, now: tokio::time::Instant) -> bool {
+        if self.past_max_duration(c.conn.state(), now) {
+            true
+        } else if now.saturating_duration_since(c.since) >= self.idle_timeout {
+            c.conn.state().stats.cx_idle_timeout.inc();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the connection is past `max_connection_duration` (counted).
+    fn past_max_duration(&self, s: &H1State, now: tokio::time::Instant) -> bool {
+        let past = self
+            .max_connection_duration
+            .is_some_and(|d| now.saturating_duration_since(s.opened) >= d);
+        if past {
+            s.stats.cx_max_duration_reached.inc();
+        }
+        past
+    }
+
+    /// When an idle connection reaches a limit.
+    fn deadline(&self, c: &Idle) -> Option<tokio::time::Instant> {
+        let idle = c.since.checked_add(self.idle_timeout);
+        let duration = self
+            .max_connection_duration
+            .and_then(|d| c.conn.state().opened.checked_add(d));
+        match (idle, duration) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The most recently returned idle connection that can still take a request.
+    fn take_idle(&self) -> Option<H1Conn> {
+        let now = tokio::time::Instant::now();
+        let mut noop = Context::from_waker(Waker::noop());
+        loop {
+            let mut c = self.idle_list().conns.pop()?;
+            // The reaper closes connections at their limits; this covers the moment in between,
+            // and a server that closed the connection since (its close may not be read yet).
+            if !self.expired(&c, now) && c.conn.poll_usable(&mut noop) {
+                return Some(c.conn);
+            }
+        }
+    }
+
+    /// Puts a connection whose exchange ended cleanly back into the pool.
+    fn put_idle(self: &Arc<Self>, mut conn: H1Conn) {
+        let now = tokio::time::Instant::now();
+        if self.past_max_duration(conn.state(), now)
+            || self.max_requests.is_some_and(|m| conn.state().served >= m)
+        {
             return;
         }
-        let mut idle = match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+        let mut list = self.idle_list();
+        // The read side is watched by the reaper's waker from now on (a server that closes the
+        // connection wakes it); the connection is dropped at once if the server already did.
+        let usable = match list.reaper.as_ref() {
+            Some(w) => conn.poll_usable(&mut Context::from_waker(w)),
+            None => conn.poll_usable(&mut Context::from_waker(Waker::noop())),
         };
-        idle.push(Idle {
-            send,
-            since: Instant::now(),
-            meta,
-        });
-        drop(idle);
+        if !usable {
+            drop(list);
+            return;
+        }
+        list.conns.push(Idle { conn, since: now });
+        let start = !std::mem::replace(&mut list.reaping, true);
+        drop(list);
+        if start {
+            tokio::spawn(Self::reap(Arc::downgrade(self)));
+        }
         self.returned.notify_waiters();
+    }
+
+    /// The idle connections' reaper (see [`IdleList`]): ends when none is left.
+    async fn reap(pool: std::sync::Weak<Pool>) {
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        std::future::poll_fn(|cx| {
+            loop {
+                let Some(pool) = pool.upgrade() else {
+                    return Poll::Ready(());
+                };
+                let now = tokio::time::Instant::now();
+                let mut doomed = Vec::new();
+                let mut next: Option<tokio::time::Instant> = None;
+                {
+                    let mut list = pool.idle_list();
+                    if !list
+                        .reaper
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        list.reaper = Some(cx.waker().clone());
+                    }
+                    let mut i = 0;
+                    while let Some(c) = list.conns.get_mut(i) {
+                        if pool.expired(c, now) || !c.conn.poll_usable(cx) {
+                            doomed.push(list.conns.remove(i));
+                            continue;
+                        }
+                        if let Some(d) = pool.deadline(c) {
+                            next = Some(next.map_or(d, |n| n.min(d)));
+                        }
+                        i += 1;
+                    }
+                    if list.conns.is_empty() {
+                        list.reaping = false;
+                        list.reaper = None;
+                        drop(list);
+                        return Poll::Ready(());
+                    }
+                }
+                // Closed outside the lock.
+                drop(doomed);
+                let Some(at) = next else {
+                    return Poll::Pending;
+                };
+                sleep.as_mut().reset(at);
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
     }
 
     /// Runs one upstream connection until it ends, closing it at the pool's idle timeout and
@@ -478,19 +595,18 @@ impl Pool {
         let mut pending: Option<Pending> = None;
         let mut overflow_counted = false;
         let cx = loop {
-            // A reused connection may have been closed by the server while idle: the request
-            // comes back unsent and goes out on another one.
-            while let Some((mut send, meta)) = self.take_idle() {
-                let stream = meta.activity.stream();
-                match send.try_send_request(req).await {
-                    Ok(resp) => {
-                        meta.request(self.max_requests, &limits.stats);
-                        return Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq));
-                    }
-                    Err(mut e) => match e.take_message() {
-                        Some(r) => req = r,
-                        None => return Err(SendError::sent(upstream_error(e.into_error()))),
-                    },
+            // A reused connection may have been closed by the server as the request went out:
+            // a request that can be sent again unchanged comes back and goes out on another one.
+            while let Some(conn) = self.take_idle() {
+                if upgrade {
+                    return self.upgrade_h1(conn, req, rq).await;
+                }
+                match self.exchange(conn, req, true).await {
+                    Ok((head, ex)) => return Ok(self.h1_response(head, ex, rq)),
+                    Err(h1::Failure {
+                        request: Some(r), ..
+                    }) => req = r,
+                    Err(f) => return Err(SendError::sent(h1_error(f.error))),
                 }
             }
             if pending.is_none() {
@@ -516,83 +632,110 @@ impl Pool {
                 _ = returned => {}
             }
         };
-        // Opening a connection is the rare path: boxed, so that its futures (dial, handshake)
-        // do not make every request's future larger.
-        let (mut send, meta, stream) = match Box::pin(self.open_h1(dial, limits, cx)).await {
+        // Opening a connection is the rare path: boxed, so that its future does not make every
+        // request's future larger.
+        let conn = match Box::pin(self.open_h1(dial, limits, cx)).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::unsent(e, req)),
         };
         drop(pending);
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::sent(upstream_error(e)))?;
-        meta.request(self.max_requests, &limits.stats);
-        Ok(self.finish_h1(resp, send, meta, stream, upgrade, rq))
+        if upgrade {
+            return self.upgrade_h1(conn, req, rq).await;
+        }
+        match self.exchange(conn, req, false).await {
+            Ok((head, ex)) => Ok(self.h1_response(head, ex, rq)),
+            Err(f) => Err(SendError {
+                error: h1_error(f.error),
+                request: f.request,
+            }),
+        }
     }
 
-    /// Opens an HTTP/1.1 connection with `dial` and starts its task (which holds `cx`).
+    /// Sends `req` on `conn` and reads the response head (see [`h1::Exchange::start`] for
+    /// `reused`).
+    async fn exchange(
+        &self,
+        mut conn: H1Conn,
+        req: Request<Body>,
+        reused: bool,
+    ) -> Result<(http::response::Parts, h1::Exchange<H1State>), h1::Failure> {
+        let s = conn.state_mut();
+        s.served = s.served.saturating_add(1);
+        if self.max_requests == Some(s.served) {
+            s.stats.cx_max_requests.inc();
+        }
+        let mut ex = h1::Exchange::start(conn, req, reused)?;
+        let head = std::future::poll_fn(|cx| ex.poll_head(cx)).await?;
+        Ok((head, ex))
+    }
+
+    fn h1_response(
+        self: &Arc<Self>,
+        head: http::response::Parts,
+        ex: h1::Exchange<H1State>,
+        rq: Slot,
+    ) -> Response<Body> {
+        let body = H1Body::new(ex, self.clone(), rq);
+        Response::from_parts(head, http_body_util::BodyExt::boxed(body))
+    }
+
+    /// Opens an HTTP/1.1 connection with `dial` (the connection holds `cx`).
     async fn open_h1(
         &self,
         dial: impl FnOnce() -> Dial<'static>,
         limits: &Limits,
         cx: Connection,
-    ) -> Result<
-        (
-            conn::http1::SendRequest<Body>,
-            Arc<ConnMeta>,
-            timeout::StreamGuard,
-        ),
-        ProxyError,
-    > {
+    ) -> Result<H1Conn, ProxyError> {
         let io = dial().await?;
-        let (send, connection) = conn::http1::Builder::new()
-            .handshake::<_, Body>(TokioIo::new(io))
-            .await
-            .map_err(|e| ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}")))?;
-        let meta = ConnMeta::new();
-        let stream = meta.activity.stream();
-        let (idle, max_duration) = (self.idle_timeout, self.max_connection_duration);
-        let (task_meta, stats) = (meta.clone(), limits.stats.clone());
-        tokio::spawn(async move {
-            let _cx = cx;
-            Self::run_connection(
-                connection.with_upgrades(),
-                task_meta,
-                idle,
-                max_duration,
-                stats,
-            )
-            .await;
-        });
-        Ok((send, meta, stream))
+        Ok(h1::Conn::new(
+            io,
+            H1State {
+                _cx: cx,
+                opened: tokio::time::Instant::now(),
+                served: 0,
+                stats: limits.stats.clone(),
+            },
+        ))
     }
 
-    fn finish_h1(
-        self: &Arc<Self>,
-        resp: Response<Incoming>,
-        send: conn::http1::SendRequest<Body>,
-        meta: Arc<ConnMeta>,
-        stream: timeout::StreamGuard,
-        upgrade: bool,
+    /// An upgrade (WebSocket, CONNECT): the connection goes to hyper's client, whose upgrade
+    /// hands the tunnel to the router, and never comes back to the pool.
+    async fn upgrade_h1(
+        &self,
+        conn: H1Conn,
+        req: Request<Body>,
         rq: Slot,
-    ) -> Response<Body> {
-        let back = if upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            None
-        } else {
-            Some((self.clone(), send, meta))
+    ) -> Result<Response<Body>, SendError> {
+        let Some((io, state)) = conn.into_io() else {
+            let e = ProxyError::UpstreamReset("connection termination: unread bytes".into());
+            return Err(SendError::unsent(e, req));
         };
-        resp.map(|b| {
-            let body = Returning {
-                inner: b,
-                back,
-                rq: Some(rq),
-                stream: Some(stream),
-            };
-            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(body, |e| {
-                Box::new(e) as BoxError
-            }))
-        })
+        let (mut send, connection) = match conn::http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(io))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let e = ProxyError::ConnectFailure(format!("HTTP/1.1 handshake: {e}"));
+                return Err(SendError::unsent(e, req));
+            }
+        };
+        tokio::spawn(async move {
+            let _state = state;
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::trace!(target: "upstream", "connection ended: {e}");
+            }
+        });
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(upstream_error(e)))?;
+        Ok(resp.map(|b| {
+            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                Holding::new(b, Some(rq)),
+                |e| Box::new(e) as BoxError,
+            ))
+        }))
     }
 
     async fn send_h2(
@@ -710,6 +853,15 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The reaper holds the pool weakly: woken, it finds the pool gone and ends.
+        if let Some(w) = self.idle_list().reaper.take() {
+            w.wake();
+        }
+    }
+}
+
 /// An [`AtomicBool`] raised while the guard lives (lowered on every way out).
 struct Flag<'a>(&'a AtomicBool);
 
@@ -774,63 +926,90 @@ fn upstream_error(e: hyper::Error) -> ProxyError {
     }
 }
 
-/// A response body that puts its HTTP/1.1 connection back into the pool when it ends.
-/// It also holds the request's `max_requests` slot until the response ends.
-struct Returning {
-    inner: Incoming,
-    back: Option<(Arc<Pool>, conn::http1::SendRequest<Body>, Arc<ConnMeta>)>,
+fn h1_error(e: h1::Error) -> ProxyError {
+    match e {
+        h1::Error::Io(_) | h1::Error::Closed(_) => ProxyError::UpstreamReset(e.to_string()),
+        h1::Error::Parse(_) | h1::Error::Request(_) | h1::Error::RequestBody(_) => {
+            ProxyError::UpstreamProtocol(e.to_string())
+        }
+    }
+}
+
+/// An HTTP/1.1 response body, read from the connection by whoever polls it; the connection goes
+/// back into the pool when the body ends. It also holds the request's `max_requests` slot until
+/// then. (The exchange is only reached through `&mut`, so the body is `Sync` although the
+/// connection is not; what `&self` asks is kept beside it.)
+struct H1Body {
+    ex: Option<SyncWrapper<h1::Exchange<H1State>>>,
+    ended: bool,
+    size: SizeHint,
+    pool: Arc<Pool>,
     rq: Option<Slot>,
-    /// The request's place on its connection (idle timeout), until the response ends.
-    stream: Option<timeout::StreamGuard>,
 }
 
-impl Returning {
-    fn give_back(&mut self) {
+impl H1Body {
+    fn new(ex: h1::Exchange<H1State>, pool: Arc<Pool>, rq: Slot) -> Self {
+        H1Body {
+            ended: ex.is_end_stream(),
+            size: ex.size_hint(),
+            ex: Some(SyncWrapper::new(ex)),
+            pool,
+            rq: Some(rq),
+        }
+    }
+
+    fn finish(&mut self) {
         self.rq = None;
-        self.stream = None;
-        if let Some((pool, send, meta)) = self.back.take() {
-            pool.put_idle(send, meta);
+        self.ended = true;
+        self.size = SizeHint::with_exact(0);
+        if let Some(conn) = self.ex.take().and_then(|e| e.into_inner().into_reusable()) {
+            self.pool.put_idle(conn);
         }
     }
 }
 
-impl Drop for Returning {
+impl Drop for H1Body {
     fn drop(&mut self) {
-        // An empty body may never be polled: the connection is still reusable.
-        if self.inner.is_end_stream() {
-            self.give_back();
+        // A body without bytes may never be polled: the connection is still reusable.
+        if self.ended {
+            self.finish();
         }
     }
 }
 
-impl HttpBody for Returning {
+impl HttpBody for H1Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(ex) = this.ex.as_mut().map(SyncWrapper::get_mut) else {
+            return Poll::Ready(None);
+        };
+        let polled = ex.poll_data(cx);
+        this.ended = ex.is_end_stream();
+        this.size = ex.size_hint();
         match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
             Poll::Ready(Some(Err(_))) => {
-                self.back = None;
-                self.rq = None;
-                self.stream = None;
+                this.ex = None;
+                this.rq = None;
+                this.ended = true;
             }
+            Poll::Ready(_) if this.ended => this.finish(),
             _ => {}
         }
-        polled
+        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.size
     }
 }
 
@@ -1296,5 +1475,67 @@ mod tests {
             ok(&pool, addr, &limits).await;
             assert_eq!(limits.stats.cx_total.get(), 2, "{proto:?}");
         }
+    }
+
+    /// An HTTP/1.1 server on loopback written by hand: each connection answers `ok` to its first
+    /// request, then, after its second request arrives, closes without answering (a server
+    /// closing an idle connection just as a request goes out) or, with `close_idle`, closes
+    /// right after the first answer.
+    async fn racing_server(close_idle: bool) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    if close_idle {
+                        return;
+                    }
+                    let _ = tcp.read(&mut buf).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_server_closes_goes_out_on_a_new_one() {
+        let addr = racing_server(false).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |_| {});
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
+        ok(&pool, addr, &limits).await;
+        // Reuses the idle connection, which the server closes on reading the request: the GET
+        // goes out again on a second connection.
+        ok(&pool, addr, &limits).await;
+        assert_eq!(limits.stats.cx_total.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closes_is_closed_and_uncounted() {
+        let addr = racing_server(true).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |_| {});
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
+        ok(&pool, addr, &limits).await;
+        // The reaper watches the idle connection: the server's close is seen without a request.
+        wait_for("the closed connection left the pool", || pool.is_idle()).await;
+        assert_eq!(limits.stats.cx_active.get(), 0);
+        assert_eq!(limits.stats.cx_idle_timeout.get(), 0);
+        ok(&pool, addr, &limits).await;
+        assert_eq!(limits.stats.cx_total.get(), 2);
     }
 }
