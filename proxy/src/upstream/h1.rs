@@ -47,6 +47,8 @@ pub const MAX_HEAD: usize = 60 * 1024;
 /// The first read's buffer; later reads grow up to [`MAX_READ`] while they fill it.
 const READ_CHUNK: usize = 8 * 1024;
 const MAX_READ: usize = 64 * 1024;
+/// Largest buffer an idle connection keeps.
+const KEEP_BUFFER: usize = 16 * 1024;
 /// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -216,7 +218,7 @@ impl<S> Exchange<S> {
         let end = body.is_end_stream();
         let head_request = parts.method == Method::HEAD;
         let declared = match parts.headers.get(header::CONTENT_LENGTH) {
-            Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(v) => match v.to_str().ok().and_then(|s| digits(s.trim())) {
                 Some(n) => Some(n),
                 None => {
                     return Err(Failure {
@@ -525,10 +527,8 @@ impl<S> Exchange<S> {
             let mut length = None;
             for v in headers.get_all(header::CONTENT_LENGTH) {
                 for t in v.to_str().unwrap_or("").split(',') {
-                    let n = t
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| Error::Parse(format!("content-length {t:?}")))?;
+                    let n = digits(t.trim())
+                        .ok_or_else(|| Error::Parse(format!("content-length {t:?}")))?;
                     if length.is_some_and(|l| l != n) {
                         return Err(Error::Parse("conflicting content-length values".into()));
                     }
@@ -547,10 +547,15 @@ impl<S> Exchange<S> {
             .iter()
             .next_back()
         {
-            // A length beside a transfer coding is not to be trusted: the connection is not
-            // reused after this response.
+            // Both framings, or a transfer coding in HTTP/1.0: the body's end is in doubt. Envoy
+            // refuses such a response (`allow_chunked_length` off).
             if headers.contains_key(header::CONTENT_LENGTH) {
-                self.keep_alive = false;
+                return Err(Error::Parse(
+                    "both transfer-encoding and content-length".into(),
+                ));
+            }
+            if version == Version::HTTP_10 {
+                return Err(Error::Parse("transfer-encoding in HTTP/1.0".into()));
             }
             let last = te.to_str().unwrap_or("").rsplit(',').next().unwrap_or("");
             if last.trim().eq_ignore_ascii_case("chunked") {
@@ -666,12 +671,23 @@ impl<S> Exchange<S> {
 
     /// The connection, if it can take another request: both messages ended, neither side
     /// asked to close, and nothing followed the response.
-    pub fn into_reusable(self) -> Option<Conn<S>> {
-        (self.reading == Reading::Done
+    pub fn into_reusable(mut self) -> Option<Conn<S>> {
+        if !(self.reading == Reading::Done
             && self.sent
             && self.keep_alive
             && self.conn.inner.rbuf.is_empty())
-        .then_some(self.conn)
+        {
+            return None;
+        }
+        // An idle connection does not keep what a large body made its buffers grow to.
+        let inner = &mut self.conn.inner;
+        if inner.wbuf.capacity() > KEEP_BUFFER {
+            inner.wbuf = BytesMut::new();
+        }
+        if inner.rbuf.capacity() > KEEP_BUFFER {
+            inner.rbuf = BytesMut::new();
+        }
+        Some(self.conn)
     }
 }
 
@@ -687,6 +703,14 @@ fn expects_body(m: &Method) -> bool {
             | Method::TRACE
             | Method::CONNECT
     )
+}
+
+/// A decimal number of digits only (`u64::from_str` also takes a `+`).
+fn digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Parses a chunk-size line (`1a;ext=1\r\n`) off the front of `buf`: `None` while incomplete.
@@ -705,11 +729,10 @@ fn chunk_size(buf: &mut BytesMut) -> Result<Option<u64>, Error> {
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
+    // After the size: nothing, or extensions (`;`), after optional whitespace.
     let rest = line.get(digits..).unwrap_or_default();
-    if digits == 0
-        || digits > 16
-        || !(rest.is_empty() || matches!(rest.first(), Some(b';' | b' ' | b'\t')))
-    {
+    let rest = rest.trim_ascii_start();
+    if digits == 0 || digits > 16 || !(rest.is_empty() || rest.first() == Some(&b';')) {
         return Err(Error::Parse(format!(
             "bad chunk size {:?}",
             String::from_utf8_lossy(line)
@@ -875,7 +898,7 @@ mod tests {
         let (conn, mut s) = pair().await;
         let server = tokio::spawn(async move {
             read_until(&mut s, b"\r\n\r\n").await;
-            let resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
+            let resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6 ;e=x\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
             // A byte at a time: every parser state resumes from a partial buffer.
             for b in resp {
                 s.write_all(&[*b]).await.expect("write");
@@ -898,10 +921,16 @@ mod tests {
         let cases: [(&[u8], &[u8]); 4] = [
             // Delimited by the close.
             (b"HTTP/1.1 200 OK\r\n\r\nabc", b"abc"),
-            (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", b"ok"),
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                b"ok",
+            ),
             (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", b"ok"),
-            // A length beside a transfer coding.
-            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"ok"),
+            // Not chunked: until the close.
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+                b"ok",
+            ),
         ];
         for (resp, want) in cases {
             let (conn, mut s) = pair().await;
@@ -957,9 +986,12 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_responses_are_errors() {
-        let heads: [&[u8]; 4] = [
+        let heads: [&[u8]; 7] = [
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
         ];
@@ -998,8 +1030,9 @@ mod tests {
         }
         drop(server.await);
         // Bodies: a bad chunk size, a body cut short.
-        let bodies: [&[u8]; 3] = [
+        let bodies: [&[u8]; 4] = [
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2 junk\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokX\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ];

@@ -246,6 +246,8 @@ struct IdleList {
     conns: Vec<Idle>,
     reaper: Option<Waker>,
     reaping: bool,
+    /// When the reaper wakes next (`None`: only when a connection closes).
+    next: Option<tokio::time::Instant>,
 }
 
 /// One pool.
@@ -419,11 +421,23 @@ impl Pool {
             drop(list);
             return;
         }
-        list.conns.push(Idle { conn, since: now });
-        let start = !std::mem::replace(&mut list.reaping, true);
+        let idle = Idle { conn, since: now };
+        // A connection whose limit comes before the reaper's next wake-up moves it earlier.
+        let wake = self
+            .deadline(&idle)
+            .filter(|d| list.next.is_none_or(|n| *d < n))
+            .and(list.reaper.clone());
+        list.conns.push(idle);
+        let start = !list.reaping;
+        // Started only inside the runtime (a body dropped elsewhere leaves it to the next one).
+        let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| start);
+        list.reaping |= runtime.is_some();
         drop(list);
-        if start {
-            tokio::spawn(Self::reap(Arc::downgrade(self)));
+        if let Some(rt) = runtime {
+            rt.spawn(Self::reap(Arc::downgrade(self)));
+        }
+        if let Some(w) = wake {
+            w.wake();
         }
         self.returned.notify_waiters();
     }
@@ -463,9 +477,11 @@ impl Pool {
                     if list.conns.is_empty() {
                         list.reaping = false;
                         list.reaper = None;
+                        list.next = None;
                         drop(list);
                         return Poll::Ready(());
                     }
+                    list.next = next;
                 }
                 // Closed outside the lock.
                 drop(doomed);
@@ -594,10 +610,12 @@ impl Pool {
     ) -> Result<Response<Body>, SendError> {
         let mut pending: Option<Pending> = None;
         let mut overflow_counted = false;
+        // A reused connection may have been closed by the server as the request went out: a
+        // request that can be sent again unchanged comes back, and goes out once more, on a new
+        // connection (a server that fails on reading it is not sent it a third time).
+        let mut resent = false;
         let cx = loop {
-            // A reused connection may have been closed by the server as the request went out:
-            // a request that can be sent again unchanged comes back and goes out on another one.
-            while let Some(conn) = self.take_idle() {
+            while !resent && let Some(conn) = self.take_idle() {
                 if upgrade {
                     return self.upgrade_h1(conn, req, rq).await;
                 }
@@ -605,7 +623,10 @@ impl Pool {
                     Ok((head, ex)) => return Ok(self.h1_response(head, ex, rq)),
                     Err(h1::Failure {
                         request: Some(r), ..
-                    }) => req = r,
+                    }) => {
+                        req = r;
+                        resent = true;
+                    }
                     Err(f) => return Err(SendError::sent(h1_error(f.error))),
                 }
             }
@@ -624,7 +645,7 @@ impl Pool {
             if let Some(cx) = self.connection(limits, &mut overflow_counted) {
                 break cx;
             }
-            if self.has_idle() {
+            if self.has_idle() && !resent {
                 continue;
             }
             tokio::select! {
@@ -726,10 +747,17 @@ impl Pool {
                 tracing::trace!(target: "upstream", "connection ended: {e}");
             }
         });
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::sent(upstream_error(e)))?;
+        let resp = match send.try_send_request(req).await {
+            Ok(r) => r,
+            // Not written (the connection closed first): it can go out again as it is.
+            Err(mut e) => {
+                let request = e.take_message();
+                return Err(SendError {
+                    error: upstream_error(e.into_error()),
+                    request,
+                });
+            }
+        };
         Ok(resp.map(|b| {
             http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
                 Holding::new(b, Some(rq)),
@@ -1522,6 +1550,22 @@ mod tests {
         // goes out again on a second connection.
         ok(&pool, addr, &limits).await;
         assert_eq!(limits.stats.cx_total.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_again_once_and_on_a_new_connection() {
+        let addr = racing_server(false).await;
+        let stats = Stats::default();
+        let limits = limits(&stats, |_| {});
+        let pool = Arc::new(Pool::new(Proto::Http1, PoolSettings::default()));
+        // Two idle connections, each of which fails its second request.
+        tokio::join!(ok(&pool, addr, &limits), ok(&pool, addr, &limits));
+        assert_eq!(limits.stats.cx_total.get(), 2);
+        // The first idle connection fails the request; it goes out on a new connection, not on
+        // the other idle one (which stays open).
+        ok(&pool, addr, &limits).await;
+        assert_eq!(limits.stats.cx_total.get(), 3);
+        assert_eq!(pool.connections(), 2);
     }
 
     #[tokio::test]
