@@ -226,9 +226,8 @@ async fn start(tag: &str) -> (IstiodLite, Pod, PathBuf) {
     )
     .expect("root");
 
-    let admin_port = free_port();
-    let status_port = free_port();
-    let prometheus_port = free_port();
+    let [admin_port, status_port, prometheus_port] =
+        waypoint_testbed::waypoint::free_ports().expect("free ports");
     let addr = istiod.addr.to_string();
     let proxy_config = json!({
         "discoveryAddress": addr,

@@ -30,7 +30,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{PlainAds, WAIT, eventually, free_port, http, temp_dir};
+use common::{PlainAds, WAIT, distinct_ports, eventually, free_port, http, temp_dir};
 use http::{Request, Response};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
@@ -703,7 +703,7 @@ async fn a_removed_listener_closes_its_connections_after_the_drain_time() {
     const DRAIN: Duration = Duration::from_secs(2);
     let ads = PlainAds::start().await;
     let mut backend = Backend::start().await;
-    let (web, tcp) = (free_port(), free_port());
+    let [web, tcp] = distinct_ports();
     let socket = |p: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": p}});
     push(
         &ads,

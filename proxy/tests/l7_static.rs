@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Ports, StaticProxy, echo, free_port};
+use common::{Ports, StaticProxy, distinct_ports, echo};
 use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value as Json;
@@ -341,13 +341,13 @@ async fn a_static_listener_on_a_taken_port_stops_the_proxy() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let dir = common::temp_dir("l7-taken");
-    let backend = free_port();
+    let [admin, backend, dead] = distinct_ports();
     let ports = Ports::new(&[
         ("LISTEN", port),
-        ("ADMIN", free_port()),
+        ("ADMIN", admin),
         ("BACKEND", backend),
         ("BACKEND2", backend),
-        ("DEAD", free_port()),
+        ("DEAD", dead),
     ]);
     let path = dir.join("bootstrap.yaml");
     std::fs::write(&path, common::render(BOOTSTRAP, &dir, &ports)).expect("write bootstrap");

@@ -19,7 +19,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::{
-    PlainAds, Proxy, WAIT, config_of, eventually, free_port, get_json, http, next_request,
+    PlainAds, Proxy, WAIT, config_of, distinct_ports, eventually, get_json, http, next_request,
     next_stream, root_secret, sds_cluster, sds_server, secret_response, temp_dir, tls_secret,
 };
 use serde_json::{Value as Json, json};
@@ -132,7 +132,7 @@ async fn refused(port: u16) -> bool {
 async fn sotw_snapshot_nack_removal_and_eds() {
     let ads = PlainAds::start().await;
     let dir = temp_dir("sotw-ads");
-    let (admin, p1, p2) = (free_port(), free_port(), free_port());
+    let [admin, p1, p2] = distinct_ports();
     push(
         &ads,
         ResourceKind::Cluster,
@@ -414,7 +414,7 @@ async fn listener_warms_until_its_sds_secret_arrives() {
     let ads = PlainAds::start().await;
     let dir = temp_dir("sotw-warming");
     let (_sds, mut opened) = sds_server(&dir.join("sds.sock"));
-    let (admin, port) = (free_port(), free_port());
+    let [admin, port] = distinct_ports();
     push(
         &ads,
         ResourceKind::Listener,

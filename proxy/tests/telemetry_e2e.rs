@@ -826,7 +826,7 @@ async fn grpc_calls_report_protocol_and_status() {
     .expect("echo");
     let grpc_port = echo.grpc_addr().expect("grpc port").port();
     tokio::spawn(echo.run());
-    let (listen, admin) = (common::free_port(), common::free_port());
+    let [listen, admin] = common::distinct_ports();
     let dir = common::temp_dir("telemetry-grpc");
     let proxy = common::Proxy::start(&dir, &grpc_bootstrap(listen, admin, grpc_port));
     let addr = SocketAddr::from(([127, 0, 0, 1], listen));
@@ -935,7 +935,7 @@ async fn grpc_message_counts_are_reported_while_a_stream_runs() {
     .expect("echo");
     let grpc_port = echo.grpc_addr().expect("grpc port").port();
     tokio::spawn(echo.run());
-    let (listen, admin) = (common::free_port(), common::free_port());
+    let [listen, admin] = common::distinct_ports();
     let mut bootstrap = grpc_bootstrap(listen, admin, grpc_port);
     let hcm = bootstrap
         .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")

@@ -525,10 +525,25 @@ static MESH_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A TCP port free on 127.0.0.1 right now (the OS picks it; another process may take it before it
 /// is used, which the caller then sees as a bind error).
 pub fn free_port() -> Result<u16, MeshError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_err("picking a free port"))
+    free_ports::<1>().map(|[p]| p)
+}
+
+/// `N` distinct TCP ports free on 127.0.0.1 right now. Every one is held until all are picked:
+/// ports picked one after another can repeat (the OS may hand out a port it just got back), and
+/// two listeners of one proxy on the same port make it exit.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], MeshError> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let l =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("picking a free port"))?;
+        *port = l
+            .local_addr()
+            .map_err(io_err("picking a free port"))?
+            .port();
+        held.push(l);
+    }
+    Ok(ports)
 }
 
 impl WaypointMesh {
@@ -621,12 +636,15 @@ impl WaypointMesh {
         .map_err(io_err("writing the pod labels"))?;
         let ports = match options.ports {
             Some(ports) => ports,
-            None => AgentPorts {
-                admin: free_port()?,
-                status: free_port()?,
-                readiness: free_port()?,
-                prometheus: free_port()?,
-            },
+            None => {
+                let [admin, status, readiness, prometheus] = free_ports()?;
+                AgentPorts {
+                    admin,
+                    status,
+                    readiness,
+                    prometheus,
+                }
+            }
         };
         let log = dir.join("agent.log");
         let child = spawn_agent(&options, &pod, &log, istiod.addr, addrs, ports)?;

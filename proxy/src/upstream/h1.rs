@@ -810,6 +810,24 @@ mod tests {
         String::from_utf8(got).expect("utf-8")
     }
 
+    /// A connection whose server answers the first request with `resp`, then, with `close`,
+    /// closes its side.
+    async fn answering(
+        resp: &'static [u8],
+        close: bool,
+    ) -> (Conn<()>, tokio::task::JoinHandle<TcpStream>) {
+        let (conn, mut s) = pair().await;
+        let server = tokio::spawn(async move {
+            read_until(&mut s, b"\r\n\r\n").await;
+            s.write_all(resp).await.expect("write");
+            if close {
+                s.shutdown().await.expect("shutdown");
+            }
+            s
+        });
+        (conn, server)
+    }
+
     fn get(path: &str) -> Request<Body> {
         Request::get(path)
             .header("host", "h")
@@ -933,13 +951,7 @@ mod tests {
             ),
         ];
         for (resp, want) in cases {
-            let (conn, mut s) = pair().await;
-            let server = tokio::spawn(async move {
-                read_until(&mut s, b"\r\n\r\n").await;
-                s.write_all(resp).await.expect("write");
-                s.shutdown().await.expect("shutdown");
-                s
-            });
+            let (conn, server) = answering(resp, true).await;
             let (_, mut ex) = ok(head(conn, get("/"), true).await);
             let (data, _, err) = body(&mut ex).await;
             assert!(err.is_none(), "{err:?}");
@@ -996,12 +1008,7 @@ mod tests {
             b"HTTP/1.1 2000 OK\r\n\r\n",
         ];
         for resp in heads {
-            let (conn, mut s) = pair().await;
-            let server = tokio::spawn(async move {
-                read_until(&mut s, b"\r\n\r\n").await;
-                s.write_all(resp).await.expect("write");
-                s
-            });
+            let (conn, server) = answering(resp, false).await;
             match head(conn, get("/"), true).await {
                 Ok(_) => panic!("accepted {}", String::from_utf8_lossy(resp)),
                 Err(f) => {
@@ -1037,13 +1044,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ];
         for resp in bodies {
-            let (conn, mut s) = pair().await;
-            let server = tokio::spawn(async move {
-                read_until(&mut s, b"\r\n\r\n").await;
-                s.write_all(resp).await.expect("write");
-                s.shutdown().await.expect("shutdown");
-                s
-            });
+            let (conn, server) = answering(resp, true).await;
             let (_, mut ex) = ok(head(conn, get("/"), true).await);
             let (_, _, err) = body(&mut ex).await;
             assert!(err.is_some(), "accepted {}", String::from_utf8_lossy(resp));

@@ -60,6 +60,12 @@ pub fn free_port() -> u16 {
     free_ports(Ipv4Addr::LOCALHOST, 1)[0]
 }
 
+/// `N` distinct loopback ports nobody listens on right now (see [`free_ports`]).
+pub fn distinct_ports<const N: usize>() -> [u16; N] {
+    let ports = free_ports(Ipv4Addr::LOCALHOST, N);
+    std::array::from_fn(|i| ports[i])
+}
+
 /// `n` distinct ports free on `ip` right now. All are held until all are picked, so one call
 /// cannot hand out the same port twice; once released, any process may take them (see
 /// [`StaticProxy`], which starts again when that happens).

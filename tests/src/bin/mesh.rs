@@ -66,7 +66,7 @@ use waypoint_testbed::{
     uds,
     waypoint::{
         AgentPorts, EchoSeen, HTTPBIN_IDENTITY, MeshError, MeshOptions, SLEEP_IDENTITY,
-        WAYPOINT_IDENTITY, WaypointMesh, WsClient, free_port, http_get, http1_request, read_body,
+        WAYPOINT_IDENTITY, WaypointMesh, WsClient, free_ports, http_get, http1_request, read_body,
         ws_opcode,
     },
 };
@@ -182,11 +182,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    // Distinct free ports for those given as 0 (picked together so that none repeats).
+    let free: [u16; 4] = free_ports()?;
+    let pick = |port: u16, i: usize| if port == 0 { free[i] } else { port };
     options.ports = Some(AgentPorts {
-        admin: port_or_free(cli.admin_port)?,
-        status: port_or_free(cli.status_port)?,
-        readiness: port_or_free(cli.readiness_port)?,
-        prometheus: port_or_free(cli.prometheus_port)?,
+        admin: pick(cli.admin_port, 0),
+        status: pick(cli.status_port, 1),
+        readiness: pick(cli.readiness_port, 2),
+        prometheus: pick(cli.prometheus_port, 3),
     });
     if let Some(dir) = &cli.workdir {
         options.dir = Some(std::env::current_dir()?.join(dir));
@@ -322,11 +325,6 @@ async fn wait_for_stop(
             _ = watch.tick() => mesh.check_agent()?,
         }
     }
-}
-
-/// `port`, or a free one when it is 0.
-fn port_or_free(port: u16) -> anyhow::Result<u16> {
-    Ok(if port == 0 { free_port()? } else { port })
 }
 
 /// A binary from the same target folder as this one.
