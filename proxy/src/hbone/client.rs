@@ -97,7 +97,7 @@ impl HboneClient {
             .initial_window_size(self.settings.initial_stream_window)
             .initial_connection_window_size(self.settings.initial_connection_window)
             .max_header_list_size(self.settings.max_header_list_size)
-            .handshake::<_, Bytes>(super::coalesce::Coalesce::new(tls))
+            .handshake::<_, Bytes>(crate::io::coalesce::Coalesce::new(tls))
             .await?;
         let mut connection = connection;
         let mut keepalive = Keepalive::start(connection.ping_pong(), &self.settings);

@@ -6,7 +6,6 @@
 //! [`stream::H2Stream`] turns one HTTP/2 stream into a byte stream with flow-control backpressure.
 
 pub mod client;
-pub mod coalesce;
 pub mod server;
 pub mod stream;
 

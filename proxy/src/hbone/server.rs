@@ -100,7 +100,7 @@ where
     let opened = tokio::time::Instant::now();
     let mut connection = tokio::time::timeout(
         settings.handshake_timeout,
-        h2_builder(settings).handshake::<_, Bytes>(super::coalesce::Coalesce::new(io)),
+        h2_builder(settings).handshake::<_, Bytes>(crate::io::coalesce::Coalesce::new(io)),
     )
     .await
     .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;

@@ -229,7 +229,7 @@ pub async fn serve(
         })
     });
     // HTTP/2 answers of one connection go out together (see `Coalesce`).
-    let io = crate::hbone::coalesce::Coalesce::for_http2(io);
+    let io = crate::io::coalesce::Coalesce::for_http2(io);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut drain = drain;

@@ -8,7 +8,11 @@
 //! join open per upstream connection (hundreds under HTTP/2 load, most of them idle between
 //! requests): per-join buffers cost 32 KiB each and spread every request's bytes over cold
 //! memory, while the shared one stays in cache.
+//!
+//! [`coalesce`] gathers an HTTP/2 connection's writes over one scheduler turn (HBONE both ends,
+//! downstream h2).
 
+pub mod coalesce;
 use std::{
     cell::RefCell,
     future::poll_fn,
