@@ -10,7 +10,9 @@
 //!   under `warming_state`, counted in `listener_manager.total_listeners_warming`, its port refuses
 //!   connections, the server not LIVE) and serves TLS once the secret comes; an update naming a
 //!   secret that has not arrived warms while the previous version keeps serving; one whose secret
-//!   never comes goes active when `initial_fetch_timeout` expires (and its handshakes fail).
+//!   never comes goes active when `initial_fetch_timeout` expires (and its handshakes fail);
+//! - a warming listener whose port another socket took meanwhile cannot listen once warm: counted
+//!   in `listener_manager.listener_create_failure`, the proxy stays up, the next update binds.
 //!
 //! Every wait polls a condition with a deadline.
 
@@ -362,15 +364,21 @@ async fn probe(port: u16) -> TlsProbe {
 }
 
 async fn warming_gauge(admin: u16) -> Option<u64> {
+    listener_manager_stat(admin, "total_listeners_warming").await
+}
+
+/// `listener_manager.<name>` from the admin `/stats` (None when absent).
+async fn listener_manager_stat(admin: u16, name: &str) -> Option<u64> {
     let (_, stats) = http(
         admin,
         "GET",
-        "/stats?filter=%5Elistener_manager%5C.total_listeners_warming%24",
+        &format!("/stats?filter=%5Elistener_manager%5C.{name}%24"),
     )
     .await;
+    let prefix = format!("listener_manager.{name}: ");
     stats
         .lines()
-        .find_map(|l| l.strip_prefix("listener_manager.total_listeners_warming: "))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.parse().ok())
 }
 
@@ -525,5 +533,87 @@ async fn listener_warms_until_its_sds_secret_arrives() {
         matches!(probe(port).await, TlsProbe::Refused(_)),
         "no certificate: the handshake fails"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sockets with SO_REUSEADDR bind one port together as long as none listens, so a warming
+/// listener's port (bound by the proxy, not listening) can be taken by another process: when the
+/// listener is warm it cannot listen. That is counted (`listener_create_failure`), logged, the
+/// proxy stays up, and the next update binds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_while_its_listener_warms_is_counted_and_bound_again() {
+    let ads = PlainAds::start().await;
+    let dir = temp_dir("sotw-taken-warming");
+    let (_sds, mut opened) = sds_server(&dir.join("sds.sock"));
+    let [admin, port] = distinct_ports();
+    push(
+        &ads,
+        ResourceKind::Listener,
+        tls_listener(port, "default", "0s"),
+    )
+    .await;
+    let proxy = Proxy::start(&dir, &bootstrap(&ads, admin, true));
+    let log = || proxy.log_tail();
+    let (s1, first) = next_stream(&mut opened).await;
+    let (s2, _) = next_stream(&mut opened).await;
+    let (default, mut rootca) = if first.resource_names == ["default"] {
+        (s1, s2)
+    } else {
+        (s2, s1)
+    };
+    rootca
+        .responses
+        .send(Ok(secret_response("r1", "r1", root_secret())))
+        .await
+        .expect("send");
+    assert!(next_request(&mut rootca).await.error_detail.is_none());
+    eventually("the listener warming", log, || async {
+        let list = dynamic_listeners(admin).await;
+        listener_named(&list, "tls").and_then(|l| l.get("warming_state").map(|_| ()))
+    })
+    .await;
+
+    let holder = tokio::net::TcpSocket::new_v4().expect("socket");
+    holder.set_reuseaddr(true).expect("SO_REUSEADDR");
+    holder
+        .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("the warming listener's port binds beside the proxy's socket");
+    let holder = holder
+        .listen(16)
+        .expect("and listens: the proxy's socket does not");
+    default
+        .responses
+        .send(Ok(secret_response("v1", "n1", tls_secret(common::KEY))))
+        .await
+        .expect("send");
+    eventually("listener_create_failure counted", log, || async {
+        (listener_manager_stat(admin, "listener_create_failure").await == Some(1)).then_some(())
+    })
+    .await;
+    // The port is the holder's; the proxy goes on (no listener warms: LIVE).
+    let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tokio::time::timeout(WAIT, holder.accept())
+        .await
+        .expect("the holder accepts in time")
+        .expect("accept");
+    eventually("/ready LIVE", log, || async {
+        (http(admin, "GET", "/ready").await == (200, "LIVE\n".to_owned())).then_some(())
+    })
+    .await;
+
+    // Released, the port is bound by the next update of the listener.
+    drop(holder);
+    push(
+        &ads,
+        ResourceKind::Listener,
+        tls_listener(port, "default", "1s"),
+    )
+    .await;
+    eventually("the listener serving", log, || async {
+        (probe(port).await == TlsProbe::Served).then_some(())
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -206,8 +206,9 @@ impl Snapshot {
 pub trait ListenerHooks: Send + Sync {
     /// Whether `listener` can be served (its socket bound); the error names the reason.
     fn check(&self, listener: &Listener) -> Result<(), String>;
-    /// A new snapshot was published.
-    fn published(&self, snapshot: &Arc<Snapshot>);
+    /// A new snapshot was published; returns the listeners that cannot serve (`name on addr:
+    /// reason`).
+    fn published(&self, snapshot: &Arc<Snapshot>) -> Vec<String>;
     /// A snapshot with new clusters or endpoints was published (the data plane applies it to
     /// the clusters in use at once, as Envoy applies CDS/EDS updates when they arrive).
     fn upstreams_published(&self, _snapshot: &Arc<Snapshot>) {}
@@ -258,7 +259,12 @@ impl ConfigStore {
         if let Some(h) = hooks {
             // Static clusters that resolve DNS start resolving now, as the dynamic ones do.
             h.upstreams_published(&next);
-            h.published(&next);
+            // Like Envoy, a static listener that cannot listen is fatal at start.
+            problems.extend(
+                h.published(&next)
+                    .into_iter()
+                    .map(|p| format!("static listener {p}")),
+            );
         }
         problems
     }
@@ -309,7 +315,11 @@ impl ConfigStore {
         let next = Arc::new(next);
         self.current.store(next.clone());
         match (kind, hooks) {
-            (ResourceKind::Listener, Some(h)) => h.published(&next),
+            (ResourceKind::Listener, Some(h)) => {
+                // Logged and counted (`listener_manager.listener_create_failure`); retried at
+                // the next update.
+                let _ = h.published(&next);
+            }
             (ResourceKind::Cluster | ResourceKind::Endpoint, Some(h)) => {
                 h.upstreams_published(&next);
             }

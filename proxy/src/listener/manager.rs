@@ -175,7 +175,9 @@ impl ListenerManager {
 
     /// Starts, moves and stops accept loops to match the current snapshot (read under the lock,
     /// so reconciles from the ADS task and from the warming watcher never go back in time).
-    pub fn reconcile(&self, dp: &Arc<DataPlane>, _published: &Snapshot) {
+    /// Returns the listeners that should serve but cannot listen (`name on addr: error`); they
+    /// are tried again at the next reconcile.
+    pub fn reconcile(&self, dp: &Arc<DataPlane>, _published: &Snapshot) -> Vec<String> {
         let mut inner = self.lock();
         let snapshot = dp.server.config.snapshot();
         let before = self.serving_now.load_full();
@@ -207,6 +209,7 @@ impl ListenerManager {
                 let _ = a.stop.send(true);
             }
         }
+        let mut failed = Vec::new();
         for (name, addr) in wanted {
             if inner.active.contains_key(name) {
                 continue;
@@ -215,10 +218,18 @@ impl ListenerManager {
                 Some(s) => Ok(s),
                 None => bind_socket(addr),
             };
+            // The bind check before the update was accepted cannot see every conflict: sockets
+            // with SO_REUSEADDR bind one port together as long as none listens, so another
+            // process's listener on the port shows only here.
             let listener = match socket.and_then(|s| s.listen(LISTEN_BACKLOG)) {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(target: "listener", %name, %addr, "cannot bind: {e}");
+                    tracing::error!(target: "listener", %name, %addr, "cannot listen: {e}");
+                    dp.server
+                        .stats
+                        .counter("listener_manager.listener_create_failure")
+                        .inc();
+                    failed.push(format!("'{name}' on {addr}: cannot listen: {e}"));
                     continue;
                 }
             };
@@ -242,6 +253,7 @@ impl ListenerManager {
         inner.serving = serving;
         drop(inner);
         dp.server.maybe_live();
+        failed
     }
 }
 
@@ -343,7 +355,8 @@ async fn watch_warming(dp: Weak<DataPlane>) {
         let deadline = {
             let Some(d) = dp.upgrade() else { return };
             let snapshot = d.server.config.snapshot();
-            d.listeners.reconcile(&d, &snapshot);
+            // A failure was logged and counted; the next reconcile tries again.
+            let _ = d.listeners.reconcile(&d, &snapshot);
             let mut inner = d.listeners.lock();
             if d.server.warming.is_empty() {
                 inner.warm_watcher = false;
@@ -376,11 +389,14 @@ impl ListenerHooks for Hooks {
         }
     }
 
-    fn published(&self, snapshot: &Arc<Snapshot>) {
-        if let Some(dp) = self.0.upgrade() {
-            // jwt_authn's remote JWKS: bound to the clusters, `async_fetch` started.
-            crate::http::jwks_fetch::bind_snapshot(&dp, snapshot);
-            dp.listeners.reconcile(&dp, snapshot);
+    fn published(&self, snapshot: &Arc<Snapshot>) -> Vec<String> {
+        match self.0.upgrade() {
+            Some(dp) => {
+                // jwt_authn's remote JWKS: bound to the clusters, `async_fetch` started.
+                crate::http::jwks_fetch::bind_snapshot(&dp, snapshot);
+                dp.listeners.reconcile(&dp, snapshot)
+            }
+            None => Vec::new(),
         }
     }
 

@@ -264,7 +264,8 @@ impl Launch {
     /// read from), writes `bootstrap(dir, ports)` (the picked ones and those given to
     /// [`Launch::template`]) and starts the proxy; returns once its admin
     /// `/ready` says LIVE. When the proxy exits because one of the ports was taken meanwhile
-    /// (`cannot bind`), it picks again and restarts, up to [`START_ATTEMPTS`] times.
+    /// (`cannot bind`, or `cannot listen` when another socket bound it too and listened first),
+    /// it picks again and restarts, up to [`START_ATTEMPTS`] times.
     pub async fn start(
         self,
         names: &[&str],
@@ -315,7 +316,10 @@ impl Launch {
                         attempts: attempt,
                     };
                 }
-                Err(tail) if attempt < START_ATTEMPTS && tail.contains("cannot bind") => {
+                Err(tail)
+                    if attempt < START_ATTEMPTS
+                        && (tail.contains("cannot bind") || tail.contains("cannot listen")) =>
+                {
                     eprintln!(
                         "{}: a picked port was taken (attempt {attempt}), picking again:\n{tail}",
                         self.tag
