@@ -491,7 +491,7 @@ impl StreamTimers {
         let Some(w) = self.watch.as_mut() else {
             return Ok(f.await);
         };
-        match w.run(f).await {
+        match w.run(std::pin::pin!(f)).await {
             Ok(r) => Ok(r),
             Err(kind) => {
                 count_stream_expiry(self.stats.as_deref(), kind);

@@ -870,7 +870,12 @@ pub async fn forward(
         let mut expired = None;
         let outcome = match watch.as_mut() {
             Some(w) => match w
-                .run(pool.send(req, dial, upgrade.is_some(), &limits))
+                .run(std::pin::pin!(pool.send(
+                    req,
+                    dial,
+                    upgrade.is_some(),
+                    &limits
+                )))
                 .await
             {
                 Ok(r) => r,

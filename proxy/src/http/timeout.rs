@@ -249,6 +249,11 @@ pub struct Watch {
     rules: [Option<Rule>; RULES],
     /// Made on first need (a watch whose rules stay unarmed never allocates a timer).
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker `sleep` holds (it was polled pending with it, at its current deadline): until
+    /// the sleep elapses or is reset, polling it again with the same waker would only redo the
+    /// timer's bookkeeping. The wrapped future is polled on every wake-up of its stream (each
+    /// body frame), so this is skipped several times per request.
+    armed: Option<std::task::Waker>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -266,6 +271,7 @@ impl Watch {
             activity,
             rules: [None; RULES],
             sleep: None,
+            armed: None,
         }
     }
 
@@ -406,10 +412,16 @@ impl Watch {
             // re-armed then, instead of being moved on every frame.
             if at < sleep.deadline() || sleep.is_elapsed() {
                 sleep.as_mut().reset(at);
+                self.armed = None;
             }
-            if sleep.as_mut().poll(cx).is_pending() {
+            if self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 return Poll::Pending;
             }
+            if sleep.as_mut().poll(cx).is_pending() {
+                self.armed = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            self.armed = None;
             // The sleep ended: check again (activity may have moved the deadline on).
         }
     }
@@ -419,8 +431,10 @@ impl Watch {
         std::future::poll_fn(|cx| self.poll_expired(cx)).await
     }
 
-    /// Runs `f` unless a timer fires first.
-    pub async fn run<F: Future>(&mut self, f: F) -> Result<F::Output, Expired> {
+    /// Runs `f` unless a timer fires first. `f` is pinned by the caller: an async fn's argument
+    /// is stored in its future twice (as the argument and as the local it is moved to), and the
+    /// router's upstream send is a 2 KB future.
+    pub async fn run<F: Future>(&mut self, f: Pin<&mut F>) -> Result<F::Output, Expired> {
         tokio::select! {
             biased;
             r = f => Ok(r),
