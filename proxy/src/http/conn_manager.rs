@@ -194,7 +194,7 @@ pub async fn serve(
     let state = Arc::new(ConnState::new(ConnLimits::of(&hcm)));
     let conn_stats = stats.clone();
     let conn_state = state.clone();
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (dp, ctx, hcm, stats) = (dp.clone(), ctx.clone(), hcm.clone(), stats.clone());
         let state = state.clone();
         // Boxed: the request's future is large, and HTTP/2 spawns one task per stream, which
@@ -205,9 +205,8 @@ pub async fn serve(
             let stream = state.activity.stream();
             let last = state.request();
             let h1 = req.version() < http::Version::HTTP_2;
-            req.extensions_mut().insert(stats.clone());
             let active = ActiveRequest::new(&stats.rq_active);
-            let resp = handle(dp.clone(), ctx, hcm, req).await;
+            let resp = handle(dp.clone(), ctx, hcm, req, &stats).await;
             stats.codes.record(&dp.server.stats, resp.status().as_u16());
             drop(active);
             let mut resp = resp.map(|b| timeout::hold(b, stream));
@@ -435,8 +434,9 @@ impl StreamTimers {
         route: &Route,
         parts: &mut http::request::Parts,
         connect: bool,
+        stats: &Arc<HcmStats>,
     ) -> StreamTimers {
-        let stats = parts.extensions.get::<Arc<HcmStats>>().cloned();
+        let stats = Some(stats.clone());
         let fwd = match &route.action {
             Action::Forward(f) => Some(f),
             _ => None,
@@ -1147,13 +1147,14 @@ async fn handle(
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
+    hcm_stats: &Arc<HcmStats>,
 ) -> Response<Body> {
     // Read once: local replies and metrics both ask.
     let grpc = stream_info::is_grpc(req.headers());
     let stats = stream_info::stats_filters(&hcm);
     let logs = !hcm.access_log.is_empty();
     if stats.is_none() && !logs {
-        return respond(dp, ctx, hcm, req, None, grpc).await;
+        return respond(dp, ctx, hcm, req, hcm_stats, None, grpc).await;
     }
     let labels =
         stats.map(|(s, upstream_wds)| stream_info::StreamLabels::new(s, upstream_wds, &ctx));
@@ -1179,7 +1180,16 @@ async fn handle(
             + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + 12) as u64;
     let access_log = logs.then(|| hcm.clone());
-    let resp = respond(dp.clone(), ctx.clone(), hcm, req, Some(&info), grpc).await;
+    let resp = respond(
+        dp.clone(),
+        ctx.clone(),
+        hcm,
+        req,
+        hcm_stats,
+        Some(&info),
+        grpc,
+    )
+    .await;
     stream_info::ObservedBody::wrap(
         resp,
         stream_info::Reporter {
@@ -1201,10 +1211,11 @@ async fn respond(
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
+    stats: &Arc<HcmStats>,
     info: Option<&Arc<stream_info::StreamInfo>>,
     grpc: bool,
 ) -> Response<Body> {
-    let resp = route_and_forward(dp, ctx, hcm, req, info).await;
+    let resp = route_and_forward(dp, ctx, hcm, req, stats, info).await;
     if grpc { grpc_local_reply(resp) } else { resp }
 }
 
@@ -1214,6 +1225,7 @@ async fn route_and_forward(
     ctx: Arc<ConnContext>,
     hcm: Arc<HttpConnectionManager>,
     req: Request<Incoming>,
+    stats: &Arc<HcmStats>,
     info: Option<&Arc<stream_info::StreamInfo>>,
 ) -> Response<Body> {
     // An observed stream read the clock as it started: one read per request is enough.
@@ -1280,7 +1292,7 @@ async fn route_and_forward(
         }
         return local(&ProxyError::NoRoute);
     };
-    let mut timers = StreamTimers::arm(&hcm, route, &mut parts, false);
+    let mut timers = StreamTimers::arm(&hcm, route, &mut parts, false, stats);
     // Fault injection (after RBAC, before the router, as istiod orders the filters).
     let mut delayed = false;
     if let Some(f) = fault {
@@ -1506,8 +1518,7 @@ async fn connect_stream(
     };
     rt.stats.rq_total.inc();
     // The tunnel's stream timers (idle, max duration) run over its bytes.
-    parts.extensions.insert(stats.clone());
-    let timers = StreamTimers::arm(hcm, route, &mut parts, true);
+    let timers = StreamTimers::arm(hcm, route, &mut parts, true, stats);
     router::open_tcp(
         dp,
         &rt,

@@ -658,12 +658,21 @@ pub async fn forward(
         parts.headers = headers;
     }
     // Host rewrite first (a path-regex host rewrite reads the original path), then the path.
-    if let Some(literal) = weighted.and_then(|w| w.host_rewrite_literal.as_deref()) {
+    let rewritten = if let Some(literal) = weighted.and_then(|w| w.host_rewrite_literal.as_deref())
+    {
         request::update_authority(&mut parts, literal, fwd.append_x_forwarded_host);
+        true
     } else if let Some(rewrite) = &fwd.host_rewrite {
         request::rewrite_host(&mut parts, rewrite, None, fwd.append_x_forwarded_host);
-    }
-    let host = authority(&parts).unwrap_or(original_authority);
+        true
+    } else {
+        false
+    };
+    let host = if rewritten {
+        authority(&parts).unwrap_or(original_authority)
+    } else {
+        original_authority
+    };
     let rewritten_pq = request::rewrite_path(
         parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
         fwd,
