@@ -417,35 +417,69 @@ async fn active_with_secret(admin: u16, secret: &str, log: &dyn Fn() -> String) 
     .await;
 }
 
+/// A proxy whose one listener, `tls` on `port`, warms: the SDS client's `ROOTCA` is answered,
+/// its `default` stream is held for the test to answer.
+struct WarmingTls {
+    ads: PlainAds,
+    dir: std::path::PathBuf,
+    _sds: tokio::task::JoinHandle<()>,
+    opened: tokio::sync::mpsc::UnboundedReceiver<common::Opened>,
+    proxy: Proxy,
+    admin: u16,
+    port: u16,
+    default: common::Opened,
+    /// Held open: a closed stream would be opened again by the proxy.
+    _rootca: common::Opened,
+}
+
+impl WarmingTls {
+    async fn start(tag: &str) -> WarmingTls {
+        let ads = PlainAds::start().await;
+        let dir = temp_dir(tag);
+        let (sds, mut opened) = sds_server(&dir.join("sds.sock"));
+        let [admin, port] = distinct_ports();
+        push(
+            &ads,
+            ResourceKind::Listener,
+            tls_listener(port, "default", "0s"),
+        )
+        .await;
+        let proxy = Proxy::start(&dir, &bootstrap(&ads, admin, true));
+        // The SDS client asks for `default` and `ROOTCA`; only ROOTCA is answered for now.
+        let (s1, first) = next_stream(&mut opened).await;
+        let (s2, _) = next_stream(&mut opened).await;
+        let (default, mut rootca) = if first.resource_names == ["default"] {
+            (s1, s2)
+        } else {
+            (s2, s1)
+        };
+        rootca
+            .responses
+            .send(Ok(secret_response("r1", "r1", root_secret())))
+            .await
+            .expect("send");
+        assert!(next_request(&mut rootca).await.error_detail.is_none());
+        WarmingTls {
+            ads,
+            dir,
+            _sds: sds,
+            opened,
+            proxy,
+            admin,
+            port,
+            default,
+            _rootca: rootca,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_warms_until_its_sds_secret_arrives() {
-    let ads = PlainAds::start().await;
-    let dir = temp_dir("sotw-warming");
-    let (_sds, mut opened) = sds_server(&dir.join("sds.sock"));
-    let [admin, port] = distinct_ports();
-    push(
-        &ads,
-        ResourceKind::Listener,
-        tls_listener(port, "default", "0s"),
-    )
-    .await;
-    let proxy = Proxy::start(&dir, &bootstrap(&ads, admin, true));
-    let log = || proxy.log_tail();
-
-    // The SDS client asks for `default` and `ROOTCA`; only ROOTCA is answered for now.
-    let (s1, first) = next_stream(&mut opened).await;
-    let (s2, _) = next_stream(&mut opened).await;
-    let (mut default, mut rootca) = if first.resource_names == ["default"] {
-        (s1, s2)
-    } else {
-        (s2, s1)
-    };
-    rootca
-        .responses
-        .send(Ok(secret_response("r1", "r1", root_secret())))
-        .await
-        .expect("send");
-    assert!(next_request(&mut rootca).await.error_detail.is_none());
+    let mut w = WarmingTls::start("sotw-warming").await;
+    let (ads, admin, port) = (&w.ads, w.admin, w.port);
+    let log = || w.proxy.log_tail();
+    let opened = &mut w.opened;
+    let default = &mut w.default;
 
     // LDS is ACKed when the listener is accepted, not when it is warm.
     ads.book
@@ -476,7 +510,7 @@ async fn listener_warms_until_its_sds_secret_arrives() {
         .send(Ok(secret_response("v1", "n1", tls_secret(common::KEY))))
         .await
         .expect("send");
-    assert!(next_request(&mut default).await.error_detail.is_none());
+    assert!(next_request(default).await.error_detail.is_none());
     eventually("the listener active", log, || async {
         let list = dynamic_listeners(admin).await;
         let l = listener_named(&list, "tls")?.clone();
@@ -491,7 +525,7 @@ async fn listener_warms_until_its_sds_secret_arrives() {
     assert_eq!(probe(port).await, TlsProbe::Served);
 
     // An update naming a secret that has not arrived warms; the previous version keeps serving.
-    let other = update_tls(&ads, &mut opened, port, "other", "0s").await;
+    let other = update_tls(ads, opened, port, "other", "0s").await;
     let tls = eventually("the update warming", log, || async {
         let list = dynamic_listeners(admin).await;
         listener_named(&list, "tls")
@@ -526,14 +560,14 @@ async fn listener_warms_until_its_sds_secret_arrives() {
 
     // A secret that never comes: active anyway once `initial_fetch_timeout` expires, and its
     // handshakes fail.
-    let _never = update_tls(&ads, &mut opened, port, "never", "0.2s").await;
+    let _never = update_tls(ads, opened, port, "never", "0.2s").await;
     active_with_secret(admin, "never", &log).await;
     assert_eq!(warming_gauge(admin).await, Some(0));
     assert!(
         matches!(probe(port).await, TlsProbe::Refused(_)),
         "no certificate: the handshake fails"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&w.dir);
 }
 
 /// Sockets with SO_REUSEADDR bind one port together as long as none listens, so a warming
@@ -542,31 +576,10 @@ async fn listener_warms_until_its_sds_secret_arrives() {
 /// proxy stays up, and the next update binds again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_taken_while_its_listener_warms_is_counted_and_bound_again() {
-    let ads = PlainAds::start().await;
-    let dir = temp_dir("sotw-taken-warming");
-    let (_sds, mut opened) = sds_server(&dir.join("sds.sock"));
-    let [admin, port] = distinct_ports();
-    push(
-        &ads,
-        ResourceKind::Listener,
-        tls_listener(port, "default", "0s"),
-    )
-    .await;
-    let proxy = Proxy::start(&dir, &bootstrap(&ads, admin, true));
-    let log = || proxy.log_tail();
-    let (s1, first) = next_stream(&mut opened).await;
-    let (s2, _) = next_stream(&mut opened).await;
-    let (default, mut rootca) = if first.resource_names == ["default"] {
-        (s1, s2)
-    } else {
-        (s2, s1)
-    };
-    rootca
-        .responses
-        .send(Ok(secret_response("r1", "r1", root_secret())))
-        .await
-        .expect("send");
-    assert!(next_request(&mut rootca).await.error_detail.is_none());
+    let w = WarmingTls::start("sotw-taken-warming").await;
+    let (ads, admin, port) = (&w.ads, w.admin, w.port);
+    let log = || w.proxy.log_tail();
+    let default = &w.default;
     eventually("the listener warming", log, || async {
         let list = dynamic_listeners(admin).await;
         listener_named(&list, "tls").and_then(|l| l.get("warming_state").map(|_| ()))
@@ -606,7 +619,7 @@ async fn a_port_taken_while_its_listener_warms_is_counted_and_bound_again() {
     // Released, the port is bound by the next update of the listener.
     drop(holder);
     push(
-        &ads,
+        ads,
         ResourceKind::Listener,
         tls_listener(port, "default", "1s"),
     )
@@ -615,5 +628,5 @@ async fn a_port_taken_while_its_listener_warms_is_counted_and_bound_again() {
         (probe(port).await == TlsProbe::Served).then_some(())
     })
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&w.dir);
 }
