@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
@@ -382,6 +383,24 @@ async fn tunnel(
 /// Keeps the HBONE stream's pool guard alive as long as the stream.
 struct TunnelIo(crate::hbone::client::Tunnel);
 
+impl crate::io::Stream for TunnelIo {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Result<Bytes>>> {
+        self.0.stream.poll_read_chunk(cx)
+    }
+
+    fn takes_chunks(&self) -> bool {
+        self.0.stream.takes_chunks()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.stream.poll_write_chunk(cx, chunk)
+    }
+}
+
 impl tokio::io::AsyncRead for TunnelIo {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -436,6 +455,41 @@ struct Metered {
     inner: BoxIo,
     meter: Arc<Meter>,
     activity: Arc<Activity>,
+}
+
+impl Metered {
+    fn count(&self, n: usize, counter: &AtomicU64) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+    }
+}
+
+impl crate::io::Stream for Metered {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Result<Bytes>>> {
+        let polled = self.inner.poll_read_chunk(cx)?;
+        if let Poll::Ready(Ok(chunk)) = &polled {
+            self.count(chunk.len(), &self.meter.received);
+        }
+        Some(polled)
+    }
+
+    fn takes_chunks(&self) -> bool {
+        self.inner.takes_chunks()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = self.inner.poll_write_chunk(cx, chunk);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.count(n, &self.meter.sent);
+        }
+        polled
+    }
 }
 
 impl AsyncRead for Metered {

@@ -15,8 +15,7 @@ use super::{H2Settings, HboneError, Keepalive, keepalive_dead, stream::H2Stream}
 use crate::http::timeout::ConnActivity;
 
 /// A byte stream the tunnel is joined to.
-pub trait Tunnel: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Tunnel for T {}
+pub use crate::io::Stream as Tunnel;
 
 /// What we know about the HBONE connection a request arrived on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,6 +44,74 @@ fn h2_io(err: h2::Error) -> io::Error {
     }
 }
 
+impl H2Stream {
+    /// Waits for send capacity for up to `want` bytes; how much was granted.
+    fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HTTP/2 stream closed",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl crate::io::Stream for H2Stream {
+    /// A DATA frame's bytes as h2 holds them (what a partial `poll_read` left first); the peer
+    /// gets the window back as the chunk is handed on.
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        loop {
+            if !self.pending.is_empty() {
+                let chunk = std::mem::take(&mut self.pending);
+                let _ = self.recv.flow_control().release_capacity(chunk.len());
+                return Some(Poll::Ready(Ok(chunk)));
+            }
+            if self.read_eof {
+                return Some(Poll::Ready(Ok(Bytes::new())));
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Some(Ok(data))) => self.pending = data,
+                Poll::Ready(Some(Err(e))) => {
+                    if e.reason() == Some(h2::Reason::NO_ERROR) {
+                        self.read_eof = true;
+                        continue;
+                    }
+                    return Some(Poll::Ready(Err(h2_io(e))));
+                }
+                Poll::Ready(None) => self.read_eof = true,
+            }
+        }
+    }
+
+    fn takes_chunks(&self) -> bool {
+        true
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_granted(cx, chunk.len().min(MAX_WRITE)))?;
+        self.send
+            .send_data(chunk.split_to(n), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -89,22 +157,7 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Ok(0));
         }
         let this = &mut *self;
-        let want = buf.len().min(MAX_WRITE);
-        this.send.reserve_capacity(want);
-        let granted = loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => break n,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HTTP/2 stream closed",
-                    )));
-                }
-            }
-        };
-        let n = granted.min(want);
+        let n = ready!(this.poll_granted(cx, buf.len().min(MAX_WRITE)))?;
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(h2_io)?;

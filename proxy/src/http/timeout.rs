@@ -566,6 +566,41 @@ impl<T> WatchedIo<T> {
     }
 }
 
+impl<T: crate::io::Stream> crate::io::Stream for WatchedIo<T> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<std::io::Result<bytes::Bytes>>> {
+        if let Some(e) = self.check(cx) {
+            return Some(Poll::Ready(Err(e)));
+        }
+        let polled = self.inner.poll_read_chunk(cx)?;
+        if matches!(&polled, Poll::Ready(Ok(chunk)) if !chunk.is_empty()) {
+            self.watch.activity.touch();
+        }
+        Some(polled)
+    }
+
+    fn takes_chunks(&self) -> bool {
+        self.inner.takes_chunks()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let polled = self.inner.poll_write_chunk(cx, chunk);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.watch.activity.touch();
+        }
+        polled
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -13,6 +13,8 @@
 //! downstream h2).
 
 pub mod coalesce;
+pub mod pipe;
+
 use std::{
     cell::RefCell,
     future::poll_fn,
@@ -21,7 +23,83 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::{Buf as _, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A byte stream the data path boxes, hands around and joins (a socket, a TLS session, an HBONE
+/// tunnel, an internal connection, and wrappers around them).
+///
+/// Streams that hold their bytes as [`Bytes`] (an HTTP/2 stream, an in-process [`pipe`]) can
+/// also pass them by chunk, and [`join`] then moves bytes between two such streams without
+/// copying them; wrappers that only observe bytes pass the chunk calls on.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The next received chunk, without copying; an empty chunk at EOF. `None` when the stream
+    /// does not hold its bytes as chunks (read with `poll_read` then).
+    fn poll_read_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        None
+    }
+
+    /// Whether [`Stream::poll_write_chunk`] keeps chunks instead of copying them.
+    fn takes_chunks(&self) -> bool {
+        false
+    }
+
+    /// Writes from the front of `chunk` and takes what was written off it; returns how much.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self).poll_write(cx, chunk);
+        if let Poll::Ready(Ok(n)) = polled {
+            chunk.advance(n);
+        }
+        polled
+    }
+}
+
+impl Stream for Box<dyn Stream> {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        (**self).poll_read_chunk(cx)
+    }
+
+    fn takes_chunks(&self) -> bool {
+        (**self).takes_chunks()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_write_chunk(cx, chunk)
+    }
+}
+
+impl Stream for tokio::net::TcpStream {}
+impl Stream for tokio::net::UnixStream {}
+impl Stream for tokio::io::DuplexStream {}
+impl Stream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
+impl<IO: Stream> Stream for tokio_rustls::client::TlsStream<IO> {}
+impl<IO: Stream> Stream for tokio_rustls::server::TlsStream<IO> {}
+
+impl Stream for pipe::PipeEnd {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        Some(self.poll_chunk(cx))
+    }
+
+    fn takes_chunks(&self) -> bool {
+        true
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_put(cx, chunk)
+    }
+}
 
 /// Bytes buffered per direction.
 const BUF: usize = 16 * 1024;
@@ -40,6 +118,8 @@ enum Step {
 }
 
 struct Half {
+    /// A chunk read without copying (see [`Stream::poll_read_chunk`]) and not yet all written.
+    chunk: Bytes,
     /// Bytes read but not yet written, in `buf[start..end]`; allocated the first time a writer
     /// takes less than a read gave.
     buf: Option<Box<[u8]>>,
@@ -54,6 +134,7 @@ struct Half {
 impl Half {
     fn new() -> Self {
         Half {
+            chunk: Bytes::new(),
             buf: None,
             start: 0,
             end: 0,
@@ -149,7 +230,22 @@ impl Half {
         })
     }
 
-    /// Moves bytes from `r` to `w` until EOF (then shuts `w` down), an error, or pending.
+    /// Flushes `w` before waiting for more to read; false when that failed (the half is done).
+    fn flush_before_waiting<W>(&mut self, cx: &mut Context<'_>, w: Pin<&mut W>) -> bool
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        if let Poll::Ready(Err(e)) = w.poll_flush(cx) {
+            self.error = Some(e);
+            self.done = true;
+            return false;
+        }
+        true
+    }
+
+    /// Moves bytes from `r` to `w` until EOF (then shuts `w` down), an error, or pending. Chunks
+    /// pass without a copy when `r` reads by chunk (a writer that does not take chunks copies
+    /// from them, as from any buffer).
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -157,12 +253,47 @@ impl Half {
         mut w: Pin<&mut W>,
     ) -> Poll<()>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: Stream + ?Sized,
+        W: Stream + ?Sized,
     {
         loop {
             if self.done {
                 return Poll::Ready(());
+            }
+            if !self.chunk.is_empty() {
+                match ready!(w.as_mut().get_mut().poll_write_chunk(cx, &mut self.chunk)) {
+                    Ok(0) => {
+                        self.error = Some(io::ErrorKind::WriteZero.into());
+                        self.done = true;
+                    }
+                    Ok(n) => self.copied += n as u64,
+                    Err(e) => {
+                        self.error = Some(e);
+                        self.done = true;
+                    }
+                }
+                continue;
+            }
+            if self.start == self.end
+                && !self.read_done
+                && self.buf.is_none()
+                && let Some(polled) = r.as_mut().get_mut().poll_read_chunk(cx)
+            {
+                match polled {
+                    Poll::Pending => {
+                        if !self.flush_before_waiting(cx, w.as_mut()) {
+                            return Poll::Ready(());
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
+                    Poll::Ready(Ok(chunk)) => self.chunk = chunk,
+                    Poll::Ready(Err(e)) => {
+                        self.error = Some(e);
+                        self.read_done = true;
+                    }
+                }
+                continue;
             }
             if self.start == self.end && !self.read_done {
                 let step = match self.buf.take() {
@@ -181,10 +312,7 @@ impl Half {
                     None => self.read_shared(cx, r.as_mut(), w.as_mut()),
                 };
                 if let Step::Pending = step {
-                    // Flush what was written before waiting for more.
-                    if let Poll::Ready(Err(e)) = w.as_mut().poll_flush(cx) {
-                        self.error = Some(e);
-                        self.done = true;
+                    if !self.flush_before_waiting(cx, w.as_mut()) {
                         return Poll::Ready(());
                     }
                     return Poll::Pending;
@@ -226,8 +354,8 @@ impl Half {
 /// way and the first error, if any.
 pub async fn join<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Stream + ?Sized,
+    B: Stream + ?Sized,
 {
     let mut ab = Half::new();
     let mut ba = Half::new();
@@ -302,6 +430,58 @@ mod tests {
             assert!(got == data, "seed {seed}: the bytes differ");
         }
         tokio::join!(through(0), through(0x5a));
+    }
+
+    #[tokio::test]
+    async fn chunks_pass_between_chunk_streams_without_a_copy() {
+        // client <-> (c, p1) join (p2, s) <-> server, both pipes.
+        let (mut client, mut p1) = pipe::pipe(1024);
+        let (mut p2, mut server) = pipe::pipe(1024);
+        let proxy = tokio::spawn(async move { join(&mut p1, &mut p2).await });
+        let sent = Bytes::from(vec![7u8; 600]);
+        let mut chunk = sent.clone();
+        poll_fn(|cx| client.poll_put(cx, &mut chunk))
+            .await
+            .expect("put");
+        let got = poll_fn(|cx| server.poll_chunk(cx)).await.expect("chunk");
+        assert_eq!(got, sent);
+        assert_eq!(got.as_ptr(), sent.as_ptr(), "the same bytes, not a copy");
+        // Plain writes and reads still work through the chunk path, and EOF passes both ways.
+        server.write_all(b"pong").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.expect("read");
+        assert_eq!(&back, b"pong");
+        client.shutdown().await.expect("shutdown");
+        let eof = poll_fn(|cx| server.poll_chunk(cx)).await.expect("eof");
+        assert!(eof.is_empty());
+        drop((client, server));
+        let (up, down, err) = proxy.await.expect("proxy");
+        assert_eq!((up, down), (600, 4));
+        assert!(err.is_none(), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn chunks_reach_a_writer_that_takes_little_at_a_time() {
+        // A chunk reader joined to a small plain pipe: the chunk is written in many pieces.
+        let (mut client, mut p1) = pipe::pipe(100_000);
+        let (mut p2, mut server) = tokio::io::duplex(37);
+        let proxy = tokio::spawn(async move { join(&mut p1, &mut p2).await });
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        drop(writer.await.expect("writer"));
+        drop(server);
+        let (up, _, err) = proxy.await.expect("proxy");
+        assert_eq!(up, data.len() as u64);
+        assert!(err.is_none(), "{err:?}");
+        assert!(got == data, "the bytes differ");
     }
 
     #[tokio::test]

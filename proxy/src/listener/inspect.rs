@@ -34,6 +34,27 @@ impl Rewind {
     }
 }
 
+impl crate::io::Stream for Rewind {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        if !self.prefix.is_empty() {
+            return Some(Poll::Ready(Ok(std::mem::take(&mut self.prefix))));
+        }
+        self.inner.poll_read_chunk(cx)
+    }
+
+    fn takes_chunks(&self) -> bool {
+        self.inner.takes_chunks()
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
+
 impl AsyncRead for Rewind {
     fn poll_read(
         mut self: Pin<&mut Self>,

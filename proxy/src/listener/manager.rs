@@ -572,7 +572,7 @@ pub fn connect_internal(dp: &Arc<DataPlane>, name: &str, seed: Seed) -> Result<B
     if !may_have_chain(&listener, &ctx) {
         return Err(ProxyError::NoFilterChain);
     }
-    let (near, far) = tokio::io::duplex(INTERNAL_BUFFER);
+    let (near, far) = crate::io::pipe::pipe(INTERNAL_BUFFER);
     let dp = dp.clone();
     tokio::spawn(async move {
         serve_connection(&dp, listener, ctx, Box::new(far), None).await;
