@@ -5,6 +5,11 @@
 //! DATA frame's bytes through without copying them; a plain `poll_write` copies once into a chunk
 //! and a plain `poll_read` once out of it, as a socket would.
 //!
+//! A reader taking chunks gets what is queued gathered into one (up to [`GATHER`] bytes, copied
+//! only then): one tunnel's answers written in several rounds before its join ran leave as one
+//! HTTP/2 DATA frame, as they did when the pipe was a byte buffer. (The h2 codec writes out each
+//! large DATA frame before queueing the next, so a frame per chunk costs a `writev` each.)
+//!
 //! Each direction holds at most `capacity` bytes (a chunk may overshoot by its own size, which
 //! its writer bounds): a writer that finds the direction full waits for the reader.
 
@@ -18,6 +23,9 @@ use std::{
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes [`PipeEnd::poll_chunk`] gathers from queued chunks.
+pub const GATHER: usize = 16 * 1024;
 
 /// One direction of the pipe.
 #[derive(Default)]
@@ -114,13 +122,28 @@ impl PipeEnd {
         if side == 0 { (a, b) } else { (b, a) }
     }
 
-    /// The next chunk written by the other end (empty at EOF).
+    /// What the other end wrote, as a chunk: the next one, or the queued ones gathered up to
+    /// [`GATHER`] bytes; empty at EOF.
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
         let side = self.side;
         let mut dirs = self.dirs();
         let (_, incoming) = Self::split(&mut dirs, side);
         match incoming.chunks.pop_front() {
-            Some(chunk) => {
+            Some(first) => {
+                let fits =
+                    |c: Option<&Bytes>, len: usize| c.is_some_and(|c| len + c.len() <= GATHER);
+                let chunk = if fits(incoming.chunks.front(), first.len()) {
+                    let mut gathered = BytesMut::with_capacity(GATHER.min(incoming.len));
+                    gathered.extend_from_slice(&first);
+                    while fits(incoming.chunks.front(), gathered.len()) {
+                        if let Some(next) = incoming.chunks.pop_front() {
+                            gathered.extend_from_slice(&next);
+                        }
+                    }
+                    gathered.freeze()
+                } else {
+                    first
+                };
                 incoming.took(chunk.len());
                 Poll::Ready(Ok(chunk))
             }
@@ -290,6 +313,28 @@ mod tests {
         assert_eq!(&first[..], b"back");
         let eof = poll_fn(|cx| a.poll_chunk(cx)).await.expect("eof");
         assert!(eof.is_empty());
+    }
+
+    #[tokio::test]
+    async fn queued_chunks_are_taken_gathered_up_to_the_limit() {
+        let (mut a, mut b) = pipe(4 * GATHER);
+        for piece in [&b"one "[..], b"two ", b"three"] {
+            a.write_all(piece).await.expect("write");
+        }
+        let big = Bytes::from(vec![1u8; GATHER]);
+        let mut chunk = big.clone();
+        poll_fn(|cx| a.poll_put(cx, &mut chunk)).await.expect("put");
+        a.write_all(b"tail").await.expect("write");
+        let first = poll_fn(|cx| b.poll_chunk(cx)).await.expect("chunk");
+        assert_eq!(&first[..], b"one two three", "small chunks leave together");
+        let second = poll_fn(|cx| b.poll_chunk(cx)).await.expect("chunk");
+        assert_eq!(
+            second.as_ptr(),
+            big.as_ptr(),
+            "a full-size chunk leaves as it came"
+        );
+        let third = poll_fn(|cx| b.poll_chunk(cx)).await.expect("chunk");
+        assert_eq!(&third[..], b"tail");
     }
 
     #[tokio::test]
