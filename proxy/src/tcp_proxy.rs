@@ -384,21 +384,7 @@ async fn tunnel(
 struct TunnelIo(crate::hbone::client::Tunnel);
 
 impl crate::io::Stream for TunnelIo {
-    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<std::io::Result<Bytes>>> {
-        self.0.stream.poll_read_chunk(cx)
-    }
-
-    fn takes_chunks(&self) -> bool {
-        self.0.stream.takes_chunks()
-    }
-
-    fn poll_write_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunk: &mut Bytes,
-    ) -> Poll<std::io::Result<usize>> {
-        self.0.stream.poll_write_chunk(cx, chunk)
-    }
+    crate::io::pass_chunks!(all: 0.stream);
 }
 
 impl tokio::io::AsyncRead for TunnelIo {

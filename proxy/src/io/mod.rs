@@ -58,6 +58,38 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     }
 }
 
+/// The [`Stream`] chunk methods of a wrapper that passes them on to the stream it wraps
+/// (`self.$inner`) unchanged: `reads` for `poll_read_chunk`, `writes` for `takes_chunks` and
+/// `poll_write_chunk`, or `all`.
+macro_rules! pass_chunks {
+    (all: $($inner:tt).+) => {
+        $crate::io::pass_chunks!(reads: $($inner).+);
+        $crate::io::pass_chunks!(writes: $($inner).+);
+    };
+    (reads: $($inner:tt).+) => {
+        fn poll_read_chunk(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> Option<std::task::Poll<std::io::Result<bytes::Bytes>>> {
+            self.$($inner).+.poll_read_chunk(cx)
+        }
+    };
+    (writes: $($inner:tt).+) => {
+        fn takes_chunks(&self) -> bool {
+            self.$($inner).+.takes_chunks()
+        }
+
+        fn poll_write_chunk(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+            chunk: &mut bytes::Bytes,
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.$($inner).+.poll_write_chunk(cx, chunk)
+        }
+    };
+}
+pub(crate) use pass_chunks;
+
 impl Stream for Box<dyn Stream> {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
         (**self).poll_read_chunk(cx)
@@ -405,30 +437,44 @@ mod tests {
         assert_eq!(back, 17);
     }
 
+    /// Sends `len` bytes (a pattern varied by `seed`) from `client` through a join of `p1` and
+    /// `p2` to `server`, then checks what arrived and what the join counted.
+    async fn send_through<C, P1, P2, S>(
+        (mut client, p1): (C, P1),
+        (p2, mut server): (P2, S),
+        len: u32,
+        seed: u8,
+    ) where
+        C: tokio::io::AsyncWrite + Unpin + Send + 'static,
+        P1: Stream,
+        P2: Stream,
+        S: tokio::io::AsyncRead + Unpin,
+    {
+        let (mut p1, mut p2) = (p1, p2);
+        let proxy = tokio::spawn(async move { join(&mut p1, &mut p2).await });
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        drop(writer.await.expect("writer"));
+        drop(server);
+        let (up, _, err) = proxy.await.expect("proxy");
+        assert_eq!(up, data.len() as u64, "seed {seed}");
+        assert!(err.is_none(), "seed {seed}: {err:?}");
+        assert!(got == data, "seed {seed}: the bytes differ");
+    }
+
     #[tokio::test]
     async fn joins_sharing_a_thread_keep_their_bytes_apart() {
         // Two joins on one thread share its read buffer; small pipes make writers take less
         // than a read gives, so both also keep leftovers in their own buffers.
-        async fn through(seed: u8) {
-            let (mut client, mut p1) = tokio::io::duplex(100);
-            let (mut p2, mut server) = tokio::io::duplex(37);
-            let proxy = tokio::spawn(async move { join(&mut p1, &mut p2).await });
-            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 ^ seed).collect();
-            let sent = data.clone();
-            let writer = tokio::spawn(async move {
-                client.write_all(&sent).await.expect("write");
-                client.shutdown().await.expect("shutdown");
-                client
-            });
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.expect("read");
-            drop(writer.await.expect("writer"));
-            drop(server);
-            let (up, _, err) = proxy.await.expect("proxy");
-            assert_eq!(up, data.len() as u64, "seed {seed}");
-            assert!(err.is_none(), "seed {seed}: {err:?}");
-            assert!(got == data, "seed {seed}: the bytes differ");
-        }
+        let through =
+            |seed| send_through(tokio::io::duplex(100), tokio::io::duplex(37), 100_000, seed);
         tokio::join!(through(0), through(0x5a));
     }
 
@@ -463,25 +509,8 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_reach_a_writer_that_takes_little_at_a_time() {
-        // A chunk reader joined to a small plain pipe: the chunk is written in many pieces.
-        let (mut client, mut p1) = pipe::pipe(100_000);
-        let (mut p2, mut server) = tokio::io::duplex(37);
-        let proxy = tokio::spawn(async move { join(&mut p1, &mut p2).await });
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&sent).await.expect("write");
-            client.shutdown().await.expect("shutdown");
-            client
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("read");
-        drop(writer.await.expect("writer"));
-        drop(server);
-        let (up, _, err) = proxy.await.expect("proxy");
-        assert_eq!(up, data.len() as u64);
-        assert!(err.is_none(), "{err:?}");
-        assert!(got == data, "the bytes differ");
+        // A chunk reader joined to a small plain pipe: each chunk is written in many pieces.
+        send_through(pipe::pipe(100_000), tokio::io::duplex(37), 50_000, 0).await;
     }
 
     #[tokio::test]

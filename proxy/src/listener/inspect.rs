@@ -42,17 +42,7 @@ impl crate::io::Stream for Rewind {
         self.inner.poll_read_chunk(cx)
     }
 
-    fn takes_chunks(&self) -> bool {
-        self.inner.takes_chunks()
-    }
-
-    fn poll_write_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunk: &mut Bytes,
-    ) -> Poll<io::Result<usize>> {
-        self.inner.poll_write_chunk(cx, chunk)
-    }
+    crate::io::pass_chunks!(writes: inner);
 }
 
 impl AsyncRead for Rewind {

@@ -336,24 +336,7 @@ impl<T> HoldingIo<T> {
 }
 
 impl<T: crate::io::Stream> crate::io::Stream for HoldingIo<T> {
-    fn poll_read_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<std::io::Result<bytes::Bytes>>> {
-        self.inner.poll_read_chunk(cx)
-    }
-
-    fn takes_chunks(&self) -> bool {
-        self.inner.takes_chunks()
-    }
-
-    fn poll_write_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunk: &mut bytes::Bytes,
-    ) -> Poll<std::io::Result<usize>> {
-        self.inner.poll_write_chunk(cx, chunk)
-    }
+    crate::io::pass_chunks!(all: inner);
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HoldingIo<T> {
