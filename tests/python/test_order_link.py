@@ -31,21 +31,32 @@ pytestmark = pytest.mark.skipif(
     reason="order-link is the linker of x86_64 Linux builds (needs rustc, nm, c++filt)")
 
 
-def link(tmp: Path, mangling: str, bin_name: str | None) -> Path:
+def link(tmp: Path, mangling: str, bin_name: str | None, *extra: str, env: dict[str, str] | None = None,
+         check: bool = True) -> Path:
     (tmp / "m.rs").write_text(SOURCE)
     (tmp / "order.txt").write_text("# a comment line\nm::gamma\nm::alpha\nno::such::function\n")
-    env = dict(os.environ, PROXY_LINK_ORDER_FILE=str(tmp / "order.txt"))
-    env.pop("CARGO_BIN_NAME", None)
+    full_env = dict(os.environ, PROXY_LINK_ORDER_FILE=str(tmp / "order.txt"), **(env or {}))
+    for name in ("CARGO_BIN_NAME", "PROXY_LINK_ORDER", "PROXY_LINK_RELR"):
+        full_env.pop(name, None)
     if bin_name:
-        env["CARGO_BIN_NAME"] = bin_name
+        full_env["CARGO_BIN_NAME"] = bin_name
     out = tmp / "m"
     # Legacy mangling is rustc's default (naming it needs an unstable flag).
     scheme = ["-C", "symbol-mangling-version=v0"] if mangling == "v0" else []
-    subprocess.run(["rustc", "-O", "--crate-name", "m", *scheme, "-C", f"linker={LINK}", "-o", str(out),
-                    str(tmp / "m.rs")],
-                   check=True, env=env, cwd=tmp, timeout=120)
+    args = [f"-Clink-arg={a}" for a in extra]
+    subprocess.run(["rustc", "-O", "--crate-name", "m", *scheme, *args, "-C", f"linker={LINK}", "-o", str(out),
+                    str(tmp / "m.rs")], check=check, env=full_env, cwd=tmp, timeout=120)
+    if not check:
+        return out
     assert subprocess.run([str(out)], capture_output=True, text=True, timeout=10).stdout.strip().isdigit()
+    if "-fuse-ld=bfd" not in extra and not linked_by_lld(out):
+        pytest.skip("this rustc does not link with LLD by default; order-link leaves such links alone")
     return out
+
+
+def linked_by_lld(binary: Path) -> bool:
+    comment = subprocess.run(["readelf", "-p", ".comment", str(binary)], capture_output=True, text=True).stdout
+    return "LLD" in comment
 
 
 def addresses(binary: Path) -> dict[str, int]:
@@ -85,3 +96,27 @@ def test_other_binaries_link_as_usual(tmp_path: Path) -> None:
     assert not (tmp_path / "m.link-order").exists()
     dynamic = subprocess.run(["readelf", "-d", str(out)], capture_output=True, text=True, check=True).stdout
     assert "(RELR)" not in dynamic
+
+
+def test_a_linker_named_after_rustcs_is_left_alone(tmp_path: Path) -> None:
+    if not shutil.which("ld.bfd"):
+        pytest.skip("no GNU ld")
+    # -C link-arg comes after rustc's -fuse-ld=lld, so GNU ld links: it knows no ordering file.
+    out = link(tmp_path, "v0", "proxy", "-fuse-ld=bfd")
+    assert not linked_by_lld(out)
+    assert not (tmp_path / "m.link-order").exists()
+
+
+def test_a_comma_in_the_temporary_directory(tmp_path: Path) -> None:
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    out = link(tmp_path, "v0", "proxy", env={"TMPDIR": str(odd)})
+    at = addresses(out)
+    assert at["m::gamma"] < at["m::alpha"] < at["m::beta"], at
+
+
+def test_a_failed_link_fails(tmp_path: Path) -> None:
+    out = link(tmp_path, "v0", "proxy", "-lno_such_library_anywhere", check=False)
+    assert not out.exists()
+    # It failed on the ordering path (which writes its counts), and rustc saw the failure.
+    assert (tmp_path / "m.link-order").read_text().startswith("listed 3, matched 2")
